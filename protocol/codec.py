@@ -1,0 +1,135 @@
+"""Encoders and decoders, built once.
+
+Decoding arbitrary bytes yields a valid message or a ``ProtocolError`` — never any
+other exception (the SPEC's promise 7: bad input gets a clear error). Sizes are
+checked before parsing so an oversized frame costs nothing to refuse.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import msgspec
+
+from protocol.errors import BadMessage, MessageTooLarge, ValidationError
+from protocol.messages import (
+    MAX_FRAME_BYTES,
+    CancelWorkflowArgs,
+    ClientMessage,
+    Mutation,
+    ReportStateArgs,
+    RetryWorkflowArgs,
+    ServerMessage,
+    SubmitWorkflowArgs,
+)
+
+__all__ = [
+    "MUTATION_ARGS",
+    "MutationArgs",
+    "decode_client_message",
+    "decode_json",
+    "decode_server_message",
+    "encode",
+    "encode_json",
+    "parse_mutation_args",
+]
+
+T = TypeVar("T")
+
+MutationArgs = SubmitWorkflowArgs | CancelWorkflowArgs | RetryWorkflowArgs | ReportStateArgs
+
+MUTATION_ARGS: dict[str, type[MutationArgs]] = {
+    "submit_workflow": SubmitWorkflowArgs,
+    "cancel_workflow": CancelWorkflowArgs,
+    "retry_workflow": RetryWorkflowArgs,
+    "report_state": ReportStateArgs,
+}
+"""Mutation name -> the Struct its ``args`` must convert to."""
+
+_msgpack_encoder = msgspec.msgpack.Encoder()
+_json_encoder = msgspec.json.Encoder()
+_client_decoder = msgspec.msgpack.Decoder(ClientMessage)
+_server_decoder = msgspec.msgpack.Decoder(ServerMessage)
+_json_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+_DECODE_FAILURES = (msgspec.DecodeError, RecursionError, ValueError, TypeError, OverflowError)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """Encode a message as one msgpack frame."""
+    return _msgpack_encoder.encode(message)
+
+
+def encode_json(value: Any) -> bytes:
+    """Encode a Struct (or plain data) as JSON."""
+    return _json_encoder.encode(value)
+
+
+def _check_size(data: bytes | bytearray | memoryview | str, limit: int) -> None:
+    if len(data) > limit:
+        raise MessageTooLarge(f"message of {len(data)} bytes exceeds the limit of {limit}")
+
+
+def _decode(decoder: msgspec.msgpack.Decoder[Any], data: bytes, limit: int) -> Any:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise BadMessage("expected a binary frame")
+    _check_size(data, limit)
+    try:
+        return decoder.decode(data)
+    except _DECODE_FAILURES as exc:
+        raise BadMessage(f"undecodable message: {exc}") from exc
+
+
+def decode_client_message(data: bytes, *, limit: int = MAX_FRAME_BYTES) -> ClientMessage:
+    """Decode a client->server frame.
+
+    Raises:
+        MessageTooLarge: over ``limit`` bytes.
+        BadMessage: anything that is not a valid client message.
+    """
+    result: ClientMessage = _decode(_client_decoder, data, limit)
+    return result
+
+
+def decode_server_message(data: bytes, *, limit: int = 16 * MAX_FRAME_BYTES) -> ServerMessage:
+    """Decode a server->client frame.
+
+    Raises:
+        MessageTooLarge: over ``limit`` bytes.
+        BadMessage: anything that is not a valid server message.
+    """
+    result: ServerMessage = _decode(_server_decoder, data, limit)
+    return result
+
+
+def decode_json(data: bytes | str, type_: type[T], *, limit: int = MAX_FRAME_BYTES) -> T:
+    """Decode a JSON body into ``type_``.
+
+    Raises:
+        MessageTooLarge: over ``limit`` bytes.
+        BadMessage: invalid JSON or not a valid ``type_``.
+    """
+    _check_size(data, limit)
+    decoder = _json_decoders.get(type_)
+    if decoder is None:
+        decoder = _json_decoders[type_] = msgspec.json.Decoder(type_)
+    try:
+        result: T = decoder.decode(data)
+    except _DECODE_FAILURES as exc:
+        raise BadMessage(f"invalid body: {exc}") from exc
+    return result
+
+
+def parse_mutation_args(mutation: Mutation) -> MutationArgs:
+    """Check a mutation's name and convert its args to their Struct.
+
+    Raises:
+        ValidationError: unknown mutation name or args that do not fit it.
+    """
+    args_type = MUTATION_ARGS.get(mutation.name)
+    if args_type is None:
+        raise ValidationError(f"unknown mutation {mutation.name!r}")
+    try:
+        return msgspec.convert(mutation.args, args_type)
+    except (msgspec.ValidationError, RecursionError, ValueError, TypeError) as exc:
+        raise ValidationError(f"invalid args for {mutation.name}: {exc}") from exc

@@ -1,0 +1,243 @@
+"""Every message of the wire, as frozen msgspec Structs.
+
+WebSocket frames are msgpack, HTTP bodies are JSON; both carry the same Structs.
+Tagged unions use ``tag_field="type"`` and the class name as the tag (SPEC, Wire).
+
+Schema evolution (msgspec docs, schema-evolution): new fields are appended with a
+default; a tag is never renamed and a field never changes type; anything else bumps
+``PROTOCOL_VERSION``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+from protocol.status import MutationStatus, Source, WorkflowStatus
+
+__all__ = [
+    "MAX_BATCH",
+    "MAX_EVENTS_PAGE",
+    "MAX_FRAME_BYTES",
+    "MAX_ID_LENGTH",
+    "MAX_NAME_LENGTH",
+    "MAX_TEXT_LENGTH",
+    "PROTOCOL_VERSION",
+    "Ack",
+    "CancelWorkflowArgs",
+    "ClientMessage",
+    "Error",
+    "Event",
+    "Events",
+    "Hello",
+    "JSONObject",
+    "Mutation",
+    "MutationResult",
+    "Progress",
+    "PullResponse",
+    "Push",
+    "PushRequest",
+    "PushResponse",
+    "PushResult",
+    "ReportStateArgs",
+    "RetryWorkflowArgs",
+    "ServerMessage",
+    "SubmitWorkflowArgs",
+    "Welcome",
+]
+
+PROTOCOL_VERSION = 1
+
+MAX_FRAME_BYTES = 512 * 1024
+"""Largest WebSocket frame or HTTP body accepted (bytes)."""
+MAX_BATCH = 500
+"""Most mutations in one Push."""
+MAX_EVENTS_PAGE = 1000
+"""Most events in one Events page."""
+MAX_ID_LENGTH = 64
+MAX_NAME_LENGTH = 128
+MAX_TEXT_LENGTH = 4096
+
+JSONObject = dict[str, Any]
+"""A user JSON payload (workflow input, results, event data)."""
+
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_LENGTH)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_LENGTH)]
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT_LENGTH)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+MutationId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+Timestamp = Annotated[float, msgspec.Meta(ge=0)]
+UUIDText = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    ),
+]
+
+
+class _Base(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+    """Plain (untagged) wire records."""
+
+
+class Message(msgspec.Struct, frozen=True, tag_field="type", tag=True):
+    """Root of the tagged messages; the tag is the class name."""
+
+
+# ---------------------------------------------------------------- records
+
+
+class Mutation(_Base):
+    """One queued client request. ``id`` increases per client, starting at 1."""
+
+    id: MutationId
+    name: Name
+    args: JSONObject
+    created_at: Timestamp = 0.0
+
+
+class MutationResult(_Base):
+    """The server's verdict on one mutation; a duplicate repeats the original error."""
+
+    id: MutationId
+    status: MutationStatus
+    error: Text | None = None
+
+
+class Event(_Base):
+    """One entry of the server's log; ``seq`` is the global, gapless cursor."""
+
+    seq: Seq
+    workflow_id: Id
+    type: Name
+    data: JSONObject
+    at: Timestamp
+
+
+# ---------------------------------------------------------- mutation args
+
+
+class SubmitWorkflowArgs(_Base):
+    """Args of ``submit_workflow``."""
+
+    workflow_id: UUIDText
+    name: Name
+    input: JSONObject = {}
+
+
+class CancelWorkflowArgs(_Base):
+    """Args of ``cancel_workflow``."""
+
+    workflow_id: UUIDText
+
+
+class RetryWorkflowArgs(_Base):
+    """Args of ``retry_workflow``."""
+
+    workflow_id: UUIDText
+
+
+class ReportStateArgs(_Base):
+    """Args of ``report_state`` (and the body of ``POST /v1/reports``)."""
+
+    workflow_id: UUIDText
+    source: Source
+    status: WorkflowStatus
+    at: Timestamp
+    detail: JSONObject = {}
+
+
+# ------------------------------------------------------- client -> server
+
+
+class Hello(Message):
+    """First message of a session: who the client is and where it stands."""
+
+    client_id: Id
+    protocol_version: int
+    cursor: Seq = 0
+    last_mutation_id: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class Push(Message):
+    """A batch of mutations, in id order."""
+
+    mutations: Annotated[list[Mutation], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+
+
+class Ack(Message):
+    """The client durably applied every event up to ``cursor``."""
+
+    cursor: Seq
+
+
+ClientMessage = Hello | Push | Ack
+
+# ------------------------------------------------------- server -> client
+
+
+class Welcome(Message):
+    """Answer to Hello: the server's identity and the client's standing."""
+
+    server_id: str
+    protocol_version: int
+    last_mutation_id: int
+    head: int
+
+
+class PushResult(Message):
+    """Answer to Push, one result per mutation in the same order."""
+
+    results: list[MutationResult]
+
+
+class Events(Message):
+    """A page of events after the client's cursor (or a live batch)."""
+
+    events: list[Event]
+    cursor: int
+    has_more: bool = False
+
+
+class Progress(Message):
+    """Ephemeral live progress of a running step; the durable state comes as Events."""
+
+    workflow_id: str
+    step: str
+    fraction: float
+    message: str | None = None
+    at: float = 0.0
+
+
+class Error(Message):
+    """Something went wrong; ``retryable`` tells whether to try again later."""
+
+    code: str
+    message: str
+    retryable: bool = False
+
+
+ServerMessage = Welcome | PushResult | Events | Progress | Error
+
+# ------------------------------------------------------------- HTTP bodies
+
+
+class PushRequest(_Base):
+    """Body of ``POST /v1/push``."""
+
+    client_id: Id
+    mutations: Annotated[list[Mutation], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+
+
+class PushResponse(_Base):
+    """Answer of ``POST /v1/push``."""
+
+    results: list[MutationResult]
+
+
+class PullResponse(_Base):
+    """Answer of ``GET /v1/pull``."""
+
+    events: list[Event]
+    cursor: int
+    has_more: bool

@@ -1,0 +1,389 @@
+"""The storage interface of the sync server: one small ABC, two backends.
+
+Theory of operation
+-------------------
+All state lives in a handful of tables (see ``schema`` in each backend):
+
+* ``events`` — the append-only log. ``seq`` is the global, gapless cursor; ``wf_seq``
+  numbers the events of one workflow (1, 2, …); ``tenant`` scopes reads.
+* ``workflows`` — the projection: one row per workflow, its saga state as JSON, the
+  schedule (``due_at``) and the lease (``lease_owner``, ``lease_until``, ``fence``).
+* ``clients`` and ``mutation_results`` — per-client last applied mutation id and the
+  outcome of every applied mutation (a resent mutation is answered from here).
+* ``outbox`` — messages for external consumers, relayed with retries.
+* ``dlq`` — the dead-letter queue. ``breakers`` — circuit breakers shared by instances.
+
+Every change goes through a ``Transaction`` (a unit of work): the effect and its
+bookkeeping (last mutation id, events, projection, outbox) commit together or not at
+all (SPEC promises 1 and 3).
+
+Gapless order (SPEC promise 4): events appended in a transaction are *buffered* and
+written as the last statements before COMMIT. Positions are assigned under a lock that
+is held until COMMIT (PostgreSQL: a row lock on the single-row ``event_head`` table;
+SQLite: the database write lock), so transactions take positions in commit order and a
+reader paging ``WHERE seq > cursor`` can never see seq N+1 before seq N is visible.
+
+Callers run their unit of work through ``Store.run(fn)``, which retries ``fn`` on a
+deadlock or serialization failure; ``fn`` must therefore be free of outside effects.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from protocol import Event
+
+__all__ = [
+    "BreakerRecord",
+    "DlqEntry",
+    "NewEvent",
+    "OutboxItem",
+    "Store",
+    "StoredEvent",
+    "Transaction",
+    "WorkflowRecord",
+]
+
+T = TypeVar("T")
+JSON = Any
+
+
+@dataclass(slots=True)
+class WorkflowRecord:
+    """One row of the workflow projection.
+
+    ``state`` is the saga machine's JSON state (steps and their attempts); ``version``
+    is the last ``wf_seq`` used for this workflow; ``fence`` increases on every lease
+    acquisition and fences a stale owner's writes.
+    """
+
+    id: str
+    tenant: str
+    name: str
+    status: str
+    input: JSON = field(default_factory=dict)
+    state: JSON = field(default_factory=dict)
+    progress: float = 0.0
+    result: JSON = None
+    error: str | None = None
+    version: int = 0
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    created_by: str | None = None
+    due_at: float | None = None
+    lease_owner: str | None = None
+    lease_until: float | None = None
+    fence: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class NewEvent:
+    """An event waiting in a transaction for its position."""
+
+    tenant: str
+    workflow_id: str
+    wf_seq: int
+    type: str
+    data: JSON
+    at: float
+
+
+@dataclass(slots=True, frozen=True)
+class StoredEvent:
+    """An event of the log with its global position."""
+
+    seq: int
+    tenant: str
+    workflow_id: str
+    wf_seq: int
+    type: str
+    data: JSON
+    at: float
+
+    def to_wire(self) -> Event:
+        """The protocol ``Event`` for this row (without tenant and wf_seq)."""
+        return Event(
+            seq=self.seq, workflow_id=self.workflow_id, type=self.type, data=self.data, at=self.at
+        )
+
+
+@dataclass(slots=True)
+class OutboxItem:
+    """A message for an external consumer (e.g. a completion webhook)."""
+
+    id: int
+    destination: str
+    payload: JSON
+    event_seq: int | None = None
+    status: str = "pending"  # pending | published | dead
+    retry_count: int = 0
+    max_retries: int = 8
+    next_retry_at: float = 0.0
+    published_at: float | None = None
+    last_error: str | None = None
+    created_at: float = 0.0
+
+
+@dataclass(slots=True)
+class DlqEntry:
+    """A dead letter: a step (or outbox item) that exhausted its attempts."""
+
+    id: int
+    tenant: str
+    workflow_id: str
+    step: str | None
+    reason: str
+    attempts: int
+    last_error: str | None
+    created_at: float
+    status: str = "open"  # open | requeued | resolved
+    resolved_at: float | None = None
+
+
+@dataclass(slots=True)
+class BreakerRecord:
+    """Shared state of one circuit breaker (see ``sync_server.saga.breaker``)."""
+
+    name: str
+    state: str = "closed"  # closed | open | half_open
+    failures: int = 0
+    opened_at: float | None = None
+    updated_at: float = 0.0
+    probe_owner: str | None = None
+    probe_until: float | None = None
+
+
+class Transaction(abc.ABC):
+    """A unit of work; everything in it commits together.
+
+    Events added with ``append`` are positioned at commit; after a successful commit
+    ``committed_events`` holds them with their ``seq``.
+    """
+
+    def __init__(self) -> None:
+        self.pending_events: list[NewEvent] = []
+        self.committed_events: list[StoredEvent] = []
+        self.notifications: list[tuple[str, str]] = []
+
+    # -- events -------------------------------------------------------------
+    def append(self, workflow: WorkflowRecord, type: str, data: JSON, at: float) -> NewEvent:
+        """Buffer an event of ``workflow``; bumps ``workflow.version`` (its ``wf_seq``).
+
+        The caller must also write ``workflow`` in this transaction so the version sticks.
+        """
+        workflow.version += 1
+        event = NewEvent(workflow.tenant, workflow.id, workflow.version, type, data, at)
+        self.pending_events.append(event)
+        return event
+
+    def notify(self, channel: str, payload: str = "") -> None:
+        """Send a notification to every instance's listeners after commit."""
+        self.notifications.append((channel, payload))
+
+    # -- workflows ----------------------------------------------------------
+    @abc.abstractmethod
+    async def get_workflow(self, workflow_id: str, *, lock: bool = True) -> WorkflowRecord | None:
+        """Read a workflow; with ``lock`` its row is locked until commit (PostgreSQL)."""
+
+    @abc.abstractmethod
+    async def insert_workflow(self, workflow: WorkflowRecord) -> bool:
+        """Insert a new workflow; False (and nothing written) if the id exists."""
+
+    @abc.abstractmethod
+    async def update_workflow(self, workflow: WorkflowRecord) -> None:
+        """Write every column of an existing workflow."""
+
+    # -- clients ------------------------------------------------------------
+    @abc.abstractmethod
+    async def lock_client(self, tenant: str, client_id: str) -> int:
+        """Create-or-lock the client's row and return its last applied mutation id.
+
+        Raises:
+            Forbidden: the client id is registered under another tenant.
+        """
+
+    @abc.abstractmethod
+    async def mutation_results(
+        self, client_id: str, ids: list[int]
+    ) -> dict[int, tuple[str, str | None]]:
+        """Recorded outcome (status, error) of the given mutation ids that exist."""
+
+    @abc.abstractmethod
+    async def record_mutations(
+        self, client_id: str, results: list[tuple[int, str, str | None]], last_id: int, at: float
+    ) -> None:
+        """Record outcomes (id, status, error) and set the client's last applied id."""
+
+    # -- outbox, dlq, breakers -------------------------------------------
+    @abc.abstractmethod
+    async def enqueue_outbox(
+        self, destination: str, payload: JSON, *, event_seq: int | None, max_retries: int, at: float
+    ) -> None:
+        """Queue a message for an external consumer, due at once."""
+
+    @abc.abstractmethod
+    async def add_dlq(self, entry: DlqEntry) -> int:
+        """Add a dead letter (``entry.id`` is ignored); returns its id."""
+
+    @abc.abstractmethod
+    async def get_dlq(self, entry_id: int, *, lock: bool = True) -> DlqEntry | None:
+        """Read one dead letter."""
+
+    @abc.abstractmethod
+    async def update_dlq(self, entry: DlqEntry) -> None:
+        """Write a dead letter's status fields."""
+
+    @abc.abstractmethod
+    async def get_breaker(self, name: str, *, lock: bool = True) -> BreakerRecord | None:
+        """Read a circuit breaker's shared state."""
+
+    @abc.abstractmethod
+    async def put_breaker(self, breaker: BreakerRecord) -> None:
+        """Insert or replace a circuit breaker's shared state."""
+
+
+class Store(abc.ABC):
+    """The event store and everything that commits with it."""
+
+    url: str
+
+    def __init__(self) -> None:
+        self._listeners: dict[str, list[Callable[[str], None]]] = {}
+
+    # -- lifecycle ----------------------------------------------------------
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and apply pending schema migrations.
+
+        Raises:
+            StorageError: the database is unreachable or the schema is foreign.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections; idempotent."""
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- units of work ------------------------------------------------------
+    @abc.abstractmethod
+    async def run(self, fn: Callable[[Transaction], Awaitable[T]], *, attempts: int = 5) -> T:
+        """Run ``fn`` in a transaction and commit; retried on deadlock/serialization.
+
+        Notifications queued with ``Transaction.notify`` are delivered after commit.
+
+        Raises:
+            StorageError: the database failed (after retries where retrying helps).
+        """
+
+    # -- reads --------------------------------------------------------------
+    @abc.abstractmethod
+    async def read_events(
+        self, after: int, limit: int, *, tenant: str | None = None
+    ) -> list[StoredEvent]:
+        """Events with ``seq > after`` in seq order (of one tenant, or all)."""
+
+    @abc.abstractmethod
+    async def read_workflow_events(self, workflow_id: str) -> list[StoredEvent]:
+        """Every event of one workflow, in order."""
+
+    @abc.abstractmethod
+    async def head(self) -> int:
+        """The highest committed ``seq`` (0 for an empty log)."""
+
+    @abc.abstractmethod
+    async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
+        """Read one workflow without locking."""
+
+    @abc.abstractmethod
+    async def list_workflows(
+        self,
+        *,
+        tenant: str | None = None,
+        statuses: list[str] | None = None,
+        limit: int = 1000,
+    ) -> list[WorkflowRecord]:
+        """Workflows, newest first, optionally of one tenant and some statuses."""
+
+    @abc.abstractmethod
+    async def get_client(self, client_id: str) -> tuple[str, int] | None:
+        """(tenant, last applied mutation id) of a client, or None."""
+
+    @abc.abstractmethod
+    async def list_dlq(
+        self, *, tenant: str | None = None, status: str | None = "open", limit: int = 1000
+    ) -> list[DlqEntry]:
+        """Dead letters, oldest first."""
+
+    @abc.abstractmethod
+    async def list_breakers(self) -> list[BreakerRecord]:
+        """Every circuit breaker's shared state."""
+
+    # -- leases (saga scheduling) ---------------------------------------------
+    @abc.abstractmethod
+    async def claim_due_workflows(
+        self, owner: str, now: float, lease_seconds: float, limit: int
+    ) -> list[WorkflowRecord]:
+        """Lease up to ``limit`` workflows that are due and not leased by a live owner.
+
+        A workflow is due when ``due_at <= now``; it is free when it has no owner or its
+        ``lease_until < now``. Each claimed row gets ``lease_owner=owner``,
+        ``lease_until=now+lease_seconds`` and ``fence+1``; several instances claiming at
+        once never get the same row (PostgreSQL: FOR UPDATE SKIP LOCKED).
+        """
+
+    @abc.abstractmethod
+    async def renew_leases(self, owner: str, leases: dict[str, int], until: float) -> set[str]:
+        """Extend leases (workflow id -> fence) still held; returns the ids renewed."""
+
+    @abc.abstractmethod
+    async def release_leases(self, owner: str, leases: dict[str, int]) -> None:
+        """Give up leases (workflow id -> fence) so any instance may claim them."""
+
+    # -- outbox ---------------------------------------------------------------
+    @abc.abstractmethod
+    async def claim_outbox(self, now: float, limit: int, lease_seconds: float) -> list[OutboxItem]:
+        """Pending outbox items due now; each is pushed ``lease_seconds`` into the future
+        so that concurrent relays do not send it twice at once."""
+
+    @abc.abstractmethod
+    async def finish_outbox(self, item: OutboxItem) -> None:
+        """Write an outbox item's status, retry_count, next_retry_at, published_at, error."""
+
+    @abc.abstractmethod
+    async def outbox_stats(self, now: float) -> tuple[int, float]:
+        """(pending items, age in seconds of the oldest pending item)."""
+
+    # -- notifications --------------------------------------------------------
+    def listen(self, channel: str, callback: Callable[[str], None]) -> None:
+        """Call ``callback(payload)`` on every notification on ``channel``.
+
+        SQLite delivers within the process; PostgreSQL through LISTEN/NOTIFY, from every
+        instance. Notifications are hints: a listener must re-read the store.
+        """
+        self._listeners.setdefault(channel, []).append(callback)
+
+    def unlisten(self, channel: str, callback: Callable[[str], None]) -> None:
+        """Stop calling ``callback`` for ``channel``."""
+        callbacks = self._listeners.get(channel, [])
+        if callback in callbacks:
+            callbacks.remove(callback)
+
+    def _dispatch(self, channel: str, payload: str) -> None:
+        for callback in list(self._listeners.get(channel, ())):
+            callback(payload)
+
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after the notification link was lost and restored.
+
+        Notifications sent meanwhile are gone, so listeners should re-read the store.
+        """
+        self._listeners.setdefault("__reconnect__", []).append(lambda _payload: callback())
