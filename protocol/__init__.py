@@ -27,6 +27,7 @@ from protocol.errors import (
     Unavailable,
     UsageError,
     ValidationError,
+    error_from_code,
 )
 from protocol.messages import (
     MAX_BATCH,
@@ -51,8 +52,10 @@ from protocol.messages import (
     ReportStateArgs,
     RetryWorkflowArgs,
     ServerMessage,
+    StepSnapshot,
     SubmitWorkflowArgs,
     Welcome,
+    WorkflowSnapshot,
 )
 from protocol.status import (
     TERMINAL_WORKFLOW_STATUSES,
@@ -102,6 +105,7 @@ __all__ = [
     "Role",
     "ServerMessage",
     "Source",
+    "StepSnapshot",
     "StepStatus",
     "StorageError",
     "SubmitWorkflowArgs",
@@ -111,11 +115,13 @@ __all__ = [
     "UsageError",
     "ValidationError",
     "Welcome",
+    "WorkflowSnapshot",
     "WorkflowStatus",
     "decode_client_message",
     "decode_json",
     "decode_server_message",
     "encode",
     "encode_json",
+    "error_from_code",
     "parse_mutation_args",
 ]

@@ -43,8 +43,10 @@ __all__ = [
     "ReportStateArgs",
     "RetryWorkflowArgs",
     "ServerMessage",
+    "StepSnapshot",
     "SubmitWorkflowArgs",
     "Welcome",
+    "WorkflowSnapshot",
 ]
 
 PROTOCOL_VERSION = 1
@@ -112,6 +114,34 @@ class Event(_Base):
     type: Name
     data: JSONObject
     at: Timestamp
+
+
+class StepSnapshot(_Base):
+    """The state of one step as clients see it."""
+
+    status: str
+    attempts: int = 0
+    progress: float = 0.0
+    result: Any = None
+    error: str | None = None
+
+
+class WorkflowSnapshot(_Base):
+    """The canonical state of one workflow; every event's ``data["workflow"]`` holds one.
+
+    ``version`` is the ``wf_seq`` of the event that carried it, so a reader can keep the
+    newest snapshot whatever order it learns them in.
+    """
+
+    id: str
+    name: str
+    status: str
+    steps: dict[str, StepSnapshot] = {}
+    progress: float = 0.0
+    result: Any = None
+    error: str | None = None
+    updated_at: float = 0.0
+    version: int = 0
 
 
 # ---------------------------------------------------------- mutation args

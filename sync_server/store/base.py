@@ -196,6 +196,27 @@ class Transaction(abc.ABC):
     async def update_workflow(self, workflow: WorkflowRecord) -> None:
         """Write every column of an existing workflow."""
 
+    async def get_workflows(
+        self, workflow_ids: list[str], *, lock: bool = True
+    ) -> dict[str, WorkflowRecord]:
+        """Read several workflows (id -> record; missing ids are absent), locked like
+        ``get_workflow``. Backends may override this with one round trip (saga group
+        commit)."""
+        found: dict[str, WorkflowRecord] = {}
+        for workflow_id in workflow_ids:
+            record = await self.get_workflow(workflow_id, lock=lock)
+            if record is not None:
+                found[workflow_id] = record
+        return found
+
+    @abc.abstractmethod
+    async def claim_due_workflows(
+        self, owner: str, now: float, lease_seconds: float, limit: int
+    ) -> list[WorkflowRecord]:
+        """``Store.claim_due_workflows`` inside this transaction, so that the claim and
+        the start of the claimed workflows' first steps commit together (saga engine:
+        fewer write transactions per workflow)."""
+
     # -- clients ------------------------------------------------------------
     @abc.abstractmethod
     async def lock_client(self, tenant: str, client_id: str) -> int:

@@ -1,0 +1,450 @@
+"""``SyncClient``: the offline-first SDK a backend embeds (SPEC, Client SDK).
+
+It wires three parts: the durable ``LocalStore`` (group-committed SQLite), the pure
+``SyncSession`` and the ``SyncConnection`` shell. Writes return only after they are
+durable; views are read straight from the file (bounded memory whatever the number of
+workflows) with the pending mutations and live progress laid over them.
+
+Ordering rule: a mutation reaches the session from a done-callback of its commit
+future, never from the awaiting caller, so ids reach the session in commit order even
+if a caller is cancelled mid-await (a gap would make the server refuse the rest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
+from typing import Any, Protocol
+
+import msgspec
+
+from client_sdk.backoff import Backoff, CircuitBreaker
+from client_sdk.connection import SyncConnection
+from client_sdk.errors import ClientClosed, SyncStopped
+from client_sdk.localstore import Durability, LocalStore, Settlement
+from client_sdk.session import SessionState, SyncSession
+from client_sdk.views import WorkflowHandle, WorkflowView, build_view
+from protocol import (
+    MUTATION_ARGS,
+    Event,
+    Mutation,
+    Progress,
+    TetherError,
+    ValidationError,
+)
+
+__all__ = ["ChangeCallback", "SyncClient"]
+
+log = logging.getLogger("client_sdk")
+
+JSONInput = dict[str, Any]
+
+
+class ChangeCallback(Protocol):
+    """Called with the new view of a workflow after every committed change."""
+
+    def __call__(self, view: WorkflowView) -> None: ...
+
+
+class SyncClient:
+    """Durable offline queue + optimistic views + background sync with one server.
+
+    Args:
+        url: the server's base URL (``ws://host:port``; ``http://`` works too).
+        token: a client token (JWT) of the tenant.
+        path: the SQLite file; created with a fresh client id if missing.
+        client_id: the id for a new file (an existing file keeps its own).
+        durability: ``"full"`` (fsync per commit; SPEC promise 1) or ``"normal"``
+            (survives a killed process, may lose the last commits on power loss).
+        connect: False keeps the client offline (queue only; useful for tests/tools).
+        http_fallback: poll over HTTP when WebSocket upgrades keep being refused.
+        stall_timeout: seconds of silence, while a reply is owed, before reconnecting.
+        backoff: reconnect backoff policy (injected RNG for tests).
+        breaker: circuit breaker around connecting.
+        connection_options: more ``SyncConnection`` keyword arguments.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str,
+        path: str | os.PathLike[str],
+        client_id: str | None = None,
+        durability: Durability = "full",
+        connect: bool = True,
+        http_fallback: bool = True,
+        stall_timeout: float = 15.0,
+        backoff: Backoff | None = None,
+        breaker: CircuitBreaker | None = None,
+        **connection_options: Any,
+    ) -> None:
+        self.url = url
+        self._token = token
+        self._store = LocalStore(path, durability=durability, client_id=client_id)
+        self._connect = connect
+        self._conn_args: dict[str, Any] = dict(
+            http_fallback=http_fallback,
+            stall_timeout=stall_timeout,
+            backoff=backoff,
+            breaker=breaker,
+            **connection_options,
+        )
+        self._session: SyncSession | None = None
+        self._conn: SyncConnection | None = None
+        self._settling = 0
+        self._live: dict[str, dict[str, Progress]] = {}
+        self._watchers: dict[str, list[asyncio.Queue[WorkflowView]]] = {}
+        self._callbacks: list[ChangeCallback] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._closed = False
+
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self) -> SyncClient:
+        """Open the local file and start syncing in the background (works offline).
+
+        Raises:
+            LocalStoreError: the file is corrupt, foreign, or used by another client.
+        """
+        if self._session is not None:
+            return self
+        opened = await asyncio.to_thread(self._store.open)
+        self._session = SyncSession(
+            opened.client_id,
+            cursor=opened.cursor,
+            last_mutation_id=opened.last_mutation_id,
+            pending=opened.pending,
+        )
+        if self._connect:
+            self._conn = SyncConnection(
+                self.url, self._token, self._session, self, **self._conn_args
+            )
+            self._conn.start()
+        log.info(
+            "client %s opened %s (cursor %d, %d pending)",
+            opened.client_id,
+            self._store.path,
+            opened.cursor,
+            len(opened.pending),
+        )
+        return self
+
+    async def close(self) -> None:
+        """Stop syncing and close the file; queued mutations stay for the next start."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._conn is not None:
+            await self._conn.close()
+        await asyncio.to_thread(self._store.close)
+        for queues in self._watchers.values():
+            for q in queues:
+                q.put_nowait(_CLOSED)  # type: ignore[arg-type]
+        self._notify_waiters()
+
+    async def __aenter__(self) -> SyncClient:
+        return await self.start()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def _live_session(self) -> SyncSession:
+        if self._session is None or self._closed:
+            raise ClientClosed("SyncClient is not started (use `async with` or start())")
+        return self._session
+
+    # --------------------------------------------------------------- properties
+    @property
+    def client_id(self) -> str:
+        """This client's id (persisted in the file)."""
+        return self._live_session().client_id
+
+    @property
+    def pending_count(self) -> int:
+        """Mutations queued locally and not yet settled by the server."""
+        return self._live_session().pending_count + self._settling
+
+    @property
+    def connected(self) -> bool:
+        """True while synced with the server (WebSocket after Welcome, or HTTP polling)."""
+        return self._conn is not None and self._conn.connected
+
+    @property
+    def transport(self) -> str | None:
+        """``"websocket"``, ``"http"`` or None when offline."""
+        return self._conn.transport if self._conn is not None and self.connected else None
+
+    @property
+    def cursor(self) -> int:
+        """The highest event ``seq`` durably applied."""
+        return self._live_session().cursor
+
+    @property
+    def last_error(self) -> TetherError | None:
+        """The last error from the server or the one that stopped syncing."""
+        return self._session.error if self._session is not None else None
+
+    @property
+    def store(self) -> LocalStore:
+        """The local store (diagnostics and tests)."""
+        return self._store
+
+    @property
+    def session(self) -> SyncSession:
+        """The sync session core (diagnostics and tests)."""
+        return self._live_session()
+
+    @property
+    def connection(self) -> SyncConnection | None:
+        """The I/O shell, if connecting is enabled."""
+        return self._conn
+
+    # ----------------------------------------------------------------- mutations
+    async def submit_workflow(
+        self, name: str, input: JSONInput | None = None, *, workflow_id: str | None = None
+    ) -> WorkflowHandle:
+        """Queue a new workflow; durable when this returns; works offline.
+
+        Args:
+            name: the workflow definition's name.
+            input: its JSON input.
+            workflow_id: a UUID string; the same id submitted again is not queued twice.
+
+        Returns:
+            A handle; ``get_workflow(handle.id)`` shows it at once as ``pending``.
+
+        Raises:
+            ValidationError: bad name, id or input (nothing is queued).
+            LocalStoreError: the write failed (nothing is queued).
+            ClientClosed: the client is not started.
+        """
+        workflow_id = workflow_id or str(uuid.uuid4())
+        args = {"workflow_id": workflow_id, "name": name, "input": input or {}}
+        await self._enqueue("submit_workflow", workflow_id, args, workflow_name=name)
+        return WorkflowHandle(self, workflow_id)
+
+    async def cancel_workflow(self, workflow_id: str) -> WorkflowHandle:
+        """Queue a cancellation (durable when this returns).
+
+        Raises:
+            ValidationError: not a workflow id. LocalStoreError, ClientClosed as above.
+        """
+        await self._enqueue("cancel_workflow", workflow_id, {"workflow_id": workflow_id})
+        return WorkflowHandle(self, workflow_id)
+
+    async def retry_workflow(self, workflow_id: str) -> WorkflowHandle:
+        """Queue a retry of the failed or parked steps (durable when this returns).
+
+        Raises:
+            ValidationError: not a workflow id. LocalStoreError, ClientClosed as above.
+        """
+        await self._enqueue("retry_workflow", workflow_id, {"workflow_id": workflow_id})
+        return WorkflowHandle(self, workflow_id)
+
+    async def _enqueue(
+        self, name: str, workflow_id: str, args: dict[str, Any], workflow_name: str | None = None
+    ) -> Mutation | None:
+        self._live_session()
+        try:
+            msgspec.convert(args, MUTATION_ARGS[name])
+            msgspec.json.encode(args)
+        except (msgspec.ValidationError, TypeError, ValueError) as exc:
+            raise ValidationError(f"invalid {name}: {exc}") from exc
+        future = self._store.enqueue(
+            name, workflow_id, args, created_at=time.time(), workflow_name=workflow_name
+        )
+        future.add_done_callback(self._enqueued)
+        # shield: a cancelled caller must not cancel the commit future (see module doc).
+        return await asyncio.shield(future)
+
+    def _enqueued(self, future: asyncio.Future[Mutation | None]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        mutation = future.result()
+        if mutation is None or self._session is None:
+            return
+        self._session.send_mutation(mutation)
+        if self._conn is not None:
+            self._conn.kick()
+        self._changed({str(mutation.args.get("workflow_id"))})
+
+    # ---------------------------------------------------------------------- reads
+    def get_workflow(self, workflow_id: str) -> WorkflowView | None:
+        """The local view: confirmed state with pending changes laid over it.
+
+        Returns:
+            The view, or None if this client has never heard of the workflow.
+        """
+        self._live_session()
+        found = self._store.get_row(workflow_id)
+        if found is None:
+            return None
+        row, pending = found
+        return build_view(row, pending, self._live.get(workflow_id))
+
+    def list_workflows(self, status: str | None = None) -> list[WorkflowView]:
+        """Every known workflow's view, newest first, optionally of one status."""
+        self._live_session()
+        views = [build_view(r, p, self._live.get(r.id)) for r, p in self._store.list_rows()]
+        return [v for v in views if status is None or v.status == status]
+
+    async def watch(self, workflow_id: str) -> AsyncIterator[WorkflowView]:
+        """Yield the view now and after every change, until it is terminal.
+
+        The iterator also ends when the client closes.
+        """
+        queue: asyncio.Queue[WorkflowView] = asyncio.Queue()
+        self._watchers.setdefault(workflow_id, []).append(queue)
+        try:
+            last = self.get_workflow(workflow_id)
+            if last is not None:
+                yield last
+                if last.terminal:
+                    return
+            while True:
+                view = await queue.get()
+                if view is _CLOSED:
+                    return
+                if view == last:
+                    continue
+                last = view
+                yield view
+                if view.terminal:
+                    return
+        finally:
+            queues = self._watchers.get(workflow_id, [])
+            if queue in queues:
+                queues.remove(queue)
+            if not queues:
+                self._watchers.pop(workflow_id, None)
+
+    async def wait(self, workflow_id: str, timeout: float | None = None) -> WorkflowView:
+        """Wait for the workflow's terminal view.
+
+        Raises:
+            TimeoutError: not terminal within ``timeout`` seconds.
+            SyncStopped: syncing stopped for good (e.g. the token was refused).
+        """
+
+        async def terminal() -> WorkflowView:
+            async for view in self.watch(workflow_id):
+                if view.terminal:
+                    return view
+                self._raise_if_stopped()
+            self._raise_if_stopped()
+            raise ClientClosed("client closed while waiting")
+
+        return await asyncio.wait_for(terminal(), timeout)
+
+    def on_change(self, callback: ChangeCallback) -> Callable[[], None]:
+        """Call ``callback(view)`` after every committed change of any workflow.
+
+        Returns:
+            A function that unregisters the callback.
+        """
+        self._callbacks.append(callback)
+        return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Return when every queued mutation is settled by the server (and recorded).
+
+        Raises:
+            TimeoutError: mutations are still pending after ``timeout`` seconds.
+            SyncStopped: syncing stopped for good; the mutations stay queued.
+        """
+        session = self._live_session()
+
+        async def settled() -> None:
+            while session.pending_count or self._settling:
+                self._raise_if_stopped()
+                if self._closed:
+                    raise ClientClosed("client closed during flush")
+                await self._next_change()
+
+        await asyncio.wait_for(settled(), timeout)
+
+    def _raise_if_stopped(self) -> None:
+        session = self._session
+        if session is not None and session.state is SessionState.FAILED and session.error:
+            raise SyncStopped(session.error)
+
+    async def _next_change(self) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        await future
+
+    def _notify_waiters(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for future in waiters:
+            if not future.done():
+                future.set_result(None)
+
+    def _changed(self, ids: set[str]) -> None:
+        self._notify_waiters()
+        if not self._callbacks and not self._watchers:
+            return
+        for workflow_id in ids:
+            queues = self._watchers.get(workflow_id)
+            if not queues and not self._callbacks:
+                continue
+            view = self.get_workflow(workflow_id)
+            if view is None:
+                continue
+            for q in queues or ():
+                q.put_nowait(view)
+            for callback in list(self._callbacks):
+                try:
+                    callback(view)
+                except Exception:  # a broken callback must not stop syncing
+                    log.exception("on_change callback failed")
+
+    # ------------------------------------------------------- SyncHandler (shell)
+    async def apply_events(self, events: list[Event], cursor: int) -> None:
+        """Durably apply a page (called by the connection's applier)."""
+        changed = await self._store.apply_events(events, cursor)
+        for workflow_id in changed:
+            live = self._live.get(workflow_id)
+            if live is not None:
+                view = self.get_workflow(workflow_id)
+                if view is not None and view.status != "running":
+                    self._live.pop(workflow_id, None)
+        self._changed(changed)
+
+    async def settle(self, results: list[tuple[int, bool, str | None]]) -> None:
+        """Durably record the server's verdicts (called by the applier)."""
+        self._settling += len(results)
+        try:
+            changed = await self._store.settle([Settlement(*r) for r in results])
+        finally:
+            self._settling -= len(results)
+        for mid, applied, error in results:
+            if not applied:
+                log.warning("mutation %d rejected by the server: %s", mid, error)
+        self._changed(changed)
+
+    async def apply_snapshots(self, snapshots: list[dict[str, Any]]) -> None:
+        """Store current snapshots (progressive sync)."""
+        self._changed(await self._store.apply_snapshots(snapshots))
+
+    def show_progress(self, progress: Progress) -> None:
+        """Ephemeral live progress from the server."""
+        self._live.setdefault(progress.workflow_id, {})[progress.step] = progress
+        self._changed({progress.workflow_id})
+
+    def state_changed(self) -> None:
+        """Connection or session state changed."""
+        self._notify_waiters()
+        if self._session is not None and self._session.state is SessionState.FAILED:
+            for queues in self._watchers.values():
+                for q in queues:
+                    q.put_nowait(_CLOSED)  # type: ignore[arg-type]
+
+
+_CLOSED: Any = object()

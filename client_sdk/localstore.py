@@ -1,0 +1,500 @@
+"""The client's durable SQLite file: identity, mutation queue, snapshots, event log.
+
+Theory of operation
+-------------------
+Tables (schema version ``SCHEMA_VERSION``, stamped with ``PRAGMA application_id``):
+
+* ``meta(key, value)`` — ``client_id`` (created once), ``cursor`` (the highest event
+  ``seq`` applied).
+* ``mutations(id, name, workflow_id, args, created_at, status, error)`` — the queue.
+  ``status`` is ``pending`` until the server answers, then ``applied`` or
+  ``rejected``. Ids are contiguous per client; settled rows are compacted away except
+  the newest, so ``max(id)`` is always the last id ever used.
+* ``workflows(id, name, status, version, snapshot, rejected, rejection, created_at)`` —
+  the newest confirmed snapshot (JSON) per workflow, or a local placeholder for a
+  submit the server has not confirmed yet; plus the last rejection (what and why).
+* ``events(seq, workflow_id, type, version, at)`` — the log of applied events: its
+  primary key makes a duplicate impossible and its seq list lets tests check gaps.
+
+Invariants (SPEC promises 1, 4, 5):
+
+* a mutation and its optimistic effect commit in one transaction, before the caller
+  returns (``synchronous=FULL``; ``durability="normal"`` uses ``synchronous=NORMAL``:
+  in WAL mode that survives a killed process but may lose the last transactions on a
+  power cut or OS crash — faster on slow disks, weaker than SPEC promise 1);
+* a page of events, the snapshots it carries and the new cursor commit together;
+* a snapshot replaces the stored one only if its ``version`` is higher, so pages,
+  full-snapshot fetches and live events may arrive in any order and still converge.
+
+All writes go through one ``CommitQueue`` (group commit); reads use a second,
+query-only connection on the caller's thread (WAL lets it read while the writer commits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+
+from client_sdk.errors import LocalStoreError
+from client_sdk.queue import CommitQueue, convert_sqlite_error
+from client_sdk.views import WorkflowRow
+from protocol import Event, Mutation, WorkflowSnapshot
+
+__all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "Durability", "LocalStore", "Settlement"]
+
+APPLICATION_ID = 0x54455448  # "TETH"
+SCHEMA_VERSION = 1
+Durability = Literal["full", "normal"]
+
+_SCHEMA = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value ANY) WITHOUT ROWID;
+CREATE TABLE mutations(
+    id INTEGER PRIMARY KEY, name TEXT NOT NULL, workflow_id TEXT NOT NULL,
+    args TEXT NOT NULL, created_at REAL NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending', error TEXT);
+CREATE INDEX mutations_pending ON mutations(workflow_id, id) WHERE status = 'pending';
+CREATE TABLE workflows(
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, status TEXT, version INTEGER NOT NULL DEFAULT 0,
+    snapshot TEXT, rejected TEXT, rejection TEXT, created_at REAL NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE events(
+    seq INTEGER PRIMARY KEY, workflow_id TEXT NOT NULL, type TEXT NOT NULL,
+    version INTEGER NOT NULL, at REAL NOT NULL);
+"""
+
+_UPSERT_SNAPSHOT = """
+INSERT INTO workflows(id, name, status, version, snapshot, created_at) VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT(id) DO UPDATE SET name = excluded.name, status = excluded.status,
+    version = excluded.version, snapshot = excluded.snapshot
+WHERE excluded.version > workflows.version
+"""
+
+_snapshot_decoder = msgspec.json.Decoder(WorkflowSnapshot)
+_json = msgspec.json.Encoder()
+_args_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """The server's final verdict on one mutation: applied, or rejected with a reason."""
+
+    id: int
+    applied: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """What the file holds at start."""
+
+    client_id: str
+    cursor: int
+    last_mutation_id: int
+    pending: list[Mutation]
+
+
+class LocalStore:
+    """The client's SQLite file.
+
+    Args:
+        path: the file (created if missing).
+        durability: ``"full"`` (default; fsync per commit) or ``"normal"``.
+        client_id: the id to store in a new file; an existing file must match it.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: Durability = "full",
+        client_id: str | None = None,
+    ) -> None:
+        if durability not in ("full", "normal"):
+            raise ValueError("durability must be 'full' or 'normal'")
+        self.path = os.fspath(path)
+        self.durability = durability
+        self._wanted_client_id = client_id
+        self._queue = CommitQueue(self._connect_writer, path=self.path, on_rollback=self._reload)
+        self._reader: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._next_id = 1
+        self._cursor = 0
+        self.opened: Opened | None = None
+
+    @property
+    def commit_queue(self) -> CommitQueue:
+        """The group-commit writer (its ``commits``/``ops`` counters are probes)."""
+        return self._queue
+
+    # ------------------------------------------------------------- lifecycle
+    def open(self) -> Opened:
+        """Lock, check and (if new) create the file; start the writer.
+
+        Returns:
+            The client id, cursor, last mutation id and the pending mutations.
+
+        Raises:
+            LocalStoreError: the file is corrupt, foreign, newer, in use, or unusable.
+        """
+        self._check_header()
+        self._lock()
+        try:
+            self._queue.start()
+            self.opened = self._queue.run_sync(self._init)
+            self._reader = self._connect(query_only=True)
+        except BaseException:
+            self.close()
+            raise
+        return self.opened
+
+    def close(self) -> None:
+        """Finish queued writes and release the file; idempotent."""
+        self._queue.close()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _check_header(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                header = f.read(16)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise LocalStoreError(f"cannot read local store {self.path}: {exc}") from exc
+        if header and header != b"SQLite format 3\x00":
+            raise LocalStoreError(
+                f"{self.path} is not a SQLite database (foreign or corrupt file); "
+                "point SyncClient(path=...) at a Tether client file or a new path"
+            )
+
+    def _lock(self) -> None:
+        # One SyncClient per file: two writers would hand out the same mutation ids.
+        # flock is released by the kernel when the process dies, even on SIGKILL.
+        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise LocalStoreError(
+                f"local store {self.path} is in use by another SyncClient", retryable=True
+            ) from exc
+        self._lock_fd = fd
+
+    def _connect(self, *, query_only: bool = False) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout = 5000")
+            if query_only:
+                conn.execute("PRAGMA query_only = 1")
+            return conn
+        except sqlite3.Error as exc:
+            raise convert_sqlite_error(exc, self.path) from exc
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = self._connect()
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self.durability.upper()}")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise LocalStoreError(f"{self.path} is not a usable SQLite database: {exc}") from exc
+        return conn
+
+    def _init(self, conn: sqlite3.Connection) -> Opened:
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
+            if app_id == 0 and not tables:
+                # executescript() would COMMIT the writer's transaction; run one by one.
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif app_id != APPLICATION_ID:
+                raise LocalStoreError(
+                    f"{self.path} was not created by Tether (application_id {app_id}, "
+                    f"tables {sorted(tables)[:5]}); refusing to write to a foreign database"
+                )
+            elif version > SCHEMA_VERSION:
+                raise LocalStoreError(
+                    f"{self.path} has schema version {version}, newer than this SDK's "
+                    f"{SCHEMA_VERSION}; upgrade the SDK"
+                )
+            check = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if check != "ok":
+                raise LocalStoreError(f"{self.path} is corrupt: {check}")
+            row = conn.execute("SELECT value FROM meta WHERE key = 'client_id'").fetchone()
+            if row is None:
+                client_id = self._wanted_client_id or str(uuid.uuid4())
+                conn.executemany(
+                    "INSERT INTO meta(key, value) VALUES (?, ?)",
+                    [("client_id", client_id), ("cursor", 0), ("created_at", time.time())],
+                )
+            else:
+                client_id = row[0]
+                if self._wanted_client_id not in (None, client_id):
+                    raise LocalStoreError(
+                        f"{self.path} belongs to client {client_id}, not {self._wanted_client_id}"
+                    )
+            self._reload(conn)
+            pending = [
+                Mutation(id=i, name=n, args=_args_decoder.decode(a), created_at=c)
+                for i, n, a, c in conn.execute(
+                    "SELECT id, name, args, created_at FROM mutations "
+                    "WHERE status = 'pending' ORDER BY id"
+                )
+            ]
+        except sqlite3.DatabaseError as exc:
+            raise LocalStoreError(f"{self.path} is not a usable Tether client file: {exc}") from exc
+        return Opened(client_id, self._cursor, self._next_id - 1, pending)
+
+    def _reload(self, conn: sqlite3.Connection) -> None:
+        """Re-read the counters the ops advance in memory (after a failed commit)."""
+        self._next_id = (conn.execute("SELECT max(id) FROM mutations").fetchone()[0] or 0) + 1
+        self._cursor = int(
+            conn.execute("SELECT value FROM meta WHERE key = 'cursor'").fetchone()[0]
+        )
+
+    # ------------------------------------------------------------------ writes
+    def enqueue(
+        self,
+        name: str,
+        workflow_id: str,
+        args: dict[str, Any],
+        *,
+        created_at: float,
+        workflow_name: str | None = None,
+    ) -> asyncio.Future[Mutation | None]:
+        """Durably queue a mutation with its optimistic effect (one transaction).
+
+        A ``submit_workflow`` whose workflow id is already known locally is not queued
+        again (idempotent submit) and resolves to None.
+
+        Returns:
+            A future resolved, after the commit, with the queued mutation (its id
+            assigned), or None for a repeated submit.
+
+        Raises:
+            LocalStoreError: the write failed; nothing was queued.
+        """
+        args_json = _json.encode(args).decode()
+
+        def op(conn: sqlite3.Connection) -> Mutation | None:
+            if name == "submit_workflow":
+                cur = conn.execute(
+                    "INSERT OR IGNORE INTO workflows(id, name, created_at) VALUES (?, ?, ?)",
+                    (workflow_id, workflow_name or "", created_at),
+                )
+                if cur.rowcount == 0:
+                    return None
+            else:
+                conn.execute(
+                    "UPDATE workflows SET rejected = NULL, rejection = NULL WHERE id = ?",
+                    (workflow_id,),
+                )
+            mutation_id = self._next_id
+            conn.execute(
+                "INSERT INTO mutations(id, name, workflow_id, args, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (mutation_id, name, workflow_id, args_json, created_at),
+            )
+            self._next_id = mutation_id + 1
+            return Mutation(id=mutation_id, name=name, args=args, created_at=created_at)
+
+        return self._queue.submit(op)
+
+    async def settle(self, settlements: Sequence[Settlement]) -> set[str]:
+        """Record the server's verdicts; a rejection rolls the optimistic change back.
+
+        Returns:
+            The ids of the workflows whose view may have changed.
+        """
+
+        def op(conn: sqlite3.Connection) -> set[str]:
+            changed: set[str] = set()
+            for s in settlements:
+                row = conn.execute(
+                    "UPDATE mutations SET status = ?, error = ? WHERE id = ? "
+                    "AND status = 'pending' RETURNING workflow_id, name",
+                    ("applied" if s.applied else "rejected", s.error, s.id),
+                ).fetchone()
+                if row is None:
+                    continue
+                changed.add(row[0])
+                if not s.applied:
+                    conn.execute(
+                        "UPDATE workflows SET rejected = ?, rejection = ? WHERE id = ?",
+                        (row[1], s.error, row[0]),
+                    )
+            conn.execute(
+                "DELETE FROM mutations WHERE status = 'applied' "
+                "AND id < (SELECT max(id) FROM mutations)"
+            )
+            return changed
+
+        return await self._queue.run(op)
+
+    async def apply_events(self, events: Sequence[Event], cursor: int) -> set[str]:
+        """Apply a page of events and advance the cursor, in one transaction.
+
+        Events at or below the stored cursor are skipped (a page is applied once).
+
+        Returns:
+            The ids of the workflows whose snapshot may have changed.
+        """
+
+        def op(conn: sqlite3.Connection) -> set[str]:
+            fresh = [e for e in events if e.seq > self._cursor]
+            conn.executemany(
+                "INSERT INTO events(seq, workflow_id, type, version, at) VALUES (?, ?, ?, ?, ?)",
+                [
+                    (e.seq, e.workflow_id, e.type, _version(e.data.get("workflow")), e.at)
+                    for e in fresh
+                ],
+            )
+            changed = self._upsert(conn, (e.data.get("workflow") for e in fresh))
+            if cursor > self._cursor:
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'cursor'", (cursor,))
+                self._cursor = cursor
+            return changed
+
+        return await self._queue.run(op)
+
+    async def apply_snapshots(self, snapshots: Iterable[dict[str, Any]]) -> set[str]:
+        """Store full snapshots (progressive sync) where newer than what is stored.
+
+        Returns:
+            The ids of the workflows whose snapshot may have changed.
+        """
+        items = list(snapshots)
+        return await self._queue.run(lambda conn: self._upsert(conn, items))
+
+    def _upsert(self, conn: sqlite3.Connection, snapshots: Iterable[Any]) -> set[str]:
+        newest: dict[str, dict[str, Any]] = {}
+        for snap in snapshots:
+            if not isinstance(snap, dict) or not isinstance(snap.get("id"), str):
+                continue
+            seen = newest.get(snap["id"])
+            if seen is None or _version(snap) > _version(seen):
+                newest[snap["id"]] = snap
+        conn.executemany(
+            _UPSERT_SNAPSHOT,
+            [
+                (
+                    i,
+                    str(s.get("name", "")),
+                    str(s.get("status", "")),
+                    _version(s),
+                    _json.encode(s).decode(),
+                    float(s.get("updated_at") or 0.0),
+                )
+                for i, s in newest.items()
+            ],
+        )
+        return set(newest)
+
+    # ------------------------------------------------------------------- reads
+    def _read(self) -> sqlite3.Connection:
+        if self._reader is None:
+            raise LocalStoreError(f"local store {self.path} is closed")
+        return self._reader
+
+    def get_row(self, workflow_id: str) -> tuple[WorkflowRow, list[str]] | None:
+        """One stored workflow and the names of its pending mutations (one snapshot read)."""
+        conn = self._read()
+        try:
+            conn.execute("BEGIN")
+            try:
+                row = conn.execute(
+                    "SELECT id, name, snapshot, rejected, rejection, created_at "
+                    "FROM workflows WHERE id = ?",
+                    (workflow_id,),
+                ).fetchone()
+                pending = [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT name FROM mutations WHERE workflow_id = ? AND status = 'pending' "
+                        "ORDER BY id",
+                        (workflow_id,),
+                    )
+                ]
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise convert_sqlite_error(exc, self.path) from exc
+        if row is None:
+            return None
+        return _row(row), pending
+
+    def list_rows(self) -> list[tuple[WorkflowRow, list[str]]]:
+        """Every stored workflow with its pending mutation names, newest first."""
+        conn = self._read()
+        try:
+            conn.execute("BEGIN")
+            try:
+                pending: dict[str, list[str]] = {}
+                for wf, name in conn.execute(
+                    "SELECT workflow_id, name FROM mutations WHERE status = 'pending' ORDER BY id"
+                ):
+                    pending.setdefault(wf, []).append(name)
+                rows = conn.execute(
+                    "SELECT id, name, snapshot, rejected, rejection, created_at FROM workflows "
+                    "ORDER BY created_at DESC, id"
+                ).fetchall()
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise convert_sqlite_error(exc, self.path) from exc
+        return [(_row(r), pending.get(r[0], [])) for r in rows]
+
+    def pending_count(self) -> int:
+        """How many mutations wait for the server's verdict."""
+        sql = "SELECT count(*) FROM mutations WHERE status = 'pending'"
+        return int(self._read().execute(sql).fetchone()[0])
+
+    def event_seqs(self) -> list[int]:
+        """Every applied event's seq, in order (for gap and duplicate checks)."""
+        return [r[0] for r in self._read().execute("SELECT seq FROM events ORDER BY seq")]
+
+    def cursor(self) -> int:
+        """The durable cursor."""
+        row = self._read().execute("SELECT value FROM meta WHERE key = 'cursor'").fetchone()
+        return int(row[0])
+
+    def mutations(self) -> list[tuple[int, str, str, str, str | None]]:
+        """(id, name, workflow_id, status, error) of every kept mutation, in id order."""
+        return list(
+            self._read().execute(
+                "SELECT id, name, workflow_id, status, error FROM mutations ORDER BY id"
+            )
+        )
+
+
+def _version(snapshot: Any) -> int:
+    if isinstance(snapshot, dict):
+        version = snapshot.get("version")
+        if isinstance(version, int):
+            return version
+    return 0
+
+
+def _row(r: tuple[Any, ...]) -> WorkflowRow:
+    snapshot = _snapshot_decoder.decode(r[2]) if r[2] is not None else None
+    return WorkflowRow(
+        id=r[0], name=r[1], snapshot=snapshot, rejected=r[3], rejection=r[4], created_at=r[5]
+    )

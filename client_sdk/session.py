@@ -1,0 +1,496 @@
+"""The client's sync session: pure protocol logic, no I/O (Sans-I/O).
+
+Theory of operation
+-------------------
+The shell feeds the session what happened — ``connection_made``, ``receive_message``,
+``receive_close``, ``connection_lost``, ``events_applied`` (a page is durable),
+``send_mutation`` (a mutation is durable) — and drains what it should do:
+``messages_to_send()`` (Hello, Push, Ack) and ``commands_to_run()`` (apply a page,
+settle mutations, fetch snapshots, show progress, close, stop). No asyncio, socket,
+SQL, clock or randomness lives here.
+
+States::
+
+    IDLE ──connection_made──▶ HANDSHAKE ──Welcome──▶ CATCHING_UP ──Events(has_more=False)──▶ LIVE
+      ▲                           │                        │                                  │
+      └──── connection_lost / receive_close (retryable) ◀──┴──────────────────────────────────┘
+    any ── fatal close (4401, 4403, protocol version) or fatal Welcome ──▶ FAILED (terminal)
+
+Over HTTP (``connection_made(handshake=False)``) there is no Welcome: the session starts
+in CATCHING_UP and sends no Acks.
+
+Invariants:
+
+* **Exactly once** (SPEC promise 1): mutations are pushed in id order, one Push in
+  flight; after any reconnect every unconfirmed mutation is pushed again, and the
+  server's (client_id, id) dedupe answers ``duplicate`` for those it already applied.
+  A result is final only when it is ``applied``/``duplicate`` (success) or
+  ``rejected``/``duplicate`` with an error (rejection); a ``conflict:`` error means
+  "an earlier id is missing" — the mutation stays pending and is pushed again.
+* **Ordered, gapless delivery** (promise 4): events must come in strictly increasing
+  ``seq`` above the cursor; anything at or below it is dropped (never applied twice),
+  a page out of order is a protocol violation (close, reconnect from the durable
+  cursor). An Ack names only a cursor that the shell reported durable.
+* **Progressive sync**: when Welcome's ``head`` is more than ``snapshot_threshold``
+  events ahead, the session asks the shell to fetch current snapshots first, so every
+  workflow's newest state shows before the backlog is paged through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from itertools import islice
+
+from protocol import (
+    MAX_BATCH,
+    MAX_EVENTS_PAGE,
+    PROTOCOL_VERSION,
+    Ack,
+    BadMessage,
+    ClientMessage,
+    Conflict,
+    Error,
+    ErrorCode,
+    Event,
+    Events,
+    Forbidden,
+    Hello,
+    Mutation,
+    MutationResult,
+    MutationStatus,
+    Progress,
+    ProtocolVersionError,
+    Push,
+    PushResult,
+    RateLimited,
+    ServerMessage,
+    TetherError,
+    Unauthorized,
+    Welcome,
+    error_from_code,
+)
+
+__all__ = [
+    "ApplyEvents",
+    "Close",
+    "Command",
+    "Disposition",
+    "FetchSnapshots",
+    "SessionState",
+    "Settle",
+    "ShowProgress",
+    "Stop",
+    "SyncSession",
+    "classify_close",
+]
+
+CONFLICT_PREFIX = "conflict:"
+
+
+class SessionState(StrEnum):
+    """Where the session stands."""
+
+    IDLE = "idle"
+    HANDSHAKE = "handshake"
+    CATCHING_UP = "catching_up"
+    LIVE = "live"
+    FAILED = "failed"
+
+
+# ------------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyEvents:
+    """Durably apply ``events`` and set the cursor to ``cursor``; then call
+    ``events_applied(cursor)``."""
+
+    events: list[Event]
+    cursor: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """Durably record verdicts: ``(id, applied, error)`` per settled mutation."""
+
+    results: list[tuple[int, bool, str | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class FetchSnapshots:
+    """Fetch the current snapshots of every workflow (progressive sync)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShowProgress:
+    """Ephemeral live progress of a running step."""
+
+    progress: Progress
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close the connection (protocol violation or stall); reconnect with backoff."""
+
+    error: TetherError
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Stop syncing for good and surface ``error`` to the application."""
+
+    error: TetherError
+
+
+Command = ApplyEvents | Settle | FetchSnapshots | ShowProgress | Close | Stop
+
+
+# ---------------------------------------------------------- close policy
+
+
+@dataclass(frozen=True, slots=True)
+class Disposition:
+    """What to do after the server closed: retry (after at least ``min_delay`` s) or stop."""
+
+    retry: bool
+    error: TetherError | None = None
+    min_delay: float = 0.0
+
+
+def classify_close(code: int | None, reason: str, server_error: Error | None) -> Disposition:
+    """Default retryable-or-fatal policy for a close code (protocol ERROR_TABLE).
+
+    4401 (bad token), 4403 (forbidden) and a protocol-version 4409 stop syncing:
+    retrying cannot help and must not spin. 4429 backs off for at least a second. A
+    conflict 4409, 4400/4413 (our frame was refused), 1011/1012/1013, a normal close or
+    an abrupt loss are retried with backoff.
+
+    Args:
+        code: the close code (None when the link dropped without a close frame).
+        reason: the close reason.
+        server_error: the ``Error`` message that preceded the close, if any.
+
+    Returns:
+        The disposition.
+    """
+    text = server_error.message if server_error is not None else reason
+    if code == 4401 or (server_error is not None and server_error.code == ErrorCode.UNAUTHORIZED):
+        return Disposition(False, Unauthorized(text or "token refused"))
+    if code == 4403:
+        return Disposition(False, Forbidden(text or "forbidden"))
+    if code == 4409 and (server_error is None or server_error.code != ErrorCode.CONFLICT):
+        return Disposition(False, ProtocolVersionError(text or "protocol version refused"))
+    if code == 4429:
+        return Disposition(True, RateLimited(text or "rate limited"), min_delay=1.0)
+    if server_error is not None:
+        return Disposition(True, error_from_code(server_error.code, server_error.message))
+    return Disposition(True, None)
+
+
+# --------------------------------------------------------------------- session
+
+
+@dataclass(slots=True)
+class _Counters:
+    pushes: int = 0
+    pages: int = 0
+    events: int = 0
+    duplicates_dropped: int = 0
+    reconnects: int = 0
+    conflicts: int = 0
+
+
+class SyncSession:
+    """Client end of one sync relationship, across any number of connections.
+
+    Args:
+        client_id: this client's id.
+        cursor: the durable cursor (highest applied ``seq``).
+        last_mutation_id: the highest mutation id ever assigned locally.
+        pending: unconfirmed mutations, in id order.
+        max_batch: most mutations per Push.
+        snapshot_threshold: a Welcome ``head`` this far ahead triggers ``FetchSnapshots``.
+        close_policy: the retryable-or-fatal policy (``classify_close`` by default).
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        *,
+        cursor: int = 0,
+        last_mutation_id: int = 0,
+        pending: Iterable[Mutation] = (),
+        max_batch: int = MAX_BATCH,
+        snapshot_threshold: int = MAX_EVENTS_PAGE,
+        close_policy: Callable[[int | None, str, Error | None], Disposition] = classify_close,
+    ) -> None:
+        self.client_id = client_id
+        self.cursor = cursor
+        """Highest seq reported durable by the shell."""
+        self.received_cursor = cursor
+        """Highest seq handed to the shell for applying."""
+        self.last_mutation_id = last_mutation_id
+        self._pending: dict[int, Mutation] = {m.id: m for m in pending}
+        if self._pending:
+            self.last_mutation_id = max(self.last_mutation_id, max(self._pending))
+        self._in_flight: list[int] = []
+        self.max_batch = max_batch
+        self.snapshot_threshold = snapshot_threshold
+        self._policy = close_policy
+        self.state = SessionState.IDLE
+        self.handshake = True
+        self.error: TetherError | None = None
+        """The error that stopped the session (FAILED), or the last server error."""
+        self.server_error: Error | None = None
+        self.server_id: str | None = None
+        self.head = 0
+        self.counters = _Counters()
+        self._outgoing: list[ClientMessage] = []
+        self._commands: list[Command] = []
+
+    # ------------------------------------------------------------ properties
+    @property
+    def pending_count(self) -> int:
+        """Mutations not yet settled by the server."""
+        return len(self._pending)
+
+    @property
+    def pending_ids(self) -> list[int]:
+        """Ids of the unsettled mutations, in order."""
+        return list(self._pending)
+
+    @property
+    def push_in_flight(self) -> bool:
+        """A Push awaits its PushResult."""
+        return bool(self._in_flight)
+
+    @property
+    def synced(self) -> bool:
+        """Connected past the handshake (WebSocket) or polling (HTTP)."""
+        return self.state in (SessionState.CATCHING_UP, SessionState.LIVE)
+
+    @property
+    def expecting_reply(self) -> bool:
+        """The server owes an answer (Welcome or PushResult): the shell's stall timer runs."""
+        return self.state is SessionState.HANDSHAKE or bool(self._in_flight)
+
+    # ----------------------------------------------------------------- drains
+    def messages_to_send(self) -> list[ClientMessage]:
+        """Messages for the server, in order; the list is handed over and cleared."""
+        out, self._outgoing = self._outgoing, []
+        return out
+
+    def commands_to_run(self) -> list[Command]:
+        """Local actions for the shell, in order; handed over and cleared."""
+        out, self._commands = self._commands, []
+        return out
+
+    # ----------------------------------------------------------------- inputs
+    def connection_made(self, *, handshake: bool = True) -> None:
+        """A transport is up: over WebSocket say Hello; over HTTP start pushing at once."""
+        if self.state is SessionState.FAILED:
+            return
+        self.handshake = handshake
+        self._in_flight = []
+        self.server_error = None
+        if handshake:
+            self.state = SessionState.HANDSHAKE
+            self._outgoing.append(
+                Hello(
+                    client_id=self.client_id,
+                    protocol_version=PROTOCOL_VERSION,
+                    cursor=self.received_cursor,
+                    last_mutation_id=self._last_confirmed(),
+                )
+            )
+        else:
+            self.state = SessionState.CATCHING_UP
+            self._push()
+
+    def connection_lost(self) -> None:
+        """The transport is gone; unanswered pushes will be sent again on the next one."""
+        if self.state is SessionState.FAILED:
+            return
+        if self.state is not SessionState.IDLE:
+            self.counters.reconnects += 1
+        self.state = SessionState.IDLE
+        self._in_flight = []
+        self._outgoing = []
+
+    def receive_close(self, code: int | None, reason: str = "") -> Disposition:
+        """The server closed the connection (or it dropped, ``code=None``).
+
+        Returns:
+            The disposition: retry (with a minimum delay) or stop (session FAILED).
+        """
+        disposition = self._policy(code, reason, self.server_error)
+        self.connection_lost()
+        if not disposition.retry and self.state is not SessionState.FAILED:
+            self._fail(disposition.error or TetherError(f"closed with {code}"))
+        elif disposition.error is not None:
+            self.error = disposition.error
+        return disposition
+
+    def receive_message(self, message: ServerMessage) -> None:
+        """A message from the server (decoded)."""
+        if self.state in (SessionState.IDLE, SessionState.FAILED):
+            return
+        if isinstance(message, Welcome):
+            self._receive_welcome(message)
+        elif isinstance(message, Events):
+            self._receive_events(message)
+        elif isinstance(message, PushResult):
+            self._receive_push_result(message.results)
+        elif isinstance(message, Progress):
+            self._commands.append(ShowProgress(message))
+        elif isinstance(message, Error):
+            self.server_error = message
+            self.error = error_from_code(message.code, message.message)
+
+    def receive_push_results(self, results: list[MutationResult]) -> None:
+        """Results of an HTTP push (same rules as a ``PushResult``)."""
+        if self.synced:
+            self._receive_push_result(results)
+
+    def events_applied(self, cursor: int) -> None:
+        """The shell made every event up to ``cursor`` durable; acknowledge it."""
+        if cursor <= self.cursor:
+            return
+        self.cursor = cursor
+        if self.handshake and self.synced:
+            self._outgoing.append(Ack(cursor=cursor))
+
+    def send_mutation(self, mutation: Mutation) -> None:
+        """A new mutation is durable locally; push it when the link allows."""
+        if mutation.id in self._pending:
+            return
+        self._pending[mutation.id] = mutation
+        self.last_mutation_id = max(self.last_mutation_id, mutation.id)
+        self._push()
+
+    def fail(self, error: TetherError) -> None:
+        """Stop for good (e.g. the shell found the token refused over HTTP)."""
+        if self.state is not SessionState.FAILED:
+            self.connection_lost()
+            self._fail(error)
+
+    # -------------------------------------------------------------- handlers
+    def _fail(self, error: TetherError) -> None:
+        self.state = SessionState.FAILED
+        self.error = error
+        self._outgoing = []
+        self._commands.append(Stop(error))
+
+    def _violation(self, text: str) -> None:
+        error = BadMessage(text)
+        self.error = error
+        self._commands.append(Close(error))
+        self.connection_lost()
+
+    def _last_confirmed(self) -> int:
+        if self._pending:
+            return next(iter(self._pending)) - 1
+        return self.last_mutation_id
+
+    def _receive_welcome(self, welcome: Welcome) -> None:
+        if self.state is not SessionState.HANDSHAKE:
+            self._violation("unexpected Welcome")
+            return
+        if welcome.protocol_version != PROTOCOL_VERSION:
+            self._fail(
+                ProtocolVersionError(
+                    f"server speaks protocol {welcome.protocol_version}, client {PROTOCOL_VERSION}"
+                )
+            )
+            return
+        if welcome.last_mutation_id > self.last_mutation_id:
+            # Mutations we never issued would be answered "duplicate" and silently lost.
+            self._fail(
+                Conflict(
+                    f"server has applied mutation {welcome.last_mutation_id} of client "
+                    f"{self.client_id} but this file only issued {self.last_mutation_id}: the "
+                    "local file was restored from an old copy or the client id is shared"
+                )
+            )
+            return
+        if welcome.last_mutation_id < self._last_confirmed():
+            self._fail(
+                Conflict(
+                    f"server knows mutations of client {self.client_id} only up to "
+                    f"{welcome.last_mutation_id}, but {self._last_confirmed()} were confirmed: "
+                    "the server lost data"
+                )
+            )
+            return
+        self.server_id = welcome.server_id
+        self.head = welcome.head
+        self.state = (
+            SessionState.CATCHING_UP if welcome.head > self.received_cursor else SessionState.LIVE
+        )
+        if welcome.head - self.received_cursor > self.snapshot_threshold:
+            self._commands.append(FetchSnapshots())
+        self._push()
+
+    def _receive_events(self, message: Events) -> None:
+        if not self.synced:
+            self._violation("Events before Welcome")
+            return
+        fresh: list[Event] = []
+        last = self.received_cursor
+        for event in message.events:
+            if event.seq <= self.received_cursor:
+                self.counters.duplicates_dropped += 1
+                continue
+            if event.seq <= last:
+                self._violation(f"events out of order: seq {event.seq} after {last}")
+                return
+            last = event.seq
+            fresh.append(event)
+        if message.cursor < last:
+            self._violation(f"page cursor {message.cursor} below its last event {last}")
+            return
+        cursor = max(self.received_cursor, message.cursor)
+        self.counters.pages += 1
+        self.counters.events += len(fresh)
+        if fresh or cursor > self.received_cursor:
+            self.received_cursor = cursor
+            self._commands.append(ApplyEvents(fresh, cursor))
+        if not message.has_more and self.state is SessionState.CATCHING_UP:
+            self.state = SessionState.LIVE
+
+    def _receive_push_result(self, results: list[MutationResult]) -> None:
+        expected = self._in_flight
+        ids = [r.id for r in results]
+        if ids != expected:
+            self._violation(f"push results for ids {ids[:5]}… do not answer {expected[:5]}…")
+            return
+        self._in_flight = []
+        settled: list[tuple[int, bool, str | None]] = []
+        for result in results:
+            mid, status, error = result.id, result.status, result.error
+            if error is not None and error.startswith(CONFLICT_PREFIX):
+                # Not applied because an earlier id is missing: keep it, push again.
+                self.counters.conflicts += 1
+                if mid == next(iter(self._pending)):
+                    self._fail(Conflict(f"server refuses mutation {mid}: {error}"))
+                    return
+                continue
+            applied = status == MutationStatus.APPLIED or (
+                status == MutationStatus.DUPLICATE and error is None
+            )
+            settled.append((mid, applied, None if applied else (error or "rejected")))
+            self._pending.pop(mid, None)
+        if settled:
+            self._commands.append(Settle(settled))
+        self._push()
+
+    def _push(self) -> None:
+        if not self.synced or self._in_flight or not self._pending:
+            return
+        # The dict is in id order: ids only grow, and settled ones are popped.
+        batch = list(islice(self._pending.values(), self.max_batch))
+        self._in_flight = [m.id for m in batch]
+        self.counters.pushes += 1
+        self._outgoing.append(Push(mutations=batch))

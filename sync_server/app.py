@@ -1,0 +1,168 @@
+"""``create_app``: the Starlette application of one Tether instance.
+
+The ``Tether`` object holds what one instance owns — config, store, hub, mutation
+applier, saga runner, connections, metrics — and lives on ``app.state.tether``. Its
+lifespan opens the store (migrating it), starts the hub and the saga runner, and on
+shutdown drains: it stops accepting connections, tells connected clients to reconnect
+elsewhere (close 1012), stops the runner (releasing its leases) and closes the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route, WebSocketRoute
+
+from protocol import RateLimited, TetherError, UsageError
+from sync_server.config import ServerConfig
+from sync_server.domain import MutationApplier, WorkflowCommands
+from sync_server.http_api import error_response, routes
+from sync_server.hub import Hub
+from sync_server.metrics import Metrics
+from sync_server.ratelimit import TokenBuckets
+from sync_server.store import open_store
+from sync_server.ws import SyncConnection, sync_endpoint
+
+__all__ = ["Tether", "create_app"]
+
+log = logging.getLogger("tether.app")
+
+
+class Tether:
+    """The parts of one running instance."""
+
+    def __init__(self, config: ServerConfig, workflows: Iterable[Any]) -> None:
+        self.config = config
+        self.workflows = {workflow.name: workflow for workflow in workflows}
+        self.store = open_store(config.database_url)
+        self.hub = Hub(self.store)
+        self.metrics = Metrics()
+        self.applier = MutationApplier(self.store, self.workflows)
+        self.commands = WorkflowCommands(self.applier)
+        self.push_buckets = TokenBuckets(config.push_rate, config.push_burst)
+        self.runner: Any = None
+        self.draining = False
+        self._connections: set[SyncConnection] = set()
+
+    @property
+    def connections(self) -> int:
+        """WebSocket connections open on this instance."""
+        return len(self._connections)
+
+    def connection_opened(self, connection: SyncConnection) -> None:
+        self._connections.add(connection)
+        self.metrics.connected_clients.set(len(self._connections))
+
+    def connection_closed(self, connection: SyncConnection) -> None:
+        self._connections.discard(connection)
+        self.metrics.connected_clients.set(len(self._connections))
+
+    def metrics_slow_consumer(self) -> None:
+        self.metrics.slow_consumers.inc()
+
+    def check_rate(self, key: str) -> None:
+        """Take one push token for ``key``.
+
+        Raises:
+            RateLimited: the client pushes faster than ``push_rate``; carries retry_after.
+        """
+        wait = self.push_buckets.take(key, time.monotonic())
+        if wait > 0:
+            self.metrics.rate_limited.inc()
+            raise RateLimited(
+                f"push rate limit exceeded; retry after {wait:.2f} s", retry_after=wait
+            )
+
+    async def start(self) -> None:
+        await self.store.open()
+        await self.hub.start()
+        if self.workflows and self.config.run_sagas:
+            from sync_server.saga.runner import SagaRunner
+
+            self.runner = SagaRunner(
+                self.store,
+                list(self.workflows.values()),
+                instance_id=self.config.server_id,
+                lease_seconds=self.config.lease_seconds,
+                on_progress=self.hub.publish_progress,
+            )
+            await self.runner.start()
+
+    async def stop(self) -> None:
+        self.draining = True
+        for connection in list(self._connections):
+            connection.close(1012, "server restarting; reconnect")
+        if self.runner is not None:
+            await self.runner.stop()
+        await self.hub.stop()
+        await self.store.close()
+
+
+def create_app(
+    database_url: str | None = None,
+    *,
+    workflows: Iterable[Any] = (),
+    auth_secret: str | None = None,
+    config: ServerConfig | None = None,
+    **settings: Any,
+) -> Starlette:
+    """Build the ASGI app of one instance.
+
+    Args:
+        database_url: ``sqlite:///path`` (default ``SYNC_DATABASE_URL`` or
+            ``sqlite:///./sync.db``) or ``postgresql://…``.
+        workflows: the ``Workflow`` definitions this server runs.
+        auth_secret: HS256 token secret (default ``SYNC_AUTH_SECRET``).
+        config: a full ``ServerConfig`` (then the other settings must be omitted).
+        **settings: any other ``ServerConfig`` field.
+
+    Returns:
+        A Starlette app; serve it with uvicorn (``--ws websockets-sansio``).
+
+    Raises:
+        UsageError: no auth secret, or an unsupported database URL.
+    """
+    import os
+
+    if config is None:
+        url = database_url or os.environ.get("SYNC_DATABASE_URL") or "sqlite:///./sync.db"
+        config = ServerConfig(database_url=url, auth_secret=auth_secret or "", **settings)
+    elif database_url or auth_secret or settings:
+        raise UsageError("pass either config= or individual settings, not both")
+    tether = Tether(config, workflows)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await tether.start()
+        try:
+            yield
+        finally:
+            await tether.stop()
+
+    async def metrics(request: Request) -> Response:
+        return Response(tether.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def tether_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, TetherError)
+        if exc.http_status >= 500:
+            log.warning("%s %s failed: %s", request.method, request.url.path, exc)
+        return error_response(exc)
+
+    app = Starlette(
+        routes=[
+            WebSocketRoute("/v1/sync", sync_endpoint),
+            *routes,
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+        exception_handlers={TetherError: tether_error},
+    )
+    app.state.tether = tether
+    return app

@@ -1,0 +1,71 @@
+"""Server settings, with defaults that are safe to deploy (LESSONS: unsafe defaults)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+from protocol import MAX_FRAME_BYTES, UsageError
+
+__all__ = ["DEFAULT_DATABASE_URL", "ServerConfig"]
+
+DEFAULT_DATABASE_URL = "sqlite:///./sync.db"
+
+
+def _default_server_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """Everything an instance can be tuned by.
+
+    Attributes:
+        database_url: ``sqlite:///path`` or ``postgresql://…`` (env ``SYNC_DATABASE_URL``).
+        auth_secret: HS256 secret for tokens (env ``SYNC_AUTH_SECRET``); required.
+        server_id: this instance's name (lease owner, Welcome).
+        max_frame_bytes: largest accepted WebSocket frame / HTTP body (4413 / 413 above).
+        page_size: events per catch-up page.
+        send_queue_limit: frames queued per connection before it is cut off (1013).
+        max_connections: WebSocket connections per instance (1013 when full).
+        hello_timeout: seconds a new connection may take to say Hello (4400 after).
+        allowed_origins: browser Origins allowed on the WebSocket; None allows any.
+        push_rate: pushes per second per client (token bucket refill).
+        push_burst: pushes a client may make in a burst.
+        lease_seconds: saga lease timeout (another instance resumes after it).
+        alert_webhook: URL that receives alerts as JSON, if set.
+        run_sagas: run workflows on this instance (False: a sync-only instance that
+            accepts and serves workflows while other instances execute them).
+    """
+
+    database_url: str = DEFAULT_DATABASE_URL
+    auth_secret: str = ""
+    server_id: str = field(default_factory=_default_server_id)
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    page_size: int = 500
+    send_queue_limit: int = 1000
+    max_connections: int = 10_000
+    hello_timeout: float = 10.0
+    allowed_origins: frozenset[str] | None = None
+    push_rate: float = 200.0
+    push_burst: float = 400.0
+    lease_seconds: float = 10.0
+    alert_webhook: str | None = None
+    run_sagas: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.auth_secret:
+            self.auth_secret = os.environ.get("SYNC_AUTH_SECRET", "")
+        if not self.auth_secret:
+            raise UsageError(
+                "no auth secret: set SYNC_AUTH_SECRET (or pass auth_secret=) so tokens can "
+                "be verified"
+            )
+        if len(self.auth_secret.encode()) < 32:
+            raise UsageError("the auth secret must be at least 32 bytes (RFC 7518 for HS256)")
+
+    def origin_allowed(self, origin: str) -> bool:
+        """Whether a browser ``Origin`` may open a WebSocket."""
+        return self.allowed_origins is None or origin in self.allowed_origins

@@ -1,0 +1,312 @@
+"""Apply pushed mutations exactly once (SPEC promises 1, 6 and 7).
+
+One push batch is one transaction: the client's row is locked, every mutation is
+checked against the last applied id, applied or rejected, and its outcome and the new
+last id are recorded together with the effects. A resent mutation (id <= last) is
+answered ``duplicate`` with the error of its original outcome; a mutation whose id
+skips ahead is refused with a ``conflict:`` reason and nothing after the gap is applied
+or recorded. A mutation that fails validation is ``rejected``: it changes nothing but
+is recorded, so the client can roll its optimistic change back and never resend it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
+
+from protocol import (
+    CancelWorkflowArgs,
+    Conflict,
+    Forbidden,
+    Mutation,
+    MutationResult,
+    MutationStatus,
+    NotFound,
+    ReportStateArgs,
+    RetryWorkflowArgs,
+    Role,
+    Source,
+    StorageError,
+    SubmitWorkflowArgs,
+    TetherError,
+    ValidationError,
+    parse_mutation_args,
+)
+from sync_server.auth import Principal
+from sync_server.saga import intake
+from sync_server.store.base import Store, Transaction, WorkflowRecord
+
+__all__ = ["MAX_INPUT_BYTES", "MutationApplier", "WorkflowCommands"]
+
+MAX_INPUT_BYTES = 64 * 1024
+"""Largest encoded workflow input accepted."""
+
+ReportHandler = Callable[[Transaction, WorkflowRecord, ReportStateArgs, float], Any]
+
+
+class MutationApplier:
+    """Applies batches of mutations for one server.
+
+    Args:
+        store: the event store.
+        workflows: definitions by name (an unknown name is rejected).
+        on_report: applies a ``report_state`` inside the transaction (reconciliation);
+            awaited if it returns an awaitable.
+        clock: wall clock, injectable for tests.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        workflows: Mapping[str, Any],
+        *,
+        on_report: ReportHandler | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.workflows = workflows
+        self.on_report = on_report
+        self.clock = clock
+
+    async def push(
+        self, principal: Principal, client_id: str, mutations: list[Mutation]
+    ) -> list[MutationResult]:
+        """Apply a batch in one transaction and return one result per mutation.
+
+        Raises:
+            Forbidden: the client id belongs to another tenant, or the role may not push.
+            StorageError: the database failed; nothing was applied.
+        """
+        principal.require(Role.CLIENT, Role.ADMIN)
+        now = self.clock()
+
+        async def unit(tx: Transaction) -> list[MutationResult]:
+            last = await tx.lock_client(principal.tenant, client_id)
+            resent = [m.id for m in mutations if m.id <= last]
+            originals = await tx.mutation_results(client_id, resent) if resent else {}
+            results: list[MutationResult] = []
+            recorded: list[tuple[int, str, str | None]] = []
+            expected = last + 1
+            for mutation in mutations:
+                if mutation.id <= last:
+                    original = originals.get(mutation.id)
+                    error = original[1] if original else None
+                    results.append(MutationResult(mutation.id, MutationStatus.DUPLICATE, error))
+                    continue
+                if mutation.id != expected:
+                    results.append(
+                        MutationResult(
+                            mutation.id,
+                            MutationStatus.REJECTED,
+                            f"conflict: mutation id {mutation.id} skips ahead of the last "
+                            f"applied id {expected - 1}; nothing after the gap was applied",
+                        )
+                    )
+                    continue
+                try:
+                    await self._apply(tx, principal, client_id, mutation, now)
+                except (StorageError, AssertionError):
+                    raise
+                except TetherError as exc:
+                    status, error = MutationStatus.REJECTED, exc.message
+                else:
+                    status, error = MutationStatus.APPLIED, None
+                results.append(MutationResult(mutation.id, status, error))
+                recorded.append((mutation.id, status.value, error))
+                expected += 1
+            if recorded:
+                await tx.record_mutations(client_id, recorded, expected - 1, now)
+            return results
+
+        return await self.store.run(unit)
+
+    async def _apply(
+        self, tx: Transaction, principal: Principal, client_id: str, mutation: Mutation, now: float
+    ) -> None:
+        args = parse_mutation_args(mutation)
+        if isinstance(args, SubmitWorkflowArgs):
+            await self._submit(tx, principal, client_id, args, now)
+            return
+        record = await tx.get_workflow(args.workflow_id, lock=True)
+        if record is None or record.tenant != principal.tenant:
+            # Another tenant's workflow is reported as missing: existence does not leak.
+            raise NotFound(f"no workflow {args.workflow_id}")
+        if isinstance(args, CancelWorkflowArgs):
+            intake.request_cancel(tx, record, now, client_id)
+        elif isinstance(args, RetryWorkflowArgs):
+            intake.request_retry(tx, record, now, client_id)
+        else:
+            await self.report(tx, principal, record, args, now, client_id=client_id)
+            return
+        await tx.update_workflow(record)
+
+    async def _submit(
+        self,
+        tx: Transaction,
+        principal: Principal,
+        client_id: str,
+        args: SubmitWorkflowArgs,
+        now: float,
+    ) -> None:
+        definition = self.workflows.get(args.name)
+        if definition is None:
+            raise ValidationError(f"unknown workflow {args.name!r}")
+        if len(msgspec.json.encode(args.input)) > MAX_INPUT_BYTES:
+            raise ValidationError(f"workflow input is larger than {MAX_INPUT_BYTES} bytes")
+        existing = await tx.get_workflow(args.workflow_id, lock=True)
+        if existing is not None:
+            if existing.tenant == principal.tenant and existing.name == args.name:
+                return  # idempotent: the same workflow submitted again
+            raise ValidationError(f"workflow id {args.workflow_id} is already in use")
+        record = WorkflowRecord(
+            id=args.workflow_id,
+            tenant=principal.tenant,
+            name=args.name,
+            status="running",
+            input=args.input,
+            created_at=now,
+            updated_at=now,
+            created_by=client_id,
+        )
+        intake.start_workflow(tx, record, definition, now, client_id)
+        if not await tx.insert_workflow(record):
+            raise ValidationError(f"workflow id {args.workflow_id} is already in use")
+
+    async def report(
+        self,
+        tx: Transaction,
+        principal: Principal,
+        record: WorkflowRecord,
+        args: ReportStateArgs,
+        now: float,
+        *,
+        client_id: str | None = None,
+    ) -> None:
+        """Apply a source's state report to ``record`` inside ``tx``.
+
+        Raises:
+            Forbidden: a client token reporting for a source other than ``mini-app``.
+        """
+        if principal.role is Role.CLIENT and args.source is not Source.MINI_APP:
+            raise Forbidden(f"a client may only report as {Source.MINI_APP.value}")
+        if self.on_report is not None:
+            outcome = self.on_report(tx, record, args, now)
+            if hasattr(outcome, "__await__"):
+                await outcome
+            return
+        from protocol import events
+        from sync_server.snapshots import append_event
+
+        append_event(
+            tx,
+            record,
+            events.WORKFLOW_REPORTED,
+            now,
+            source=args.source.value,
+            status=args.status.value,
+            at=args.at,
+            detail=args.detail,
+            client_id=client_id,
+        )
+        await tx.update_workflow(record)
+
+
+class WorkflowCommands:
+    """Commands that arrive over HTTP rather than through a client's mutation queue.
+
+    Args:
+        applier: shares the store, the definitions and the report handler.
+    """
+
+    def __init__(self, applier: MutationApplier) -> None:
+        self.applier = applier
+
+    async def _on_workflow(
+        self,
+        principal: Principal,
+        workflow_id: str,
+        action: Callable[[Transaction, WorkflowRecord, float], Any],
+    ) -> WorkflowRecord:
+        now = self.applier.clock()
+
+        async def unit(tx: Transaction) -> WorkflowRecord:
+            record = await tx.get_workflow(workflow_id, lock=True)
+            if record is None or (
+                record.tenant != principal.tenant and principal.role is not Role.ADMIN
+            ):
+                raise NotFound(f"no workflow {workflow_id}")
+            outcome = action(tx, record, now)
+            if hasattr(outcome, "__await__"):
+                await outcome
+            await tx.update_workflow(record)
+            return record
+
+        return await self.applier.store.run(unit)
+
+    async def cancel(self, principal: Principal, workflow_id: str) -> WorkflowRecord:
+        """Cancel a workflow (compensating its completed steps).
+
+        Raises:
+            NotFound: no such workflow for this tenant.
+            Conflict: it has already ended.
+        """
+        subject = principal.subject
+        return await self._on_workflow(
+            principal,
+            workflow_id,
+            lambda tx, record, now: intake.request_cancel(tx, record, now, subject),
+        )
+
+    async def retry(self, principal: Principal, workflow_id: str) -> WorkflowRecord:
+        """Re-run the failed or parked steps of a workflow.
+
+        Raises:
+            NotFound: no such workflow for this tenant.
+            Conflict: nothing to retry.
+        """
+        subject = principal.subject
+        return await self._on_workflow(
+            principal,
+            workflow_id,
+            lambda tx, record, now: intake.request_retry(tx, record, now, subject),
+        )
+
+    async def report(self, principal: Principal, args: ReportStateArgs) -> WorkflowRecord:
+        """Apply a source's state report.
+
+        Raises:
+            NotFound: no such workflow for this tenant.
+        """
+        applier = self.applier
+
+        async def action(tx: Transaction, record: WorkflowRecord, now: float) -> None:
+            await applier.report(tx, principal, record, args, now)
+
+        return await self._on_workflow(principal, args.workflow_id, action)
+
+    async def requeue(self, principal: Principal, entry_id: int) -> WorkflowRecord:
+        """Requeue a dead letter: its workflow re-runs the dead-lettered work.
+
+        Raises:
+            NotFound: no such open dead letter for this tenant.
+        """
+        now = self.applier.clock()
+
+        async def unit(tx: Transaction) -> WorkflowRecord:
+            entry = await tx.get_dlq(entry_id, lock=True)
+            if entry is None or (entry.tenant != principal.tenant and principal.tenant != "*"):
+                raise NotFound(f"no dead letter {entry_id}")
+            if entry.status != "open":
+                raise Conflict(f"dead letter {entry_id} is {entry.status}, not open")
+            record = await tx.get_workflow(entry.workflow_id, lock=True)
+            if record is None:
+                raise NotFound(f"no workflow {entry.workflow_id}")
+            intake.requeue_dlq(tx, entry, record, now)
+            await tx.update_dlq(entry)
+            await tx.update_workflow(record)
+            return record
+
+        return await self.applier.store.run(unit)

@@ -1,0 +1,226 @@
+"""HTTP routes: the push/pull fallback, workflow reads and commands, reports, DLQ, health.
+
+Every route authenticates with a bearer token and scopes reads to the token's tenant;
+another tenant's workflow answers 404, exactly like a missing one. Errors are JSON
+``{"error": {"code", "message", "retryable"}}`` with the status of ``ERROR_TABLE``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from protocol import (
+    MAX_EVENTS_PAGE,
+    BadMessage,
+    MessageTooLarge,
+    NotFound,
+    PullResponse,
+    PushRequest,
+    PushResponse,
+    RateLimited,
+    ReportStateArgs,
+    Role,
+    StorageError,
+    TetherError,
+    Unavailable,
+    WorkflowStatus,
+    decode_json,
+    encode_json,
+)
+from sync_server.auth import Principal, bearer_token, verify_token
+from sync_server.snapshots import snapshot
+
+if TYPE_CHECKING:
+    from sync_server.app import Tether
+
+__all__ = ["error_response", "routes"]
+
+
+def error_response(exc: TetherError) -> Response:
+    """The JSON answer for an error."""
+    body = {"error": {"code": exc.code.value, "message": exc.message, "retryable": exc.retryable}}
+    headers = {}
+    if isinstance(exc, RateLimited):
+        headers["Retry-After"] = f"{max(1, round(exc.retry_after))}"
+    return Response(
+        encode_json(body),
+        status_code=exc.http_status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def _json(value: Any, status: int = 200) -> Response:
+    return Response(encode_json(value), status_code=status, media_type="application/json")
+
+
+def _tether(request: Request) -> Tether:
+    tether: Tether = request.app.state.tether
+    return tether
+
+
+def _principal(request: Request, *roles: Role) -> Principal:
+    tether = _tether(request)
+    principal = verify_token(
+        tether.config.auth_secret, bearer_token(request.headers.get("authorization"))
+    )
+    if roles:
+        principal.require(*roles)
+    return principal
+
+
+async def _body(request: Request) -> bytes:
+    limit = _tether(request).config.max_frame_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise MessageTooLarge(f"body of {declared} bytes exceeds the limit of {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise MessageTooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise BadMessage(f"query parameter {name} must be an integer") from exc
+    if not low <= value <= high:
+        raise BadMessage(f"query parameter {name} must be within {low}..{high}")
+    return value
+
+
+async def push(request: Request) -> Response:
+    """``POST /v1/push``: body ``{client_id, mutations}`` → ``{results}``."""
+    principal = _principal(request, Role.CLIENT, Role.ADMIN)
+    body = decode_json(await _body(request), PushRequest)
+    tether = _tether(request)
+    tether.check_rate(body.client_id)
+    results = await tether.applier.push(principal, body.client_id, body.mutations)
+    return _json(PushResponse(results=results))
+
+
+async def pull(request: Request) -> Response:
+    """``GET /v1/pull?cursor=&limit=`` → ``{events, cursor, has_more}``."""
+    principal = _principal(request)
+    cursor = _int_param(request, "cursor", 0, 0, 2**63 - 1)
+    limit = _int_param(request, "limit", 500, 1, MAX_EVENTS_PAGE)
+    rows = await _tether(request).store.read_events(cursor, limit + 1, tenant=principal.tenant)
+    page = [row.to_wire() for row in rows[:limit]]
+    return _json(
+        PullResponse(
+            events=page, cursor=page[-1].seq if page else cursor, has_more=len(rows) > limit
+        )
+    )
+
+
+async def get_workflow(request: Request) -> Response:
+    """``GET /v1/workflows/{id}`` → the workflow's snapshot."""
+    principal = _principal(request)
+    record = await _tether(request).store.get_workflow(request.path_params["id"])
+    if record is None or (record.tenant != principal.tenant and principal.role is not Role.ADMIN):
+        raise NotFound(f"no workflow {request.path_params['id']}")
+    return _json(snapshot(record))
+
+
+async def list_workflows(request: Request) -> Response:
+    """``GET /v1/workflows?status=…&limit=`` → ``{"workflows": [snapshots]}``."""
+    principal = _principal(request)
+    statuses = request.query_params.getlist("status") or None
+    if statuses:
+        for status in statuses:
+            if status not in WorkflowStatus.__members__.values():
+                raise BadMessage(f"unknown status {status!r}")
+    limit = _int_param(request, "limit", 1000, 1, 10_000)
+    records = await _tether(request).store.list_workflows(
+        tenant=principal.tenant, statuses=statuses, limit=limit
+    )
+    return _json({"workflows": [snapshot(record) for record in records]})
+
+
+async def cancel_workflow(request: Request) -> Response:
+    """``POST /v1/workflows/{id}/cancel``."""
+    principal = _principal(request, Role.CLIENT, Role.ADMIN)
+    record = await _tether(request).commands.cancel(principal, request.path_params["id"])
+    return _json(snapshot(record), 202)
+
+
+async def retry_workflow(request: Request) -> Response:
+    """``POST /v1/workflows/{id}/retry``: re-run only the failed or parked steps."""
+    principal = _principal(request, Role.CLIENT, Role.ADMIN)
+    record = await _tether(request).commands.retry(principal, request.path_params["id"])
+    return _json(snapshot(record), 202)
+
+
+async def report(request: Request) -> Response:
+    """``POST /v1/reports``: a source's state report (role ``source`` or ``admin``)."""
+    principal = _principal(request, Role.SOURCE, Role.ADMIN)
+    args = decode_json(await _body(request), ReportStateArgs)
+    record = await _tether(request).commands.report(principal, args)
+    return _json(snapshot(record), 202)
+
+
+async def list_dlq(request: Request) -> Response:
+    """``GET /v1/dlq?status=open`` (admin)."""
+    principal = _principal(request, Role.ADMIN)
+    status = request.query_params.get("status", "open")
+    entries = await _tether(request).store.list_dlq(
+        tenant=principal.tenant if principal.tenant != "*" else None,
+        status=None if status == "all" else status,
+    )
+    return _json({"entries": [dataclasses.asdict(entry) for entry in entries]})
+
+
+async def requeue_dlq(request: Request) -> Response:
+    """``POST /v1/dlq/{id}/requeue`` (admin): re-run the dead-lettered work."""
+    principal = _principal(request, Role.ADMIN)
+    try:
+        entry_id = int(request.path_params["id"])
+    except ValueError as exc:
+        raise NotFound(f"no dead letter {request.path_params['id']}") from exc
+    record = await _tether(request).commands.requeue(principal, entry_id)
+    return _json(snapshot(record), 202)
+
+
+async def healthz(request: Request) -> Response:
+    """Liveness: the process answers."""
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Readiness: the store answers and the instance is not draining."""
+    tether = _tether(request)
+    if tether.draining:
+        return error_response(Unavailable("draining"))
+    try:
+        head = await tether.store.head()
+    except StorageError as exc:
+        return error_response(Unavailable(f"storage unavailable: {exc.message}"))
+    return JSONResponse({"status": "ready", "head": head, "server_id": tether.config.server_id})
+
+
+routes = [
+    Route("/v1/push", push, methods=["POST"]),
+    Route("/v1/pull", pull, methods=["GET"]),
+    Route("/v1/workflows", list_workflows, methods=["GET"]),
+    Route("/v1/workflows/{id}", get_workflow, methods=["GET"]),
+    Route("/v1/workflows/{id}/cancel", cancel_workflow, methods=["POST"]),
+    Route("/v1/workflows/{id}/retry", retry_workflow, methods=["POST"]),
+    Route("/v1/reports", report, methods=["POST"]),
+    Route("/v1/dlq", list_dlq, methods=["GET"]),
+    Route("/v1/dlq/{id}/requeue", requeue_dlq, methods=["POST"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+]

@@ -1,0 +1,402 @@
+"""Apply saga inputs to stored workflows inside one transaction (the runner's writes).
+
+Theory of operation
+-------------------
+The runner never writes a workflow row directly. It hands ``Checkpointer`` the inputs
+that arrived for a workflow (claimed, step outcomes, progress, timer ticks); inside the
+caller's transaction the checkpointer
+
+1. re-reads the row with its lock and checks ``lease_owner`` and ``fence`` — a stale
+   owner's outcome is *refused* (LESSONS: leases need fencing);
+2. runs the pure ``SagaMachine`` on the row's state, checking shared circuit breakers
+   for the steps about to start;
+3. writes what the machine decided — events (each with the snapshot after it), dead
+   letters, breaker records, the completion notice in the outbox, the row itself with
+   its new ``due_at`` — and keeps the lease while attempts run, releasing it otherwise.
+
+One transaction can hold the checkpoints of many workflows (group commit), so the
+function is careful to compute before it writes: a bug in one workflow's machine skips
+that workflow and never leaves half its writes in the shared transaction. ``Store.run``
+may retry the whole function on a deadlock, so it keeps no state between calls except
+the breaker cache it creates per call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol import events
+from sync_server.saga import breaker as breakers
+from sync_server.saga.backoff import DelayPolicy
+from sync_server.saga.definitions import Workflow
+from sync_server.saga.intake import WORK_CHANNEL
+from sync_server.saga.machine import (
+    Alert,
+    DeadLetter,
+    EmitEvent,
+    RunCompensation,
+    RunStep,
+    SagaMachine,
+)
+from sync_server.snapshots import append_event, snapshot_data
+from sync_server.store.base import BreakerRecord, DlqEntry, Transaction, WorkflowRecord
+
+__all__ = ["Applied", "Checkpointer", "Input"]
+
+log = logging.getLogger("tether.saga")
+JSON = Any
+UNKNOWN_DEFINITION_DELAY = 5.0
+"""Seconds an instance that lacks a workflow's definition leaves it for others."""
+
+
+@dataclass(slots=True)
+class Input:
+    """One thing that happened to a workflow, waiting for its checkpoint.
+
+    ``kind`` is ``step`` / ``comp`` (an attempt's outcome), ``progress`` or ``tick``.
+    """
+
+    kind: str
+    workflow_id: str
+    fence: int
+    step: str = ""
+    attempt: int = 0
+    ok: bool = False
+    result: JSON = None
+    error: str | None = None
+    permanent: bool = False
+    timed_out: bool = False
+    fraction: float = 0.0
+    message: str | None = None
+    breaker: str | None = None
+
+
+@dataclass(slots=True)
+class Applied:
+    """What a checkpoint decided, for the runner to act on after COMMIT."""
+
+    workflow_id: str
+    record: WorkflowRecord | None
+    refused: bool = False
+    failed: bool = False
+    held: bool = False
+    commands: list[RunStep | RunCompensation] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+
+
+class _BreakerCache:
+    """Breaker rows read (and changed) in one transaction, written back once at the end."""
+
+    def __init__(self, tx: Transaction) -> None:
+        self.tx = tx
+        self.records: dict[str, BreakerRecord] = {}
+        self.dirty: set[str] = set()
+
+    async def get(self, name: str) -> BreakerRecord:
+        record = self.records.get(name)
+        if record is None:
+            record = await self.tx.get_breaker(name, lock=True) or BreakerRecord(name=name)
+            self.records[name] = record
+        return record
+
+    def put(self, record: BreakerRecord) -> None:
+        self.records[record.name] = record
+        self.dirty.add(record.name)
+
+    async def flush(self) -> None:
+        for name in sorted(self.dirty):
+            await self.tx.put_breaker(self.records[name])
+
+
+class Checkpointer:
+    """Runs the machine for stored workflows inside the caller's transaction.
+
+    Args:
+        workflows: definitions by name.
+        owner: this instance's lease owner id.
+        lease_seconds: lease length; every checkpoint that keeps the lease extends it.
+        delay: the backoff policy fed to the machine.
+        breaker_policy: the ``BreakerPolicy`` of a breaker name.
+        completion_webhook: outbox destination for a notice when a workflow ends.
+        on_breaker_change: called (name, new state) after a breaker changes state.
+    """
+
+    def __init__(
+        self,
+        workflows: Mapping[str, Workflow],
+        owner: str,
+        lease_seconds: float,
+        delay: DelayPolicy,
+        breaker_policy: Callable[[str], breakers.BreakerPolicy],
+        completion_webhook: str | None = None,
+    ) -> None:
+        self.workflows = workflows
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+        self.delay = delay
+        self.breaker_policy = breaker_policy
+        self.completion_webhook = completion_webhook
+        self.breaker_changes: list[tuple[str, str]] = []
+
+    async def claim(self, tx: Transaction, now: float, limit: int) -> list[Applied]:
+        """Claim due workflows and start their ready steps, in ``tx``.
+
+        Raises:
+            NotImplementedError: the backend has no in-transaction claim.
+        """
+        records = await tx.claim_due_workflows(self.owner, now, self.lease_seconds, limit)
+        cache = _BreakerCache(tx)
+        out = [await self.process(tx, record, [], now, cache, claimed=True) for record in records]
+        await cache.flush()
+        return out
+
+    async def start_claimed(
+        self, tx: Transaction, claimed: list[tuple[str, int]], now: float
+    ) -> list[Applied]:
+        """Start the ready steps of workflows already claimed (id, fence), in ``tx``."""
+        return await self.checkpoint(
+            tx, {wid: (fence, []) for wid, fence in claimed}, now, claimed=True
+        )
+
+    async def checkpoint(
+        self,
+        tx: Transaction,
+        batch: Mapping[str, tuple[int, list[Input]]],
+        now: float,
+        *,
+        claimed: bool = False,
+    ) -> list[Applied]:
+        """Record inputs of many workflows (id -> (fence, inputs)), in ``tx``.
+
+        Each row is read with its lock (ids in sorted order, so two instances never
+        deadlock on each other) and fenced: if its owner or fence differs, the inputs
+        are refused.
+        """
+        ids = sorted(batch)
+        records = await tx.get_workflows(ids, lock=True)
+        cache = _BreakerCache(tx)
+        out: list[Applied] = []
+        for wid in ids:
+            fence, inputs = batch[wid]
+            record = records.get(wid)
+            if record is None or record.lease_owner != self.owner or record.fence != fence:
+                out.append(Applied(wid, record, refused=True))
+                continue
+            out.append(await self.process(tx, record, inputs, now, cache, claimed=claimed))
+        await cache.flush()
+        return out
+
+    async def process(
+        self,
+        tx: Transaction,
+        record: WorkflowRecord,
+        inputs: list[Input],
+        now: float,
+        cache: _BreakerCache,
+        *,
+        claimed: bool = False,
+    ) -> Applied:
+        """Feed ``inputs`` to the machine for ``record`` and write the outcome to ``tx``."""
+        definition = self.workflows.get(record.name)
+        if definition is None:
+            log.warning("no definition for workflow %s (%s); leaving it", record.id, record.name)
+            record.lease_owner = None
+            record.lease_until = None
+            record.due_at = now + UNKNOWN_DEFINITION_DELAY
+            await tx.update_workflow(record)
+            return Applied(record.id, record)
+        state = _copy_state(record.state)
+        retry_requested = claimed and bool((state.get("requests") or {}).get("retry"))
+        machine = SagaMachine(
+            definition,
+            record.id,
+            record.status,
+            state,
+            progress=record.progress,
+            result=record.result,
+            error=record.error,
+            delay=self.delay,
+        )
+        try:
+            # Compute everything first: nothing is written for a workflow that fails here.
+            if claimed:
+                machine.receive_claim(now)
+            breaker_outcomes = self._feed(machine, inputs, now)
+            pending_breakers = await self._gate(machine, definition, cache, breaker_outcomes, now)
+            machine.advance(now)
+            effects = machine.effects_to_apply()
+        except Exception:
+            log.exception("saga machine failed on workflow %s; leaving it", record.id)
+            return Applied(record.id, record, failed=True)
+        for record_ in pending_breakers:
+            cache.put(record_)
+        record.status = machine.status.value
+        record.state = machine.state
+        record.progress = machine.progress
+        record.result = machine.result
+        record.error = machine.error
+        record.due_at = machine.due_at
+        applied = Applied(record.id, record)
+        if retry_requested:
+            await _resolve_dead_letters(tx, record, now)
+        entry_id: int | None = None
+        for effect in effects:
+            if isinstance(effect, EmitEvent):
+                append_event(tx, record, effect.type, now, **effect.fields)
+            elif isinstance(effect, RunStep | RunCompensation):
+                applied.commands.append(effect)
+            elif isinstance(effect, DeadLetter):
+                entry_id = await self._dead_letter(tx, record, effect, now)
+            else:
+                details = dict(effect.details)
+                if entry_id is not None:
+                    details["dlq_entry"] = entry_id
+                applied.alerts.append(Alert(effect.kind, effect.message, details))
+        if machine.running():
+            applied.held = True
+            record.lease_owner = self.owner
+            record.lease_until = now + self.lease_seconds
+        else:
+            record.lease_owner = None
+            record.lease_until = None
+            if record.due_at is not None:
+                tx.notify(WORK_CHANNEL, f"due:{record.due_at}")
+        if machine.status.terminal and self.completion_webhook:
+            await tx.enqueue_outbox(
+                self.completion_webhook,
+                {"type": "workflow.finished", "workflow": snapshot_data(record)},
+                event_seq=None,
+                max_retries=8,
+                at=now,
+            )
+        await tx.update_workflow(record)
+        return applied
+
+    def _feed(
+        self, machine: SagaMachine, inputs: list[Input], now: float
+    ) -> list[tuple[str, bool]]:
+        """Feed inputs in order; returns (breaker, succeeded) for guarded outcomes."""
+        outcomes: list[tuple[str, bool]] = []
+        for item in inputs:
+            if item.kind == "step":
+                if item.ok:
+                    accepted = machine.receive_step_succeeded(
+                        item.step, item.attempt, item.result, now
+                    )
+                else:
+                    accepted = machine.receive_step_failed(
+                        item.step,
+                        item.attempt,
+                        item.error or "failed",
+                        now,
+                        permanent=item.permanent,
+                        timed_out=item.timed_out,
+                    )
+                # A permanent error is the step's verdict, not the downstream's health.
+                if accepted and item.breaker and not item.permanent:
+                    outcomes.append((item.breaker, item.ok))
+            elif item.kind == "comp":
+                if item.ok:
+                    machine.receive_compensation_succeeded(item.step, item.attempt, now)
+                else:
+                    machine.receive_compensation_failed(
+                        item.step, item.attempt, item.error or "failed", now
+                    )
+            elif item.kind == "progress":
+                machine.receive_progress(item.step, item.attempt, item.fraction, item.message, now)
+        return outcomes
+
+    async def _gate(
+        self,
+        machine: SagaMachine,
+        definition: Workflow,
+        cache: _BreakerCache,
+        outcomes: list[tuple[str, bool]],
+        now: float,
+    ) -> list[BreakerRecord]:
+        """Record guarded outcomes on their breakers, then defer steps an open one blocks.
+
+        Returns the changed breaker records (written only if the machine succeeds).
+        """
+        changed: dict[str, BreakerRecord] = {}
+        for name, ok in outcomes:
+            current = changed.get(name) or await cache.get(name)
+            if ok:
+                new, moved = breakers.record_success(current, now)
+            else:
+                new, moved = breakers.record_failure(current, self.breaker_policy(name), now)
+            if new is not current:
+                changed[name] = new
+            if moved:
+                self.breaker_changes.append((name, new.state))
+        for step in machine.ready_steps(now):
+            name = definition.steps[step].breaker
+            if name is None:
+                continue
+            current = changed.get(name) or await cache.get(name)
+            decision = breakers.allow(
+                current, self.breaker_policy(name), now, f"{self.owner}/{machine.workflow_id}"
+            )
+            if decision.changed:
+                changed[name] = decision.record
+                self.breaker_changes.append((name, decision.record.state))
+            if not decision.allowed:
+                assert decision.retry_at is not None
+                machine.receive_breaker_open(step, decision.retry_at, name, now)
+        return list(changed.values())
+
+    async def _dead_letter(
+        self, tx: Transaction, record: WorkflowRecord, effect: DeadLetter, now: float
+    ) -> int:
+        entry = DlqEntry(
+            id=0,
+            tenant=record.tenant,
+            workflow_id=record.id,
+            step=effect.step,
+            reason=effect.reason,
+            attempts=effect.attempts,
+            last_error=effect.last_error,
+            created_at=now,
+        )
+        entry_id = await tx.add_dlq(entry)
+        record.state.setdefault("dlq", []).append(entry_id)
+        append_event(
+            tx,
+            record,
+            events.DLQ_ADDED,
+            now,
+            entry_id=entry_id,
+            step=effect.step,
+            reason=effect.reason,
+            attempts=effect.attempts,
+            last_error=effect.last_error,
+        )
+        return entry_id
+
+
+async def _resolve_dead_letters(tx: Transaction, record: WorkflowRecord, now: float) -> None:
+    """A retry re-runs what the open dead letters of this workflow describe: close them."""
+    for entry_id in record.state.pop("dlq", None) or []:
+        entry = await tx.get_dlq(int(entry_id), lock=True)
+        if entry is not None and entry.status == "open":
+            entry.status = "resolved"
+            entry.resolved_at = now
+            await tx.update_dlq(entry)
+
+
+def _copy_state(state: JSON) -> dict[str, JSON]:
+    """A copy deep enough for the machine to mutate (steps are one level down)."""
+    if not isinstance(state, dict):
+        return {}
+    copy = dict(state)
+    steps = state.get("steps") or {}
+    copy["steps"] = {name: dict(s) for name, s in steps.items()}
+    if "requests" in state:
+        copy["requests"] = dict(state["requests"])
+    if "dlq" in state:
+        copy["dlq"] = list(state["dlq"])
+    return copy
+

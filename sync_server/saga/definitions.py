@@ -1,0 +1,337 @@
+"""What a user declares: workflows, their steps, retry policies and the step context.
+
+Theory of operation
+-------------------
+A ``Workflow`` is a named DAG of ``Step``s. It is validated once, when it is built, so a
+broken definition fails at import time rather than in the middle of a run:
+
+* step names are unique and non-empty;
+* every ``depends_on`` names a step of the same workflow, and no step depends on itself;
+* the dependency graph has no cycle (Kahn's algorithm; the error names the cycle).
+
+The definition is plain data plus the user's coroutines. The saga machine reads only the
+data (names, dependencies, attempt budgets, compensations, breaker names); the runner
+calls the coroutines with a ``StepContext``. SPEC promise 3: every attempt of a step gets
+the same ``idempotency_key`` (``"{workflow_id}:{step}"``), compensations get
+``"{workflow_id}:{step}:compensate"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import httpx
+
+from protocol import ErrorCode, TetherError, UsageError
+
+__all__ = [
+    "DefinitionError",
+    "OnFailure",
+    "PermanentError",
+    "ProgressReporter",
+    "RetryPolicy",
+    "Step",
+    "StepAction",
+    "StepContext",
+    "Workflow",
+    "load_workflows",
+]
+
+JSON = Any
+"""A user JSON payload (workflow input, step results)."""
+
+OnFailure = Literal["compensate", "park"]
+
+
+class DefinitionError(UsageError, ValueError):
+    """A workflow definition is invalid (duplicate step, unknown dependency, cycle...)."""
+
+
+class PermanentError(TetherError):
+    """Raised by a step to fail at once, without using the remaining attempts.
+
+    Args:
+        message: why the step cannot succeed; recorded as the step's error.
+    """
+
+    code = ErrorCode.INTERNAL
+
+    @property
+    def retryable(self) -> bool:
+        """Never: that is the point of a permanent error."""
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how fast a failing step is tried again.
+
+    Args:
+        max_attempts: attempts in total, the first included (>= 1).
+        base_delay: seconds before the second attempt (before jitter).
+        max_delay: cap of any delay, seconds.
+        multiplier: growth of the delay per attempt (>= 1).
+        jitter: full jitter (a uniform draw in ``[0, delay]``), as LESSONS asks.
+
+    Raises:
+        DefinitionError: a value is out of range.
+    """
+
+    max_attempts: int = 3
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+    multiplier: float = 2.0
+    jitter: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise DefinitionError(f"max_attempts must be >= 1, not {self.max_attempts}")
+        if self.base_delay < 0 or self.max_delay < 0:
+            raise DefinitionError("base_delay and max_delay must be >= 0")
+        if self.multiplier < 1:
+            raise DefinitionError(f"multiplier must be >= 1, not {self.multiplier}")
+
+
+class ProgressReporter(Protocol):
+    """Where ``StepContext.progress`` goes (the runner's coalescing publisher)."""
+
+    def __call__(self, fraction: float, message: str | None) -> None: ...
+
+
+def _ignore_progress(fraction: float, message: str | None) -> None:
+    """The reporter of a context built outside a runner."""
+
+
+@dataclass(slots=True)
+class StepContext:
+    """Everything a step action (or compensation) is given.
+
+    Attributes:
+        workflow_id: the workflow's id.
+        step: this step's name.
+        input: the workflow's input.
+        results: results of this step's dependencies (name -> result); a compensation
+            also finds its own step's result under its own name.
+        attempt: 1-based attempt number.
+        idempotency_key: the same for every attempt of this step (SPEC promise 3).
+        http: a shared ``httpx.AsyncClient``.
+        log: a logger naming the workflow and step.
+        tenant: the workflow's tenant.
+        compensating: True when this call is the step's compensation.
+    """
+
+    workflow_id: str
+    step: str
+    input: JSON
+    results: dict[str, JSON]
+    attempt: int
+    idempotency_key: str
+    http: httpx.AsyncClient
+    log: logging.Logger | logging.LoggerAdapter[logging.Logger]
+    tenant: str = ""
+    compensating: bool = False
+    reporter: ProgressReporter = field(default=_ignore_progress, repr=False)
+
+    async def progress(self, fraction: float, message: str | None = None) -> None:
+        """Report how far the step is (0..1). Live at once, durable at most every ~0.5 s.
+
+        Args:
+            fraction: done fraction, clamped to [0, 1].
+            message: an optional short human text.
+        """
+        self.reporter(min(1.0, max(0.0, float(fraction))), message)
+
+
+StepAction = Callable[[StepContext], Awaitable[JSON]]
+"""A step's action or compensation: a coroutine function taking the context."""
+
+
+class Step:
+    """One node of a workflow's DAG.
+
+    Args:
+        name: unique within the workflow.
+        action: ``async def action(ctx) -> result`` (JSON-serialisable result).
+        depends_on: names of the steps whose success this step waits for.
+        compensate: ``async def undo(ctx)``, run if the workflow compensates after this
+            step succeeded.
+        timeout: seconds per attempt; an expired attempt counts as a failed one.
+        retry: the retry policy (default ``RetryPolicy()``: 3 attempts).
+        breaker: name of the downstream's circuit breaker (shared by every step using it).
+        compensate_retry: retry policy of the compensation (default: ``retry``).
+
+    Raises:
+        DefinitionError: the name is empty, the timeout is not positive, or ``action`` is
+            not callable.
+    """
+
+    __slots__ = (
+        "action",
+        "breaker",
+        "compensate",
+        "compensate_retry",
+        "depends_on",
+        "name",
+        "retry",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        action: StepAction,
+        *,
+        depends_on: Sequence[str] = (),
+        compensate: StepAction | None = None,
+        timeout: float | None = None,
+        retry: RetryPolicy | None = None,
+        breaker: str | None = None,
+        compensate_retry: RetryPolicy | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name.strip():
+            raise DefinitionError("a step needs a non-empty name")
+        if ":" in name:
+            raise DefinitionError(f"step name {name!r} must not contain ':'")
+        if not callable(action):
+            raise DefinitionError(f"step {name!r}: action must be an async callable")
+        if compensate is not None and not callable(compensate):
+            raise DefinitionError(f"step {name!r}: compensate must be an async callable")
+        if timeout is not None and timeout <= 0:
+            raise DefinitionError(f"step {name!r}: timeout must be > 0 seconds")
+        if isinstance(depends_on, str):
+            depends_on = [depends_on]
+        self.name = name
+        self.action = action
+        self.depends_on: tuple[str, ...] = tuple(depends_on)
+        self.compensate = compensate
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self.breaker = breaker
+        self.compensate_retry = compensate_retry or self.retry
+
+    def __repr__(self) -> str:
+        return f"Step({self.name!r}, depends_on={list(self.depends_on)!r})"
+
+
+class Workflow:
+    """A named DAG of steps.
+
+    Args:
+        name: the name clients submit (``submit_workflow(name, input)``).
+        steps: the steps; order does not matter beyond ties in the run order.
+        on_failure: after a step's last attempt, ``"compensate"`` undoes the completed
+            steps in reverse dependency order; ``"park"`` keeps them and waits for
+            ``retry_workflow`` or a DLQ requeue.
+
+    Raises:
+        DefinitionError: no steps, a duplicate step name, an unknown dependency, a
+            self-dependency, a cycle, or an unknown ``on_failure``.
+    """
+
+    def __init__(
+        self, name: str, steps: Iterable[Step], *, on_failure: OnFailure = "compensate"
+    ) -> None:
+        if not isinstance(name, str) or not name.strip():
+            raise DefinitionError("a workflow needs a non-empty name")
+        if on_failure not in ("compensate", "park"):
+            raise DefinitionError(
+                f"workflow {name!r}: on_failure must be 'compensate' or 'park', "
+                f"not {on_failure!r}"
+            )
+        step_list = list(steps)
+        if not step_list:
+            raise DefinitionError(f"workflow {name!r} has no steps")
+        by_name: dict[str, Step] = {}
+        for step in step_list:
+            if not isinstance(step, Step):
+                raise DefinitionError(f"workflow {name!r}: {step!r} is not a Step")
+            if step.name in by_name:
+                raise DefinitionError(f"workflow {name!r}: duplicate step name {step.name!r}")
+            by_name[step.name] = step
+        for step in step_list:
+            for dep in step.depends_on:
+                if dep == step.name:
+                    raise DefinitionError(f"workflow {name!r}: step {dep!r} depends on itself")
+                if dep not in by_name:
+                    raise DefinitionError(
+                        f"workflow {name!r}: step {step.name!r} depends on unknown step {dep!r}"
+                    )
+        self.name = name
+        self.on_failure: OnFailure = on_failure
+        self.steps: dict[str, Step] = by_name
+        self.step_names: tuple[str, ...] = _topological_order(name, step_list)
+        dependents: dict[str, list[str]] = {s: [] for s in self.step_names}
+        for step in step_list:
+            for dep in step.depends_on:
+                dependents[dep].append(step.name)
+        self.dependents: Mapping[str, tuple[str, ...]] = {
+            s: tuple(d) for s, d in dependents.items()
+        }
+        self.leaves: tuple[str, ...] = tuple(s for s in self.step_names if not dependents[s])
+
+    def __repr__(self) -> str:
+        return f"Workflow({self.name!r}, steps={list(self.step_names)!r})"
+
+
+def _topological_order(name: str, steps: list[Step]) -> tuple[str, ...]:
+    """Kahn's algorithm, stable in declaration order; a cycle raises ``DefinitionError``."""
+    remaining = {s.name: set(s.depends_on) for s in steps}
+    order: list[str] = []
+    while remaining:
+        ready = [s.name for s in steps if s.name in remaining and not remaining[s.name]]
+        if not ready:
+            raise DefinitionError(
+                f"workflow {name!r}: dependency cycle among {_describe_cycle(remaining)}"
+            )
+        for step_name in ready:
+            order.append(step_name)
+            del remaining[step_name]
+        for deps in remaining.values():
+            deps.difference_update(ready)
+    return tuple(order)
+
+
+def _describe_cycle(remaining: dict[str, set[str]]) -> str:
+    """Walk dependencies from any blocked step until a name repeats: that is a cycle."""
+    start = min(remaining)
+    path = [start]
+    while True:
+        nxt = min(remaining[path[-1]])
+        if nxt in path:
+            cycle = [*path[path.index(nxt) :], nxt]
+            return " -> ".join(cycle)
+        path.append(nxt)
+
+
+def load_workflows(spec: str) -> list[Workflow]:
+    """Load definitions from ``"module:attr"`` (a Workflow or a list of them).
+
+    Args:
+        spec: e.g. ``"examples.image_pipeline:workflows"``.
+
+    Returns:
+        The workflows found.
+
+    Raises:
+        DefinitionError: the spec is malformed or names something that is not workflows.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise DefinitionError(f"expected 'module:attr', got {spec!r}")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise DefinitionError(f"cannot import {module_name!r}: {exc}") from exc
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError as exc:
+            raise DefinitionError(f"{module_name!r} has no attribute {attr!r}") from exc
+    items = [target] if isinstance(target, Workflow) else list(target)
+    if not items or not all(isinstance(w, Workflow) for w in items):
+        raise DefinitionError(f"{spec!r} is not a Workflow or a list of Workflows")
+    return items

@@ -1,0 +1,135 @@
+"""How client and admin requests enter the saga engine, inside the caller's transaction.
+
+Theory of operation
+-------------------
+These functions are the seam with ``sync_server.domain`` (the push transaction) and the
+admin DLQ endpoint. Each mutates ``record`` (status, state, due_at, lease) and appends
+events through ``sync_server.snapshots.append_event``; the caller writes the record
+afterwards (insert for a submit, update otherwise), so the request and its effect commit
+together (SPEC promise 1). They are synchronous and free of I/O.
+
+* ``start_workflow`` runs the machine's ``submit``: every step waiting, due at once.
+* ``request_cancel`` and ``request_retry`` (and ``requeue_dlq``) only *record* the
+  request in ``state["requests"]`` and make the workflow due now; the instance that
+  claims it next applies the request through the machine (``receive_claim``), where the
+  definition and the running attempts are known. A cancel also *revokes the lease*
+  (owner cleared, fence + 1): the instance running the workflow can then no longer write
+  an outcome (fencing), and any instance — usually at once, woken by the ``work``
+  notification — claims it and compensates.
+"""
+
+from __future__ import annotations
+
+from protocol import Conflict, StepStatus, WorkflowStatus, events
+from sync_server.saga.definitions import Workflow
+from sync_server.saga.machine import SagaMachine
+from sync_server.snapshots import append_event
+from sync_server.store.base import DlqEntry, Transaction, WorkflowRecord
+
+__all__ = ["WORK_CHANNEL", "request_cancel", "request_retry", "requeue_dlq", "start_workflow"]
+
+WORK_CHANNEL = "work"
+"""Notification channel telling runners to look for due workflows.
+
+Payloads: ``""`` (look now), ``"due:<unix time>"`` (something becomes due then),
+``"revoke:<workflow id>"`` (the lease of that workflow was taken away).
+"""
+
+
+def start_workflow(
+    tx: Transaction, record: WorkflowRecord, definition: Workflow, now: float, client_id: str
+) -> None:
+    """Initialise a new workflow's state and schedule it to run at once.
+
+    Args:
+        tx: the caller's transaction (events and the notification go there).
+        record: the new workflow row (not yet inserted).
+        definition: its ``Workflow``.
+        now: the current time.
+        client_id: who submitted it.
+    """
+    machine = SagaMachine(definition, record.id, WorkflowStatus.PENDING, {})
+    machine.receive_submit(now)
+    record.status = machine.status.value
+    record.state = machine.state
+    record.progress = 0.0
+    record.due_at = machine.due_at
+    append_event(
+        tx, record, events.WORKFLOW_SUBMITTED, now, client_id=client_id, input=record.input
+    )
+    tx.notify(WORK_CHANNEL, "")
+
+
+def request_cancel(tx: Transaction, record: WorkflowRecord, now: float, client_id: str) -> None:
+    """Ask a workflow to stop and compensate.
+
+    Raises:
+        Conflict: the workflow has already ended.
+    """
+    if WorkflowStatus(record.status).terminal:
+        raise Conflict(f"workflow {record.id} is already {record.status}")
+    record.state.setdefault("requests", {})["cancel"] = True
+    _revoke_lease(tx, record, now)
+    append_event(tx, record, events.WORKFLOW_CANCEL_REQUESTED, now, client_id=client_id)
+
+
+def request_retry(tx: Transaction, record: WorkflowRecord, now: float, client_id: str) -> None:
+    """Re-run only the failed steps of a parked workflow (or failed compensations).
+
+    Raises:
+        Conflict: nothing to retry (the workflow is neither parked nor failed).
+    """
+    steps = _retry_steps(record)
+    record.state.setdefault("requests", {})["retry"] = True
+    record.due_at = now
+    tx.notify(WORK_CHANNEL, "")
+    append_event(
+        tx, record, events.WORKFLOW_RETRY_REQUESTED, now, client_id=client_id, steps=steps
+    )
+
+
+def requeue_dlq(tx: Transaction, entry: DlqEntry, record: WorkflowRecord, now: float) -> None:
+    """Requeue a dead letter: its workflow re-runs the failed work, as a retry would.
+
+    The caller writes ``entry`` and ``record`` afterwards.
+
+    Raises:
+        Conflict: the entry is not open, or its workflow has nothing to re-run.
+    """
+    if entry.status != "open":
+        raise Conflict(f"dead letter {entry.id} is {entry.status}, not open")
+    steps = _retry_steps(record)
+    entry.status = "requeued"
+    entry.resolved_at = now
+    record.state.setdefault("requests", {})["retry"] = True
+    record.due_at = now
+    tx.notify(WORK_CHANNEL, "")
+    append_event(tx, record, events.DLQ_REQUEUED, now, entry_id=entry.id, steps=steps)
+
+
+def _retry_steps(record: WorkflowRecord) -> list[str]:
+    """The steps a retry would re-run.
+
+    Raises:
+        Conflict: the workflow is neither parked nor failed.
+    """
+    status = WorkflowStatus(record.status)
+    steps = record.state.get("steps") or {}
+    if status is WorkflowStatus.PARKED:
+        again = {StepStatus.FAILED, StepStatus.SKIPPED}
+        return [name for name, s in steps.items() if s.get("status") in again]
+    if status is WorkflowStatus.FAILED:
+        return [name for name, s in steps.items() if s.get("comp_failed")]
+    raise Conflict(
+        f"workflow {record.id} is {record.status}; only a parked or failed workflow retries"
+    )
+
+
+def _revoke_lease(tx: Transaction, record: WorkflowRecord, now: float) -> None:
+    """Take the lease away (fence + 1) so the current holder's writes are refused."""
+    holder = record.lease_owner
+    record.lease_owner = None
+    record.lease_until = None
+    record.fence += 1
+    record.due_at = now
+    tx.notify(WORK_CHANNEL, f"revoke:{record.id}" if holder else "")

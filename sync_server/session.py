@@ -1,0 +1,269 @@
+"""The server side of one sync session, as a pure state machine (Sans-I/O).
+
+Theory of operation
+-------------------
+States::
+
+    AWAITING_HELLO --Hello--> WELCOMING --client state--> CATCHING_UP <--> LIVE
+          any state --fail(error)--> CLOSED
+
+The shell (``sync_server.ws``) decodes frames and feeds them to ``receive_message``;
+it feeds store answers back with ``receive_client_state``, ``receive_page`` and
+``receive_push_results``, and live hub batches with ``receive_live``. It drains
+``commands_to_run()`` (store work) and ``messages_to_send()`` (frames) after each input,
+and closes the socket when ``close_code`` is set.
+
+Ordered, gapless delivery (SPEC promise 4): while CATCHING_UP the session pages the
+store from its cursor and ignores live batches except to remember the highest live
+``seq`` it heard of. When a page says ``has_more=False`` and nothing newer was heard,
+the session is LIVE: from then on the hub's gapless, ordered batches are forwarded,
+skipping anything at or below the cursor. If a newer ``seq`` was heard while paging, one
+more page is read first. Because the hub only announces committed events, and the store
+assigns positions in commit order, the pages plus live batches cover every event once.
+
+Flow control: at most ``window`` catch-up pages are outstanding beyond the client's
+last ``Ack``; the next page is read only when the client has acknowledged enough, so a
+100,000-event backlog never sits in memory at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    BadMessage,
+    ClientMessage,
+    Conflict,
+    Error,
+    Event,
+    Events,
+    Hello,
+    Mutation,
+    MutationResult,
+    Progress,
+    ProtocolVersionError,
+    Push,
+    PushResult,
+    ServerMessage,
+    TetherError,
+    Welcome,
+)
+
+__all__ = [
+    "ApplyPush",
+    "Command",
+    "LoadClient",
+    "ReadEvents",
+    "ServerSession",
+    "SessionState",
+]
+
+
+class SessionState(StrEnum):
+    """Where a server session stands."""
+
+    AWAITING_HELLO = "awaiting_hello"
+    WELCOMING = "welcoming"
+    CATCHING_UP = "catching_up"
+    LIVE = "live"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadClient:
+    """Look up the client's last applied mutation id and the log head."""
+
+    client_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyPush:
+    """Apply a batch of mutations exactly once."""
+
+    client_id: str
+    mutations: list[Mutation]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadEvents:
+    """Read a page of the tenant's events with ``seq > after``."""
+
+    after: int
+    limit: int
+
+
+Command = LoadClient | ApplyPush | ReadEvents
+
+
+class ServerSession:
+    """One client's sync session, without I/O.
+
+    Args:
+        server_id: identifies this instance in ``Welcome``.
+        page_size: events per catch-up page.
+        window: catch-up pages allowed beyond the client's last Ack.
+    """
+
+    def __init__(self, *, server_id: str, page_size: int = 500, window: int = 2) -> None:
+        self.server_id = server_id
+        self.page_size = page_size
+        self.window = window
+        self.state = SessionState.AWAITING_HELLO
+        self.client_id: str | None = None
+        self.cursor = 0  # highest seq sent to the client
+        self.acked = 0  # highest seq the client acknowledged
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._heard = 0  # highest live seq announced while catching up
+        self._reading = False  # a ReadEvents is outstanding
+        self._page_ends: list[int] = []  # cursors of unacknowledged catch-up pages
+        self._messages: list[ServerMessage] = []
+        self._commands: list[Command] = []
+
+    # ----------------------------------------------------------------- drains
+    def messages_to_send(self) -> list[ServerMessage]:
+        """Frames to write, in order; drains the buffer."""
+        messages, self._messages = self._messages, []
+        return messages
+
+    def commands_to_run(self) -> list[Command]:
+        """Store work to do, in order; drains the buffer."""
+        commands, self._commands = self._commands, []
+        return commands
+
+    @property
+    def closed(self) -> bool:
+        """True once the session failed or was closed."""
+        return self.state is SessionState.CLOSED
+
+    # ----------------------------------------------------------------- inputs
+    def receive_message(self, message: ClientMessage) -> None:
+        """Feed one decoded client message; protocol violations close the session."""
+        if self.closed:
+            return
+        if isinstance(message, Hello):
+            self._receive_hello(message)
+        elif self.state is SessionState.AWAITING_HELLO:
+            self.fail(BadMessage(f"expected Hello first, got {type(message).__name__}"))
+        elif isinstance(message, Push):
+            assert self.client_id is not None
+            self._commands.append(ApplyPush(self.client_id, list(message.mutations)))
+        else:
+            self._receive_ack(message)
+
+    def _receive_hello(self, hello: Hello) -> None:
+        if self.state is not SessionState.AWAITING_HELLO:
+            self.fail(BadMessage("Hello sent twice"))
+            return
+        if hello.protocol_version != PROTOCOL_VERSION:
+            self.fail(
+                ProtocolVersionError(
+                    f"protocol version {hello.protocol_version} is not supported "
+                    f"(server speaks {PROTOCOL_VERSION})"
+                )
+            )
+            return
+        self.client_id = hello.client_id
+        self.cursor = self.acked = hello.cursor
+        self.state = SessionState.WELCOMING
+        self._commands.append(LoadClient(hello.client_id))
+
+    def _receive_ack(self, ack: Ack) -> None:
+        if ack.cursor > self.cursor:
+            self.fail(BadMessage(f"Ack({ack.cursor}) is beyond the last sent cursor {self.cursor}"))
+            return
+        self.acked = max(self.acked, ack.cursor)
+        while self._page_ends and self._page_ends[0] <= self.acked:
+            self._page_ends.pop(0)
+        self._maybe_read()
+
+    def receive_client_state(self, last_mutation_id: int, head: int) -> None:
+        """The store's answer to ``LoadClient``: send Welcome and start catching up."""
+        if self.state is not SessionState.WELCOMING:
+            return
+        if self.cursor > head:
+            self.fail(Conflict(f"cursor {self.cursor} is ahead of the server's head {head}"))
+            return
+        self._messages.append(
+            Welcome(
+                server_id=self.server_id,
+                protocol_version=PROTOCOL_VERSION,
+                last_mutation_id=last_mutation_id,
+                head=head,
+            )
+        )
+        self.state = SessionState.CATCHING_UP
+        self._maybe_read()
+
+    def receive_push_results(self, results: list[MutationResult]) -> None:
+        """The store's answer to ``ApplyPush``."""
+        if not self.closed:
+            self._messages.append(PushResult(results=results))
+
+    def receive_page(self, events: list[Event], has_more: bool) -> None:
+        """The store's answer to ``ReadEvents``."""
+        self._reading = False
+        if self.closed:
+            return
+        fresh = [event for event in events if event.seq > self.cursor]
+        if fresh:
+            self.cursor = fresh[-1].seq
+            self._heard = max(self._heard, self.cursor)
+        more = has_more or self._heard > self.cursor
+        if fresh or not more:
+            self._messages.append(Events(events=fresh, cursor=self.cursor, has_more=more))
+        if fresh:
+            self._page_ends.append(self.cursor)
+        if more:
+            self._maybe_read()
+        else:
+            self.state = SessionState.LIVE
+            self._page_ends.clear()
+
+    def receive_live(self, events: list[Event]) -> None:
+        """A gapless, ordered batch of the tenant's newly committed events."""
+        if self.closed or not events:
+            return
+        if self.state is not SessionState.LIVE:
+            self._heard = max(self._heard, events[-1].seq)
+            self._maybe_read()
+            return
+        fresh = [event for event in events if event.seq > self.cursor]
+        if fresh:
+            self.cursor = fresh[-1].seq
+            self._messages.append(Events(events=fresh, cursor=self.cursor, has_more=False))
+
+    def receive_progress(self, progress: Progress) -> None:
+        """Ephemeral progress: forwarded only while live (it is not part of the log)."""
+        if self.state is SessionState.LIVE:
+            self._messages.append(progress)
+
+    def fail(self, error: TetherError) -> None:
+        """Close the session with ``error`` (an Error frame, then its close code)."""
+        if self.closed:
+            return
+        self._messages.append(
+            Error(code=error.code.value, message=error.message, retryable=error.retryable)
+        )
+        self.close(error.close_code, error.message)
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Close without an Error frame (e.g. 1012 on shutdown)."""
+        if self.closed:
+            return
+        self.state = SessionState.CLOSED
+        self.close_code = code
+        self.close_reason = reason[:120]
+        self._commands.clear()
+
+    # ---------------------------------------------------------------- helpers
+    def _maybe_read(self) -> None:
+        if self.state is not SessionState.CATCHING_UP or self._reading:
+            return
+        if len(self._page_ends) >= self.window:
+            return
+        self._reading = True
+        self._commands.append(ReadEvents(after=self.cursor, limit=self.page_size))

@@ -1,0 +1,320 @@
+"""Versioned schema migrations for both backends, applied by ``Store.open()``.
+
+Theory of operation
+-------------------
+Each backend has an ordered list of ``(version, statements)``. ``schema_migrations``
+records the versions applied. ``open()`` applies the missing ones in one transaction,
+so a crash mid-migration leaves the previous version intact:
+
+* SQLite: under ``BEGIN IMMEDIATE`` (the database write lock), so two processes opening
+  one file at once apply each migration once.
+* PostgreSQL: under ``pg_advisory_xact_lock`` keyed by the schema name, taken *before*
+  ``CREATE SCHEMA IF NOT EXISTS`` (which itself races), so several server instances
+  starting together serialise here and the later ones find nothing to do.
+
+A database whose ``schema_migrations`` holds a version newer than this code knows is
+refused (``StorageError``): an older server must not write a newer schema.
+
+Evolve by appending a migration; never edit an applied one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from typing import TYPE_CHECKING
+
+from protocol import StorageError
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = [
+    "POSTGRES_MIGRATIONS",
+    "SQLITE_MIGRATIONS",
+    "migrate_postgres",
+    "migrate_sqlite",
+]
+
+Migration = tuple[int, tuple[str, ...]]
+
+SQLITE_MIGRATIONS: list[Migration] = [
+    (
+        1,
+        (
+            # INTEGER PRIMARY KEY makes seq the rowid: the B-tree key, no extra index.
+            """CREATE TABLE events (
+                seq INTEGER PRIMARY KEY,
+                tenant TEXT NOT NULL,
+                workflow_id TEXT NOT NULL,
+                wf_seq INTEGER NOT NULL,
+                type TEXT NOT NULL,
+                data TEXT NOT NULL,
+                at REAL NOT NULL,
+                UNIQUE (workflow_id, wf_seq)
+            )""",
+            "CREATE INDEX events_tenant_seq ON events (tenant, seq)",
+            """CREATE TABLE workflows (
+                id TEXT PRIMARY KEY,
+                tenant TEXT NOT NULL,
+                name TEXT NOT NULL,
+                status TEXT NOT NULL,
+                input TEXT NOT NULL,
+                state TEXT NOT NULL,
+                progress REAL NOT NULL DEFAULT 0,
+                result TEXT,
+                error TEXT,
+                version INTEGER NOT NULL DEFAULT 0,
+                created_at REAL NOT NULL,
+                updated_at REAL NOT NULL,
+                created_by TEXT,
+                due_at REAL,
+                lease_owner TEXT,
+                lease_until REAL,
+                fence INTEGER NOT NULL DEFAULT 0
+            )""",
+            "CREATE INDEX workflows_due ON workflows (due_at) WHERE due_at IS NOT NULL",
+            "CREATE INDEX workflows_tenant_status ON workflows (tenant, status)",
+            """CREATE TABLE clients (
+                client_id TEXT PRIMARY KEY,
+                tenant TEXT NOT NULL,
+                last_mutation_id INTEGER NOT NULL DEFAULT 0,
+                updated_at REAL NOT NULL
+            )""",
+            """CREATE TABLE mutation_results (
+                client_id TEXT NOT NULL,
+                mutation_id INTEGER NOT NULL,
+                status TEXT NOT NULL,
+                error TEXT,
+                at REAL NOT NULL,
+                PRIMARY KEY (client_id, mutation_id)
+            ) WITHOUT ROWID""",
+            """CREATE TABLE outbox (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                destination TEXT NOT NULL,
+                payload TEXT NOT NULL,
+                event_seq INTEGER,
+                status TEXT NOT NULL DEFAULT 'pending',
+                retry_count INTEGER NOT NULL DEFAULT 0,
+                max_retries INTEGER NOT NULL DEFAULT 8,
+                next_retry_at REAL NOT NULL,
+                published_at REAL,
+                last_error TEXT,
+                created_at REAL NOT NULL
+            )""",
+            "CREATE INDEX outbox_due ON outbox (next_retry_at) WHERE status = 'pending'",
+            """CREATE TABLE dlq (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                tenant TEXT NOT NULL,
+                workflow_id TEXT NOT NULL,
+                step TEXT,
+                reason TEXT NOT NULL,
+                attempts INTEGER NOT NULL,
+                last_error TEXT,
+                created_at REAL NOT NULL,
+                status TEXT NOT NULL DEFAULT 'open',
+                resolved_at REAL
+            )""",
+            "CREATE INDEX dlq_status ON dlq (status, id)",
+            """CREATE TABLE breakers (
+                name TEXT PRIMARY KEY,
+                state TEXT NOT NULL,
+                failures INTEGER NOT NULL DEFAULT 0,
+                opened_at REAL,
+                updated_at REAL NOT NULL,
+                probe_owner TEXT,
+                probe_until REAL
+            )""",
+        ),
+    ),
+]
+
+POSTGRES_MIGRATIONS: list[Migration] = [
+    (
+        1,
+        (
+            """CREATE TABLE events (
+                seq bigint PRIMARY KEY,
+                tenant text NOT NULL,
+                workflow_id text NOT NULL,
+                wf_seq bigint NOT NULL,
+                type text NOT NULL,
+                data text NOT NULL,
+                at double precision NOT NULL,
+                UNIQUE (workflow_id, wf_seq)
+            )""",
+            "CREATE INDEX events_tenant_seq ON events (tenant, seq)",
+            # The position lock (LESSONS: ordering in PostgreSQL): one row, updated as the
+            # last statement before COMMIT; its row lock serialises position assignment.
+            """CREATE TABLE event_head (
+                id smallint PRIMARY KEY CHECK (id = 1),
+                seq bigint NOT NULL
+            ) WITH (fillfactor = 10)""",
+            "INSERT INTO event_head (id, seq) VALUES (1, 0)",
+            """CREATE TABLE workflows (
+                id text PRIMARY KEY,
+                tenant text NOT NULL,
+                name text NOT NULL,
+                status text NOT NULL,
+                input text NOT NULL,
+                state text NOT NULL,
+                progress double precision NOT NULL DEFAULT 0,
+                result text,
+                error text,
+                version bigint NOT NULL DEFAULT 0,
+                created_at double precision NOT NULL,
+                updated_at double precision NOT NULL,
+                created_by text,
+                due_at double precision,
+                lease_owner text,
+                lease_until double precision,
+                fence bigint NOT NULL DEFAULT 0
+            )""",
+            "CREATE INDEX workflows_due ON workflows (due_at) WHERE due_at IS NOT NULL",
+            "CREATE INDEX workflows_tenant_status ON workflows (tenant, status)",
+            """CREATE TABLE clients (
+                client_id text PRIMARY KEY,
+                tenant text NOT NULL,
+                last_mutation_id bigint NOT NULL DEFAULT 0,
+                updated_at double precision NOT NULL
+            )""",
+            """CREATE TABLE mutation_results (
+                client_id text NOT NULL,
+                mutation_id bigint NOT NULL,
+                status text NOT NULL,
+                error text,
+                at double precision NOT NULL,
+                PRIMARY KEY (client_id, mutation_id)
+            )""",
+            """CREATE TABLE outbox (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                destination text NOT NULL,
+                payload text NOT NULL,
+                event_seq bigint,
+                status text NOT NULL DEFAULT 'pending',
+                retry_count integer NOT NULL DEFAULT 0,
+                max_retries integer NOT NULL DEFAULT 8,
+                next_retry_at double precision NOT NULL,
+                published_at double precision,
+                last_error text,
+                created_at double precision NOT NULL
+            )""",
+            "CREATE INDEX outbox_due ON outbox (next_retry_at) WHERE status = 'pending'",
+            """CREATE TABLE dlq (
+                id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                tenant text NOT NULL,
+                workflow_id text NOT NULL,
+                step text,
+                reason text NOT NULL,
+                attempts integer NOT NULL,
+                last_error text,
+                created_at double precision NOT NULL,
+                status text NOT NULL DEFAULT 'open',
+                resolved_at double precision
+            )""",
+            "CREATE INDEX dlq_status ON dlq (status, id)",
+            """CREATE TABLE breakers (
+                name text PRIMARY KEY,
+                state text NOT NULL,
+                failures integer NOT NULL DEFAULT 0,
+                opened_at double precision,
+                updated_at double precision NOT NULL,
+                probe_owner text,
+                probe_until double precision
+            )""",
+        ),
+    ),
+]
+
+_SQLITE_VERSIONS = """CREATE TABLE IF NOT EXISTS schema_migrations (
+    version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"""
+_PG_VERSIONS = """CREATE TABLE IF NOT EXISTS schema_migrations (
+    version integer PRIMARY KEY, applied_at double precision NOT NULL)"""
+
+
+def _check_known(applied: set[int], known: list[Migration], where: str) -> None:
+    newest = max(version for version, _ in known)
+    if applied and max(applied) > newest:
+        raise StorageError(
+            f"{where} has schema version {max(applied)}, newer than this server "
+            f"supports ({newest}); upgrade the server"
+        )
+
+
+def migrate_sqlite(conn: sqlite3.Connection, where: str = "database") -> list[int]:
+    """Apply the missing SQLite migrations in one ``BEGIN IMMEDIATE`` transaction.
+
+    Args:
+        conn: a connection in autocommit mode (``isolation_level=None``).
+        where: the database's name for error messages.
+
+    Returns:
+        The versions applied now (empty when the schema was current).
+
+    Raises:
+        StorageError: the schema is newer than this code; sqlite3 errors propagate.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(_SQLITE_VERSIONS)
+        applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+        _check_known(applied, SQLITE_MIGRATIONS, where)
+        done: list[int] = []
+        for version, statements in SQLITE_MIGRATIONS:
+            if version in applied:
+                continue
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                (version, time.time()),
+            )
+            done.append(version)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return done
+
+
+def _lock_key(schema: str) -> int:
+    digest = hashlib.blake2b(f"tether-migrate:{schema}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+async def migrate_postgres(conn: asyncpg.Connection, schema: str) -> list[int]:
+    """Create ``schema`` if needed and apply the missing PostgreSQL migrations.
+
+    Args:
+        conn: a connection; the work runs in one transaction on it.
+        schema: a validated identifier (the caller checks it).
+
+    Returns:
+        The versions applied now (empty when the schema was current).
+
+    Raises:
+        StorageError: the schema is newer than this code; asyncpg errors propagate.
+    """
+    async with conn.transaction():
+        # Serialise concurrent starters before anything else, CREATE SCHEMA included.
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _lock_key(schema))
+        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        await conn.execute(f'SET LOCAL search_path TO "{schema}"')
+        await conn.execute(_PG_VERSIONS)
+        rows = await conn.fetch("SELECT version FROM schema_migrations")
+        applied = {row[0] for row in rows}
+        _check_known(applied, POSTGRES_MIGRATIONS, f"schema {schema!r}")
+        done: list[int] = []
+        for version, statements in POSTGRES_MIGRATIONS:
+            if version in applied:
+                continue
+            for statement in statements:
+                await conn.execute(statement)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                version,
+                time.time(),
+            )
+            done.append(version)
+    return done

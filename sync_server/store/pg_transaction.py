@@ -1,0 +1,338 @@
+"""The PostgreSQL unit of work, and the error-converting query helpers it shares.
+
+Theory of operation
+-------------------
+A ``PostgresTransaction`` wraps one pool connection inside an open transaction
+(``PostgresStore.run`` owns BEGIN/COMMIT). Row reads with ``lock=True`` use
+``SELECT … FOR UPDATE`` so a read-modify-write of a workflow, client, dead letter or
+breaker is serialised across instances.
+
+Appended events stay in ``pending_events`` until ``_write_events_and_notify``, which
+``run`` calls as the very last statement before COMMIT. That single statement bumps the
+one-row ``event_head`` (taking its row lock until COMMIT), inserts every event at
+``head - n + ordinality`` from arrays (``unnest``: one round trip for any batch size)
+and queues the notifications. This is the gapless-order mechanism of SPEC promise 4.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import asyncpg
+
+from protocol import Forbidden, StorageError
+from sync_server.store import rows
+from sync_server.store.base import (
+    BreakerRecord,
+    DlqEntry,
+    StoredEvent,
+    Transaction,
+    WorkflowRecord,
+)
+
+__all__ = ["CLAIM_DUE_WORKFLOWS", "PG_ERRORS", "PgSql", "PostgresTransaction"]
+
+JSON = Any
+PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+"""What asyncpg raises when the database or the link fails."""
+
+_WF = rows.WORKFLOW_COLUMNS
+_DLQ = rows.DLQ_COLUMNS
+_BR = rows.BREAKER_COLUMNS
+
+_INSERT_WORKFLOW = (
+    f"INSERT INTO workflows ({_WF}) VALUES "
+    f"({', '.join(f'${i}' for i in range(1, 18))}) ON CONFLICT (id) DO NOTHING"
+)
+_UPDATE_WORKFLOW = (
+    "UPDATE workflows SET "
+    + ", ".join(f"{col.strip()} = ${i}" for i, col in enumerate(_WF.split(",")[1:], start=2))
+    + " WHERE id = $1"
+)
+
+# The position assignment (see the module docstring). $1 = number of events,
+# $2..$7 = event columns as arrays, $8 = the NOTIFY channel, $9 = queued payloads.
+_APPEND_EVENTS = """
+WITH head AS (
+    UPDATE event_head SET seq = seq + $1 WHERE id = 1 RETURNING seq
+), ins AS (
+    INSERT INTO events (seq, tenant, workflow_id, wf_seq, type, data, at)
+    SELECT head.seq - $1 + e.ord, e.tenant, e.workflow_id, e.wf_seq, e.type, e.data, e.at
+    FROM head, unnest($2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],
+                      $7::float8[]) WITH ORDINALITY AS e(tenant, workflow_id, wf_seq, type,
+                                                         data, at, ord)
+)
+SELECT head.seq,
+       (SELECT count(pg_notify($8, n)) FROM unnest($9::text[] || ('events:' || head.seq)) AS n)
+FROM head
+"""
+_NOTIFY = "SELECT count(pg_notify($1, n)) FROM unnest($2::text[]) AS n"
+
+# Saga claim: due rows no live owner holds, locked with SKIP LOCKED, leased (fence + 1).
+CLAIM_DUE_WORKFLOWS = (
+    "WITH due AS MATERIALIZED (SELECT id FROM workflows WHERE due_at <= $3 "
+    "AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until < $3) "
+    "ORDER BY due_at LIMIT $4 FOR UPDATE SKIP LOCKED) "
+    "UPDATE workflows AS w SET lease_owner = $1, lease_until = $2, fence = w.fence + 1 "
+    "FROM due WHERE w.id = due.id RETURNING "
+    + ", ".join(f"w.{col.strip()}" for col in _WF.split(","))
+)
+
+_RECORD_MUTATIONS = """
+WITH r AS (
+    INSERT INTO mutation_results (client_id, mutation_id, status, error, at)
+    SELECT $1, u.id, u.status, u.error, $6
+    FROM unnest($2::bigint[], $3::text[], $4::text[]) AS u(id, status, error)
+    ON CONFLICT (client_id, mutation_id)
+    DO UPDATE SET status = excluded.status, error = excluded.error, at = excluded.at
+)
+UPDATE clients SET last_mutation_id = $5, updated_at = $6 WHERE client_id = $1
+"""
+
+
+class PgSql:
+    """asyncpg calls that convert library errors where the library is called (STYLE).
+
+    Subclasses name the connection or pool to use in ``_executor``; the original
+    asyncpg error stays in ``__cause__`` so ``run`` can tell a deadlock from the rest.
+    """
+
+    def _executor(self) -> asyncpg.Connection | asyncpg.Pool:
+        raise NotImplementedError
+
+    async def _execute(self, sql: str, *args: Any) -> str:
+        try:
+            return str(await self._executor().execute(sql, *args))
+        except PG_ERRORS as exc:
+            raise StorageError(f"PostgreSQL failed: {exc}") from exc
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        try:
+            return list(await self._executor().fetch(sql, *args))
+        except PG_ERRORS as exc:
+            raise StorageError(f"PostgreSQL failed: {exc}") from exc
+
+    async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        try:
+            return await self._executor().fetchrow(sql, *args)
+        except PG_ERRORS as exc:
+            raise StorageError(f"PostgreSQL failed: {exc}") from exc
+
+    async def _fetchval(self, sql: str, *args: Any) -> Any:
+        try:
+            return await self._executor().fetchval(sql, *args)
+        except PG_ERRORS as exc:
+            raise StorageError(f"PostgreSQL failed: {exc}") from exc
+
+
+class PostgresTransaction(PgSql, Transaction):
+    """A unit of work on one pool connection inside an open transaction.
+
+    Args:
+        conn: the connection; ``PostgresStore.run`` begins and commits.
+    """
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        super().__init__()
+        self._conn = conn
+
+    def _executor(self) -> asyncpg.Connection:
+        return self._conn
+
+    async def get_workflow(self, workflow_id: str, *, lock: bool = True) -> WorkflowRecord | None:
+        """Read a workflow; with ``lock`` its row stays locked (FOR UPDATE) until commit."""
+        suffix = " FOR UPDATE" if lock else ""
+        row = await self._fetchrow(f"SELECT {_WF} FROM workflows WHERE id = $1{suffix}", workflow_id)
+        return None if row is None else rows.workflow_from_row(row)
+
+    async def get_workflows(
+        self, workflow_ids: list[str], *, lock: bool = True
+    ) -> dict[str, WorkflowRecord]:
+        """Read several workflows in one round trip, locked in id order (no deadlock)."""
+        suffix = " ORDER BY id FOR UPDATE" if lock else ""
+        found = await self._fetch(
+            f"SELECT {_WF} FROM workflows WHERE id = ANY($1::text[]){suffix}", workflow_ids
+        )
+        records = [rows.workflow_from_row(row) for row in found]
+        return {record.id: record for record in records}
+
+    async def claim_due_workflows(
+        self, owner: str, now: float, lease_seconds: float, limit: int
+    ) -> list[WorkflowRecord]:
+        """Lease up to ``limit`` due workflows no live owner holds, in this transaction."""
+        found = await self._fetch(
+            CLAIM_DUE_WORKFLOWS, owner, now + lease_seconds, now, limit
+        )
+        claimed = [rows.workflow_from_row(row) for row in found]
+        claimed.sort(key=lambda wf: (wf.due_at or 0.0, wf.id))
+        return claimed
+
+    async def insert_workflow(self, workflow: WorkflowRecord) -> bool:
+        """Insert a new workflow; False (and nothing written) if the id exists."""
+        status = await self._execute(_INSERT_WORKFLOW, *rows.workflow_params(workflow))
+        return status == "INSERT 0 1"
+
+    async def update_workflow(self, workflow: WorkflowRecord) -> None:
+        """Write every column of an existing workflow."""
+        await self._execute(_UPDATE_WORKFLOW, *rows.workflow_params(workflow))
+
+    async def lock_client(self, tenant: str, client_id: str) -> int:
+        """Create-or-lock the client's row; returns its last applied mutation id.
+
+        Raises:
+            Forbidden: the client id is registered under another tenant.
+        """
+        await self._execute(
+            "INSERT INTO clients (client_id, tenant, last_mutation_id, updated_at) "
+            "VALUES ($1, $2, 0, $3) ON CONFLICT (client_id) DO NOTHING",
+            client_id,
+            tenant,
+            time.time(),
+        )
+        row = await self._fetchrow(
+            "SELECT tenant, last_mutation_id FROM clients WHERE client_id = $1 FOR UPDATE",
+            client_id,
+        )
+        assert row is not None
+        if row[0] != tenant:
+            raise Forbidden(f"client id {client_id!r} is registered under another tenant")
+        return int(row[1])
+
+    async def mutation_results(
+        self, client_id: str, ids: list[int]
+    ) -> dict[int, tuple[str, str | None]]:
+        """Recorded outcome (status, error) of the given mutation ids that exist."""
+        if not ids:
+            return {}
+        found = await self._fetch(
+            "SELECT mutation_id, status, error FROM mutation_results "
+            "WHERE client_id = $1 AND mutation_id = ANY($2::bigint[])",
+            client_id,
+            ids,
+        )
+        return {row[0]: (row[1], row[2]) for row in found}
+
+    async def record_mutations(
+        self, client_id: str, results: list[tuple[int, str, str | None]], last_id: int, at: float
+    ) -> None:
+        """Record outcomes (id, status, error) and set the client's last applied id."""
+        await self._execute(
+            _RECORD_MUTATIONS,
+            client_id,
+            [r[0] for r in results],
+            [r[1] for r in results],
+            [r[2] for r in results],
+            last_id,
+            at,
+        )
+
+    async def enqueue_outbox(
+        self, destination: str, payload: JSON, *, event_seq: int | None, max_retries: int, at: float
+    ) -> None:
+        """Queue a message for an external consumer, due at once."""
+        await self._execute(
+            "INSERT INTO outbox (destination, payload, event_seq, status, retry_count, "
+            "max_retries, next_retry_at, created_at) VALUES ($1, $2, $3, 'pending', 0, $4, $5, $5)",
+            destination,
+            rows.dumps(payload),
+            event_seq,
+            max_retries,
+            at,
+        )
+
+    async def add_dlq(self, entry: DlqEntry) -> int:
+        """Add a dead letter (``entry.id`` is ignored); returns its id."""
+        return int(
+            await self._fetchval(
+                "INSERT INTO dlq (tenant, workflow_id, step, reason, attempts, last_error, "
+                "created_at, status, resolved_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+                "RETURNING id",
+                entry.tenant,
+                entry.workflow_id,
+                entry.step,
+                entry.reason,
+                entry.attempts,
+                entry.last_error,
+                entry.created_at,
+                entry.status,
+                entry.resolved_at,
+            )
+        )
+
+    async def get_dlq(self, entry_id: int, *, lock: bool = True) -> DlqEntry | None:
+        """Read one dead letter; with ``lock`` its row stays locked until commit."""
+        suffix = " FOR UPDATE" if lock else ""
+        row = await self._fetchrow(f"SELECT {_DLQ} FROM dlq WHERE id = $1{suffix}", entry_id)
+        return None if row is None else rows.dlq_from_row(row)
+
+    async def update_dlq(self, entry: DlqEntry) -> None:
+        """Write a dead letter's status fields (and its attempts and last error)."""
+        await self._execute(
+            "UPDATE dlq SET status = $2, resolved_at = $3, attempts = $4, last_error = $5 "
+            "WHERE id = $1",
+            entry.id,
+            entry.status,
+            entry.resolved_at,
+            entry.attempts,
+            entry.last_error,
+        )
+
+    async def get_breaker(self, name: str, *, lock: bool = True) -> BreakerRecord | None:
+        """Read a circuit breaker's shared state; with ``lock`` its row stays locked."""
+        suffix = " FOR UPDATE" if lock else ""
+        row = await self._fetchrow(f"SELECT {_BR} FROM breakers WHERE name = $1{suffix}", name)
+        return None if row is None else rows.breaker_from_row(row)
+
+    async def put_breaker(self, breaker: BreakerRecord) -> None:
+        """Insert or replace a circuit breaker's shared state."""
+        await self._execute(
+            f"INSERT INTO breakers ({_BR}) VALUES ($1, $2, $3, $4, $5, $6, $7) "
+            "ON CONFLICT (name) DO UPDATE SET state = excluded.state, "
+            "failures = excluded.failures, opened_at = excluded.opened_at, "
+            "updated_at = excluded.updated_at, probe_owner = excluded.probe_owner, "
+            "probe_until = excluded.probe_until",
+            breaker.name,
+            breaker.state,
+            breaker.failures,
+            breaker.opened_at,
+            breaker.updated_at,
+            breaker.probe_owner,
+            breaker.probe_until,
+        )
+
+    async def _write_events_and_notify(self, channel: str) -> list[StoredEvent]:
+        """Position the buffered events and queue notifications: the last statement.
+
+        Args:
+            channel: the schema's NOTIFY channel; payloads are ``"<channel>:<payload>"``.
+
+        Returns:
+            The events with their positions (valid once the transaction commits).
+        """
+        payloads = [f"{name}:{payload}" for name, payload in self.notifications]
+        events = self.pending_events
+        if not events:
+            if payloads:
+                await self._fetchval(_NOTIFY, channel, payloads)
+            return []
+        n = len(events)
+        row = await self._fetchrow(
+            _APPEND_EVENTS,
+            n,
+            [e.tenant for e in events],
+            [e.workflow_id for e in events],
+            [e.wf_seq for e in events],
+            [e.type for e in events],
+            [rows.dumps(e.data) for e in events],
+            [float(e.at) for e in events],
+            channel,
+            payloads,
+        )
+        if row is None:
+            raise StorageError("event_head row is missing; the schema is damaged")
+        first = int(row[0]) - n
+        return [
+            StoredEvent(first + i, e.tenant, e.workflow_id, e.wf_seq, e.type, e.data, e.at)
+            for i, e in enumerate(events, start=1)
+        ]

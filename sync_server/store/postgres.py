@@ -1,0 +1,456 @@
+"""The PostgreSQL backend: an asyncpg pool shared by several server instances.
+
+Theory of operation
+-------------------
+* **Schema.** ``?schema=NAME`` in the URL selects a schema (default ``public``); it is
+  created by the first migration and set as ``search_path`` on every pool connection.
+* **Units of work.** ``run(fn)`` takes a pool connection, opens a READ COMMITTED
+  transaction, awaits ``fn(tx)`` and commits. A deadlock or serialization failure
+  rolls back and re-runs ``fn`` in a fresh transaction after a short jittered backoff;
+  any other database failure becomes ``StorageError``.
+* **Gapless order** (SPEC promise 4, LESSONS "ordering in PostgreSQL"): events are
+  buffered in the transaction and written by one statement just before COMMIT::
+
+      WITH head AS (UPDATE event_head SET seq = seq + n RETURNING seq),
+           ins  AS (INSERT INTO events SELECT head.seq - n + ord, … FROM unnest(…))
+      SELECT head.seq, pg_notify(…)
+
+  The ``event_head`` row lock is held until COMMIT, so a second writer waits there and
+  reads the first one's head only after that commit is visible: positions are assigned
+  in commit order, and a reader paging ``WHERE seq > cursor`` never sees N+1 while N is
+  still invisible. The lock is held for one statement plus COMMIT, not for ``fn``.
+* **Leases** (LESSONS "leases need fencing"): claims are one ``UPDATE … FROM (SELECT …
+  FOR UPDATE SKIP LOCKED)`` statement that bumps ``fence``, so concurrent claimers
+  never share a row; renew and release only touch rows whose owner *and* fence still
+  match, so a stale owner changes nothing.
+* **Notifications** are hints. One dedicated connection LISTENs on ``tether_<schema>``
+  (payload ``"<channel>:<payload>"``) and dispatches to ``Store._dispatch``, for this
+  instance's commits too. If that link drops, it reconnects with backoff and fires the
+  ``__reconnect__`` listeners so that readers re-read from their cursors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+from protocol import StorageError, UsageError
+from sync_server.store import rows
+from sync_server.store.base import (
+    BreakerRecord,
+    DlqEntry,
+    OutboxItem,
+    Store,
+    StoredEvent,
+    Transaction,
+    WorkflowRecord,
+)
+from sync_server.store.migrations import migrate_postgres
+from sync_server.store.pg_transaction import (
+    CLAIM_DUE_WORKFLOWS,
+    PG_ERRORS,
+    PgSql,
+    PostgresTransaction,
+)
+
+__all__ = ["PostgresStore", "PostgresTransaction", "parse_postgres_url"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,50}")
+_CONFLICTS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+_PG_ERRORS = PG_ERRORS
+_OUR_PARAMS = ("schema", "min_size", "max_size", "connect_timeout")
+
+_WF = rows.WORKFLOW_COLUMNS
+_EV = rows.EVENT_COLUMNS
+_DLQ = rows.DLQ_COLUMNS
+_BR = rows.BREAKER_COLUMNS
+
+
+def _qualified(columns: str, alias: str) -> str:
+    return ", ".join(f"{alias}.{col.strip()}" for col in columns.split(","))
+
+
+def parse_postgres_url(url: str) -> tuple[str, dict[str, str], str]:
+    """Split a Tether PostgreSQL URL into (asyncpg DSN, Tether options, safe label).
+
+    Tether's own query parameters (``schema``, ``min_size``, ``max_size``,
+    ``connect_timeout``) are removed from the DSN, since asyncpg would pass unknown
+    parameters to the server as settings.
+
+    Args:
+        url: ``postgresql://user@host:port/db?schema=NAME`` (or ``postgres://``).
+
+    Returns:
+        The DSN for asyncpg, the options found, and ``host:port/db`` for messages.
+
+    Raises:
+        UsageError: the schema name is not a plain identifier.
+    """
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    options = {k: v for k, v in query if k in _OUR_PARAMS}
+    rest = [(k, v) for k, v in query if k not in _OUR_PARAMS]
+    dsn = urlunsplit(parts._replace(query=urlencode(rest)))
+    schema = options.setdefault("schema", "public")
+    if not _SCHEMA_RE.fullmatch(schema):
+        raise UsageError(f"schema must be a plain identifier ([A-Za-z_][A-Za-z0-9_]*): {schema!r}")
+    host = parts.hostname or "localhost"
+    label = f"{host}:{parts.port or 5432}{parts.path or '/'}"
+    return dsn, options, label
+
+
+class PostgresStore(PgSql, Store):
+    """The event store on PostgreSQL; several instances may share one schema.
+
+    Args:
+        url: ``postgresql://user@host:port/db?schema=NAME``; URL parameters ``min_size``,
+            ``max_size`` and ``connect_timeout`` override the arguments below.
+        min_size: pool connections kept open.
+        max_size: pool connections at most.
+        connect_timeout: seconds to wait for a connection before failing.
+        health_interval: seconds between liveness checks of the LISTEN connection.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 5.0,
+        health_interval: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.url = url
+        self._dsn, options, self._label = parse_postgres_url(url)
+        self.schema = options["schema"]
+        try:
+            self._min_size = int(options.get("min_size", min_size))
+            self._max_size = int(options.get("max_size", max_size))
+            self._connect_timeout = float(options.get("connect_timeout", connect_timeout))
+        except ValueError as exc:
+            raise UsageError(f"bad pool option in {self._label}: {exc}") from exc
+        self._health_interval = health_interval
+        self._channel = f"tether_{self.schema}"
+        self._pool: asyncpg.Pool | None = None
+        self._listener_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- lifecycle --------------------------------------------------------------
+    async def open(self) -> None:
+        """Connect the pool, apply pending migrations and start listening.
+
+        Raises:
+            StorageError: PostgreSQL is unreachable (within ``connect_timeout``) or the
+                schema holds a newer or foreign layout.
+        """
+        if self._pool is not None:
+            return
+        self._closing = False
+        try:
+            pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                timeout=self._connect_timeout,
+                server_settings={"search_path": f'"{self.schema}"', "application_name": "tether"},
+            )
+        except _PG_ERRORS as exc:
+            raise StorageError(f"cannot connect to PostgreSQL at {self._label}: {exc}") from exc
+        try:
+            async with pool.acquire() as conn:
+                await migrate_postgres(conn, self.schema)
+            listener = await self._connect_listener()
+        except BaseException as exc:
+            await pool.close()
+            if isinstance(exc, _PG_ERRORS):
+                raise StorageError(
+                    f"cannot prepare schema {self.schema!r} at {self._label}: {exc}"
+                ) from exc
+            raise
+        self._pool = pool
+        self._listener_task = asyncio.create_task(
+            self._supervise_listener(listener), name=f"tether-listen-{self.schema}"
+        )
+
+    async def close(self) -> None:
+        """Stop listening and close the pool; idempotent."""
+        self._closing = True
+        task, self._listener_task = self._listener_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=10)
+            except (TimeoutError, *_PG_ERRORS):
+                pool.terminate()
+
+    def _require_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise UsageError("the store is not open (call await store.open() first)")
+        return self._pool
+
+    # -- notifications ----------------------------------------------------------
+    async def _connect_listener(self) -> asyncpg.Connection:
+        conn: asyncpg.Connection = await asyncpg.connect(
+            self._dsn, timeout=self._connect_timeout
+        )
+        try:
+            await conn.add_listener(self._channel, self._on_notification)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        channel, _, body = payload.partition(":")
+        try:
+            self._dispatch(channel, body)
+        except Exception:
+            log.exception("notification listener for %r failed", channel)
+
+    async def _supervise_listener(self, conn: asyncpg.Connection) -> None:
+        """Keep one LISTEN connection alive; after a loss, reconnect and announce it."""
+        backoff = 0.05
+        while True:
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _c: lost.set())
+            try:
+                await self._watch(conn, lost)
+            finally:
+                conn.terminate()
+            # LESSONS "LISTEN/NOTIFY drops notifications while a listener is
+            # disconnected": reconnect, then tell listeners to re-read the store.
+            log.warning("notification link to %s lost; reconnecting", self._label)
+            while True:
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
+                try:
+                    conn = await self._connect_listener()
+                    break
+                except _PG_ERRORS as exc:
+                    backoff = min(backoff * 2, 5.0)
+                    log.warning("notification link to %s still down: %s", self._label, exc)
+            backoff = 0.05
+            self._dispatch("__reconnect__", "")
+
+    async def _watch(self, conn: asyncpg.Connection, lost: asyncio.Event) -> None:
+        """Return when ``conn`` is lost or stops answering a periodic ``SELECT 1``."""
+        while not lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), timeout=self._health_interval)
+                return
+            try:
+                await conn.fetchval("SELECT 1", timeout=self._connect_timeout)
+            except _PG_ERRORS:
+                return
+
+    # -- units of work ------------------------------------------------------------
+    async def run(self, fn: Callable[[Transaction], Awaitable[T]], *, attempts: int = 5) -> T:
+        """Run ``fn`` in a transaction and commit; re-run on deadlock/serialization.
+
+        Args:
+            fn: the unit of work; it may run more than once, so it must have no
+                effects outside the transaction.
+            attempts: how many times to try in all.
+
+        Returns:
+            What ``fn`` returned (from the attempt that committed).
+
+        Raises:
+            StorageError: the database failed (after ``attempts`` for conflicts).
+        """
+        pool = self._require_pool()
+        for attempt in range(1, attempts + 1):
+            try:
+                async with pool.acquire() as conn:
+                    tx = PostgresTransaction(conn)
+                    try:
+                        async with conn.transaction():
+                            result = await fn(tx)
+                            stored = await tx._write_events_and_notify(self._channel)
+                    except _PG_ERRORS as exc:
+                        raise StorageError(f"PostgreSQL transaction failed: {exc}") from exc
+            except StorageError as exc:
+                if attempt < attempts and isinstance(exc.__cause__, _CONFLICTS):
+                    await asyncio.sleep(random.uniform(0.5, 1.5) * 0.002 * 2**attempt)
+                    continue
+                raise
+            except _PG_ERRORS as exc:  # acquiring or releasing the connection
+                raise StorageError(f"PostgreSQL unavailable at {self._label}: {exc}") from exc
+            tx.committed_events = stored
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- reads ------------------------------------------------------------------
+    def _executor(self) -> asyncpg.Pool:
+        return self._require_pool()
+
+    async def read_events(
+        self, after: int, limit: int, *, tenant: str | None = None
+    ) -> list[StoredEvent]:
+        """Events with ``seq > after`` in seq order (of one tenant, or all)."""
+        if tenant is None:
+            found = await self._fetch(
+                f"SELECT {_EV} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2", after, limit
+            )
+        else:
+            found = await self._fetch(
+                f"SELECT {_EV} FROM events WHERE tenant = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                tenant,
+                after,
+                limit,
+            )
+        return [rows.event_from_row(row) for row in found]
+
+    async def read_workflow_events(self, workflow_id: str) -> list[StoredEvent]:
+        """Every event of one workflow, in order."""
+        found = await self._fetch(
+            f"SELECT {_EV} FROM events WHERE workflow_id = $1 ORDER BY wf_seq", workflow_id
+        )
+        return [rows.event_from_row(row) for row in found]
+
+    async def head(self) -> int:
+        """The highest committed ``seq`` (0 for an empty log)."""
+        return int(await self._fetchval("SELECT seq FROM event_head WHERE id = 1"))
+
+    async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
+        """Read one workflow without locking."""
+        row = await self._fetchrow(f"SELECT {_WF} FROM workflows WHERE id = $1", workflow_id)
+        return None if row is None else rows.workflow_from_row(row)
+
+    async def list_workflows(
+        self,
+        *,
+        tenant: str | None = None,
+        statuses: list[str] | None = None,
+        limit: int = 1000,
+    ) -> list[WorkflowRecord]:
+        """Workflows, newest first, optionally of one tenant and some statuses."""
+        found = await self._fetch(
+            f"SELECT {_WF} FROM workflows WHERE ($1::text IS NULL OR tenant = $1) "
+            "AND ($2::text[] IS NULL OR status = ANY($2::text[])) "
+            "ORDER BY created_at DESC, id DESC LIMIT $3",
+            tenant,
+            statuses,
+            limit,
+        )
+        return [rows.workflow_from_row(row) for row in found]
+
+    async def get_client(self, client_id: str) -> tuple[str, int] | None:
+        """(tenant, last applied mutation id) of a client, or None."""
+        row = await self._fetchrow(
+            "SELECT tenant, last_mutation_id FROM clients WHERE client_id = $1", client_id
+        )
+        return None if row is None else (row[0], row[1])
+
+    async def list_dlq(
+        self, *, tenant: str | None = None, status: str | None = "open", limit: int = 1000
+    ) -> list[DlqEntry]:
+        """Dead letters, oldest first."""
+        found = await self._fetch(
+            f"SELECT {_DLQ} FROM dlq WHERE ($1::text IS NULL OR tenant = $1) "
+            "AND ($2::text IS NULL OR status = $2) ORDER BY id LIMIT $3",
+            tenant,
+            status,
+            limit,
+        )
+        return [rows.dlq_from_row(row) for row in found]
+
+    async def list_breakers(self) -> list[BreakerRecord]:
+        """Every circuit breaker's shared state."""
+        found = await self._fetch(f"SELECT {_BR} FROM breakers ORDER BY name")
+        return [rows.breaker_from_row(row) for row in found]
+
+    # -- leases -----------------------------------------------------------------
+    async def claim_due_workflows(
+        self, owner: str, now: float, lease_seconds: float, limit: int
+    ) -> list[WorkflowRecord]:
+        """Lease up to ``limit`` due workflows no live owner holds (fence + 1).
+
+        One statement: the due rows are locked with SKIP LOCKED (a row another
+        claimer or a saga transaction holds is skipped, not waited for) and updated.
+        """
+        found = await self._fetch(CLAIM_DUE_WORKFLOWS, owner, now + lease_seconds, now, limit)
+        claimed = [rows.workflow_from_row(row) for row in found]
+        claimed.sort(key=lambda wf: (wf.due_at or 0.0, wf.id))
+        return claimed
+
+    async def renew_leases(self, owner: str, leases: dict[str, int], until: float) -> set[str]:
+        """Extend leases (id -> fence) still held with the same fence; returns those ids."""
+        if not leases:
+            return set()
+        found = await self._fetch(
+            "UPDATE workflows AS w SET lease_until = $4 "
+            "FROM unnest($2::text[], $3::bigint[]) AS l(id, fence) "
+            "WHERE w.id = l.id AND w.fence = l.fence AND w.lease_owner = $1 RETURNING w.id",
+            owner,
+            list(leases),
+            list(leases.values()),
+            until,
+        )
+        return {row[0] for row in found}
+
+    async def release_leases(self, owner: str, leases: dict[str, int]) -> None:
+        """Give up leases (id -> fence) still held with the same fence."""
+        if not leases:
+            return
+        await self._execute(
+            "UPDATE workflows AS w SET lease_owner = NULL, lease_until = NULL "
+            "FROM unnest($2::text[], $3::bigint[]) AS l(id, fence) "
+            "WHERE w.id = l.id AND w.fence = l.fence AND w.lease_owner = $1",
+            owner,
+            list(leases),
+            list(leases.values()),
+        )
+
+    # -- outbox -----------------------------------------------------------------
+    async def claim_outbox(self, now: float, limit: int, lease_seconds: float) -> list[OutboxItem]:
+        """Pending items due now, each pushed ``lease_seconds`` into the future."""
+        found = await self._fetch(
+            "WITH due AS MATERIALIZED (SELECT id FROM outbox WHERE status = 'pending' "
+            "AND next_retry_at <= $1 ORDER BY next_retry_at, id LIMIT $2 "
+            "FOR UPDATE SKIP LOCKED) "
+            "UPDATE outbox AS o SET next_retry_at = $3 FROM due WHERE o.id = due.id "
+            f"RETURNING {_qualified(rows.OUTBOX_COLUMNS, 'o')}",
+            now,
+            limit,
+            now + lease_seconds,
+        )
+        return sorted((rows.outbox_from_row(row) for row in found), key=lambda i: i.id)
+
+    async def finish_outbox(self, item: OutboxItem) -> None:
+        """Write an item's status, retry_count, next_retry_at, published_at and error."""
+        await self._execute(
+            "UPDATE outbox SET status = $2, retry_count = $3, next_retry_at = $4, "
+            "published_at = $5, last_error = $6 WHERE id = $1",
+            item.id,
+            item.status,
+            item.retry_count,
+            item.next_retry_at,
+            item.published_at,
+            item.last_error,
+        )
+
+    async def outbox_stats(self, now: float) -> tuple[int, float]:
+        """(pending items, age in seconds of the oldest pending item)."""
+        row = await self._fetchrow(
+            "SELECT count(*), min(created_at) FROM outbox WHERE status = 'pending'"
+        )
+        assert row is not None
+        oldest = row[1]
+        return int(row[0]), 0.0 if oldest is None else max(0.0, now - oldest)
+

@@ -1,0 +1,600 @@
+"""The SQLite backend: one file, one process's event loop, stdlib ``sqlite3``.
+
+Theory of operation
+-------------------
+SQL runs synchronously on the event-loop thread: a statement here takes microseconds,
+far less than a hop to a worker thread would, and it keeps the backend simple.
+
+* **Writes** go through one writer connection, guarded by an ``asyncio.Lock`` held for a
+  whole unit of work: ``run(fn)`` takes the lock, issues ``BEGIN IMMEDIATE`` (the
+  database write lock, so two *processes* on one file are also serialised), awaits
+  ``fn(tx)``, writes the buffered events and commits. ``BEGIN IMMEDIATE`` is retried
+  asynchronously while another process holds the file, so the loop never blocks on it.
+* **Reads** use a second connection in autocommit mode. WAL lets them proceed while a
+  write transaction is open, and they see committed data only.
+* **Gapless order** (SPEC promise 4): positions are taken as ``MAX(seq) + 1 …`` as the
+  last statements before COMMIT while the write lock is held, so positions are assigned
+  in commit order and a reader can never see seq N+1 without seq N.
+* **Durability** (SPEC promise 1): WAL with ``synchronous=FULL``; a commit has reached
+  the disk when ``run`` returns.
+* **Notifications** stay inside the process: after commit, ``Store._dispatch`` is called
+  for each queued notification and for ``events`` with the new head.
+
+``attempts`` of ``run`` is accepted for the interface's sake: SQLite has no deadlocks
+between transactions here, since writers are strictly serialised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+from protocol import Forbidden, StorageError, UsageError
+from sync_server.store import rows
+from sync_server.store.base import (
+    BreakerRecord,
+    DlqEntry,
+    OutboxItem,
+    Store,
+    StoredEvent,
+    Transaction,
+    WorkflowRecord,
+)
+from sync_server.store.migrations import migrate_sqlite
+
+__all__ = ["SqliteStore", "SqliteTransaction", "sqlite_path"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+JSON = Any
+
+_WF = rows.WORKFLOW_COLUMNS
+_EV = rows.EVENT_COLUMNS
+_OB = rows.OUTBOX_COLUMNS
+_DLQ = rows.DLQ_COLUMNS
+_BR = rows.BREAKER_COLUMNS
+
+
+def sqlite_path(url: str) -> str:
+    """The file path in a ``sqlite:///path`` URL (``sqlite:////abs/path`` is absolute).
+
+    Args:
+        url: the database URL; a query string is ignored.
+
+    Returns:
+        The path, relative to the working directory unless it starts with ``/``.
+
+    Raises:
+        UsageError: the URL is not of the form ``sqlite:///path``.
+    """
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        raise UsageError(f"SQLite URL must look like sqlite:///path/to/file.db, got {url!r}")
+    path = url[len(prefix) :].split("?", 1)[0]
+    if not path or path == ":memory:":
+        raise UsageError(f"SQLite URL needs a file path (sqlite:///path/to/file.db), got {url!r}")
+    return path
+
+
+class _Sql:
+    """sqlite3 calls that convert library errors where the library is called (STYLE)."""
+
+    def _sql_conn(self) -> sqlite3.Connection:
+        raise NotImplementedError
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        try:
+            return self._sql_conn().execute(sql, params)
+        except sqlite3.Error as exc:
+            raise StorageError(f"SQLite failed: {exc}") from exc
+
+    def _executemany(self, sql: str, params: Iterable[Sequence[Any]]) -> None:
+        try:
+            self._sql_conn().executemany(sql, params)
+        except sqlite3.Error as exc:
+            raise StorageError(f"SQLite failed: {exc}") from exc
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        try:
+            return self._sql_conn().execute(sql, params).fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"SQLite failed: {exc}") from exc
+
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        try:
+            return self._sql_conn().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"SQLite failed: {exc}") from exc
+
+
+class SqliteTransaction(_Sql, Transaction):
+    """A unit of work on the writer connection inside ``BEGIN IMMEDIATE``.
+
+    Args:
+        conn: the writer connection, already in a transaction.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        super().__init__()
+        self._conn = conn
+
+    def _sql_conn(self) -> sqlite3.Connection:
+        return self._conn
+
+    async def get_workflow(self, workflow_id: str, *, lock: bool = True) -> WorkflowRecord | None:
+        """Read a workflow (the whole database is already write-locked)."""
+        row = self._one(f"SELECT {_WF} FROM workflows WHERE id = ?", (workflow_id,))
+        return None if row is None else rows.workflow_from_row(row)
+
+    async def insert_workflow(self, workflow: WorkflowRecord) -> bool:
+        """Insert a new workflow; False (and nothing written) if the id exists."""
+        cur = self._execute(
+            f"INSERT INTO workflows ({_WF}) VALUES ({_marks(17)}) ON CONFLICT (id) DO NOTHING",
+            rows.workflow_params(workflow),
+        )
+        return cur.rowcount == 1
+
+    async def update_workflow(self, workflow: WorkflowRecord) -> None:
+        """Write every column of an existing workflow."""
+        params = rows.workflow_params(workflow)
+        self._execute(_UPDATE_WORKFLOW, (*params[1:], params[0]))
+
+    async def claim_due_workflows(
+        self, owner: str, now: float, lease_seconds: float, limit: int
+    ) -> list[WorkflowRecord]:
+        """Lease up to ``limit`` due workflows that no live owner holds (fence + 1)."""
+        found = self._all(
+            "UPDATE workflows SET lease_owner = ?, lease_until = ?, fence = fence + 1 "
+            "WHERE id IN (SELECT id FROM workflows WHERE due_at <= ? AND "
+            "(lease_owner IS NULL OR lease_until IS NULL OR lease_until < ?) "
+            f"ORDER BY due_at LIMIT ?) RETURNING {_WF}",
+            (owner, now + lease_seconds, now, now, limit),
+        )
+        claimed = [rows.workflow_from_row(row) for row in found]
+        claimed.sort(key=lambda wf: (wf.due_at or 0.0, wf.id))
+        return claimed
+
+    async def lock_client(self, tenant: str, client_id: str) -> int:
+        """Create-or-read the client's row; returns its last applied mutation id.
+
+        Raises:
+            Forbidden: the client id is registered under another tenant.
+        """
+        self._execute(
+            "INSERT INTO clients (client_id, tenant, last_mutation_id, updated_at) "
+            "VALUES (?, ?, 0, ?) ON CONFLICT (client_id) DO NOTHING",
+            (client_id, tenant, time.time()),
+        )
+        stored_tenant, last_id = self._one(
+            "SELECT tenant, last_mutation_id FROM clients WHERE client_id = ?", (client_id,)
+        )
+        if stored_tenant != tenant:
+            raise Forbidden(f"client id {client_id!r} is registered under another tenant")
+        return int(last_id)
+
+    async def mutation_results(
+        self, client_id: str, ids: list[int]
+    ) -> dict[int, tuple[str, str | None]]:
+        """Recorded outcome (status, error) of the given mutation ids that exist."""
+        if not ids:
+            return {}
+        found = self._all(
+            "SELECT mutation_id, status, error FROM mutation_results WHERE client_id = ? "
+            "AND mutation_id IN (SELECT value FROM json_each(?))",
+            (client_id, rows.dumps(ids)),
+        )
+        return {row[0]: (row[1], row[2]) for row in found}
+
+    async def record_mutations(
+        self, client_id: str, results: list[tuple[int, str, str | None]], last_id: int, at: float
+    ) -> None:
+        """Record outcomes (id, status, error) and set the client's last applied id."""
+        if results:
+            self._executemany(
+                "INSERT INTO mutation_results (client_id, mutation_id, status, error, at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (client_id, mutation_id) DO UPDATE "
+                "SET status = excluded.status, error = excluded.error, at = excluded.at",
+                [(client_id, mid, status, error, at) for mid, status, error in results],
+            )
+        self._execute(
+            "UPDATE clients SET last_mutation_id = ?, updated_at = ? WHERE client_id = ?",
+            (last_id, at, client_id),
+        )
+
+    async def enqueue_outbox(
+        self, destination: str, payload: JSON, *, event_seq: int | None, max_retries: int, at: float
+    ) -> None:
+        """Queue a message for an external consumer, due at once."""
+        self._execute(
+            "INSERT INTO outbox (destination, payload, event_seq, status, retry_count, "
+            "max_retries, next_retry_at, created_at) VALUES (?, ?, ?, 'pending', 0, ?, ?, ?)",
+            (destination, rows.dumps(payload), event_seq, max_retries, at, at),
+        )
+
+    async def add_dlq(self, entry: DlqEntry) -> int:
+        """Add a dead letter (``entry.id`` is ignored); returns its id."""
+        cur = self._execute(
+            "INSERT INTO dlq (tenant, workflow_id, step, reason, attempts, last_error, "
+            "created_at, status, resolved_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                entry.tenant,
+                entry.workflow_id,
+                entry.step,
+                entry.reason,
+                entry.attempts,
+                entry.last_error,
+                entry.created_at,
+                entry.status,
+                entry.resolved_at,
+            ),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    async def get_dlq(self, entry_id: int, *, lock: bool = True) -> DlqEntry | None:
+        """Read one dead letter."""
+        row = self._one(f"SELECT {_DLQ} FROM dlq WHERE id = ?", (entry_id,))
+        return None if row is None else rows.dlq_from_row(row)
+
+    async def update_dlq(self, entry: DlqEntry) -> None:
+        """Write a dead letter's status fields (and its attempts and last error)."""
+        self._execute(
+            "UPDATE dlq SET status = ?, resolved_at = ?, attempts = ?, last_error = ? WHERE id = ?",
+            (entry.status, entry.resolved_at, entry.attempts, entry.last_error, entry.id),
+        )
+
+    async def get_breaker(self, name: str, *, lock: bool = True) -> BreakerRecord | None:
+        """Read a circuit breaker's shared state."""
+        row = self._one(f"SELECT {_BR} FROM breakers WHERE name = ?", (name,))
+        return None if row is None else rows.breaker_from_row(row)
+
+    async def put_breaker(self, breaker: BreakerRecord) -> None:
+        """Insert or replace a circuit breaker's shared state."""
+        self._execute(
+            f"INSERT OR REPLACE INTO breakers ({_BR}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                breaker.name,
+                breaker.state,
+                breaker.failures,
+                breaker.opened_at,
+                breaker.updated_at,
+                breaker.probe_owner,
+                breaker.probe_until,
+            ),
+        )
+
+    def _write_events(self) -> tuple[int, list[StoredEvent]]:
+        """Position and insert the buffered events; the last writes before COMMIT."""
+        (head,) = self._one("SELECT COALESCE(MAX(seq), 0) FROM events")
+        stored = [
+            StoredEvent(head + i, e.tenant, e.workflow_id, e.wf_seq, e.type, e.data, e.at)
+            for i, e in enumerate(self.pending_events, start=1)
+        ]
+        self._executemany(
+            f"INSERT INTO events ({_EV}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (e.seq, e.tenant, e.workflow_id, e.wf_seq, e.type, rows.dumps(e.data), e.at)
+                for e in stored
+            ],
+        )
+        return head + len(stored), stored
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+_UPDATE_WORKFLOW = (
+    "UPDATE workflows SET "
+    + ", ".join(f"{col.strip()} = ?" for col in _WF.split(",")[1:])
+    + " WHERE id = ?"
+)
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+class SqliteStore(_Sql, Store):
+    """The event store on one SQLite file.
+
+    Args:
+        url: ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``.
+        busy_timeout: seconds to wait for another process holding the file's write lock.
+    """
+
+    def __init__(self, url: str, *, busy_timeout: float = 10.0) -> None:
+        super().__init__()
+        self.url = url
+        self.path = sqlite_path(url)
+        self._busy_timeout = busy_timeout
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    def _connect(self, busy_ms: int) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        return conn
+
+    async def open(self) -> None:
+        """Open the file (creating it), switch to WAL and apply pending migrations.
+
+        Raises:
+            StorageError: the file cannot be opened or its schema is newer than this code.
+        """
+        if self._writer is not None:
+            return
+        try:
+            writer = self._connect(int(self._busy_timeout * 1000))
+            try:
+                migrate_sqlite(writer, self.path)
+                # The writer never waits inside SQLite: _begin retries BEGIN IMMEDIATE
+                # asynchronously. Once it holds the write lock (WAL), nothing else waits.
+                writer.execute("PRAGMA busy_timeout = 0")
+                reader = self._connect(int(self._busy_timeout * 1000))
+            except BaseException:
+                writer.close()
+                raise
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
+        self._writer, self._reader = writer, reader
+
+    async def close(self) -> None:
+        """Wait for the running unit of work, then close both connections; idempotent."""
+        async with self._lock:
+            for conn in (self._writer, self._reader):
+                if conn is not None:
+                    conn.close()
+            self._writer = self._reader = None
+
+    def _sql_conn(self) -> sqlite3.Connection:
+        if self._reader is None:
+            raise UsageError("the store is not open (call await store.open() first)")
+        return self._reader
+
+    def _require_writer(self) -> sqlite3.Connection:
+        if self._writer is None:
+            raise UsageError("the store is not open (call await store.open() first)")
+        return self._writer
+
+    async def _begin(self, conn: sqlite3.Connection) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._busy_timeout
+        delay = 0.001
+        # Another connection (another process, or another store in this one) may hold
+        # the write lock. Wait for it *asynchronously*: SQLite's busy handler would block
+        # the event loop, and with it a holder that runs on this very loop.
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.Error as exc:
+                if not _is_busy(exc) or loop.time() > deadline:
+                    raise StorageError(f"SQLite cannot start a write: {exc}") from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                log.exception("SQLite rollback failed")
+
+    async def run(self, fn: Callable[[Transaction], Awaitable[T]], *, attempts: int = 5) -> T:
+        """Run ``fn`` in one write transaction and commit.
+
+        Args:
+            fn: the unit of work; awaited while the write lock is held.
+            attempts: unused on SQLite (writers are serialised, so nothing to retry).
+
+        Returns:
+            What ``fn`` returned.
+
+        Raises:
+            StorageError: SQLite failed; nothing was written.
+        """
+        async with self._lock:
+            conn = self._require_writer()
+            await self._begin(conn)
+            tx = SqliteTransaction(conn)
+            try:
+                result = await fn(tx)
+                head, stored = tx._write_events() if tx.pending_events else (0, [])
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                self._rollback(conn)
+                if isinstance(exc, sqlite3.Error):
+                    raise StorageError(f"SQLite commit failed: {exc}") from exc
+                raise
+        tx.committed_events = stored
+        for channel, payload in tx.notifications:
+            self._dispatch(channel, payload)
+        if stored:
+            self._dispatch("events", str(head))
+        return result
+
+    async def _write(self, work: Callable[[SqliteTransaction], T]) -> T:
+        """A one-shot write (claims, lease upkeep) in its own short transaction."""
+
+        async def unit(tx: Transaction) -> T:
+            assert isinstance(tx, SqliteTransaction)
+            return work(tx)
+
+        return await self.run(unit)
+
+    # -- reads ------------------------------------------------------------------
+    async def read_events(
+        self, after: int, limit: int, *, tenant: str | None = None
+    ) -> list[StoredEvent]:
+        """Events with ``seq > after`` in seq order (of one tenant, or all)."""
+        if tenant is None:
+            found = self._all(
+                f"SELECT {_EV} FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+            )
+        else:
+            found = self._all(
+                f"SELECT {_EV} FROM events WHERE tenant = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (tenant, after, limit),
+            )
+        return [rows.event_from_row(row) for row in found]
+
+    async def read_workflow_events(self, workflow_id: str) -> list[StoredEvent]:
+        """Every event of one workflow, in order."""
+        found = self._all(
+            f"SELECT {_EV} FROM events WHERE workflow_id = ? ORDER BY wf_seq", (workflow_id,)
+        )
+        return [rows.event_from_row(row) for row in found]
+
+    async def head(self) -> int:
+        """The highest committed ``seq`` (0 for an empty log)."""
+        return int(self._one("SELECT COALESCE(MAX(seq), 0) FROM events")[0])
+
+    async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
+        """Read one workflow."""
+        row = self._one(f"SELECT {_WF} FROM workflows WHERE id = ?", (workflow_id,))
+        return None if row is None else rows.workflow_from_row(row)
+
+    async def list_workflows(
+        self,
+        *,
+        tenant: str | None = None,
+        statuses: list[str] | None = None,
+        limit: int = 1000,
+    ) -> list[WorkflowRecord]:
+        """Workflows, newest first, optionally of one tenant and some statuses."""
+        where: list[str] = []
+        params: list[Any] = []
+        if tenant is not None:
+            where.append("tenant = ?")
+            params.append(tenant)
+        if statuses is not None:
+            where.append("status IN (SELECT value FROM json_each(?))")
+            params.append(rows.dumps(statuses))
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        found = self._all(
+            f"SELECT {_WF} FROM workflows {clause} ORDER BY created_at DESC, id DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [rows.workflow_from_row(row) for row in found]
+
+    async def get_client(self, client_id: str) -> tuple[str, int] | None:
+        """(tenant, last applied mutation id) of a client, or None."""
+        row = self._one(
+            "SELECT tenant, last_mutation_id FROM clients WHERE client_id = ?", (client_id,)
+        )
+        return None if row is None else (row[0], row[1])
+
+    async def list_dlq(
+        self, *, tenant: str | None = None, status: str | None = "open", limit: int = 1000
+    ) -> list[DlqEntry]:
+        """Dead letters, oldest first."""
+        where: list[str] = []
+        params: list[Any] = []
+        if tenant is not None:
+            where.append("tenant = ?")
+            params.append(tenant)
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        found = self._all(f"SELECT {_DLQ} FROM dlq {clause} ORDER BY id LIMIT ?", (*params, limit))
+        return [rows.dlq_from_row(row) for row in found]
+
+    async def list_breakers(self) -> list[BreakerRecord]:
+        """Every circuit breaker's shared state."""
+        return [rows.breaker_from_row(r) for r in self._all(f"SELECT {_BR} FROM breakers")]
+
+    # -- leases -------------------------------------------------------------------
+    async def claim_due_workflows(
+        self, owner: str, now: float, lease_seconds: float, limit: int
+    ) -> list[WorkflowRecord]:
+        """Lease up to ``limit`` due workflows that no live owner holds (fence + 1)."""
+
+        async def work(tx: Transaction) -> list[WorkflowRecord]:
+            return await tx.claim_due_workflows(owner, now, lease_seconds, limit)
+
+        return await self.run(work)
+
+    async def renew_leases(self, owner: str, leases: dict[str, int], until: float) -> set[str]:
+        """Extend leases (id -> fence) still held with the same fence; returns those ids."""
+        if not leases:
+            return set()
+
+        def work(tx: SqliteTransaction) -> set[str]:
+            renewed: set[str] = set()
+            for workflow_id, fence in leases.items():
+                cur = tx._execute(
+                    "UPDATE workflows SET lease_until = ? "
+                    "WHERE id = ? AND lease_owner = ? AND fence = ?",
+                    (until, workflow_id, owner, fence),
+                )
+                if cur.rowcount:
+                    renewed.add(workflow_id)
+            return renewed
+
+        return await self._write(work)
+
+    async def release_leases(self, owner: str, leases: dict[str, int]) -> None:
+        """Give up leases (id -> fence) still held with the same fence."""
+        if not leases:
+            return
+
+        def work(tx: SqliteTransaction) -> None:
+            tx._executemany(
+                "UPDATE workflows SET lease_owner = NULL, lease_until = NULL "
+                "WHERE id = ? AND lease_owner = ? AND fence = ?",
+                [(workflow_id, owner, fence) for workflow_id, fence in leases.items()],
+            )
+
+        await self._write(work)
+
+    # -- outbox -------------------------------------------------------------------
+    async def claim_outbox(self, now: float, limit: int, lease_seconds: float) -> list[OutboxItem]:
+        """Pending items due now, each pushed ``lease_seconds`` into the future."""
+
+        def work(tx: SqliteTransaction) -> list[OutboxItem]:
+            found = tx._all(
+                "UPDATE outbox SET next_retry_at = ? WHERE id IN (SELECT id FROM outbox "
+                "WHERE status = 'pending' AND next_retry_at <= ? ORDER BY next_retry_at, id "
+                f"LIMIT ?) RETURNING {_OB}",
+                (now + lease_seconds, now, limit),
+            )
+            return sorted((rows.outbox_from_row(row) for row in found), key=lambda i: i.id)
+
+        return await self._write(work)
+
+    async def finish_outbox(self, item: OutboxItem) -> None:
+        """Write an item's status, retry_count, next_retry_at, published_at and error."""
+
+        def work(tx: SqliteTransaction) -> None:
+            tx._execute(
+                "UPDATE outbox SET status = ?, retry_count = ?, next_retry_at = ?, "
+                "published_at = ?, last_error = ? WHERE id = ?",
+                (
+                    item.status,
+                    item.retry_count,
+                    item.next_retry_at,
+                    item.published_at,
+                    item.last_error,
+                    item.id,
+                ),
+            )
+
+        await self._write(work)
+
+    async def outbox_stats(self, now: float) -> tuple[int, float]:
+        """(pending items, age in seconds of the oldest pending item)."""
+        count, oldest = self._one(
+            "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE status = 'pending'"
+        )
+        return int(count), 0.0 if oldest is None else max(0.0, now - oldest)

@@ -1,0 +1,215 @@
+"""The WebSocket shell around ``ServerSession``: read, feed, run, write.
+
+One connection runs three tasks: the reader decodes frames and feeds the session; the
+worker runs the session's store commands one at a time and feeds the answers back; the
+writer sends queued frames. The send queue is bounded: a client that cannot keep up is
+cut off (close 1013) and catches up from its cursor when it comes back — nothing is
+lost, because the log is the source of truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from protocol import (
+    BadMessage,
+    Forbidden,
+    Push,
+    StorageError,
+    TetherError,
+    Unauthorized,
+    Unavailable,
+    decode_client_message,
+    encode,
+)
+from sync_server.auth import bearer_token, verify_token
+from sync_server.hub import Subscriber
+from sync_server.session import ApplyPush, LoadClient, ReadEvents, ServerSession
+
+if TYPE_CHECKING:
+    from sync_server.app import Tether
+
+__all__ = ["sync_endpoint"]
+
+log = logging.getLogger("tether.ws")
+
+_CLOSE_SENTINEL = object()
+
+
+async def sync_endpoint(websocket: WebSocket) -> None:
+    """``GET /v1/sync``: authenticate on the upgrade, then run the sync session."""
+    tether: Tether = websocket.app.state.tether
+    origin = websocket.headers.get("origin")
+    try:
+        principal = verify_token(
+            tether.config.auth_secret, bearer_token(websocket.headers.get("authorization"))
+        )
+        if origin is not None and not tether.config.origin_allowed(origin):
+            raise Forbidden(f"origin {origin!r} is not allowed")
+    except (Unauthorized, Forbidden) as exc:
+        # Refused before any data: accept only to be able to send the close code.
+        await websocket.accept()
+        await websocket.close(exc.close_code, exc.message[:120])
+        return
+    if tether.draining or tether.connections >= tether.config.max_connections:
+        await websocket.accept()
+        await websocket.close(1013, "server full or draining; try again later")
+        return
+    await websocket.accept()
+    connection = SyncConnection(tether, websocket, principal.tenant)
+    tether.connection_opened(connection)
+    try:
+        await connection.run(principal)
+    finally:
+        tether.connection_closed(connection)
+
+
+class SyncConnection:
+    """One WebSocket client: its session, its queues and its three tasks."""
+
+    def __init__(self, tether: Tether, websocket: WebSocket, tenant: str) -> None:
+        self.tether = tether
+        self.websocket = websocket
+        self.tenant = tenant
+        self.session = ServerSession(
+            server_id=tether.config.server_id, page_size=tether.config.page_size
+        )
+        self._outbox: asyncio.Queue[object] = asyncio.Queue()
+        self._queued = 0
+        self._commands: asyncio.Queue[object] = asyncio.Queue()
+        self._closing = False
+
+    def close(self, code: int, reason: str) -> None:
+        """Ask the connection to close (e.g. 1012 when the server drains)."""
+        self.session.close(code, reason)
+        self._pump()
+
+    async def run(self, principal: object) -> None:
+        """Serve the session until either side closes."""
+        from sync_server.auth import Principal
+
+        assert isinstance(principal, Principal)
+        self.principal = principal
+        subscriber = Subscriber(self.tenant, on_events=self._on_live, on_progress=self._on_progress)
+        # Subscribe before the first read so the catch-up/live hand-over has no gap.
+        self.tether.hub.subscribe(subscriber)
+        tasks = [
+            asyncio.create_task(self._read(), name="tether-ws-read"),
+            asyncio.create_task(self._work(), name="tether-ws-work"),
+            asyncio.create_task(self._write(), name="tether-ws-write"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("connection task failed", exc_info=task.exception())
+        finally:
+            self.tether.hub.unsubscribe(subscriber)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await self.websocket.close(self.session.close_code or 1000)
+
+    # ------------------------------------------------------------- feeding
+    def _on_live(self, events: list[object]) -> None:
+        self.session.receive_live(events)  # type: ignore[arg-type]
+        self._pump()
+
+    def _on_progress(self, progress: object) -> None:
+        self.session.receive_progress(progress)  # type: ignore[arg-type]
+        self._pump()
+
+    def _pump(self) -> None:
+        """Move the session's intents into the queues."""
+        for command in self.session.commands_to_run():
+            self._commands.put_nowait(command)
+        for message in self.session.messages_to_send():
+            if self._queued >= self.tether.config.send_queue_limit and not self.session.closed:
+                self.tether.metrics_slow_consumer()
+                self.session.close(1013, "send queue full: reconnect and catch up")
+                break
+            self._queued += 1
+            self._outbox.put_nowait(encode(message))
+        if self.session.closed and not self._closing:
+            self._closing = True
+            self._outbox.put_nowait(_CLOSE_SENTINEL)
+
+    # --------------------------------------------------------------- tasks
+    async def _read(self) -> None:
+        hello_timeout = self.tether.config.hello_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + hello_timeout
+        while not self.session.closed:
+            try:
+                if self.session.client_id is None:
+                    remaining = deadline - loop.time()
+                    async with asyncio.timeout(max(remaining, 0.001)):
+                        message = await self.websocket.receive()
+                else:
+                    message = await self.websocket.receive()
+            except TimeoutError:
+                self.session.fail(BadMessage(f"no Hello within {hello_timeout:g} s"))
+                self._pump()
+                return
+            except WebSocketDisconnect:
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            data = message.get("bytes")
+            try:
+                if data is None:
+                    raise BadMessage("expected a binary frame (msgpack), got text")
+                decoded = decode_client_message(data, limit=self.tether.config.max_frame_bytes)
+                if isinstance(decoded, Push):
+                    self.tether.check_rate(self.session.client_id or self.principal.subject)
+                self.session.receive_message(decoded)
+            except TetherError as exc:
+                self.session.fail(exc)
+            self._pump()
+
+    async def _work(self) -> None:
+        store = self.tether.store
+        while True:
+            command = await self._commands.get()
+            try:
+                if isinstance(command, LoadClient):
+                    found = await store.get_client(command.client_id)
+                    if found is not None and found[0] != self.tenant:
+                        raise Forbidden("this client id belongs to another tenant")
+                    head = await store.head()
+                    self.session.receive_client_state(found[1] if found else 0, head)
+                elif isinstance(command, ApplyPush):
+                    results = await self.tether.applier.push(
+                        self.principal, command.client_id, command.mutations
+                    )
+                    self.session.receive_push_results(results)
+                elif isinstance(command, ReadEvents):
+                    rows = await store.read_events(
+                        command.after, command.limit + 1, tenant=self.tenant
+                    )
+                    page = [row.to_wire() for row in rows[: command.limit]]
+                    self.session.receive_page(page, has_more=len(rows) > command.limit)
+            except StorageError as exc:
+                log.warning("storage failed during %s: %s", type(command).__name__, exc)
+                self.session.fail(Unavailable(f"storage unavailable: {exc.message}"))
+            except TetherError as exc:
+                self.session.fail(exc)
+            self._pump()
+
+    async def _write(self) -> None:
+        while True:
+            frame = await self._outbox.get()
+            if frame is _CLOSE_SENTINEL:
+                await self.websocket.close(
+                    self.session.close_code or 1000, self.session.close_reason
+                )
+                return
+            assert isinstance(frame, bytes)
+            await self.websocket.send_bytes(frame)
+            self._queued -= 1
