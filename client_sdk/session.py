@@ -26,7 +26,9 @@ Invariants:
   server's (client_id, id) dedupe answers ``duplicate`` for those it already applied.
   A result is final only when it is ``applied``/``duplicate`` (success) or
   ``rejected``/``duplicate`` with an error (rejection); a ``conflict:`` error means
-  "an earlier id is missing" — the mutation stays pending and is pushed again.
+  "an earlier id is missing" — the mutation stays pending, the session reconnects and
+  the Welcome decides: resend from the first pending id, or stop if the server lost
+  mutations this client had confirmed.
 * **Ordered, gapless delivery** (promise 4): events must come in strictly increasing
   ``seq`` above the cursor; anything at or below it is dropped (never applied twice),
   a page out of order is a protocol violation (close, reconnect from the durable
@@ -468,14 +470,13 @@ class SyncSession:
             return
         self._in_flight = []
         settled: list[tuple[int, bool, str | None]] = []
+        conflict: str | None = None
         for result in results:
             mid, status, error = result.id, result.status, result.error
             if error is not None and error.startswith(CONFLICT_PREFIX):
-                # Not applied because an earlier id is missing: keep it, push again.
+                # Not applied because an earlier id is missing: keep it pending.
                 self.counters.conflicts += 1
-                if mid == next(iter(self._pending)):
-                    self._fail(Conflict(f"server refuses mutation {mid}: {error}"))
-                    return
+                conflict = conflict or f"mutation {mid}: {error}"
                 continue
             applied = status == MutationStatus.APPLIED or (
                 status == MutationStatus.DUPLICATE and error is None
@@ -484,6 +485,13 @@ class SyncSession:
             self._pending.pop(mid, None)
         if settled:
             self._commands.append(Settle(settled))
+        if conflict is not None:
+            # Reconnect: the next Welcome re-states the server's last id, and either the
+            # push resumes from the first pending id or the Welcome check stops the
+            # session with a clear "server lost data" error.
+            self._commands.append(Close(Conflict(f"server reports a gap at {conflict}")))
+            self.connection_lost()
+            return
         self._push()
 
     def _push(self) -> None:

@@ -13,7 +13,10 @@ import jwt
 
 from protocol import Forbidden, Role, Unauthorized
 
-__all__ = ["Principal", "bearer_token", "issue_token", "verify_token"]
+__all__ = ["GLOBAL_TENANT", "Principal", "bearer_token", "issue_token", "verify_token"]
+
+GLOBAL_TENANT = "*"
+"""The tenant claim of an operator's admin token that reaches every tenant."""
 
 _ALGORITHM = "HS256"
 
@@ -25,6 +28,17 @@ class Principal:
     tenant: str
     subject: str
     role: Role
+
+    @property
+    def scope(self) -> str | None:
+        """The tenant this principal is confined to; None for a global admin (tenant ``*``)."""
+        if self.role is Role.ADMIN and self.tenant == GLOBAL_TENANT:
+            return None
+        return self.tenant
+
+    def sees(self, tenant: str) -> bool:
+        """Whether this principal may read or act on ``tenant``'s data."""
+        return self.scope is None or self.scope == tenant
 
     def require(self, *roles: Role) -> None:
         """Raise ``Forbidden`` unless this principal has one of ``roles``."""

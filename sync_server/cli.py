@@ -1,4 +1,8 @@
-"""``sync-server``: serve, token (and the operator commands).
+"""``sync-server``: serve, demo, token, and the operator commands (workflows, dlq).
+
+The operator commands talk to a running server over HTTP with a short-lived global
+admin token minted from ``SYNC_AUTH_SECRET`` — so a requeue wakes the instances at once,
+whatever the backend.
 
 Settings come from flags, then the environment (``SYNC_DATABASE_URL``,
 ``SYNC_AUTH_SECRET``), then defaults. Errors print one clear line and exit non-zero.
@@ -13,10 +17,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from protocol import Role, TetherError, UsageError
+from protocol import Role, TetherError, Unavailable, UsageError
 from sync_server.config import DEFAULT_DATABASE_URL
 
-__all__ = ["load_workflows", "main", "serve_config"]
+__all__ = ["build_parser", "check_database", "load_workflows", "main", "serve_config"]
 
 WS_MAX_SIZE = 4 * 1024 * 1024
 """uvicorn's frame cap; frames between the protocol limit and this get 4413, above 1009."""
@@ -63,14 +67,129 @@ def serve_config(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def check_database(url: str) -> None:
+    """Open and close the store once, so a bad URL or a database that is down gives one
+    clear line before the server starts.
+
+    Raises:
+        UsageError: the URL's scheme is not supported.
+        StorageError: the database is unreachable or refuses the schema.
+    """
+    import asyncio
+
+    from sync_server.store import open_store
+
+    async def probe() -> None:
+        store = open_store(url)
+        await store.open()
+        await store.close()
+
+    asyncio.run(probe())
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from sync_server.app import create_app
 
     url = args.database or os.environ.get("SYNC_DATABASE_URL") or DEFAULT_DATABASE_URL
-    app = create_app(url, workflows=load_workflows(args.workflows))
+    workflows = load_workflows(args.workflows)
+    app = create_app(url, workflows=workflows)
+    check_database(url)
     uvicorn.run(app, **serve_config(args))
+    return 0
+
+
+def _admin_client(args: argparse.Namespace) -> Any:
+    import httpx
+
+    from sync_server.auth import GLOBAL_TENANT, issue_token
+
+    token = issue_token(
+        _secret(), tenant=GLOBAL_TENANT, subject="sync-server-cli", role=Role.ADMIN, ttl=300
+    )
+    return httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+
+def _call(args: argparse.Namespace, method: str, path: str, **kwargs: Any) -> Any:
+    import httpx
+
+    try:
+        with _admin_client(args) as http:
+            response = http.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        raise Unavailable(f"cannot reach the server at {args.url}: {exc}") from exc
+    body = response.json() if response.content else {}
+    if response.status_code >= 400:
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        raise TetherError(
+            f"{response.status_code} {error.get('code', '')}: {error.get('message', body)}"
+        )
+    return body
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if cell is None else str(cell) for cell in row))
+    Console().print(table)
+
+
+def _cmd_workflows(args: argparse.Namespace) -> int:
+    if args.action == "show":
+        if not args.id:
+            raise UsageError("workflows show needs a workflow ID")
+        view = _call(args, "GET", f"/v1/workflows/{args.id}")
+        rows = [
+            [name, step["status"], step["attempts"], f"{step['progress']:.0%}", step["error"]]
+            for name, step in view["steps"].items()
+        ]
+        _print_table(
+            f"{view['name']} {view['id']}: {view['status']} ({view['progress']:.0%})"
+            + (f" — {view['error']}" if view.get("error") else ""),
+            ["step", "status", "attempts", "progress", "error"],
+            rows,
+        )
+        return 0
+    params = {"status": args.status} if args.status else {}
+    listed = _call(args, "GET", "/v1/workflows", params=params)["workflows"]
+    _print_table(
+        f"{len(listed)} workflows",
+        ["id", "name", "status", "progress", "error"],
+        [[w["id"], w["name"], w["status"], f"{w['progress']:.0%}", w["error"]] for w in listed],
+    )
+    return 0
+
+
+def _cmd_dlq(args: argparse.Namespace) -> int:
+    if args.action == "requeue":
+        if not args.id:
+            raise UsageError("dlq requeue needs a dead-letter ID")
+        view = _call(args, "POST", f"/v1/dlq/{args.id}/requeue")
+        print(f"requeued dead letter {args.id}: workflow {view['id']} is {view['status']}")
+        return 0
+    entries = _call(args, "GET", "/v1/dlq", params={"status": args.status})["entries"]
+    _print_table(
+        f"{len(entries)} dead letters",
+        ["id", "workflow", "step", "reason", "attempts", "last error", "status"],
+        [
+            [
+                e["id"],
+                e["workflow_id"],
+                e["step"],
+                e["reason"],
+                e["attempts"],
+                e["last_error"],
+                e["status"],
+            ]
+            for e in entries
+        ],
+    )
     return 0
 
 
@@ -119,6 +238,22 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--role", default="client", choices=[role.value for role in Role])
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds (default 3600)")
     token.set_defaults(func=_cmd_token)
+
+    url_help = "server URL (default http://127.0.0.1:8700; env SYNC_SERVER_URL)"
+    default_url = os.environ.get("SYNC_SERVER_URL", "http://127.0.0.1:8700")
+    workflows = commands.add_parser("workflows", help="list workflows or show one")
+    workflows.add_argument("action", choices=["list", "show"])
+    workflows.add_argument("id", nargs="?", help="workflow id (for show)")
+    workflows.add_argument("--status", help="only workflows with this status (for list)")
+    workflows.add_argument("--url", default=default_url, help=url_help)
+    workflows.set_defaults(func=_cmd_workflows)
+
+    dlq = commands.add_parser("dlq", help="list dead letters or requeue one")
+    dlq.add_argument("action", choices=["list", "requeue"])
+    dlq.add_argument("id", nargs="?", help="dead-letter id (for requeue)")
+    dlq.add_argument("--status", default="open", help="open (default), requeued or all")
+    dlq.add_argument("--url", default=default_url, help=url_help)
+    dlq.set_defaults(func=_cmd_dlq)
     return parser
 
 

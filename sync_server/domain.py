@@ -77,10 +77,11 @@ class MutationApplier:
         """Apply a batch in one transaction and return one result per mutation.
 
         Raises:
-            Forbidden: the client id belongs to another tenant, or the role may not push.
+            Forbidden: the client id belongs to another tenant, or the token is not a
+                client's.
             StorageError: the database failed; nothing was applied.
         """
-        principal.require(Role.CLIENT, Role.ADMIN)
+        principal.require(Role.CLIENT)
         now = self.clock()
 
         async def unit(tx: Transaction) -> list[MutationResult]:
@@ -234,9 +235,7 @@ class WorkflowCommands:
 
         async def unit(tx: Transaction) -> WorkflowRecord:
             record = await tx.get_workflow(workflow_id, lock=True)
-            if record is None or (
-                record.tenant != principal.tenant and principal.role is not Role.ADMIN
-            ):
+            if record is None or not principal.sees(record.tenant):
                 raise NotFound(f"no workflow {workflow_id}")
             outcome = action(tx, record, now)
             if hasattr(outcome, "__await__"):
@@ -297,7 +296,7 @@ class WorkflowCommands:
 
         async def unit(tx: Transaction) -> WorkflowRecord:
             entry = await tx.get_dlq(entry_id, lock=True)
-            if entry is None or (entry.tenant != principal.tenant and principal.tenant != "*"):
+            if entry is None or not principal.sees(entry.tenant):
                 raise NotFound(f"no dead letter {entry_id}")
             if entry.status != "open":
                 raise Conflict(f"dead letter {entry_id} is {entry.status}, not open")

@@ -104,7 +104,7 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
 
 async def push(request: Request) -> Response:
     """``POST /v1/push``: body ``{client_id, mutations}`` → ``{results}``."""
-    principal = _principal(request, Role.CLIENT, Role.ADMIN)
+    principal = _principal(request, Role.CLIENT)
     body = decode_json(await _body(request), PushRequest)
     tether = _tether(request)
     tether.check_rate(body.client_id)
@@ -117,7 +117,7 @@ async def pull(request: Request) -> Response:
     principal = _principal(request)
     cursor = _int_param(request, "cursor", 0, 0, 2**63 - 1)
     limit = _int_param(request, "limit", 500, 1, MAX_EVENTS_PAGE)
-    rows = await _tether(request).store.read_events(cursor, limit + 1, tenant=principal.tenant)
+    rows = await _tether(request).store.read_events(cursor, limit + 1, tenant=principal.scope)
     page = [row.to_wire() for row in rows[:limit]]
     return _json(
         PullResponse(
@@ -130,7 +130,7 @@ async def get_workflow(request: Request) -> Response:
     """``GET /v1/workflows/{id}`` → the workflow's snapshot."""
     principal = _principal(request)
     record = await _tether(request).store.get_workflow(request.path_params["id"])
-    if record is None or (record.tenant != principal.tenant and principal.role is not Role.ADMIN):
+    if record is None or not principal.sees(record.tenant):
         raise NotFound(f"no workflow {request.path_params['id']}")
     return _json(snapshot(record))
 
@@ -145,7 +145,7 @@ async def list_workflows(request: Request) -> Response:
                 raise BadMessage(f"unknown status {status!r}")
     limit = _int_param(request, "limit", 1000, 1, 10_000)
     records = await _tether(request).store.list_workflows(
-        tenant=principal.tenant, statuses=statuses, limit=limit
+        tenant=principal.scope, statuses=statuses, limit=limit
     )
     return _json({"workflows": [snapshot(record) for record in records]})
 
@@ -177,7 +177,7 @@ async def list_dlq(request: Request) -> Response:
     principal = _principal(request, Role.ADMIN)
     status = request.query_params.get("status", "open")
     entries = await _tether(request).store.list_dlq(
-        tenant=principal.tenant if principal.tenant != "*" else None,
+        tenant=principal.scope,
         status=None if status == "all" else status,
     )
     return _json({"entries": [dataclasses.asdict(entry) for entry in entries]})

@@ -20,6 +20,7 @@ from protocol import (
     BadMessage,
     Forbidden,
     Push,
+    Role,
     StorageError,
     TetherError,
     Unauthorized,
@@ -49,6 +50,7 @@ async def sync_endpoint(websocket: WebSocket) -> None:
         principal = verify_token(
             tether.config.auth_secret, bearer_token(websocket.headers.get("authorization"))
         )
+        principal.require(Role.CLIENT)
         if origin is not None and not tether.config.origin_allowed(origin):
             raise Forbidden(f"origin {origin!r} is not allowed")
     except (Unauthorized, Forbidden) as exc:

@@ -142,24 +142,12 @@ class Checkpointer:
         self.breaker_changes: list[tuple[str, str]] = []
 
     async def claim(self, tx: Transaction, now: float, limit: int) -> list[Applied]:
-        """Claim due workflows and start their ready steps, in ``tx``.
-
-        Raises:
-            NotImplementedError: the backend has no in-transaction claim.
-        """
+        """Claim due workflows and start their ready steps, in ``tx``."""
         records = await tx.claim_due_workflows(self.owner, now, self.lease_seconds, limit)
         cache = _BreakerCache(tx)
         out = [await self.process(tx, record, [], now, cache, claimed=True) for record in records]
         await cache.flush()
         return out
-
-    async def start_claimed(
-        self, tx: Transaction, claimed: list[tuple[str, int]], now: float
-    ) -> list[Applied]:
-        """Start the ready steps of workflows already claimed (id, fence), in ``tx``."""
-        return await self.checkpoint(
-            tx, {wid: (fence, []) for wid, fence in claimed}, now, claimed=True
-        )
 
     async def checkpoint(
         self,
@@ -399,4 +387,3 @@ def _copy_state(state: JSON) -> dict[str, JSON]:
     if "dlq" in state:
         copy["dlq"] = list(state["dlq"])
     return copy
-

@@ -239,8 +239,7 @@ class Workflow:
             raise DefinitionError("a workflow needs a non-empty name")
         if on_failure not in ("compensate", "park"):
             raise DefinitionError(
-                f"workflow {name!r}: on_failure must be 'compensate' or 'park', "
-                f"not {on_failure!r}"
+                f"workflow {name!r}: on_failure must be 'compensate' or 'park', not {on_failure!r}"
             )
         step_list = list(steps)
         if not step_list:

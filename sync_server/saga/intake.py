@@ -83,9 +83,7 @@ def request_retry(tx: Transaction, record: WorkflowRecord, now: float, client_id
     record.state.setdefault("requests", {})["retry"] = True
     record.due_at = now
     tx.notify(WORK_CHANNEL, "")
-    append_event(
-        tx, record, events.WORKFLOW_RETRY_REQUESTED, now, client_id=client_id, steps=steps
-    )
+    append_event(tx, record, events.WORKFLOW_RETRY_REQUESTED, now, client_id=client_id, steps=steps)
 
 
 def requeue_dlq(tx: Transaction, entry: DlqEntry, record: WorkflowRecord, now: float) -> None:

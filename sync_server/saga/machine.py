@@ -243,8 +243,13 @@ def initial_state(workflow: Workflow) -> dict[str, JSON]:
     """The state of a just-submitted workflow: every step waiting."""
     return {
         "steps": {
-            name: {"status": "waiting", "attempts": 0, "progress": 0.0, "result": None,
-                   "error": None}
+            name: {
+                "status": "waiting",
+                "attempts": 0,
+                "progress": 0.0,
+                "result": None,
+                "error": None,
+            }
             for name in workflow.step_names
         }
     }
@@ -570,9 +575,7 @@ class SagaMachine:
             s.pop("due_at", None)
             s.pop("deferred", None)
             self._step_to(name, SI.START)
-            self._effects.append(
-                RunStep(name, attempt, idempotency_key(self.workflow_id, name))
-            )
+            self._effects.append(RunStep(name, attempt, idempotency_key(self.workflow_id, name)))
 
     def _advance_compensating(self, now: float) -> None:
         steps = self.steps
@@ -647,7 +650,7 @@ class SagaMachine:
                 ):
                     times.append(s.get("due_at") or now)
         else:
-            for name, s in self.steps.items():
+            for s in self.steps.values():
                 if s["status"] == S.COMPENSATING:
                     times.append(s.get("comp_due_at") or now)
         return min(times) if times else now

@@ -30,6 +30,7 @@ deadlock or serialization failure; ``fn`` must therefore be free of outside effe
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -48,6 +49,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+_log = logging.getLogger(__name__)
 JSON = Any
 
 
@@ -399,8 +401,13 @@ class Store(abc.ABC):
             callbacks.remove(callback)
 
     def _dispatch(self, channel: str, payload: str) -> None:
+        # Called after a commit: a failing listener must neither hide the commit from
+        # the caller (who might then retry it) nor starve the other listeners.
         for callback in list(self._listeners.get(channel, ())):
-            callback(payload)
+            try:
+                callback(payload)
+            except Exception:
+                _log.exception("listener for %r failed", channel)
 
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` after the notification link was lost and restored.

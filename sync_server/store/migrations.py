@@ -29,6 +29,7 @@ from protocol import StorageError
 
 if TYPE_CHECKING:
     import asyncpg
+    from asyncpg.pool import PoolConnectionProxy
 
 __all__ = [
     "POSTGRES_MIGRATIONS",
@@ -283,7 +284,9 @@ def _lock_key(schema: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-async def migrate_postgres(conn: asyncpg.Connection, schema: str) -> list[int]:
+async def migrate_postgres(
+    conn: asyncpg.Connection | PoolConnectionProxy, schema: str
+) -> list[int]:
     """Create ``schema`` if needed and apply the missing PostgreSQL migrations.
 
     Args:

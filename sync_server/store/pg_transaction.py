@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from protocol import Forbidden, StorageError
 from sync_server.store import rows
@@ -34,6 +35,8 @@ from sync_server.store.base import (
 __all__ = ["CLAIM_DUE_WORKFLOWS", "PG_ERRORS", "PgSql", "PostgresTransaction"]
 
 JSON = Any
+PgConnection = asyncpg.Connection | PoolConnectionProxy
+"""A connection, bare or lent by a pool."""
 PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 """What asyncpg raises when the database or the link fails."""
 
@@ -98,7 +101,7 @@ class PgSql:
     asyncpg error stays in ``__cause__`` so ``run`` can tell a deadlock from the rest.
     """
 
-    def _executor(self) -> asyncpg.Connection | asyncpg.Pool:
+    def _executor(self) -> PgConnection | asyncpg.Pool:
         raise NotImplementedError
 
     async def _execute(self, sql: str, *args: Any) -> str:
@@ -133,17 +136,19 @@ class PostgresTransaction(PgSql, Transaction):
         conn: the connection; ``PostgresStore.run`` begins and commits.
     """
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: PgConnection) -> None:
         super().__init__()
         self._conn = conn
 
-    def _executor(self) -> asyncpg.Connection:
+    def _executor(self) -> PgConnection:
         return self._conn
 
     async def get_workflow(self, workflow_id: str, *, lock: bool = True) -> WorkflowRecord | None:
         """Read a workflow; with ``lock`` its row stays locked (FOR UPDATE) until commit."""
         suffix = " FOR UPDATE" if lock else ""
-        row = await self._fetchrow(f"SELECT {_WF} FROM workflows WHERE id = $1{suffix}", workflow_id)
+        row = await self._fetchrow(
+            f"SELECT {_WF} FROM workflows WHERE id = $1{suffix}", workflow_id
+        )
         return None if row is None else rows.workflow_from_row(row)
 
     async def get_workflows(
@@ -161,9 +166,7 @@ class PostgresTransaction(PgSql, Transaction):
         self, owner: str, now: float, lease_seconds: float, limit: int
     ) -> list[WorkflowRecord]:
         """Lease up to ``limit`` due workflows no live owner holds, in this transaction."""
-        found = await self._fetch(
-            CLAIM_DUE_WORKFLOWS, owner, now + lease_seconds, now, limit
-        )
+        found = await self._fetch(CLAIM_DUE_WORKFLOWS, owner, now + lease_seconds, now, limit)
         claimed = [rows.workflow_from_row(row) for row in found]
         claimed.sort(key=lambda wf: (wf.due_at or 0.0, wf.id))
         return claimed

@@ -37,7 +37,7 @@ import logging
 import random
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
@@ -145,6 +145,7 @@ class PostgresStore(PgSql, Store):
         self._channel = f"tether_{self.schema}"
         self._pool: asyncpg.Pool | None = None
         self._listener_task: asyncio.Task[None] | None = None
+        self._listener: asyncpg.Connection | None = None
         self._closing = False
 
     # -- lifecycle --------------------------------------------------------------
@@ -179,9 +180,9 @@ class PostgresStore(PgSql, Store):
                     f"cannot prepare schema {self.schema!r} at {self._label}: {exc}"
                 ) from exc
             raise
-        self._pool = pool
+        self._pool, self._listener = pool, listener
         self._listener_task = asyncio.create_task(
-            self._supervise_listener(listener), name=f"tether-listen-{self.schema}"
+            self._supervise_listener(), name=f"tether-listen-{self.schema}"
         )
 
     async def close(self) -> None:
@@ -192,6 +193,9 @@ class PostgresStore(PgSql, Store):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.terminate()
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -207,7 +211,9 @@ class PostgresStore(PgSql, Store):
     # -- notifications ----------------------------------------------------------
     async def _connect_listener(self) -> asyncpg.Connection:
         conn: asyncpg.Connection = await asyncpg.connect(
-            self._dsn, timeout=self._connect_timeout
+            self._dsn,
+            timeout=self._connect_timeout,
+            server_settings={"application_name": f"tether-listen:{self.schema}"},
         )
         try:
             await conn.add_listener(self._channel, self._on_notification)
@@ -216,30 +222,29 @@ class PostgresStore(PgSql, Store):
             raise
         return conn
 
-    def _on_notification(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
-        channel, _, body = payload.partition(":")
-        try:
-            self._dispatch(channel, body)
-        except Exception:
-            log.exception("notification listener for %r failed", channel)
+    def _on_notification(
+        self, _conn: PgConnection, _pid: int, _channel: str, payload: object
+    ) -> None:
+        channel, _, body = str(payload).partition(":")
+        self._dispatch(channel, body)
 
-    async def _supervise_listener(self, conn: asyncpg.Connection) -> None:
+    async def _supervise_listener(self) -> None:
         """Keep one LISTEN connection alive; after a loss, reconnect and announce it."""
         backoff = 0.05
         while True:
+            conn = self._listener
+            assert conn is not None
             lost = asyncio.Event()
-            conn.add_termination_listener(lambda _c: lost.set())
-            try:
-                await self._watch(conn, lost)
-            finally:
-                conn.terminate()
+            conn.add_termination_listener(lambda _c, lost=lost: lost.set())
+            await self._watch(conn, lost)
+            conn.terminate()
             # LESSONS "LISTEN/NOTIFY drops notifications while a listener is
             # disconnected": reconnect, then tell listeners to re-read the store.
             log.warning("notification link to %s lost; reconnecting", self._label)
             while True:
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.5))
                 try:
-                    conn = await self._connect_listener()
+                    self._listener = await self._connect_listener()
                     break
                 except _PG_ERRORS as exc:
                     backoff = min(backoff * 2, 5.0)
@@ -453,4 +458,3 @@ class PostgresStore(PgSql, Store):
         assert row is not None
         oldest = row[1]
         return int(row[0]), 0.0 if oldest is None else max(0.0, now - oldest)
-

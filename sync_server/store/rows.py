@@ -7,8 +7,7 @@ seconds, so one set of converters serves SQLite rows (tuples) and asyncpg record
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -25,6 +24,7 @@ __all__ = [
     "DLQ_COLUMNS",
     "EVENT_COLUMNS",
     "OUTBOX_COLUMNS",
+    "Row",
     "WORKFLOW_COLUMNS",
     "breaker_from_row",
     "dlq_from_row",
@@ -35,6 +35,13 @@ __all__ = [
     "workflow_from_row",
     "workflow_params",
 ]
+
+
+class Row(Protocol):
+    """A result row indexable by position: a sqlite3 tuple or an asyncpg Record."""
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder()
@@ -94,7 +101,7 @@ def workflow_params(wf: WorkflowRecord) -> tuple[Any, ...]:
     )
 
 
-def workflow_from_row(row: Sequence[Any]) -> WorkflowRecord:
+def workflow_from_row(row: Row) -> WorkflowRecord:
     """A ``WorkflowRecord`` from a row selected with ``WORKFLOW_COLUMNS``."""
     return WorkflowRecord(
         id=row[0],
@@ -117,12 +124,12 @@ def workflow_from_row(row: Sequence[Any]) -> WorkflowRecord:
     )
 
 
-def event_from_row(row: Sequence[Any]) -> StoredEvent:
+def event_from_row(row: Row) -> StoredEvent:
     """A ``StoredEvent`` from a row selected with ``EVENT_COLUMNS``."""
     return StoredEvent(row[0], row[1], row[2], row[3], row[4], loads(row[5]), float(row[6]))
 
 
-def outbox_from_row(row: Sequence[Any]) -> OutboxItem:
+def outbox_from_row(row: Row) -> OutboxItem:
     """An ``OutboxItem`` from a row selected with ``OUTBOX_COLUMNS``."""
     return OutboxItem(
         id=row[0],
@@ -139,7 +146,7 @@ def outbox_from_row(row: Sequence[Any]) -> OutboxItem:
     )
 
 
-def dlq_from_row(row: Sequence[Any]) -> DlqEntry:
+def dlq_from_row(row: Row) -> DlqEntry:
     """A ``DlqEntry`` from a row selected with ``DLQ_COLUMNS``."""
     return DlqEntry(
         id=row[0],
@@ -155,7 +162,7 @@ def dlq_from_row(row: Sequence[Any]) -> DlqEntry:
     )
 
 
-def breaker_from_row(row: Sequence[Any]) -> BreakerRecord:
+def breaker_from_row(row: Row) -> BreakerRecord:
     """A ``BreakerRecord`` from a row selected with ``BREAKER_COLUMNS``."""
     return BreakerRecord(
         name=row[0],

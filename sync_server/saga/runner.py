@@ -1,0 +1,550 @@
+"""The saga runner: the thin I/O shell around the saga machine.
+
+Theory of operation
+-------------------
+One ``SagaRunner`` per server instance. Three background tasks and the step tasks:
+
+* **claimer** — woken by ``work`` notifications (from any instance), a timer for the
+  earliest known ``due_at``, or a poll fallback; claims due workflows under a lease
+  (``Transaction.claim_due_workflows``) and, *in the same transaction*, runs the
+  machine's ``receive_claim`` (takeover of interrupted attempts, client requests) and
+  starts the ready steps.
+* **writer** — group commit: step outcomes, durable progress and timer ticks queue up
+  while a commit is in flight, then all of them — of many workflows — commit in one
+  transaction through ``Checkpointer.checkpoint``, which re-reads each row with its lock
+  and refuses a stale owner (fencing). Steps that became ready start after COMMIT.
+* **heartbeat** — every ``lease/3`` renews the leases held; a lease that was not renewed
+  was taken over (or revoked by a cancel): its attempts are cancelled locally.
+* **step tasks** — one asyncio task per running attempt, with the step's timeout; the
+  outcome goes to the writer. Nothing a step does is written outside a checkpoint.
+
+Write transactions per workflow (3 sequential steps, nothing failing): the submit (the
+push transaction), the claim that also starts step 1, then one checkpoint per step, the
+last one also completing the workflow: 5 when workflows run one at a time, far fewer
+under load, where claims and checkpoints of many workflows share transactions.
+
+Progress is delivered live through ``on_progress`` (coalesced to at most one call per
+``live_interval`` per step, trailing value always delivered) and durably at most every
+``progress_interval`` per step (SPEC: a chatty step cannot flood the log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import msgspec
+
+from protocol import TERMINAL_WORKFLOW_STATUSES, Progress, StorageError, WorkflowStatus
+from sync_server.saga.alerts import Alerts, AlertSink
+from sync_server.saga.backoff import jittered
+from sync_server.saga.breaker import BreakerPolicy
+from sync_server.saga.checkpoint import Applied, Checkpointer, Input
+from sync_server.saga.definitions import PermanentError, StepContext, Workflow
+from sync_server.saga.intake import WORK_CHANNEL
+from sync_server.saga.machine import RunCompensation, RunStep
+from sync_server.saga.progress import ProgressPublisher
+from sync_server.store.base import Store, WorkflowRecord
+
+__all__ = ["ProgressCallback", "SagaRunner"]
+
+log = logging.getLogger("tether.saga")
+JSON = Any
+ProgressCallback = Callable[[str, Progress], Any]
+"""``on_progress(tenant, progress)``; may return an awaitable."""
+
+
+@dataclass(slots=True)
+class _Held:
+    """A workflow this instance holds the lease of, and its attempts in flight."""
+
+    id: str
+    tenant: str
+    fence: int
+    tasks: dict[tuple[str, bool], asyncio.Task[None]] = field(default_factory=dict)
+    tick: asyncio.TimerHandle | None = None
+
+    def cancel(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        self.tasks.clear()
+        if self.tick is not None:
+            self.tick.cancel()
+            self.tick = None
+
+
+class SagaRunner:
+    """Runs the workflows of one store on this instance.
+
+    Args:
+        store: the opened store.
+        workflows: the definitions this instance can run.
+        instance_id: lease owner id (unique per process; random if None).
+        lease_seconds: lease length; a dead instance's work resumes after it.
+        on_progress: live progress callback ``(tenant, Progress)``.
+        alerts: alert sink (default: log lines).
+        http: the ``httpx.AsyncClient`` handed to steps (one is created if None).
+        clock: wall clock, seconds.
+        rng: jitter source for backoff.
+        max_concurrency: most workflows held at once.
+        claim_batch: most workflows claimed per transaction.
+        max_batch: most workflows per group commit.
+        poll_interval: seconds between claims when nothing wakes the runner.
+        heartbeat_interval: seconds between lease renewals (default ``lease/3``).
+        progress_interval: seconds between durable progress writes per step.
+        live_interval: seconds between live progress calls per step.
+        breakers: ``BreakerPolicy`` per breaker name.
+        default_breaker: the policy of breakers not named in ``breakers``.
+        completion_webhook: outbox destination notified when a workflow ends.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        workflows: Iterable[Workflow],
+        *,
+        instance_id: str | None = None,
+        lease_seconds: float = 10.0,
+        on_progress: ProgressCallback | None = None,
+        alerts: Alerts | None = None,
+        http: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        max_concurrency: int = 2000,
+        claim_batch: int = 200,
+        max_batch: int = 500,
+        poll_interval: float = 1.0,
+        heartbeat_interval: float | None = None,
+        progress_interval: float = 0.5,
+        live_interval: float = 0.05,
+        breakers: Mapping[str, BreakerPolicy] | None = None,
+        default_breaker: BreakerPolicy | None = None,
+        completion_webhook: str | None = None,
+    ) -> None:
+        self.store = store
+        self.workflows = {w.name: w for w in workflows}
+        self.instance_id = instance_id or f"runner-{uuid.uuid4().hex[:12]}"
+        self.lease_seconds = lease_seconds
+        self.alerts: Alerts = alerts or AlertSink()
+        self.clock = clock
+        self.max_concurrency = max_concurrency
+        self.claim_batch = claim_batch
+        self.max_batch = max_batch
+        self.poll_interval = poll_interval
+        self.heartbeat_interval = heartbeat_interval or lease_seconds / 3
+        policies = dict(breakers or {})
+        fallback = default_breaker or BreakerPolicy()
+        self.checkpointer = Checkpointer(
+            self.workflows,
+            self.instance_id,
+            lease_seconds,
+            jittered(rng or random.Random()),
+            lambda name: policies.get(name, fallback),
+            completion_webhook,
+        )
+        self.progress = ProgressPublisher(
+            on_progress, self._queue_progress, clock, progress_interval, live_interval
+        )
+        self._http = http
+        self._own_http = http is None
+        self._held: dict[str, _Held] = {}
+        self._queue: list[Input] = []
+        self._queued = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running = False
+        self.stats: dict[str, int] = {
+            "claim_txns": 0,
+            "checkpoint_txns": 0,
+            "claimed": 0,
+            "checkpoints": 0,
+            "refused": 0,
+            "lost_leases": 0,
+            "attempts": 0,
+            "ended": 0,
+        }
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Start claiming, checkpointing and heartbeating."""
+        if self._running:
+            return
+        self._running = True
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=httpx.Timeout(30.0))
+        self.store.listen(WORK_CHANNEL, self._on_work)
+        self.store.on_reconnect(self._wake.set)
+        self._tasks = [
+            asyncio.create_task(self._claimer(), name="saga-claimer"),
+            asyncio.create_task(self._writer(), name="saga-writer"),
+            asyncio.create_task(self._heartbeat(), name="saga-heartbeat"),
+        ]
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop: cancel attempts, flush checkpoints, release every lease held."""
+        if not self._running:
+            return
+        self._running = False
+        self.store.unlisten(WORK_CHANNEL, self._on_work)
+        if self._timer is not None:
+            self._timer.cancel()
+        steps = [t for h in self._held.values() for t in h.tasks.values()]
+        for held in self._held.values():
+            held.cancel()
+        await asyncio.gather(*steps, return_exceptions=True)
+        self.progress.close()
+        for task in self._tasks:
+            if task.get_name() != "saga-writer":
+                task.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drain(), timeout=5.0)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        leases = {wid: h.fence for wid, h in self._held.items()}
+        self._held.clear()
+        if leases:
+            try:
+                await self.store.release_leases(self.instance_id, leases)
+            except StorageError as exc:
+                log.warning("could not release %d leases: %s", len(leases), exc)
+        if self._own_http and self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def _drain(self) -> None:
+        while self._queue:
+            self._queued.set()
+            await asyncio.sleep(0.01)
+
+    @property
+    def held(self) -> dict[str, int]:
+        """Workflow id -> fence of every lease this instance holds."""
+        return {wid: h.fence for wid, h in self._held.items()}
+
+    # ---------------------------------------------------------------- wake-ups
+    def _on_work(self, payload: str) -> None:
+        if payload.startswith("revoke:"):
+            held = self._held.pop(payload[7:], None)
+            if held is not None:
+                log.info("lease of %s revoked; stopping its attempts", held.id)
+                held.cancel()
+        elif payload.startswith("due:"):
+            with contextlib.suppress(ValueError):
+                self._arm(float(payload[4:]))
+                return
+        self._wake.set()
+
+    def _arm(self, at: float) -> None:
+        """Wake the claimer at ``at`` (keeps only the earliest timer)."""
+        delay = at - self.clock()
+        if delay <= 0:
+            self._wake.set()
+            return
+        if self._timer is not None and self._timer_at <= at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+
+        def fire() -> None:
+            self._timer = None
+            self._timer_at = float("inf")
+            self._wake.set()
+
+        self._timer = asyncio.get_running_loop().call_later(delay, fire)
+
+    # ---------------------------------------------------------------- claimer
+    async def _claimer(self) -> None:
+        failures = 0
+        while self._running:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            self._wake.clear()
+            try:
+                while self._running:
+                    capacity = self.max_concurrency - len(self._held)
+                    if capacity <= 0:
+                        break
+                    limit = min(self.claim_batch, capacity)
+                    if await self._claim_once(limit) < limit:
+                        break
+                failures = 0
+            except StorageError as exc:
+                failures += 1
+                log.warning("claim failed (%s); retrying", exc)
+                await asyncio.sleep(min(2.0, 0.05 * 2**failures))
+
+    async def _claim_once(self, limit: int) -> int:
+        now = self.clock()
+        applied = await self.store.run(lambda tx: self.checkpointer.claim(tx, now, limit))
+        self.stats["claim_txns"] += 1
+        self.stats["claimed"] += len(applied)
+        for item in applied:
+            stale = self._held.pop(item.workflow_id, None)
+            if stale is not None:
+                stale.cancel()  # our own older lease on it expired; its attempts are void
+            self._after_commit(item, fence_hint=item.record.fence if item.record else 0)
+        self._after_checkpoints()
+        return len(applied)
+
+    # ---------------------------------------------------------------- writer
+    def _enqueue(self, item: Input) -> None:
+        self._queue.append(item)
+        self._queued.set()
+
+    def _queue_progress(self, item: Input) -> None:
+        held = self._held.get(item.workflow_id)
+        if held is not None and held.fence == item.fence:
+            self._enqueue(item)
+
+    async def _writer(self) -> None:
+        failures = 0
+        while True:
+            await self._queued.wait()
+            self._queued.clear()
+            while self._queue:
+                batch = self._queue
+                self._queue = []
+                try:
+                    await self._commit(batch)
+                    failures = 0
+                except StorageError as exc:
+                    failures += 1
+                    log.warning("checkpoint of %d inputs failed (%s); retrying", len(batch), exc)
+                    self._queue[:0] = batch
+                    await asyncio.sleep(min(2.0, 0.05 * 2**failures))
+
+    async def _commit(self, batch: list[Input]) -> None:
+        grouped: dict[str, tuple[int, list[Input]]] = {}
+        for item in batch:
+            entry = grouped.get(item.workflow_id)
+            if entry is None or entry[0] != item.fence:
+                if entry is not None and entry[0] > item.fence:
+                    self.stats["refused"] += 1
+                    continue  # an input of an older lease: fenced out
+                grouped[item.workflow_id] = (item.fence, [item])
+            else:
+                entry[1].append(item)
+        ids = list(grouped)
+        for start in range(0, len(ids), self.max_batch):
+            chunk = {wid: grouped[wid] for wid in ids[start : start + self.max_batch]}
+            now = self.clock()
+            applied = await self.store.run(
+                lambda tx, chunk=chunk, now=now: self.checkpointer.checkpoint(tx, chunk, now)
+            )
+            self.stats["checkpoint_txns"] += 1
+            self.stats["checkpoints"] += len(applied)
+            for item in applied:
+                self._after_commit(item, fence_hint=chunk[item.workflow_id][0])
+            self._after_checkpoints()
+
+    # ---------------------------------------------------------------- after commit
+    def _after_commit(self, applied: Applied, *, fence_hint: int) -> None:
+        wid = applied.workflow_id
+        held = self._held.get(wid)
+        if applied.refused:
+            self.stats["refused"] += 1
+            log.warning(
+                "stale write refused: workflow %s is no longer leased to %s with fence %d",
+                wid,
+                self.instance_id,
+                fence_hint,
+            )
+            if held is not None and held.fence == fence_hint:
+                self._held.pop(wid, None)
+                held.cancel()
+            return
+        for alert in applied.alerts:
+            self._alert(alert.kind, alert.message, alert.details)
+        record = applied.record
+        if record is not None and record.status in _ENDED:
+            self.stats["ended"] += 1
+        if applied.failed or record is None:
+            if held is not None:
+                self._held.pop(wid, None)
+                held.cancel()
+            return
+        if not applied.held:
+            if held is not None:
+                self._held.pop(wid, None)
+                held.cancel()
+            if record.due_at is not None:
+                self._arm(record.due_at)
+            return
+        if held is None or held.fence != record.fence:
+            if held is not None:
+                held.cancel()
+            held = _Held(wid, record.tenant, record.fence)
+            self._held[wid] = held
+        self._sync_tasks(held, record, applied.commands)
+
+    def _after_checkpoints(self) -> None:
+        for name, state in self.checkpointer.breaker_changes:
+            log.info("breaker %s is now %s", name, state)
+            if state == "open":
+                self._alert("breaker_open", f"circuit breaker {name} opened", {"breaker": name})
+        self.checkpointer.breaker_changes.clear()
+
+    def _alert(self, kind: str, message: str, details: dict[str, JSON]) -> None:
+        try:
+            self.alerts.alert(kind, message, details)
+        except Exception:
+            log.exception("alert sink failed")
+
+    def _sync_tasks(
+        self, held: _Held, record: WorkflowRecord, commands: list[RunStep | RunCompensation]
+    ) -> None:
+        """Start the commanded attempts; cancel local attempts the state no longer runs."""
+        steps = record.state["steps"]
+        for (step, compensation), task in list(held.tasks.items()):
+            s = steps.get(step, {})
+            alive = s.get("comp_running") if compensation else s.get("status") == "running"
+            if not alive:
+                task.cancel()
+                del held.tasks[(step, compensation)]
+        for command in commands:
+            self._launch(held, record, command)
+        if held.tick is not None:
+            held.tick.cancel()
+            held.tick = None
+        due = record.due_at
+        now = self.clock()
+        if due is not None and due > now:
+            # A sibling's retry falls due while other attempts still run: tick then.
+            fence = held.fence
+            held.tick = asyncio.get_running_loop().call_later(
+                due - now, lambda: self._enqueue(Input("tick", held.id, fence))
+            )
+
+    def _launch(
+        self, held: _Held, record: WorkflowRecord, command: RunStep | RunCompensation
+    ) -> None:
+        definition = self.workflows[record.name]
+        step = definition.steps[command.step]
+        compensation = isinstance(command, RunCompensation)
+        steps = record.state["steps"]
+        results = {dep: steps[dep].get("result") for dep in step.depends_on}
+        if compensation:
+            results[step.name] = steps[step.name].get("result")
+        assert self._http is not None
+        ctx = StepContext(
+            workflow_id=record.id,
+            step=step.name,
+            input=record.input,
+            results=results,
+            attempt=command.attempt,
+            idempotency_key=command.idempotency_key,
+            http=self._http,
+            log=logging.LoggerAdapter(
+                logging.getLogger("tether.step"), {"workflow_id": record.id, "step": step.name}
+            ),
+            tenant=record.tenant,
+            compensating=compensation,
+            reporter=self.progress.reporter(
+                record.tenant, record.id, held.fence, step.name, command.attempt
+            ),
+        )
+        key = (step.name, compensation)
+        old = held.tasks.pop(key, None)
+        if old is not None:
+            old.cancel()
+        action = step.compensate if compensation else step.action
+        assert action is not None
+        self.stats["attempts"] += 1
+        held.tasks[key] = asyncio.create_task(
+            self._attempt(held, key, action, ctx, step.timeout, step.breaker)
+        )
+
+    async def _attempt(
+        self,
+        held: _Held,
+        key: tuple[str, bool],
+        action: Callable[[StepContext], Any],
+        ctx: StepContext,
+        timeout: float | None,
+        breaker: str | None,
+    ) -> None:
+        """Run one attempt and queue its outcome (never raises but CancelledError)."""
+        kind = "comp" if ctx.compensating else "step"
+        item = Input(kind, ctx.workflow_id, held.fence, ctx.step, ctx.attempt, breaker=breaker)
+        try:
+            async with asyncio.timeout(timeout) as scope:
+                result = await action(ctx)
+            item.result = _json_result(result)
+            item.ok = True
+        except TimeoutError as exc:
+            if scope.expired():
+                item.timed_out = True
+                item.error = f"timed out after {timeout} s"
+            else:
+                item.error = _describe(exc)
+        except PermanentError as exc:
+            item.permanent = True
+            item.error = _describe(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            item.error = _describe(exc)
+            log.debug("attempt %s of %s/%s failed", ctx.attempt, ctx.workflow_id, ctx.step)
+        finally:
+            if held.tasks.get(key) is asyncio.current_task():
+                del held.tasks[key]
+        self.progress.finish(ctx.workflow_id, ctx.step)
+        if self._held.get(held.id) is held:
+            self._enqueue(item)
+
+    # ---------------------------------------------------------------- heartbeat
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            leases = self.held
+            if not leases:
+                continue
+            try:
+                renewed = await self.store.renew_leases(
+                    self.instance_id, leases, self.clock() + self.lease_seconds
+                )
+            except StorageError as exc:
+                log.warning("lease renewal failed: %s", exc)
+                continue
+            for wid, fence in leases.items():
+                held = self._held.get(wid)
+                if wid in renewed or held is None or held.fence != fence:
+                    continue
+                self.stats["lost_leases"] += 1
+                log.warning("lease of workflow %s lost; stopping its attempts", wid)
+                self._held.pop(wid, None)
+                held.cancel()
+
+
+_ENDED = frozenset({*TERMINAL_WORKFLOW_STATUSES, WorkflowStatus.PARKED})
+
+
+def _json_result(result: JSON) -> JSON:
+    """The result as plain JSON data.
+
+    Raises:
+        PermanentError: the result cannot be stored (not JSON-serialisable).
+    """
+    try:
+        return msgspec.json.decode(msgspec.json.encode(result))
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise PermanentError(f"step result is not JSON-serialisable: {exc}") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    name = type(exc).__name__
+    return f"{name}: {text}"[:2000] if text else name
