@@ -254,11 +254,16 @@ class SyncClient:
         self._live_session()
         try:
             msgspec.convert(args, MUTATION_ARGS[name])
-            msgspec.json.encode(args)
+            encoded = msgspec.json.encode(args)
         except (msgspec.ValidationError, TypeError, ValueError) as exc:
             raise ValidationError(f"invalid {name}: {exc}") from exc
         future = self._store.enqueue(
-            name, workflow_id, args, created_at=time.time(), workflow_name=workflow_name
+            name,
+            workflow_id,
+            args,
+            created_at=time.time(),
+            workflow_name=workflow_name,
+            args_json=encoded,
         )
         future.add_done_callback(self._enqueued)
         # shield: a cancelled caller must not cancel the commit future (see module doc).

@@ -279,6 +279,7 @@ class LocalStore:
         *,
         created_at: float,
         workflow_name: str | None = None,
+        args_json: bytes | None = None,
     ) -> asyncio.Future[Mutation | None]:
         """Durably queue a mutation with its optimistic effect (one transaction).
 
@@ -292,7 +293,7 @@ class LocalStore:
         Raises:
             LocalStoreError: the write failed; nothing was queued.
         """
-        args_json = _json.encode(args).decode()
+        encoded = (args_json or _json.encode(args)).decode()
 
         def op(conn: sqlite3.Connection) -> Mutation | None:
             if name == "submit_workflow":
@@ -311,7 +312,7 @@ class LocalStore:
             conn.execute(
                 "INSERT INTO mutations(id, name, workflow_id, args, created_at) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (mutation_id, name, workflow_id, args_json, created_at),
+                (mutation_id, name, workflow_id, encoded, created_at),
             )
             self._next_id = mutation_id + 1
             return Mutation(id=mutation_id, name=name, args=args, created_at=created_at)

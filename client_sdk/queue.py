@@ -12,7 +12,8 @@ everything else already queued (up to ``max_batch``), runs them inside one
   "ack only after fsync" — with ``synchronous=FULL`` the COMMIT returns after fsync);
 * concurrent submitters share one fsync: while commit N runs, ops N+1… pile up and
   commit together (B1g), and a lone caller still commits immediately (B1 latency);
-* ops in a batch are isolated by SAVEPOINTs: one failing op rolls back only itself;
+* a failing op fails alone: the batch is rolled back and run again with one
+  SAVEPOINT per op (the common, error-free path pays for no savepoints);
 * if COMMIT itself fails, every op of the batch fails and ``on_rollback`` lets the
   owner reload any in-memory counters the ops advanced.
 
@@ -41,6 +42,12 @@ Op = Callable[[sqlite3.Connection], Any]
 log = logging.getLogger("client_sdk.queue")
 
 _STOP = object()
+
+
+class _OpFailed(Exception):
+    """An op raised inside an unisolated batch (its error is the ``__cause__``)."""
+
+
 _Waiter = asyncio.Future[Any] | concurrent.futures.Future[Any]
 
 
@@ -79,6 +86,7 @@ class CommitQueue:
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._closed = False
+        self._tick: list[tuple[Op, _Waiter, asyncio.AbstractEventLoop | None]] = []
         self.commits = 0
         """Transactions committed so far (a test and benchmark probe)."""
         self.ops = 0
@@ -119,15 +127,23 @@ class CommitQueue:
             raise LocalStoreError(f"local store {self._path} is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put((op, future, loop))
+        # Ops submitted in one turn of the loop travel to the writer together: one
+        # wake-up of the writer thread, and they share one commit.
+        self._tick.append((op, future, loop))
+        if len(self._tick) == 1:
+            loop.call_soon(self._hand_over)
         return future
+
+    def _hand_over(self) -> None:
+        tick, self._tick = self._tick, []
+        self._queue.put(tick)
 
     def run_sync(self, op: Callable[[sqlite3.Connection], T], timeout: float | None = None) -> T:
         """Like ``run`` but blocking, for callers outside an event loop."""
         if self._closed:
             raise LocalStoreError(f"local store {self._path} is closed")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put((op, future, None))
+        self._queue.put([(op, future, None)])
         return future.result(timeout)
 
     def close(self) -> None:
@@ -135,6 +151,8 @@ class CommitQueue:
         if self._closed:
             return
         self._closed = True
+        if self._tick:
+            self._hand_over()
         if self._thread is not None:
             self._queue.put(_STOP)
             self._thread.join()
@@ -152,7 +170,7 @@ class CommitQueue:
                 item = self._queue.get()
                 if item is _STOP:
                     break
-                batch = [item]
+                batch = list(item)
                 stop = False
                 while len(batch) < self._max_batch:
                     try:
@@ -162,7 +180,7 @@ class CommitQueue:
                     if more is _STOP:
                         stop = True
                         break
-                    batch.append(more)
+                    batch.extend(more)
                 self._commit(batch)
                 if stop:
                     break
@@ -170,37 +188,61 @@ class CommitQueue:
             self._conn.close()
 
     def _commit(self, batch: list[tuple[Op, _Waiter, asyncio.AbstractEventLoop | None]]) -> None:
+        try:
+            outcomes = self._transaction(batch, isolate=False)
+        except _OpFailed:
+            # Some op raised: undo the whole batch and run it again with each op in its
+            # own SAVEPOINT, so only the failing op fails (the fast path has none).
+            try:
+                outcomes = self._transaction(batch, isolate=True)
+            except Exception as exc:
+                outcomes = [(False, exc)] * len(batch)
+        except Exception as exc:
+            outcomes = [(False, exc)] * len(batch)
+        self._deliver(batch, outcomes)
+
+    def _transaction(
+        self, batch: list[tuple[Op, _Waiter, asyncio.AbstractEventLoop | None]], isolate: bool
+    ) -> list[tuple[bool, Any]]:
         conn = self._conn
         assert conn is not None
         outcomes: list[tuple[bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            if len(batch) == 1:
-                # A lone op needs no savepoint: the transaction is the op.
-                outcomes.append((True, batch[0][0](conn)))
-            else:
-                for op, _future, _loop in batch:
-                    conn.execute("SAVEPOINT op")
+            for op, _future, _loop in batch:
+                if not isolate:
                     try:
                         outcomes.append((True, op(conn)))
                     except Exception as exc:
-                        conn.execute("ROLLBACK TO op")
-                        outcomes.append((False, exc))
-                    conn.execute("RELEASE op")
+                        raise _OpFailed from exc
+                    continue
+                conn.execute("SAVEPOINT op")
+                try:
+                    outcomes.append((True, op(conn)))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    outcomes.append((False, exc))
+                conn.execute("RELEASE op")
             conn.execute("COMMIT")
             self.commits += 1
             self.ops += len(batch)
-        except Exception as exc:
-            log.error("local store %s: commit of %d op(s) failed: %s", self._path, len(batch), exc)
+            return outcomes
+        except BaseException as exc:
+            if not isinstance(exc, _OpFailed) or len(batch) == 1:
+                log.error(
+                    "local store %s: commit of %d op(s) failed: %s", self._path, len(batch), exc
+                )
             try:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 if self._on_rollback is not None:
                     self._on_rollback(conn)
-            except Exception as again:  # the file is unusable; every op fails below
+            except Exception as again:  # the file is unusable; every op fails
                 log.error("local store %s: rollback failed: %s", self._path, again)
-            outcomes = [(False, exc)] * len(batch)
-        self._deliver(batch, outcomes)
+            if isinstance(exc, _OpFailed) and len(batch) == 1:
+                # A lone op: its own error is the answer, no second run needed.
+                return [(False, exc.__cause__)]
+            raise
 
     def _deliver(
         self,

@@ -100,11 +100,13 @@ async def running(
         await server.stop()
 
 
-def wait_http(url: str, timeout: float = 20.0) -> None:
+def wait_http(url: str, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None) -> None:
     """Block until ``url`` answers 200 (a child server is ready)."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server process exited with {proc.returncode} before ready")
         try:
             if httpx.get(url, timeout=1).status_code == 200:
                 return
@@ -141,7 +143,7 @@ def server_process(
     full_env = {**os.environ, "SYNC_AUTH_SECRET": SECRET, **(env or {})}
     proc = subprocess.Popen(cmd, env=full_env)
     try:
-        wait_http(f"http://127.0.0.1:{port}/healthz")
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
         yield proc, port
     finally:
         if proc.poll() is None:

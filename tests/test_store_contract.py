@@ -361,6 +361,28 @@ async def test_workflow_insert_update_get_list(store):
     assert [w.id for w in await store.list_workflows(limit=1)] == ["c"]
 
 
+async def test_insert_workflows_batch(store):
+    await create(store, wf("old", "t1"))
+
+    async def batch(tx: Transaction) -> set[str]:
+        assert await tx.insert_workflows([]) == set()
+        return await tx.insert_workflows(
+            [wf("n1", due_at=2.0), wf("old", "t2"), wf("n2", result={"k": [1]})]
+        )
+
+    assert await store.run(batch) == {"n1", "n2"}
+    old = await store.get_workflow("old")
+    assert old is not None and old.tenant == "t1"
+    n1, n2 = await store.get_workflow("n1"), await store.get_workflow("n2")
+    assert n1 is not None and n1.due_at == 2.0 and n1.input == {"prompt": "a cat"}
+    assert n2 is not None and n2.result == {"k": [1]} and n2.due_at is None
+
+    async def single(tx: Transaction) -> set[str]:
+        return await tx.insert_workflows([wf("n3")])
+
+    assert await store.run(single) == {"n3"}
+
+
 # -- leases ----------------------------------------------------------------------
 async def test_claim_respects_due_at_and_live_leases(store):
     await create(

@@ -88,12 +88,13 @@ class Applied:
 
 
 class _BreakerCache:
-    """Breaker rows read (and changed) in one transaction, written back once at the end."""
+    """Rows of one transaction written back once at the end: breakers and workflows."""
 
     def __init__(self, tx: Transaction) -> None:
         self.tx = tx
         self.records: dict[str, BreakerRecord] = {}
         self.dirty: set[str] = set()
+        self.workflows: list[WorkflowRecord] = []
 
     async def get(self, name: str) -> BreakerRecord:
         record = self.records.get(name)
@@ -107,8 +108,10 @@ class _BreakerCache:
         self.dirty.add(record.name)
 
     async def flush(self) -> None:
+        """Write the changed breakers and every processed workflow row (one batch)."""
         for name in sorted(self.dirty):
             await self.tx.put_breaker(self.records[name])
+        await self.tx.update_workflows(self.workflows)
 
 
 class Checkpointer:
@@ -194,7 +197,7 @@ class Checkpointer:
             record.lease_owner = None
             record.lease_until = None
             record.due_at = now + UNKNOWN_DEFINITION_DELAY
-            await tx.update_workflow(record)
+            cache.workflows.append(record)
             return Applied(record.id, record)
         state = _copy_state(record.state)
         retry_requested = claimed and bool((state.get("requests") or {}).get("retry"))
@@ -260,7 +263,7 @@ class Checkpointer:
                 max_retries=8,
                 at=now,
             )
-        await tx.update_workflow(record)
+        cache.workflows.append(record)
         return applied
 
     def _feed(

@@ -10,7 +10,7 @@ steps and compensations to run, dead letters and alerts. It never does I/O, read
 clock and draws no random number; the backoff delay is an injected policy.
 
 Every status change of the workflow and of its steps goes through ``WORKFLOW_TABLE`` or
-``STEP_TABLE`` below (``(status, input) -> next``); any other pair raises
+``STEP_TABLE`` (``transitions.py``) (``(status, input) -> next``); any other pair raises
 ``InvalidTransition`` (STYLE: transitions are a table).
 
 State shape (``state["steps"][name]`` keeps the keys clients see, see snapshots.py)::
@@ -44,13 +44,26 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
-from protocol import InvalidTransition, StepStatus, WorkflowStatus, events
+from protocol import StepStatus, WorkflowStatus, events
 from sync_server.saga.backoff import DelayPolicy, no_delay
 from sync_server.saga.definitions import Workflow
+from sync_server.saga.transitions import (
+    COMPENSATION_INPUTS,
+    STEP_TABLE,
+    WORKFLOW_TABLE,
+    Alert,
+    DeadLetter,
+    Effect,
+    EmitEvent,
+    RunCompensation,
+    RunStep,
+    StepInput,
+    WorkflowInput,
+    next_step_status,
+    next_workflow_status,
+)
 
 __all__ = [
     "MAX_INTERRUPTS",
@@ -72,166 +85,11 @@ __all__ = [
 JSON = Any
 W = WorkflowStatus
 S = StepStatus
-
-MAX_INTERRUPTS = 3
-"""Lease takeovers of one attempt tolerated before the attempt counts as failed."""
-
-
-class WorkflowInput(StrEnum):
-    """What can happen to a workflow as a whole."""
-
-    SUBMIT = "submit"
-    COMPLETE = "complete"
-    HALT_COMPENSATE = "halt_compensate"
-    HALT_PARK = "halt_park"
-    CANCEL = "cancel"
-    RETRY = "retry"
-    COMPENSATION_DONE = "compensation_done"
-    CANCEL_DONE = "cancel_done"
-    COMPENSATION_FAILED = "compensation_failed"
-
-
-class StepInput(StrEnum):
-    """What can happen to one step."""
-
-    START = "start"
-    SUCCEED = "succeed"
-    FAIL = "fail"  # an attempt failed and another is allowed
-    EXHAUST = "exhaust"  # the last attempt failed, or a permanent error
-    ABANDON = "abandon"  # failed while the workflow is already halting: no retry
-    INTERRUPT = "interrupt"  # its lease holder vanished mid-attempt
-    CANCEL = "cancel"
-    SKIP = "skip"  # never ran and never will (the workflow compensates)
-    DEFER = "defer"  # an open circuit breaker postponed it; no attempt used
-    RETRY = "retry"  # retry_workflow / DLQ requeue
-    COMPENSATE = "compensate"
-    COMPENSATED = "compensated"
-    COMP_FAIL = "comp_fail"
-    COMP_EXHAUST = "comp_exhaust"
-    COMP_INTERRUPT = "comp_interrupt"
-    COMP_RETRY = "comp_retry"  # retry_workflow after a compensation failed
-
-
 WI = WorkflowInput
 SI = StepInput
 
-WORKFLOW_TABLE: dict[tuple[WorkflowStatus, WorkflowInput], WorkflowStatus] = {
-    (W.PENDING, WI.SUBMIT): W.RUNNING,
-    (W.RUNNING, WI.COMPLETE): W.COMPLETED,
-    (W.RUNNING, WI.HALT_COMPENSATE): W.COMPENSATING,
-    (W.RUNNING, WI.HALT_PARK): W.PARKED,
-    (W.RUNNING, WI.CANCEL): W.COMPENSATING,
-    (W.PARKED, WI.CANCEL): W.COMPENSATING,
-    (W.COMPENSATING, WI.CANCEL): W.COMPENSATING,
-    (W.PARKED, WI.RETRY): W.RUNNING,
-    (W.FAILED, WI.RETRY): W.COMPENSATING,  # re-run the compensations that failed
-    (W.COMPENSATING, WI.COMPENSATION_DONE): W.COMPENSATED,
-    (W.COMPENSATING, WI.CANCEL_DONE): W.CANCELLED,
-    (W.COMPENSATING, WI.COMPENSATION_FAILED): W.FAILED,
-}
-"""Every allowed workflow status change; nothing else may happen."""
-
-STEP_TABLE: dict[tuple[StepStatus, StepInput], StepStatus] = {
-    (S.WAITING, SI.START): S.RUNNING,
-    (S.RETRYING, SI.START): S.RUNNING,
-    (S.RUNNING, SI.SUCCEED): S.SUCCEEDED,
-    (S.RUNNING, SI.FAIL): S.RETRYING,
-    (S.RUNNING, SI.EXHAUST): S.FAILED,
-    (S.RUNNING, SI.ABANDON): S.FAILED,
-    (S.RUNNING, SI.INTERRUPT): S.RETRYING,
-    (S.RUNNING, SI.CANCEL): S.FAILED,
-    (S.WAITING, SI.CANCEL): S.SKIPPED,
-    (S.RETRYING, SI.CANCEL): S.SKIPPED,
-    (S.WAITING, SI.SKIP): S.SKIPPED,
-    (S.RETRYING, SI.SKIP): S.SKIPPED,
-    (S.WAITING, SI.DEFER): S.WAITING,
-    (S.RETRYING, SI.DEFER): S.RETRYING,
-    (S.FAILED, SI.RETRY): S.WAITING,
-    (S.SKIPPED, SI.RETRY): S.WAITING,
-    (S.SUCCEEDED, SI.COMPENSATE): S.COMPENSATING,
-    (S.COMPENSATING, SI.COMPENSATE): S.COMPENSATING,  # a retry of the compensation
-    (S.COMPENSATING, SI.COMPENSATED): S.COMPENSATED,
-    (S.COMPENSATING, SI.COMP_FAIL): S.COMPENSATING,
-    (S.COMPENSATING, SI.COMP_INTERRUPT): S.COMPENSATING,
-    (S.COMPENSATING, SI.COMP_EXHAUST): S.FAILED,
-    (S.FAILED, SI.COMP_RETRY): S.COMPENSATING,
-}
-"""Every allowed step status change; nothing else may happen."""
-
-
-def next_workflow_status(status: WorkflowStatus, event: WorkflowInput) -> WorkflowStatus:
-    """Look a workflow transition up in ``WORKFLOW_TABLE``.
-
-    Raises:
-        InvalidTransition: the pair is not in the table.
-    """
-    try:
-        return WORKFLOW_TABLE[(status, event)]
-    except KeyError:
-        raise InvalidTransition(f"workflow cannot {event} while {status}") from None
-
-
-def next_step_status(status: StepStatus, event: StepInput) -> StepStatus:
-    """Look a step transition up in ``STEP_TABLE``.
-
-    Raises:
-        InvalidTransition: the pair is not in the table.
-    """
-    try:
-        return STEP_TABLE[(status, event)]
-    except KeyError:
-        raise InvalidTransition(f"step cannot {event} while {status}") from None
-
-
-# ------------------------------------------------------------------ effects
-
-
-@dataclass(frozen=True, slots=True)
-class EmitEvent:
-    """Append an event (``type``, ``fields``) with the workflow's snapshot."""
-
-    type: str
-    fields: dict[str, JSON]
-
-
-@dataclass(frozen=True, slots=True)
-class RunStep:
-    """Run attempt ``attempt`` of step ``step`` (after the transaction commits)."""
-
-    step: str
-    attempt: int
-    idempotency_key: str
-
-
-@dataclass(frozen=True, slots=True)
-class RunCompensation:
-    """Run attempt ``attempt`` of the compensation of ``step``."""
-
-    step: str
-    attempt: int
-    idempotency_key: str
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """Add a dead-letter entry (and say so with a ``dlq.added`` event)."""
-
-    step: str
-    reason: str
-    attempts: int
-    last_error: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Alert:
-    """Tell a human (log line, webhook)."""
-
-    kind: str
-    message: str
-    details: dict[str, JSON] = field(default_factory=dict)
-
-
-Effect = EmitEvent | RunStep | RunCompensation | DeadLetter | Alert
+MAX_INTERRUPTS = 3
+"""Lease takeovers of one attempt tolerated before the attempt counts as failed."""
 
 
 def idempotency_key(workflow_id: str, step: str, *, compensation: bool = False) -> str:
@@ -725,7 +583,7 @@ class SagaMachine:
         status = next_step_status(StepStatus(s["status"]), event)
         s["status"] = str(status)
         if emit:
-            compensation = event in _COMPENSATION_INPUTS
+            compensation = event in COMPENSATION_INPUTS
             attempt = s.get("comp_attempts", 0) if compensation else s["attempts"]
             self._effects.append(
                 EmitEvent(
@@ -746,15 +604,3 @@ class SagaMachine:
             1.0 if s["status"] == S.SUCCEEDED else float(s.get("progress") or 0.0) for s in steps
         ]
         self.progress = sum(values) / len(values) if values else 0.0
-
-
-_COMPENSATION_INPUTS = frozenset(
-    {
-        SI.COMPENSATE,
-        SI.COMPENSATED,
-        SI.COMP_FAIL,
-        SI.COMP_EXHAUST,
-        SI.COMP_INTERRUPT,
-        SI.COMP_RETRY,
-    }
-)

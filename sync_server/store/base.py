@@ -198,6 +198,11 @@ class Transaction(abc.ABC):
     async def update_workflow(self, workflow: WorkflowRecord) -> None:
         """Write every column of an existing workflow."""
 
+    async def insert_workflows(self, workflows: list[WorkflowRecord]) -> set[str]:
+        """Insert several new workflows; returns the ids inserted (an existing id is
+        skipped and left unchanged). PostgreSQL does it in one round trip (batch ingest)."""
+        return {w.id for w in workflows if await self.insert_workflow(w)}
+
     async def get_workflows(
         self, workflow_ids: list[str], *, lock: bool = True
     ) -> dict[str, WorkflowRecord]:
@@ -210,6 +215,11 @@ class Transaction(abc.ABC):
             if record is not None:
                 found[workflow_id] = record
         return found
+
+    async def update_workflows(self, workflows: list[WorkflowRecord]) -> None:
+        """``update_workflow`` for several rows; backends may batch it (saga group commit)."""
+        for workflow in workflows:
+            await self.update_workflow(workflow)
 
     @abc.abstractmethod
     async def claim_due_workflows(
@@ -351,6 +361,11 @@ class Store(abc.ABC):
         """Every circuit breaker's shared state."""
 
     # -- leases (saga scheduling) ---------------------------------------------
+    async def update_workflows(self, workflows: list[WorkflowRecord]) -> None:
+        """``update_workflow`` for several rows; backends may batch it (saga group commit)."""
+        for workflow in workflows:
+            await self.update_workflow(workflow)
+
     @abc.abstractmethod
     async def claim_due_workflows(
         self, owner: str, now: float, lease_seconds: float, limit: int

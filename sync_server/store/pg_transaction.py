@@ -32,7 +32,7 @@ from sync_server.store.base import (
     WorkflowRecord,
 )
 
-__all__ = ["CLAIM_DUE_WORKFLOWS", "PG_ERRORS", "PgSql", "PostgresTransaction"]
+__all__ = ["CLAIM_DUE_WORKFLOWS", "PG_ERRORS", "PgConnection", "PgSql", "PostgresTransaction"]
 
 JSON = Any
 PgConnection = asyncpg.Connection | PoolConnectionProxy
@@ -47,6 +47,13 @@ _BR = rows.BREAKER_COLUMNS
 _INSERT_WORKFLOW = (
     f"INSERT INTO workflows ({_WF}) VALUES "
     f"({', '.join(f'${i}' for i in range(1, 18))}) ON CONFLICT (id) DO NOTHING"
+)
+# One statement for a batch of new workflows: the columns travel as arrays.
+_INSERT_WORKFLOWS = (
+    f"INSERT INTO workflows ({_WF}) SELECT * FROM unnest($1::text[], $2::text[], "
+    "$3::text[], $4::text[], $5::text[], $6::text[], $7::float8[], $8::text[], $9::text[], "
+    "$10::bigint[], $11::float8[], $12::float8[], $13::text[], $14::float8[], $15::text[], "
+    "$16::float8[], $17::bigint[]) ON CONFLICT (id) DO NOTHING RETURNING id"
 )
 _UPDATE_WORKFLOW = (
     "UPDATE workflows SET "
@@ -176,9 +183,29 @@ class PostgresTransaction(PgSql, Transaction):
         status = await self._execute(_INSERT_WORKFLOW, *rows.workflow_params(workflow))
         return status == "INSERT 0 1"
 
+    async def insert_workflows(self, workflows: list[WorkflowRecord]) -> set[str]:
+        """Insert several new workflows in one statement; returns the ids inserted."""
+        if len(workflows) <= 1:
+            return {w.id for w in workflows if await self.insert_workflow(w)}
+        columns = [list(c) for c in zip(*(rows.workflow_params(w) for w in workflows), strict=True)]
+        found = await self._fetch(_INSERT_WORKFLOWS, *columns)
+        return {row[0] for row in found}
+
     async def update_workflow(self, workflow: WorkflowRecord) -> None:
         """Write every column of an existing workflow."""
         await self._execute(_UPDATE_WORKFLOW, *rows.workflow_params(workflow))
+
+    async def update_workflows(self, workflows: list[WorkflowRecord]) -> None:
+        """Write several workflows in one pipelined round trip (``executemany``)."""
+        if len(workflows) == 1:
+            await self.update_workflow(workflows[0])
+        elif workflows:
+            try:
+                await self._conn.executemany(
+                    _UPDATE_WORKFLOW, [rows.workflow_params(w) for w in workflows]
+                )
+            except PG_ERRORS as exc:
+                raise StorageError(f"PostgreSQL failed: {exc}") from exc
 
     async def lock_client(self, tenant: str, client_id: str) -> int:
         """Create-or-lock the client's row; returns its last applied mutation id.

@@ -57,6 +57,7 @@ from sync_server.store.migrations import migrate_postgres
 from sync_server.store.pg_transaction import (
     CLAIM_DUE_WORKFLOWS,
     PG_ERRORS,
+    PgConnection,
     PgSql,
     PostgresTransaction,
 )

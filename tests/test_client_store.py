@@ -1,0 +1,210 @@
+"""The client's SQLite file: durability rules, group commit, convergence, bad files."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import uuid
+from pathlib import Path
+
+import pytest
+
+from client_sdk.errors import LocalStoreError
+from client_sdk.localstore import LocalStore, Settlement
+from client_sdk.views import build_view
+from protocol import Event
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def wid(i: int) -> str:
+    return str(uuid.UUID(int=i))
+
+
+def snap(i: int, version: int, status: str = "running") -> dict:
+    return {"id": wid(i), "name": "noop", "status": status, "version": version,
+            "steps": {"only": {"status": "running", "attempts": 1}}, "updated_at": 1.0}
+
+
+def ev(seq: int, i: int, version: int, status: str = "running") -> Event:
+    return Event(seq=seq, workflow_id=wid(i), type="t",
+                 data={"workflow": snap(i, version, status)}, at=1.0)
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = LocalStore(tmp_path / "c.db", client_id="client-1")
+    s.open()
+    yield s
+    s.close()
+
+
+async def submit(store: LocalStore, i: int, name: str = "noop"):
+    args = {"workflow_id": wid(i), "name": name, "input": {"i": i}}
+    return await store.enqueue("submit_workflow", wid(i), args, created_at=1.0,
+                               workflow_name=name)
+
+
+def view(store: LocalStore, i: int):
+    found = store.get_row(wid(i))
+    assert found is not None
+    return build_view(*found)
+
+
+async def test_identity_and_ids_survive_reopen(tmp_path: Path) -> None:
+    s = LocalStore(tmp_path / "c.db")
+    opened = s.open()
+    assert opened.last_mutation_id == 0 and opened.cursor == 0
+    assert [(await submit(s, i)).id for i in range(1, 4)] == [1, 2, 3]
+    await s.settle([Settlement(1, True), Settlement(2, True)])
+    s.close()
+    s2 = LocalStore(tmp_path / "c.db")
+    again = s2.open()
+    assert again.client_id == opened.client_id
+    assert again.last_mutation_id == 3 and [m.id for m in again.pending] == [3]
+    assert (await submit(s2, 4)).id == 4  # ids never reused, even after compaction
+    s2.close()
+    with pytest.raises(LocalStoreError, match="belongs to client"):
+        LocalStore(tmp_path / "c.db", client_id="someone-else").open()
+
+
+async def test_submit_is_pending_and_idempotent(store: LocalStore) -> None:
+    m = await submit(store, 1)
+    assert m is not None and m.args["workflow_id"] == wid(1)
+    v = view(store, 1)
+    assert v.status == "pending" and v.pending and v.name == "noop"
+    assert await submit(store, 1) is None  # same workflow id: not queued twice
+    assert store.pending_count() == 1
+
+
+async def test_confirmation_then_snapshot(store: LocalStore) -> None:
+    await submit(store, 1)
+    await store.settle([Settlement(1, True)])
+    assert view(store, 1).pending  # applied, but not yet seen in the event stream
+    await store.apply_events([ev(5, 1, 1)], 5)
+    v = view(store, 1)
+    assert not v.pending and v.status == "running" and v.version == 1
+    assert store.cursor() == 5 and store.event_seqs() == [5]
+
+
+async def test_rejection_rolls_back_with_reason(store: LocalStore) -> None:
+    await submit(store, 1, name="nope")
+    changed = await store.settle([Settlement(1, False, "unknown workflow 'nope'")])
+    assert changed == {wid(1)}
+    v = view(store, 1)
+    assert v.status == "failed" and v.error == "unknown workflow 'nope'"
+    assert not v.pending and v.terminal
+    # A rejected cancel keeps the confirmed state and shows the reason.
+    await store.apply_events([ev(1, 2, 3, "completed")], 1)
+    await store.enqueue("cancel_workflow", wid(2), {"workflow_id": wid(2)}, created_at=1.0)
+    assert view(store, 2).pending and view(store, 2).status == "completed"
+    await store.settle([Settlement(2, False, "workflow already completed")])
+    v = view(store, 2)
+    assert v.status == "completed" and v.error == "workflow already completed"
+
+
+async def test_newest_snapshot_wins_in_any_order(store: LocalStore) -> None:
+    await store.apply_snapshots([snap(1, 5, "completed")])
+    await store.apply_events([ev(1, 1, 1), ev(2, 1, 2)], 2)  # older backlog
+    assert view(store, 1).status == "completed" and view(store, 1).version == 5
+    await store.apply_events([ev(3, 1, 6, "failed")], 3)
+    assert view(store, 1).status == "failed"
+
+
+async def test_page_is_applied_once(store: LocalStore) -> None:
+    await store.apply_events([ev(1, 1, 1), ev(4, 1, 2)], 4)
+    await store.apply_events([ev(4, 1, 2), ev(6, 1, 3)], 6)  # overlaps: 4 skipped
+    assert store.event_seqs() == [1, 4, 6] and store.cursor() == 6
+
+
+async def test_group_commit_shares_commits_and_keeps_ids_contiguous(store: LocalStore) -> None:
+    before = store.commit_queue.commits
+    results = await asyncio.gather(*(submit(store, i) for i in range(1, 129)))
+    ids = sorted(m.id for m in results)
+    assert ids == list(range(1, 129))
+    commits = store.commit_queue.commits - before
+    assert commits < 64, f"{commits} commits for 128 concurrent submits"
+
+
+async def test_failing_op_is_isolated_in_its_batch(store: LocalStore) -> None:
+    def bad(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO nowhere VALUES (1)")
+
+    futures = [store.commit_queue.submit(bad)] + [
+        asyncio.ensure_future(submit(store, i)) for i in range(1, 6)
+    ]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert isinstance(results[0], LocalStoreError)
+    assert sorted(m.id for m in results[1:]) == [1, 2, 3, 4, 5]
+
+
+def test_garbage_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "junk.db"
+    path.write_bytes(b"this is not a database at all" * 100)
+    with pytest.raises(LocalStoreError, match="not a SQLite database"):
+        LocalStore(path).open()
+
+
+def test_truncated_sqlite_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    s = LocalStore(path)
+    s.open()
+    s.close()
+    data = path.read_bytes()
+    path.write_bytes(data[:100] + b"\xff" * 3000)  # header kept, pages smashed
+    for suffix in ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    with pytest.raises(LocalStoreError):
+        LocalStore(path).open()
+
+
+def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE invoices(id INTEGER)")
+    with pytest.raises(LocalStoreError, match="not created by Tether"):
+        LocalStore(path).open()
+    with sqlite3.connect(path) as conn:  # untouched
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("invoices",)]
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    s = LocalStore(path)
+    s.open()
+    s.close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    with pytest.raises(LocalStoreError, match="newer"):
+        LocalStore(path).open()
+
+
+def test_second_client_on_the_same_file_is_refused(store: LocalStore) -> None:
+    with pytest.raises(LocalStoreError, match="in use"):
+        LocalStore(store.path).open()
+
+
+def test_durability_setting(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        LocalStore(tmp_path / "x.db", durability="fast")  # type: ignore[arg-type]
+    s = LocalStore(tmp_path / "n.db", durability="normal")
+    s.open()
+    sync = s.commit_queue.run_sync(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+    mode = s.commit_queue.run_sync(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
+    assert (sync, mode) == (1, "wal")  # NORMAL
+    s.close()
+    s = LocalStore(tmp_path / "f.db")
+    s.open()
+    assert s.commit_queue.run_sync(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2
+    s.close()
+
+
+async def test_closed_store_refuses_work(tmp_path: Path) -> None:
+    s = LocalStore(tmp_path / "c.db")
+    s.open()
+    s.close()
+    s.close()
+    with pytest.raises(LocalStoreError, match="closed"):
+        await submit(s, 1)
+    with pytest.raises(LocalStoreError, match="closed"):
+        s.get_row(wid(1))
