@@ -220,6 +220,11 @@ class Context:
         self.notes: list[str] = []
         self.facts: dict[str, Any] = {}
         self._counter = 0
+        from bench.pg import PrivateDatabase
+
+        self.pg = PrivateDatabase(pg_dsn)
+        self._cluster: Any = None
+        self._cluster_dsn: str | None = None
 
     def say(self, text: str) -> None:
         """Show progress text."""
@@ -248,8 +253,34 @@ class Context:
         """Every raw limit measured so far."""
         return dict(self._raw)
 
-    def close(self) -> None:
-        """Remove the temporary work folder."""
+    async def pg_url(self, schema: str) -> str:
+        """A Tether PostgreSQL URL: a fresh schema in this run's private database."""
+        self._counter += 1
+        return await self.pg.url(f"{schema}_{self._counter}")
+
+    async def cluster(self) -> str:
+        """The DSN of this run's private PostgreSQL cluster (started on first use).
+
+        Raises:
+            RuntimeError: the cluster cannot be started here.
+        """
+        if self._cluster_dsn is None:
+            from bench.pg import PrivateCluster
+            from bench.procs import free_port
+
+            self.say("starting a private PostgreSQL cluster")
+            cluster = PrivateCluster(free_port())
+            self._cluster = cluster
+            self._cluster_dsn = await asyncio.to_thread(cluster.start)
+        return self._cluster_dsn
+
+    async def aclose(self) -> None:
+        """Drop the private database, stop the private cluster, remove the work folder."""
+        with contextlib.suppress(Exception):
+            await self.pg.drop()
+        if self._cluster is not None:
+            await asyncio.to_thread(self._cluster.stop)
+            self._cluster = None
         if self._tmp is not None:
             with contextlib.suppress(OSError):
                 self._tmp.cleanup()

@@ -7,8 +7,9 @@ Kinds:
 * ``relay`` — the raw limit of fan-out: a plain ``websockets`` server; whatever a client
   sends on ``/write`` is broadcast (``websockets.broadcast``) to every ``/read`` client.
 * ``idle`` — the raw limit of B8: a plain ``websockets`` server holding idle clients.
-* ``jobs`` — a tiny job service (Starlette under uvicorn): ``POST /jobs`` sleeps
-  ``duration`` seconds and answers; ``GET /calls`` lists the calls it saw (B6, B7).
+* ``jobs`` — the job service of ``examples.job_service`` (faults off): ``POST /work``
+  holds the request ``duration`` seconds; ``GET /stats`` counts attempts per
+  idempotency key (B6, B7). A minimal stand-in is used if the example is missing.
 
 Each uses uvloop when it is installed, for Tether and the raw servers alike.
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import time
 from typing import Any
 
 from bench.procs import SECRET, raise_fd_limit
@@ -97,38 +97,37 @@ async def _idle(port: int) -> None:
 
 
 def jobs_app() -> Any:
-    """The job service's Starlette app."""
+    """The job service: ``examples.job_service`` when present, else a minimal stand-in
+    with the same ``POST /work`` (``duration`` seconds) and ``GET /stats`` (attempts)."""
+    try:
+        from examples.job_service import create_job_service
+    except ImportError:
+        pass
+    else:
+        return create_job_service()
+    from collections import Counter
+
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    calls: list[dict[str, Any]] = []
+    attempts: Counter[str] = Counter()
 
-    async def job(request: Request) -> JSONResponse:
+    async def work(request: Request) -> JSONResponse:
+        key = request.headers.get("idempotency-key") or ""
         body = await request.json()
-        started = time.time()
-        calls.append(
-            {
-                "at": started,
-                "key": request.headers.get("idempotency-key"),
-                "attempt": int(request.headers.get("x-attempt", "0") or 0),
-            }
-        )
+        attempts[key] += 1
         await asyncio.sleep(float(body.get("duration", 0.05)))
-        return JSONResponse({"ok": True, "key": body.get("key"), "started": started})
+        return JSONResponse({"job_id": key, "result": f"image-for-{key}"})
 
-    async def list_calls(request: Request) -> JSONResponse:
-        return JSONResponse(calls[-1000:])
-
-    async def healthz(request: Request) -> JSONResponse:
-        return JSONResponse({"ok": True})
+    async def stats(request: Request) -> JSONResponse:
+        return JSONResponse({"attempts": dict(attempts)})
 
     return Starlette(
         routes=[
-            Route("/jobs", job, methods=["POST"]),
-            Route("/calls", list_calls, methods=["GET"]),
-            Route("/healthz", healthz, methods=["GET"]),
+            Route("/work", work, methods=["POST"]),
+            Route("/stats", stats, methods=["GET"]),
         ]
     )
 

@@ -28,7 +28,7 @@ from client_sdk.connection import SyncConnection
 from client_sdk.errors import ClientClosed, SyncStopped
 from client_sdk.localstore import Durability, LocalStore, Settlement
 from client_sdk.session import SessionState, SyncSession
-from client_sdk.views import WorkflowHandle, WorkflowView, build_view
+from client_sdk.views import Overlay, WorkflowHandle, WorkflowView, build_view
 from protocol import (
     MUTATION_ARGS,
     Event,
@@ -98,6 +98,7 @@ class SyncClient:
         self._session: SyncSession | None = None
         self._conn: SyncConnection | None = None
         self._settling = 0
+        self._overlay = Overlay()
         self._live: dict[str, dict[str, Progress]] = {}
         self._watchers: dict[str, list[asyncio.Queue[WorkflowView]]] = {}
         self._callbacks: list[ChangeCallback] = []
@@ -120,6 +121,7 @@ class SyncClient:
             last_mutation_id=opened.last_mutation_id,
             pending=opened.pending,
         )
+        self._overlay = Overlay(opened.pending)
         if self._connect:
             self._conn = SyncConnection(
                 self.url, self._token, self._session, self, **self._conn_args
@@ -144,7 +146,7 @@ class SyncClient:
         await asyncio.to_thread(self._store.close)
         for queues in self._watchers.values():
             for q in queues:
-                q.put_nowait(_CLOSED)  # type: ignore[arg-type]
+                q.put_nowait(_CLOSED)
         self._notify_waiters()
 
     async def __aenter__(self) -> SyncClient:
@@ -275,10 +277,11 @@ class SyncClient:
         mutation = future.result()
         if mutation is None or self._session is None:
             return
+        workflow_id = self._overlay.add(mutation)
         self._session.send_mutation(mutation)
         if self._conn is not None:
             self._conn.kick()
-        self._changed({str(mutation.args.get("workflow_id"))})
+        self._changed({workflow_id})
 
     # ---------------------------------------------------------------------- reads
     def get_workflow(self, workflow_id: str) -> WorkflowView | None:
@@ -288,17 +291,22 @@ class SyncClient:
             The view, or None if this client has never heard of the workflow.
         """
         self._live_session()
-        found = self._store.get_row(workflow_id)
-        if found is None:
-            return None
-        row, pending = found
-        return build_view(row, pending, self._live.get(workflow_id))
+        return build_view(
+            self._store.get_row(workflow_id),
+            self._overlay.pending_for(workflow_id),
+            self._live.get(workflow_id),
+        )
 
     def list_workflows(self, status: str | None = None) -> list[WorkflowView]:
-        """Every known workflow's view, newest first, optionally of one status."""
+        """Every known workflow's view (unconfirmed submits first), optionally of one status."""
         self._live_session()
-        views = [build_view(r, p, self._live.get(r.id)) for r, p in self._store.list_rows()]
-        return [v for v in views if status is None or v.status == status]
+        rows = {row.id: row for row in self._store.list_rows()}
+        ids = [i for i in reversed(self._overlay.workflow_ids()) if i not in rows]
+        ids += list(rows)
+        views = [
+            build_view(rows.get(i), self._overlay.pending_for(i), self._live.get(i)) for i in ids
+        ]
+        return [v for v in views if v is not None and (status is None or v.status == status)]
 
     async def watch(self, workflow_id: str) -> AsyncIterator[WorkflowView]:
         """Yield the view now and after every change, until it is terminal.
@@ -427,6 +435,7 @@ class SyncClient:
         self._settling += len(results)
         try:
             changed = await self._store.settle([Settlement(*r) for r in results])
+            changed |= self._overlay.remove(r[0] for r in results)
         finally:
             self._settling -= len(results)
         for mid, applied, error in results:
@@ -449,7 +458,7 @@ class SyncClient:
         if self._session is not None and self._session.state is SessionState.FAILED:
             for queues in self._watchers.values():
                 for q in queues:
-                    q.put_nowait(_CLOSED)  # type: ignore[arg-type]
+                    q.put_nowait(_CLOSED)
 
 
 _CLOSED: Any = object()

@@ -201,21 +201,27 @@ class SyncConnection:
                 self.handler.show_progress(command.progress)
             elif isinstance(command, Close):
                 log.warning("closing the connection: %s", command.error.message)
-                if self._ws is not None:
-                    task = asyncio.ensure_future(
-                        self._ws.close(command.error.close_code, command.error.message[:120])
-                    )
-                    self._tasks.append(task)  # type: ignore[arg-type]
+                self._close_ws(command.error.close_code, command.error.message)
             elif isinstance(command, Stop):
                 log.error("sync stopped: %s (%s)", command.error.message, command.error.code)
                 self._closing.set()
-                if self._ws is not None:
-                    self._tasks.append(asyncio.ensure_future(self._ws.close()))  # type: ignore[arg-type]
+                self._close_ws(1000, "sync stopped")
                 self.handler.state_changed()
             else:
                 self._idle.clear()
                 self._work.put_nowait(command)
         self._wake.set()
+
+    def _close_ws(self, code: int, reason: str) -> None:
+        ws = self._ws
+        if ws is None:
+            return
+
+        async def close() -> None:
+            with contextlib.suppress(Exception):
+                await ws.close(code, reason[:120])
+
+        self._tasks.append(asyncio.create_task(close()))
 
     async def _applier(self) -> None:
         while True:
@@ -236,8 +242,7 @@ class SyncConnection:
                 # be fetched again; reconnect to start from the durable state.
                 log.error("local apply failed (%s); resyncing", exc.message)
                 self.session.received_cursor = self.session.cursor
-                if self._ws is not None:
-                    await self._ws.close(1011, "local store failure")
+                self._close_ws(1011, "local store failure")
             finally:
                 self._busy -= 1
             if self._work.empty():
@@ -296,6 +301,9 @@ class SyncConnection:
             except TetherError as exc:
                 self.breaker.record_failure(self._clock())
                 log.warning("sync failed: %s", exc.message)
+            except Exception:  # the shell must survive anything and retry
+                self.breaker.record_failure(self._clock())
+                log.exception("unexpected failure in the sync loop; retrying")
             finally:
                 self._disconnected()
             if self._closing.is_set():
@@ -337,18 +345,12 @@ class SyncConnection:
                 proxy=None,
             )
         except InvalidStatus as exc:
-            status = exc.response.status_code
-            if status == 401:
-                self.session.fail(Unauthorized(f"upgrade refused with HTTP 401 by {self.url}"))
-                self._pump()
-                return 0.0
-            if status == 403:
-                self.session.fail(Forbidden(f"upgrade refused with HTTP 403 by {self.url}"))
-                self._pump()
-                return 0.0
-            raise _UpgradeRefused(f"HTTP {status}") from exc
-        except InvalidHandshake as exc:
-            raise _UpgradeRefused(str(exc) or type(exc).__name__) from exc
+            # An HTTP answer other than 101: the upgrade itself is refused (a proxy
+            # that does not pass WebSockets). Even 401/403 count here: the server
+            # refuses tokens *after* accepting (close 4401), so an HTTP-level refusal
+            # comes from something in between; the HTTP fallback then meets the real
+            # server and its verdict on the token.
+            raise _UpgradeRefused(f"HTTP {exc.response.status_code}") from exc
         self.refused_upgrades = 0
         self.connects += 1
         self._ws = ws
@@ -360,9 +362,10 @@ class SyncConnection:
             return await self._read(ws)
         finally:
             sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
                 await sender
-            await ws.close()
+            with contextlib.suppress(Exception):
+                await ws.close()
 
     async def _read(self, ws: ClientConnection) -> float:
         was_synced = False
@@ -428,7 +431,10 @@ class SyncConnection:
             await self._wake.wait()
             self._wake.clear()
             for message in self.session.messages_to_send():
-                await ws.send(encode(message))
+                try:
+                    await ws.send(encode(message))
+                except ConnectionClosed:
+                    return  # the reader sees the close and decides what next
 
     # --------------------------------------------------------------------- HTTP
     async def _run_http(self) -> None:

@@ -6,22 +6,25 @@ Tables (schema version ``SCHEMA_VERSION``, stamped with ``PRAGMA application_id`
 
 * ``meta(key, value)`` — ``client_id`` (created once), ``cursor`` (the highest event
   ``seq`` applied).
-* ``mutations(id, name, workflow_id, args, created_at, status, error)`` — the queue.
-  ``status`` is ``pending`` until the server answers, then ``applied`` or
-  ``rejected``. Ids are contiguous per client; settled rows are compacted away except
-  the newest, so ``max(id)`` is always the last id ever used.
+* ``mutations(id, name, workflow_id, args, created_at, status, error)`` — the queue
+  *and* the optimistic overlay: a pending row is laid over the confirmed state by
+  ``client_sdk.views``. ``status`` is ``pending`` until the server answers, then
+  ``applied`` or ``rejected``. Ids are contiguous per client; settled rows are
+  compacted away except the newest, so ``max(id)`` is always the last id ever used.
+  A submit is one append-only INSERT here (sequential key: one WAL page per commit).
 * ``workflows(id, name, status, version, snapshot, rejected, rejection, created_at)`` —
-  the newest confirmed snapshot (JSON) per workflow, or a local placeholder for a
-  submit the server has not confirmed yet; plus the last rejection (what and why).
+  the newest confirmed snapshot (JSON) per workflow, or a placeholder for a submit the
+  server confirmed but whose snapshot has not arrived; plus the last rejection.
 * ``events(seq, workflow_id, type, version, at)`` — the log of applied events: its
   primary key makes a duplicate impossible and its seq list lets tests check gaps.
 
 Invariants (SPEC promises 1, 4, 5):
 
-* a mutation and its optimistic effect commit in one transaction, before the caller
-  returns (``synchronous=FULL``; ``durability="normal"`` uses ``synchronous=NORMAL``:
-  in WAL mode that survives a killed process but may lose the last transactions on a
-  power cut or OS crash — faster on slow disks, weaker than SPEC promise 1);
+* a mutation and its optimistic effect (the same row) commit in one transaction,
+  before the caller returns (``synchronous=FULL``; ``durability="normal"`` uses
+  ``synchronous=NORMAL``: in WAL mode that survives a killed process but may lose the
+  last transactions on a power cut or OS crash — no fsync per commit, so much faster
+  on slow laptop/phone disks, but weaker than SPEC promise 1);
 * a page of events, the snapshots it carries and the new cursor commit together;
 * a snapshot replaces the stored one only if its ``version`` is higher, so pages,
   full-snapshot fetches and live events may arrive in any order and still converge.
@@ -61,7 +64,6 @@ CREATE TABLE mutations(
     id INTEGER PRIMARY KEY, name TEXT NOT NULL, workflow_id TEXT NOT NULL,
     args TEXT NOT NULL, created_at REAL NOT NULL,
     status TEXT NOT NULL DEFAULT 'pending', error TEXT);
-CREATE INDEX mutations_pending ON mutations(workflow_id, id) WHERE status = 'pending';
 CREATE TABLE workflows(
     id TEXT PRIMARY KEY, name TEXT NOT NULL, status TEXT, version INTEGER NOT NULL DEFAULT 0,
     snapshot TEXT, rejected TEXT, rejection TEXT, created_at REAL NOT NULL DEFAULT 0
@@ -128,6 +130,7 @@ class LocalStore:
         self._lock_fd: int | None = None
         self._next_id = 1
         self._cursor = 0
+        self._pending_submits: set[str] = set()
         self.opened: Opened | None = None
 
     @property
@@ -269,6 +272,13 @@ class LocalStore:
         self._cursor = int(
             conn.execute("SELECT value FROM meta WHERE key = 'cursor'").fetchone()[0]
         )
+        self._pending_submits = {
+            r[0]
+            for r in conn.execute(
+                "SELECT workflow_id FROM mutations "
+                "WHERE status = 'pending' AND name = 'submit_workflow'"
+            )
+        }
 
     # ------------------------------------------------------------------ writes
     def enqueue(
@@ -296,18 +306,18 @@ class LocalStore:
         encoded = (args_json or _json.encode(args)).decode()
 
         def op(conn: sqlite3.Connection) -> Mutation | None:
+            # One append-only INSERT (sequential key: the WAL gets one page, not a
+            # random one per submit); the optimistic effect *is* the pending row, and
+            # views lay it over the confirmed state (``client_sdk.views``).
             if name == "submit_workflow":
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO workflows(id, name, created_at) VALUES (?, ?, ?)",
-                    (workflow_id, workflow_name or "", created_at),
-                )
-                if cur.rowcount == 0:
+                if (
+                    workflow_id in self._pending_submits
+                    or conn.execute(
+                        "SELECT 1 FROM workflows WHERE id = ?", (workflow_id,)
+                    ).fetchone()
+                ):
                     return None
-            else:
-                conn.execute(
-                    "UPDATE workflows SET rejected = NULL, rejection = NULL WHERE id = ?",
-                    (workflow_id,),
-                )
+                self._pending_submits.add(workflow_id)
             mutation_id = self._next_id
             conn.execute(
                 "INSERT INTO mutations(id, name, workflow_id, args, created_at) "
@@ -331,16 +341,30 @@ class LocalStore:
             for s in settlements:
                 row = conn.execute(
                     "UPDATE mutations SET status = ?, error = ? WHERE id = ? "
-                    "AND status = 'pending' RETURNING workflow_id, name",
+                    "AND status = 'pending' RETURNING workflow_id, name, args, created_at",
                     ("applied" if s.applied else "rejected", s.error, s.id),
                 ).fetchone()
                 if row is None:
                     continue
-                changed.add(row[0])
+                workflow_id, name, args, created_at = row
+                changed.add(workflow_id)
+                if name == "submit_workflow":
+                    self._pending_submits.discard(workflow_id)
+                    # The placeholder stays visible until the server's snapshot lands.
+                    conn.execute(
+                        "INSERT OR IGNORE INTO workflows(id, name, created_at) VALUES (?, ?, ?)",
+                        (workflow_id, str(_args_decoder.decode(args).get("name", "")), created_at),
+                    )
                 if not s.applied:
                     conn.execute(
                         "UPDATE workflows SET rejected = ?, rejection = ? WHERE id = ?",
-                        (row[1], s.error, row[0]),
+                        (name, s.error, workflow_id),
+                    )
+                elif name != "submit_workflow":
+                    conn.execute(
+                        "UPDATE workflows SET rejected = NULL, rejection = NULL "
+                        "WHERE id = ? AND rejected IS NOT NULL",
+                        (workflow_id,),
                     )
             conn.execute(
                 "DELETE FROM mutations WHERE status = 'applied' "
@@ -415,53 +439,36 @@ class LocalStore:
             raise LocalStoreError(f"local store {self.path} is closed")
         return self._reader
 
-    def get_row(self, workflow_id: str) -> tuple[WorkflowRow, list[str]] | None:
-        """One stored workflow and the names of its pending mutations (one snapshot read)."""
-        conn = self._read()
+    def get_row(self, workflow_id: str) -> WorkflowRow | None:
+        """One stored workflow (confirmed snapshot, placeholder or rolled-back submit)."""
         try:
-            conn.execute("BEGIN")
-            try:
-                row = conn.execute(
+            row = (
+                self._read()
+                .execute(
                     "SELECT id, name, snapshot, rejected, rejection, created_at "
                     "FROM workflows WHERE id = ?",
                     (workflow_id,),
-                ).fetchone()
-                pending = [
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT name FROM mutations WHERE workflow_id = ? AND status = 'pending' "
-                        "ORDER BY id",
-                        (workflow_id,),
-                    )
-                ]
-            finally:
-                conn.execute("COMMIT")
+                )
+                .fetchone()
+            )
         except sqlite3.Error as exc:
             raise convert_sqlite_error(exc, self.path) from exc
-        if row is None:
-            return None
-        return _row(row), pending
+        return None if row is None else _row(row)
 
-    def list_rows(self) -> list[tuple[WorkflowRow, list[str]]]:
-        """Every stored workflow with its pending mutation names, newest first."""
-        conn = self._read()
+    def list_rows(self) -> list[WorkflowRow]:
+        """Every stored workflow, newest first."""
         try:
-            conn.execute("BEGIN")
-            try:
-                pending: dict[str, list[str]] = {}
-                for wf, name in conn.execute(
-                    "SELECT workflow_id, name FROM mutations WHERE status = 'pending' ORDER BY id"
-                ):
-                    pending.setdefault(wf, []).append(name)
-                rows = conn.execute(
+            rows = (
+                self._read()
+                .execute(
                     "SELECT id, name, snapshot, rejected, rejection, created_at FROM workflows "
                     "ORDER BY created_at DESC, id"
-                ).fetchall()
-            finally:
-                conn.execute("COMMIT")
+                )
+                .fetchall()
+            )
         except sqlite3.Error as exc:
             raise convert_sqlite_error(exc, self.path) from exc
-        return [(_row(r), pending.get(r[0], [])) for r in rows]
+        return [_row(r) for r in rows]
 
     def pending_count(self) -> int:
         """How many mutations wait for the server's verdict."""

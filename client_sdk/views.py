@@ -21,16 +21,23 @@ submitted workflow has not yet shown up in the server's event stream.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from protocol import Progress, StepStatus, WorkflowSnapshot, WorkflowStatus
+from protocol import Mutation, Progress, StepStatus, WorkflowSnapshot, WorkflowStatus
 
 if TYPE_CHECKING:
     from client_sdk.client import SyncClient
 
-__all__ = ["StepView", "WorkflowHandle", "WorkflowRow", "WorkflowView", "build_view"]
+__all__ = [
+    "Overlay",
+    "StepView",
+    "WorkflowHandle",
+    "WorkflowRow",
+    "WorkflowView",
+    "build_view",
+]
 
 _TERMINAL = frozenset(s.value for s in WorkflowStatus if s.terminal)
 _RUNNABLE_STEP = frozenset({StepStatus.WAITING, StepStatus.RUNNING, StepStatus.RETRYING})
@@ -87,31 +94,93 @@ class WorkflowRow:
     created_at: float = 0.0
 
 
+class Overlay:
+    """The pending mutations per workflow, in memory (mirrors the queue's pending rows).
+
+    Updated only after commits: ``add`` when a mutation's INSERT committed, ``remove``
+    when its verdict committed; rebuilt from the file at start.
+
+    Args:
+        pending: the pending mutations found in the file, in id order.
+    """
+
+    def __init__(self, pending: Iterable[Mutation] = ()) -> None:
+        self._by_workflow: dict[str, list[Mutation]] = {}
+        self._workflow_of: dict[int, str] = {}
+        for mutation in pending:
+            self.add(mutation)
+
+    def __len__(self) -> int:
+        return len(self._workflow_of)
+
+    def add(self, mutation: Mutation) -> str:
+        """Lay a newly queued mutation over its workflow; returns the workflow id."""
+        workflow_id = str(mutation.args.get("workflow_id"))
+        self._by_workflow.setdefault(workflow_id, []).append(mutation)
+        self._workflow_of[mutation.id] = workflow_id
+        return workflow_id
+
+    def remove(self, ids: Iterable[int]) -> set[str]:
+        """Drop settled mutations; returns the ids of the workflows they touched."""
+        touched: set[str] = set()
+        for mutation_id in ids:
+            workflow_id = self._workflow_of.pop(mutation_id, None)
+            if workflow_id is None:
+                continue
+            touched.add(workflow_id)
+            left = [m for m in self._by_workflow[workflow_id] if m.id != mutation_id]
+            if left:
+                self._by_workflow[workflow_id] = left
+            else:
+                del self._by_workflow[workflow_id]
+        return touched
+
+    def pending_for(self, workflow_id: str) -> list[Mutation]:
+        """The workflow's pending mutations, oldest first."""
+        return self._by_workflow.get(workflow_id, [])
+
+    def workflow_ids(self) -> list[str]:
+        """Every workflow with a pending mutation."""
+        return list(self._by_workflow)
+
+
 def build_view(
-    row: WorkflowRow,
-    pending: Sequence[str] = (),
+    row: WorkflowRow | None,
+    pending: Sequence[Mutation] = (),
     live: Mapping[str, Progress] | None = None,
-) -> WorkflowView:
+) -> WorkflowView | None:
     """Lay the pending mutations and live progress over the confirmed snapshot.
 
     Args:
-        row: the stored workflow.
-        pending: names of this workflow's unconfirmed mutations, oldest first.
+        row: the stored workflow, if any.
+        pending: this workflow's unconfirmed mutations, oldest first.
         live: the latest ``Progress`` per step (ephemeral, not persisted).
 
     Returns:
-        The view the application sees.
+        The view the application sees, or None if nothing is known of the workflow.
     """
+    names = [m.name for m in pending]
+    if row is None:
+        submit = next((m for m in pending if m.name == "submit_workflow"), None)
+        if submit is None:
+            return None
+        return WorkflowView(
+            id=str(submit.args.get("workflow_id")),
+            name=str(submit.args.get("name", "")),
+            status=WorkflowStatus.PENDING.value,
+            pending=True,
+            updated_at=submit.created_at,
+        )
     snap = row.snapshot
     if snap is None:
-        rolled_back = row.rejected == "submit_workflow" and "submit_workflow" not in pending
+        rolled_back = row.rejected == "submit_workflow" and "submit_workflow" not in names
         if rolled_back:
             return WorkflowView(
                 id=row.id,
                 name=row.name,
                 status=WorkflowStatus.FAILED.value,
                 error=row.rejection,
-                pending=bool(pending),
+                pending=bool(names),
                 updated_at=row.created_at,
             )
         status = WorkflowStatus.PENDING.value
@@ -125,9 +194,9 @@ def build_view(
         for name, s in snap.steps.items()
     }
     progress = snap.progress
-    if "retry_workflow" in pending and status in (WorkflowStatus.PARKED, WorkflowStatus.FAILED):
+    if "retry_workflow" in names and status in (WorkflowStatus.PARKED, WorkflowStatus.FAILED):
         status, error = WorkflowStatus.RUNNING.value, None
-    elif row.rejection is not None and not pending:
+    elif error is None and not names:
         error = row.rejection
     if live and status not in _TERMINAL:
         for step_name, update in live.items():
@@ -148,7 +217,7 @@ def build_view(
         progress=progress,
         result=snap.result,
         error=error,
-        pending=bool(pending),
+        pending=bool(names),
         updated_at=snap.updated_at,
         version=snap.version,
     )

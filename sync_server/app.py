@@ -42,7 +42,7 @@ class Tether:
         self.config = config
         self.workflows = {workflow.name: workflow for workflow in workflows}
         self.store = open_store(config.database_url)
-        self.hub = Hub(self.store)
+        self.hub = Hub(self.store, origin=config.server_id)
         self.metrics = Metrics()
         self.applier = MutationApplier(self.store, self.workflows)
         self.commands = WorkflowCommands(self.applier)

@@ -32,9 +32,11 @@ from protocol import (
     StorageError,
     SubmitWorkflowArgs,
     TetherError,
+    Unavailable,
     ValidationError,
     parse_mutation_args,
 )
+from protocol.codec import MutationArgs
 from sync_server.auth import Principal
 from sync_server.saga import intake
 from sync_server.store.base import Store, Transaction, WorkflowRecord
@@ -45,6 +47,27 @@ MAX_INPUT_BYTES = 64 * 1024
 """Largest encoded workflow input accepted."""
 
 ReportHandler = Callable[[Transaction, WorkflowRecord, ReportStateArgs, float], Any]
+"""Applies a report to the record in memory (the caller writes it); may be async."""
+
+
+class _Batch:
+    """The workflows one push batch reads and writes, kept in memory until the end."""
+
+    def __init__(self, records: dict[str, WorkflowRecord]) -> None:
+        self.records = records
+        self.new: set[str] = set()
+        self.dirty: set[str] = set()
+
+    async def write(self, tx: Transaction) -> None:
+        if self.new:
+            fresh = [self.records[i] for i in sorted(self.new)]
+            inserted = await tx.insert_workflows(fresh)
+            if len(inserted) != len(fresh):
+                # Another batch inserted the same id meanwhile; the client will resend.
+                raise Unavailable("a workflow id was taken concurrently; push again")
+        changed = [self.records[i] for i in sorted(self.dirty - self.new)]
+        if changed:
+            await tx.update_workflows(changed)
 
 
 class MutationApplier:
@@ -88,6 +111,17 @@ class MutationApplier:
             last = await tx.lock_client(principal.tenant, client_id)
             resent = [m.id for m in mutations if m.id <= last]
             originals = await tx.mutation_results(client_id, resent) if resent else {}
+            # Parse first, then read every workflow the batch touches in one round trip
+            # (sorted, so concurrent batches lock rows in the same order).
+            parsed: dict[int, MutationArgs | TetherError] = {}
+            for mutation in mutations:
+                if mutation.id > last:
+                    try:
+                        parsed[mutation.id] = parse_mutation_args(mutation)
+                    except TetherError as exc:
+                        parsed[mutation.id] = exc
+            ids = sorted({a.workflow_id for a in parsed.values() if not isinstance(a, Exception)})
+            batch = _Batch(await tx.get_workflows(ids, lock=True) if ids else {})
             results: list[MutationResult] = []
             recorded: list[tuple[int, str, str | None]] = []
             expected = last + 1
@@ -108,7 +142,10 @@ class MutationApplier:
                     )
                     continue
                 try:
-                    await self._apply(tx, principal, client_id, mutation, now)
+                    args = parsed[mutation.id]
+                    if isinstance(args, TetherError):
+                        raise args
+                    await self._apply(tx, principal, client_id, args, batch, now)
                 except (StorageError, AssertionError):
                     raise
                 except TetherError as exc:
@@ -118,6 +155,7 @@ class MutationApplier:
                 results.append(MutationResult(mutation.id, status, error))
                 recorded.append((mutation.id, status.value, error))
                 expected += 1
+            await batch.write(tx)
             if recorded:
                 await tx.record_mutations(client_id, recorded, expected - 1, now)
             return results
@@ -125,13 +163,18 @@ class MutationApplier:
         return await self.store.run(unit)
 
     async def _apply(
-        self, tx: Transaction, principal: Principal, client_id: str, mutation: Mutation, now: float
+        self,
+        tx: Transaction,
+        principal: Principal,
+        client_id: str,
+        args: MutationArgs,
+        batch: _Batch,
+        now: float,
     ) -> None:
-        args = parse_mutation_args(mutation)
         if isinstance(args, SubmitWorkflowArgs):
-            await self._submit(tx, principal, client_id, args, now)
+            self._submit(tx, principal, client_id, args, batch, now)
             return
-        record = await tx.get_workflow(args.workflow_id, lock=True)
+        record = batch.records.get(args.workflow_id)
         if record is None or record.tenant != principal.tenant:
             # Another tenant's workflow is reported as missing: existence does not leak.
             raise NotFound(f"no workflow {args.workflow_id}")
@@ -141,15 +184,15 @@ class MutationApplier:
             intake.request_retry(tx, record, now, client_id)
         else:
             await self.report(tx, principal, record, args, now, client_id=client_id)
-            return
-        await tx.update_workflow(record)
+        batch.dirty.add(record.id)
 
-    async def _submit(
+    def _submit(
         self,
         tx: Transaction,
         principal: Principal,
         client_id: str,
         args: SubmitWorkflowArgs,
+        batch: _Batch,
         now: float,
     ) -> None:
         definition = self.workflows.get(args.name)
@@ -157,7 +200,7 @@ class MutationApplier:
             raise ValidationError(f"unknown workflow {args.name!r}")
         if len(msgspec.json.encode(args.input)) > MAX_INPUT_BYTES:
             raise ValidationError(f"workflow input is larger than {MAX_INPUT_BYTES} bytes")
-        existing = await tx.get_workflow(args.workflow_id, lock=True)
+        existing = batch.records.get(args.workflow_id)
         if existing is not None:
             if existing.tenant == principal.tenant and existing.name == args.name:
                 return  # idempotent: the same workflow submitted again
@@ -173,8 +216,8 @@ class MutationApplier:
             created_by=client_id,
         )
         intake.start_workflow(tx, record, definition, now, client_id)
-        if not await tx.insert_workflow(record):
-            raise ValidationError(f"workflow id {args.workflow_id} is already in use")
+        batch.records[record.id] = record
+        batch.new.add(record.id)
 
     async def report(
         self,
@@ -212,7 +255,6 @@ class MutationApplier:
             detail=args.detail,
             client_id=client_id,
         )
-        await tx.update_workflow(record)
 
 
 class WorkflowCommands:

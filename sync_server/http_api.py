@@ -33,6 +33,7 @@ from protocol import (
     encode_json,
 )
 from sync_server.auth import Principal, bearer_token, verify_token
+from sync_server.openapi import openapi_json
 from sync_server.snapshots import snapshot
 
 if TYPE_CHECKING:
@@ -223,4 +224,5 @@ routes = [
     Route("/v1/dlq/{id}/requeue", requeue_dlq, methods=["POST"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
+    Route("/openapi.json", openapi_json, methods=["GET"]),
 ]

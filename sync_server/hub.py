@@ -6,6 +6,11 @@ store from the hub's cursor and hands each tenant's events, in order and without
 to that tenant's subscribers. One store read serves every connection. Notifications
 are only hints: after the notification link reconnects, the hub re-reads from its
 cursor, so nothing sent meanwhile is missed.
+
+Ephemeral progress is not in the log. It reaches this instance's subscribers at once;
+when other instances share the store it is also sent to them as a notification, at
+most every ``progress_interval`` seconds per (workflow, step) with the latest value
+winning, so a step that reports thousands of times a second cannot flood the database.
 """
 
 from __future__ import annotations
@@ -17,12 +22,24 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from protocol import Event, Progress
 from sync_server.store.base import Store
 
 __all__ = ["Hub", "Subscriber"]
 
 log = logging.getLogger("tether.hub")
+
+
+class _RemoteProgress(msgspec.Struct, frozen=True, array_like=True):
+    origin: str
+    tenant: str
+    progress: Progress
+
+
+_progress_codec = msgspec.json.Encoder()
+_progress_decoder = msgspec.json.Decoder(_RemoteProgress)
 
 
 @dataclass(eq=False)
@@ -42,9 +59,20 @@ class Hub:
         batch: events read per store round trip.
     """
 
-    def __init__(self, store: Store, *, batch: int = 1000) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        batch: int = 1000,
+        origin: str = "",
+        progress_interval: float = 0.1,
+    ) -> None:
         self.store = store
         self.batch = batch
+        self.origin = origin
+        self.progress_interval = progress_interval
+        self._remote: dict[tuple[str, str], tuple[str, Progress]] = {}
+        self._flusher: asyncio.Task[None] | None = None
         self.cursor = 0
         self._subscribers: dict[str, set[Subscriber]] = defaultdict(set)
         self._wake = asyncio.Event()
@@ -60,12 +88,19 @@ class Hub:
         """Start following the log from its current head."""
         self.cursor = await self.store.head()
         self.store.listen("events", self._on_notify)
+        self.store.listen("progress", self._on_remote_progress)
         self.store.on_reconnect(self.wake)
         self._task = asyncio.create_task(self._follow(), name="tether-hub")
 
     async def stop(self) -> None:
         """Stop following; idempotent."""
         self.store.unlisten("events", self._on_notify)
+        self.store.unlisten("progress", self._on_remote_progress)
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -85,9 +120,43 @@ class Hub:
                 del self._subscribers[subscriber.tenant]
 
     def publish_progress(self, tenant: str, progress: Progress) -> None:
-        """Hand ephemeral progress to the tenant's local subscribers."""
+        """Hand ephemeral progress to the tenant's subscribers, here and elsewhere."""
+        self._deliver_progress(tenant, progress)
+        if self.store.multi_instance:
+            self._remote[(progress.workflow_id, progress.step)] = (tenant, progress)
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.create_task(
+                    self._flush_remote(), name="tether-hub-progress"
+                )
+
+    def _deliver_progress(self, tenant: str, progress: Progress) -> None:
         for subscriber in list(self._subscribers.get(tenant, ())):
-            subscriber.on_progress(progress)
+            try:
+                subscriber.on_progress(progress)
+            except Exception:
+                log.exception("hub: a subscriber failed")
+
+    async def _flush_remote(self) -> None:
+        while self._remote:
+            pending, self._remote = self._remote, {}
+            for tenant, progress in pending.values():
+                payload = _progress_codec.encode(
+                    _RemoteProgress(self.origin, tenant, progress)
+                ).decode()
+                try:
+                    await self.store.notify("progress", payload)
+                except Exception as exc:  # progress is best effort; the log is the truth
+                    log.warning("hub: could not forward progress: %s", exc)
+            await asyncio.sleep(self.progress_interval)
+
+    def _on_remote_progress(self, payload: str) -> None:
+        try:
+            remote = _progress_decoder.decode(payload)
+        except msgspec.DecodeError:
+            log.warning("hub: ignoring a malformed progress notification")
+            return
+        if remote.origin != self.origin:
+            self._deliver_progress(remote.tenant, remote.progress)
 
     def wake(self) -> None:
         """Make the reader look at the store now."""

@@ -143,8 +143,9 @@ def test_hello_carries_cursor_and_last_confirmed_id() -> None:
     s = SyncSession("c1", cursor=7, last_mutation_id=5, pending=[submit(4), submit(5)])
     assert s.state is SessionState.IDLE
     [hello] = connect(s)
-    assert hello == Hello(client_id="c1", protocol_version=PROTOCOL_VERSION, cursor=7,
-                          last_mutation_id=3)
+    assert hello == Hello(
+        client_id="c1", protocol_version=PROTOCOL_VERSION, cursor=7, last_mutation_id=3
+    )
     assert s.state is SessionState.HANDSHAKE and s.expecting_reply
 
 
@@ -167,14 +168,20 @@ def test_results_duplicate_rejected_and_conflict() -> None:
     connect(s)
     s.receive_message(Welcome(server_id="s", protocol_version=1, last_mutation_id=2, head=0))
     s.messages_to_send()
-    s.receive_message(PushResult(results=[
-        MutationResult(1, "duplicate", None),
-        MutationResult(2, "duplicate", "unknown workflow"),
-        MutationResult(3, "rejected", "bad input"),
-        MutationResult(4, "rejected", "conflict: skips ahead"),
-    ]))
+    s.receive_message(
+        PushResult(
+            results=[
+                MutationResult(1, "duplicate", None),
+                MutationResult(2, "duplicate", "unknown workflow"),
+                MutationResult(3, "rejected", "bad input"),
+                MutationResult(4, "rejected", "conflict: skips ahead"),
+            ]
+        )
+    )
     settle, close = s.commands_to_run()
-    assert settle == Settle([(1, True, None), (2, False, "unknown workflow"), (3, False, "bad input")])
+    assert settle == Settle(
+        [(1, True, None), (2, False, "unknown workflow"), (3, False, "bad input")]
+    )
     assert isinstance(close, Close) and isinstance(close.error, Conflict)
     assert s.pending_ids == [4] and s.state is SessionState.IDLE
     assert s.counters.conflicts == 1
@@ -286,8 +293,10 @@ def test_progress_is_forwarded() -> None:
 @pytest.mark.parametrize(
     ("welcome", "error"),
     [
-        (Welcome(server_id="s", protocol_version=99, last_mutation_id=0, head=0),
-         ProtocolVersionError),
+        (
+            Welcome(server_id="s", protocol_version=99, last_mutation_id=0, head=0),
+            ProtocolVersionError,
+        ),
         (Welcome(server_id="s", protocol_version=1, last_mutation_id=9, head=0), Conflict),
         (Welcome(server_id="s", protocol_version=1, last_mutation_id=1, head=0), Conflict),
     ],
@@ -422,12 +431,16 @@ class SessionMachine(RuleBasedStateMachine):
 
     def new_session(self) -> None:
         self.s = SyncSession(
-            "c1", cursor=self.durable_cursor, last_mutation_id=self.next_id - 1,
-            pending=sorted(self.durable_pending.values(), key=lambda m: m.id), max_batch=3,
+            "c1",
+            cursor=self.durable_cursor,
+            last_mutation_id=self.next_id - 1,
+            pending=sorted(self.durable_pending.values(), key=lambda m: m.id),
+            max_batch=3,
             snapshot_threshold=4,
         )
         self.commands = []
         self.to_server, self.to_client = [], []
+        self.link_open = False
 
     def pump(self) -> None:
         self.to_server.extend(self.s.messages_to_send())
@@ -441,6 +454,7 @@ class SessionMachine(RuleBasedStateMachine):
 
     def drop_link(self) -> None:
         self.to_server, self.to_client = [], []
+        self.link_open = False
         self.s.connection_lost()
 
     @rule(bad=st.booleans())
@@ -457,7 +471,7 @@ class SessionMachine(RuleBasedStateMachine):
     @rule(tenant=st.sampled_from([TENANT, "other"]))
     def server_event(self, tenant: str) -> None:
         e = self.server.append(tenant, "w-live")
-        if tenant == TENANT and self.s.state is SessionState.LIVE and self.to_client is not None:
+        if tenant == TENANT and self.link_open:  # the server streams it live
             self.to_client.append(Events(events=[e], cursor=e.seq, has_more=False))
 
     @precondition(lambda self: self.s.state is SessionState.IDLE)
@@ -474,6 +488,8 @@ class SessionMachine(RuleBasedStateMachine):
     @rule()
     def deliver_to_server(self) -> None:
         message = self.to_server.pop(0)
+        if isinstance(message, Hello):
+            self.link_open = True  # pages up to now follow; later events go live
         self.to_client.extend(self.server.handle("c1", message))
 
     @precondition(lambda self: bool(self.to_client))
@@ -537,6 +553,8 @@ class SessionMachine(RuleBasedStateMachine):
 
 TestSessionMachine = SessionMachine.TestCase
 TestSessionMachine.settings = settings(
-    max_examples=150, stateful_step_count=40, deadline=None,
+    max_examples=150,
+    stateful_step_count=40,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

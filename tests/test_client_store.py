@@ -11,7 +11,7 @@ import pytest
 
 from client_sdk.errors import LocalStoreError
 from client_sdk.localstore import LocalStore, Settlement
-from client_sdk.views import build_view
+from client_sdk.views import Overlay, build_view
 from protocol import Event
 
 pytestmark = pytest.mark.timeout(60)
@@ -22,13 +22,20 @@ def wid(i: int) -> str:
 
 
 def snap(i: int, version: int, status: str = "running") -> dict:
-    return {"id": wid(i), "name": "noop", "status": status, "version": version,
-            "steps": {"only": {"status": "running", "attempts": 1}}, "updated_at": 1.0}
+    return {
+        "id": wid(i),
+        "name": "noop",
+        "status": status,
+        "version": version,
+        "steps": {"only": {"status": "running", "attempts": 1}},
+        "updated_at": 1.0,
+    }
 
 
 def ev(seq: int, i: int, version: int, status: str = "running") -> Event:
-    return Event(seq=seq, workflow_id=wid(i), type="t",
-                 data={"workflow": snap(i, version, status)}, at=1.0)
+    return Event(
+        seq=seq, workflow_id=wid(i), type="t", data={"workflow": snap(i, version, status)}, at=1.0
+    )
 
 
 @pytest.fixture
@@ -39,16 +46,31 @@ def store(tmp_path: Path):
     s.close()
 
 
+OVERLAYS: dict[int, Overlay] = {}
+
+
+def overlay(store: LocalStore) -> Overlay:
+    return OVERLAYS.setdefault(id(store), Overlay())
+
+
 async def submit(store: LocalStore, i: int, name: str = "noop"):
     args = {"workflow_id": wid(i), "name": name, "input": {"i": i}}
-    return await store.enqueue("submit_workflow", wid(i), args, created_at=1.0,
-                               workflow_name=name)
+    m = await store.enqueue("submit_workflow", wid(i), args, created_at=1.0, workflow_name=name)
+    if m is not None:
+        overlay(store).add(m)
+    return m
+
+
+async def settle(store: LocalStore, settlements: list[Settlement]) -> set[str]:
+    changed = await store.settle(settlements)
+    overlay(store).remove(s.id for s in settlements)
+    return changed
 
 
 def view(store: LocalStore, i: int):
-    found = store.get_row(wid(i))
-    assert found is not None
-    return build_view(*found)
+    v = build_view(store.get_row(wid(i)), overlay(store).pending_for(wid(i)))
+    assert v is not None
+    return v
 
 
 async def test_identity_and_ids_survive_reopen(tmp_path: Path) -> None:
@@ -56,7 +78,7 @@ async def test_identity_and_ids_survive_reopen(tmp_path: Path) -> None:
     opened = s.open()
     assert opened.last_mutation_id == 0 and opened.cursor == 0
     assert [(await submit(s, i)).id for i in range(1, 4)] == [1, 2, 3]
-    await s.settle([Settlement(1, True), Settlement(2, True)])
+    await settle(s, [Settlement(1, True), Settlement(2, True)])
     s.close()
     s2 = LocalStore(tmp_path / "c.db")
     again = s2.open()
@@ -79,7 +101,7 @@ async def test_submit_is_pending_and_idempotent(store: LocalStore) -> None:
 
 async def test_confirmation_then_snapshot(store: LocalStore) -> None:
     await submit(store, 1)
-    await store.settle([Settlement(1, True)])
+    await settle(store, [Settlement(1, True)])
     assert view(store, 1).pending  # applied, but not yet seen in the event stream
     await store.apply_events([ev(5, 1, 1)], 5)
     v = view(store, 1)
@@ -89,16 +111,17 @@ async def test_confirmation_then_snapshot(store: LocalStore) -> None:
 
 async def test_rejection_rolls_back_with_reason(store: LocalStore) -> None:
     await submit(store, 1, name="nope")
-    changed = await store.settle([Settlement(1, False, "unknown workflow 'nope'")])
+    changed = await settle(store, [Settlement(1, False, "unknown workflow 'nope'")])
     assert changed == {wid(1)}
     v = view(store, 1)
     assert v.status == "failed" and v.error == "unknown workflow 'nope'"
     assert not v.pending and v.terminal
     # A rejected cancel keeps the confirmed state and shows the reason.
     await store.apply_events([ev(1, 2, 3, "completed")], 1)
-    await store.enqueue("cancel_workflow", wid(2), {"workflow_id": wid(2)}, created_at=1.0)
+    m = await store.enqueue("cancel_workflow", wid(2), {"workflow_id": wid(2)}, created_at=1.0)
+    overlay(store).add(m)
     assert view(store, 2).pending and view(store, 2).status == "completed"
-    await store.settle([Settlement(2, False, "workflow already completed")])
+    await settle(store, [Settlement(2, False, "workflow already completed")])
     v = view(store, 2)
     assert v.status == "completed" and v.error == "workflow already completed"
 
@@ -208,3 +231,5 @@ async def test_closed_store_refuses_work(tmp_path: Path) -> None:
         await submit(s, 1)
     with pytest.raises(LocalStoreError, match="closed"):
         s.get_row(wid(1))
+    with pytest.raises(LocalStoreError, match="closed"):
+        s.list_rows()

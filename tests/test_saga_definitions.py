@@ -122,11 +122,15 @@ async def test_step_context_progress_clamps():
 
 
 def test_load_workflows():
-    loaded = load_workflows("tests.test_saga_definitions:EXAMPLE")
+    loaded = load_workflows(f"{__name__}:EXAMPLE")
     assert [w.name for w in loaded] == ["example"]
-    assert load_workflows("tests.test_saga_definitions:EXAMPLES") == EXAMPLES
-    for bad in ("nocolon", "no_such_module_x:y", "tests.test_saga_definitions:missing",
-                "tests.test_saga_definitions:NOT_WORKFLOWS"):
+    assert load_workflows(f"{__name__}:EXAMPLES") == EXAMPLES
+    for bad in (
+        "nocolon",
+        "no_such_module_x:y",
+        f"{__name__}:missing",
+        f"{__name__}:NOT_WORKFLOWS",
+    ):
         with pytest.raises(DefinitionError):
             load_workflows(bad)
 

@@ -241,9 +241,7 @@ def test_compensation_failure_retries_then_fails_and_retry_resumes_it():
     assert comps(m.effects_to_apply()) == []
     assert m.due_at == 3 + 0.5  # comp retry by its policy (base 0.5 * 1)
     m.advance(3.5)
-    assert [(e.step, e.attempt) for e in kinds(m.effects_to_apply(), RunCompensation)] == [
-        ("a", 2)
-    ]
+    assert [(e.step, e.attempt) for e in kinds(m.effects_to_apply(), RunCompensation)] == [("a", 2)]
     m.receive_compensation_failed("a", 2, "refund failed", 4)
     m.advance(4)
     fx = m.effects_to_apply()
@@ -534,9 +532,9 @@ def check_invariants(workflow, m, log):
             first_comp.setdefault(e.step, i)
     done_at = {}
     for i, e in enumerate(log):
-        if isinstance(e, EmitEvent) and e.type == events.STEP_CHANGED:
-            if e.fields["status"] == "compensated":
-                done_at[e.fields["step"]] = i
+        compensated = isinstance(e, EmitEvent) and e.type == events.STEP_CHANGED
+        if compensated and e.fields["status"] == "compensated":
+            done_at[e.fields["step"]] = i
     for step, i in first_comp.items():
         for dependent in workflow.dependents[step]:
             if dependent in first_comp and dependent in done_at:

@@ -11,6 +11,7 @@ import time
 import asyncpg
 import pytest
 
+from protocol import Events
 from sync_server import create_app
 from tests.conftest import PG_DSN, wait_for
 from tests.servers import SECRET, running, server_process
@@ -106,3 +107,29 @@ async def test_connection_cap_answers_1013(pg_url):
         assert c.welcome is not None
         await b.close()
         await c.close()
+
+
+async def test_progress_on_a_reaches_client_on_b_coalesced(pg_url):
+    from protocol import Progress
+
+    async with running(make_app(pg_url)) as a, running(make_app(pg_url)) as b:
+        reader = await RawClient.open(b.ws_url, client_id="reader")
+        caught_up = await reader.recv()  # the (empty) first page: the session is live now
+        assert isinstance(caught_up, Events) and not caught_up.has_more
+        hub = a.app.state.tether.hub
+        # A step reporting in a tight loop: the last value must arrive, not every one.
+        for i in range(1, 1001):
+            hub.publish_progress(
+                "acme", Progress(workflow_id="w", step="render", fraction=i / 1000)
+            )
+        hub.publish_progress("globex", Progress(workflow_id="x", step="s", fraction=0.5))
+        seen = []
+        async with asyncio.timeout(10):
+            while not seen or seen[-1].fraction < 1.0:
+                message = await reader.recv()
+                if isinstance(message, Progress):
+                    seen.append(message)
+        assert seen[-1].fraction == 1.0
+        assert len(seen) < 100  # coalesced across instances
+        assert all(p.workflow_id == "w" for p in seen)  # other tenants' progress stays out
+        await reader.close()

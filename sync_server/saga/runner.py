@@ -165,6 +165,7 @@ class SagaRunner:
         self._running = False
         self.stats: dict[str, int] = {
             "claim_txns": 0,
+            "empty_claims": 0,
             "checkpoint_txns": 0,
             "claimed": 0,
             "checkpoints": 0,
@@ -289,7 +290,8 @@ class SagaRunner:
     async def _claim_once(self, limit: int) -> int:
         now = self.clock()
         applied = await self.store.run(lambda tx: self.checkpointer.claim(tx, now, limit))
-        self.stats["claim_txns"] += 1
+        # A claim that found nothing wrote nothing; count only the ones that did.
+        self.stats["claim_txns" if applied else "empty_claims"] += 1
         self.stats["claimed"] += len(applied)
         for item in applied:
             stale = self._held.pop(item.workflow_id, None)

@@ -282,6 +282,8 @@ class Store(abc.ABC):
     """The event store and everything that commits with it."""
 
     url: str
+    multi_instance: bool = False
+    """True when other processes share this store and hear its notifications."""
 
     def __init__(self) -> None:
         self._listeners: dict[str, list[Callable[[str], None]]] = {}
@@ -401,6 +403,18 @@ class Store(abc.ABC):
         """(pending items, age in seconds of the oldest pending item)."""
 
     # -- notifications --------------------------------------------------------
+    async def notify(self, channel: str, payload: str = "") -> None:
+        """Send a notification outside any unit of work (e.g. ephemeral progress).
+
+        Raises:
+            StorageError: the database failed.
+        """
+
+        async def unit(tx: Transaction) -> None:
+            tx.notify(channel, payload)
+
+        await self.run(unit)
+
     def listen(self, channel: str, callback: Callable[[str], None]) -> None:
         """Call ``callback(payload)`` on every notification on ``channel``.
 

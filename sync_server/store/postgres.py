@@ -82,6 +82,17 @@ def _qualified(columns: str, alias: str) -> str:
     return ", ".join(f"{alias}.{col.strip()}" for col in columns.split(","))
 
 
+def _filters(*conditions: tuple[str, object]) -> tuple[str, list[object]]:
+    """A ``WHERE`` clause of the conditions whose value is not None, and their values."""
+    parts: list[str] = []
+    args: list[object] = []
+    for template, value in conditions:
+        if value is not None:
+            args.append(value)
+            parts.append(template % len(args))
+    return (" WHERE " + " AND ".join(parts) if parts else ""), args
+
+
 def parse_postgres_url(url: str) -> tuple[str, dict[str, str], str]:
     """Split a Tether PostgreSQL URL into (asyncpg DSN, Tether options, safe label).
 
@@ -134,6 +145,7 @@ class PostgresStore(PgSql, Store):
     ) -> None:
         super().__init__()
         self.url = url
+        self.multi_instance = True
         self._dsn, options, self._label = parse_postgres_url(url)
         self.schema = options["schema"]
         try:
@@ -301,6 +313,10 @@ class PostgresStore(PgSql, Store):
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def notify(self, channel: str, payload: str = "") -> None:
+        """One ``pg_notify`` outside any transaction (every instance hears it)."""
+        await self._fetchval("SELECT pg_notify($1, $2)", self._channel, f"{channel}:{payload}")
+
     # -- reads ------------------------------------------------------------------
     def _executor(self) -> asyncpg.Pool:
         return self._require_pool()
@@ -346,12 +362,13 @@ class PostgresStore(PgSql, Store):
         limit: int = 1000,
     ) -> list[WorkflowRecord]:
         """Workflows, newest first, optionally of one tenant and some statuses."""
+        # The WHERE clause is built per filter combination (not "$1 IS NULL OR …") so
+        # that each prepared statement gets a plan that can use the tenant index.
+        where, args = _filters(("tenant = $%d", tenant), ("status = ANY($%d::text[])", statuses))
         found = await self._fetch(
-            f"SELECT {_WF} FROM workflows WHERE ($1::text IS NULL OR tenant = $1) "
-            "AND ($2::text[] IS NULL OR status = ANY($2::text[])) "
-            "ORDER BY created_at DESC, id DESC LIMIT $3",
-            tenant,
-            statuses,
+            f"SELECT {_WF} FROM workflows{where} ORDER BY created_at DESC, id DESC "
+            f"LIMIT ${len(args) + 1}",
+            *args,
             limit,
         )
         return [rows.workflow_from_row(row) for row in found]
@@ -367,12 +384,9 @@ class PostgresStore(PgSql, Store):
         self, *, tenant: str | None = None, status: str | None = "open", limit: int = 1000
     ) -> list[DlqEntry]:
         """Dead letters, oldest first."""
+        where, args = _filters(("tenant = $%d", tenant), ("status = $%d", status))
         found = await self._fetch(
-            f"SELECT {_DLQ} FROM dlq WHERE ($1::text IS NULL OR tenant = $1) "
-            "AND ($2::text IS NULL OR status = $2) ORDER BY id LIMIT $3",
-            tenant,
-            status,
-            limit,
+            f"SELECT {_DLQ} FROM dlq{where} ORDER BY id LIMIT ${len(args) + 1}", *args, limit
         )
         return [rows.dlq_from_row(row) for row in found]
 

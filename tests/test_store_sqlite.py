@@ -1,0 +1,85 @@
+"""SQLite-only storage behaviour: opening, and writers from two stores on one file."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+
+from protocol import StorageError
+from sync_server.store import Transaction, WorkflowRecord
+from sync_server.store.sqlite import SqliteStore, sqlite_path
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def test_unopenable_path_is_storage_error(tmp_path):
+    store = SqliteStore(f"sqlite:///{tmp_path}/missing-dir/sync.db")
+    with pytest.raises(StorageError, match="cannot open SQLite database"):
+        await store.open()
+    await store.close()
+
+
+async def test_wal_and_full_sync(sqlite_url):
+    async with SqliteStore(sqlite_url) as store:
+        assert store._writer is not None
+        assert store._writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store._writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+async def test_second_store_waits_without_blocking_the_loop(sqlite_url):
+    """A write lock held by another connection is waited for asynchronously, and a
+    writer that waits past ``busy_timeout`` gets a StorageError, not a hang."""
+    holder, waiter = SqliteStore(sqlite_url), SqliteStore(sqlite_url, busy_timeout=0.3)
+    await holder.open()
+    await waiter.open()
+    try:
+        release = asyncio.Event()
+        holding = asyncio.Event()
+
+        async def hold(tx: Transaction) -> None:
+            await tx.insert_workflow(WorkflowRecord("a", "t", "n", "running"))
+            holding.set()
+            await release.wait()
+
+        async def insert_b(tx: Transaction) -> bool:
+            return await tx.insert_workflow(WorkflowRecord("b", "t", "n", "running"))
+
+        held = asyncio.create_task(holder.run(hold))
+        await holding.wait()
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while not release.is_set():
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        tick_task = asyncio.create_task(ticker())
+        with pytest.raises(StorageError, match="cannot start a write"):
+            await waiter.run(insert_b)
+        assert ticks >= 10  # the loop kept running while the waiter waited
+
+        # Once the holder commits, the other store writes normally.
+        late = asyncio.create_task(waiter.run(insert_b))
+        release.set()
+        await held
+        assert await late is True
+        await tick_task
+        assert await waiter.get_workflow("a") is not None
+        assert await holder.get_workflow("b") is not None
+    finally:
+        await holder.close()
+        await waiter.close()
+
+
+async def test_schema_versions_recorded_once(sqlite_url):
+    for _ in range(2):
+        async with SqliteStore(sqlite_url):
+            pass
+    conn = sqlite3.connect(sqlite_path(sqlite_url))
+    try:
+        assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [(1,)]
+    finally:
+        conn.close()
