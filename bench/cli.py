@@ -196,6 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="PostgreSQL server (a private database is created and dropped)",
     )
     parser.add_argument("--workdir", default="", help="keep files and server logs here")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample every child server and worker with py-spy; print their hot functions",
+    )
     args = parser.parse_args(argv)
     _load_figures()
     names = _select(args.figures)
@@ -203,6 +208,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"figures without an implementation: {missing}")
     raise_fd_limit()
+    profiles: Path | None = None
+    if args.profile:
+        from bench import profiling
+
+        base = Path(args.workdir) if args.workdir else Path(args.json).parent
+        profiles = base / "profiles"
+        for old in profiles.glob("*.txt"):
+            old.unlink()
+        profiling.enable(profiles)
     from bench.worker import install_uvloop
 
     install_uvloop()
@@ -222,4 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown_table(rows))
     print()
     print(f"{report['seconds']} s; JSON: {path}")
+    if profiles is not None:
+        from bench.profiling import summarise
+
+        print("\n## Profiles (py-spy, non-idle samples)\n")
+        for recording in sorted(profiles.glob("*.txt")):
+            print("```\n" + summarise(recording) + "\n```")
     return 0

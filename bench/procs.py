@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.profiling import Sampler
+
 __all__ = [
     "SECRET",
     "Child",
@@ -148,6 +150,7 @@ async def child(
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     running = Child(proc, port, log_path)
+    sampler = Sampler(proc.pid, f"{kind}-{port}")
     try:
         try:
             await wait_port(port, ready_timeout, proc)
@@ -155,6 +158,7 @@ async def child(
             raise RuntimeError(f"{kind} server did not start: {exc}\n{running.log_tail()}") from exc
         yield running
     finally:
+        sampler.stop()
         if proc.poll() is None:
             proc.terminate()
             try:
@@ -183,12 +187,15 @@ async def run_worker(
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "SYNC_AUTH_SECRET": SECRET},
     )
+    sampler = Sampler(proc.pid, "worker-" + target.rsplit(":", 1)[-1])
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
         proc.kill()
         await proc.wait()
         raise TimeoutError(f"worker {target} ran longer than {timeout} s") from None
+    finally:
+        await asyncio.to_thread(sampler.stop)
     text = out.decode(errors="replace")
     if logdir is not None:
         (logdir / f"worker-{target.replace(':', '-')}-{proc.pid}.log").write_bytes(out + err)

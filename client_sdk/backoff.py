@@ -11,15 +11,30 @@ Circuit breaker around connecting: ``closed`` lets every attempt through; after
 ``failure_threshold`` consecutive failures it is ``open`` and refuses attempts for
 ``reset_timeout`` seconds; then ``half_open`` lets one probe through, whose outcome
 closes or re-opens it.
+
+Close policy (``classify_close``): which server closes are worth retrying and which
+must stop syncing (a bad token must surface, not spin).
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 
-__all__ = ["Backoff", "BreakerState", "CircuitBreaker"]
+from protocol import (
+    Error,
+    ErrorCode,
+    Forbidden,
+    ProtocolVersionError,
+    RateLimited,
+    TetherError,
+    Unauthorized,
+    error_from_code,
+)
+
+__all__ = ["Backoff", "BreakerState", "CircuitBreaker", "Disposition", "classify_close"]
 
 
 class Backoff:
@@ -125,3 +140,42 @@ class CircuitBreaker:
         if self._probing or self.failures >= self.failure_threshold:
             self.opened_at = now
         self._probing = False
+
+
+@dataclass(frozen=True, slots=True)
+class Disposition:
+    """What to do after the server closed: retry (after at least ``min_delay`` s) or stop."""
+
+    retry: bool
+    error: TetherError | None = None
+    min_delay: float = 0.0
+
+
+def classify_close(code: int | None, reason: str, server_error: Error | None) -> Disposition:
+    """Default retryable-or-fatal policy for a close code (protocol ERROR_TABLE).
+
+    4401 (bad token), 4403 (forbidden) and a protocol-version 4409 stop syncing:
+    retrying cannot help and must not spin. 4429 backs off for at least a second. A
+    conflict 4409, 4400/4413 (our frame was refused), 1011/1012/1013, a normal close or
+    an abrupt loss are retried with backoff.
+
+    Args:
+        code: the close code (None when the link dropped without a close frame).
+        reason: the close reason.
+        server_error: the ``Error`` message that preceded the close, if any.
+
+    Returns:
+        The disposition.
+    """
+    text = server_error.message if server_error is not None else reason
+    if code == 4401 or (server_error is not None and server_error.code == ErrorCode.UNAUTHORIZED):
+        return Disposition(False, Unauthorized(text or "token refused"))
+    if code == 4403:
+        return Disposition(False, Forbidden(text or "forbidden"))
+    if code == 4409 and (server_error is None or server_error.code != ErrorCode.CONFLICT):
+        return Disposition(False, ProtocolVersionError(text or "protocol version refused"))
+    if code == 4429:
+        return Disposition(True, RateLimited(text or "rate limited"), min_delay=1.0)
+    if server_error is not None:
+        return Disposition(True, error_from_code(server_error.code, server_error.message))
+    return Disposition(True, None)

@@ -174,6 +174,12 @@ class SyncClient:
         return self._live_session().pending_count + self._settling
 
     @property
+    def oldest_pending_age(self) -> float:
+        """Seconds the oldest unconfirmed mutation has waited (0 if none): a stuck alarm."""
+        oldest = self._live_session().oldest_pending
+        return 0.0 if oldest is None else max(0.0, time.time() - oldest.created_at)
+
+    @property
     def connected(self) -> bool:
         """True while synced with the server (WebSocket after Welcome, or HTTP polling)."""
         return self._conn is not None and self._conn.connected

@@ -30,6 +30,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from client_sdk.backoff import Backoff, CircuitBreaker
+from client_sdk.httppoll import run_http
 from client_sdk.session import (
     ApplyEvents,
     Close,
@@ -41,23 +42,13 @@ from client_sdk.session import (
     SyncSession,
 )
 from protocol import (
-    MAX_EVENTS_PAGE,
     MAX_FRAME_BYTES,
     Event,
-    Events,
-    Forbidden,
     Progress,
     ProtocolError,
-    PullResponse,
-    Push,
-    PushRequest,
-    PushResponse,
     TetherError,
-    Unauthorized,
-    decode_json,
     decode_server_message,
     encode,
-    encode_json,
 )
 
 __all__ = ["SyncConnection", "SyncHandler"]
@@ -136,7 +127,7 @@ class SyncConnection:
         self.handler = handler
         self.backoff = backoff or Backoff()
         self.breaker = breaker or CircuitBreaker()
-        self._clock = clock
+        self.clock = clock
         self.stall_timeout = stall_timeout
         self.open_timeout = open_timeout
         self.http_fallback = http_fallback
@@ -147,12 +138,12 @@ class SyncConnection:
         """``"websocket"`` or ``"http"`` while connected, else None."""
         self.refused_upgrades = 0
         self.connects = 0
-        self._closing = asyncio.Event()
-        self._wake = asyncio.Event()
+        self.closing = asyncio.Event()
+        self.wake = asyncio.Event()
         self._work: asyncio.Queue[Command] = asyncio.Queue()
         self._busy = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.idle_event = asyncio.Event()
+        self.idle_event.set()
         self._ws: ClientConnection | None = None
         self._http: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -177,12 +168,12 @@ class SyncConnection:
 
     def kick(self) -> None:
         """The session may have something to send (e.g. a new mutation)."""
-        self._wake.set()
+        self.wake.set()
 
     async def close(self) -> None:
         """Stop syncing and wait for the tasks to end; idempotent."""
-        self._closing.set()
-        self._wake.set()
+        self.closing.set()
+        self.wake.set()
         if self._ws is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._ws.close(1001, "client closing"), 2)
@@ -195,7 +186,7 @@ class SyncConnection:
             await self._http.aclose()
 
     # ----------------------------------------------------------- command pump
-    def _pump(self) -> None:
+    def pump(self) -> None:
         for command in self.session.commands_to_run():
             if isinstance(command, ShowProgress):
                 self.handler.show_progress(command.progress)
@@ -204,13 +195,13 @@ class SyncConnection:
                 self._close_ws(command.error.close_code, command.error.message)
             elif isinstance(command, Stop):
                 log.error("sync stopped: %s (%s)", command.error.message, command.error.code)
-                self._closing.set()
+                self.closing.set()
                 self._close_ws(1000, "sync stopped")
                 self.handler.state_changed()
             else:
-                self._idle.clear()
+                self.idle_event.clear()
                 self._work.put_nowait(command)
-        self._wake.set()
+        self.wake.set()
 
     def _close_ws(self, code: int, reason: str) -> None:
         ws = self._ws
@@ -246,13 +237,13 @@ class SyncConnection:
             finally:
                 self._busy -= 1
             if self._work.empty():
-                self._idle.set()
-            self._pump()
+                self.idle_event.set()
+            self.pump()
             self.handler.state_changed()
 
     async def _fetch_snapshots(self) -> None:
         try:
-            response = await self._client().get("/v1/workflows", params={"limit": 10_000})
+            response = await self.http_client().get("/v1/workflows", params={"limit": 10_000})
             response.raise_for_status()
             body = msgspec.json.decode(response.content)
         except (httpx.HTTPError, msgspec.DecodeError) as exc:
@@ -262,7 +253,7 @@ class SyncConnection:
         log.info("progressive sync: %d current snapshots fetched", len(snapshots))
         await self.handler.apply_snapshots([s for s in snapshots if isinstance(s, dict)])
 
-    def _client(self) -> httpx.AsyncClient:
+    def http_client(self) -> httpx.AsyncClient:
         if self._http is None:
             self._http = httpx.AsyncClient(
                 base_url=self.http_url, headers=self._headers, timeout=self.open_timeout
@@ -271,22 +262,22 @@ class SyncConnection:
 
     # ----------------------------------------------------------- reconnect loop
     async def _run(self) -> None:
-        while not self._closing.is_set():
-            now = self._clock()
+        while not self.closing.is_set():
+            now = self.clock()
             if not self.breaker.allow(now):
-                await self._sleep(self.breaker.retry_in(now))
+                await self.sleep(self.breaker.retry_in(now))
                 continue
             delay = 0.0
             try:
                 if self.http_fallback and self.refused_upgrades >= self.fallback_after:
-                    await self._run_http()
+                    await run_http(self)
                 else:
                     delay = await self._run_ws()
             except asyncio.CancelledError:
                 raise
             except _UpgradeRefused as exc:
                 self.refused_upgrades += 1
-                self.breaker.record_failure(self._clock())
+                self.breaker.record_failure(self.clock())
                 log.warning(
                     "WebSocket upgrade refused (%s), %d time(s)%s",
                     exc,
@@ -296,25 +287,25 @@ class SyncConnection:
                     else "",
                 )
             except (OSError, TimeoutError, InvalidHandshake, httpx.HTTPError) as exc:
-                self.breaker.record_failure(self._clock())
+                self.breaker.record_failure(self.clock())
                 log.info("cannot reach %s: %s", self.http_url, exc or type(exc).__name__)
             except TetherError as exc:
-                self.breaker.record_failure(self._clock())
+                self.breaker.record_failure(self.clock())
                 log.warning("sync failed: %s", exc.message)
             except Exception:  # the shell must survive anything and retry
-                self.breaker.record_failure(self._clock())
+                self.breaker.record_failure(self.clock())
                 log.exception("unexpected failure in the sync loop; retrying")
             finally:
                 self._disconnected()
-            if self._closing.is_set():
+            if self.closing.is_set():
                 break
             wait = max(delay, self.backoff.next_delay())
             log.info("reconnecting in %.2f s", wait)
-            await self._sleep(wait)
+            await self.sleep(wait)
 
-    async def _sleep(self, seconds: float) -> None:
+    async def sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._closing.wait(), seconds)
+            await asyncio.wait_for(self.closing.wait(), seconds)
 
     def _disconnected(self) -> None:
         was = self.transport
@@ -324,7 +315,7 @@ class SyncConnection:
         if was is not None:
             self.handler.state_changed()
 
-    def _connected(self) -> None:
+    def mark_connected(self) -> None:
         self.backoff.reset()
         self.breaker.record_success()
         self.handler.state_changed()
@@ -358,7 +349,7 @@ class SyncConnection:
         sender = asyncio.create_task(self._sender(ws))
         try:
             self.session.connection_made()
-            self._pump()
+            self.pump()
             return await self._read(ws)
         finally:
             sender.cancel()
@@ -386,9 +377,9 @@ class SyncConnection:
                 code = exc.rcvd.code if exc.rcvd is not None else None
                 reason = exc.rcvd.reason if exc.rcvd is not None else ""
                 if not was_synced and code not in (4401, 4403, 4409):
-                    self.breaker.record_failure(self._clock())
+                    self.breaker.record_failure(self.clock())
                 disposition = self.session.receive_close(code, reason)
-                self._pump()
+                self.pump()
                 if disposition.retry:
                     log.info(
                         "connection closed (%s %s)%s",
@@ -414,8 +405,8 @@ class SyncConnection:
                     self.session.cursor,
                     self.session.pending_count,
                 )
-                self._connected()
-            self._pump()
+                self.mark_connected()
+            self.pump()
 
     def _owed(self) -> str:
         """What the server owes us, if anything (stall detection)."""
@@ -428,89 +419,10 @@ class SyncConnection:
 
     async def _sender(self, ws: ClientConnection) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
+            await self.wake.wait()
+            self.wake.clear()
             for message in self.session.messages_to_send():
                 try:
                     await ws.send(encode(message))
                 except ConnectionClosed:
                     return  # the reader sees the close and decides what next
-
-    # --------------------------------------------------------------------- HTTP
-    async def _run_http(self) -> None:
-        client = self._client()
-        started = self._clock()
-        self.session.connection_made(handshake=False)
-        self.transport = "http"
-        first = True
-        while not self._closing.is_set():
-            for message in self.session.messages_to_send():
-                if isinstance(message, Push):
-                    body = encode_json(
-                        PushRequest(client_id=self.session.client_id, mutations=message.mutations)
-                    )
-                    response = await self._http_call(
-                        client.post(
-                            "/v1/push",
-                            content=body,
-                            headers={"content-type": "application/json"},
-                        )
-                    )
-                    if response is None:
-                        return
-                    results = decode_json(response.content, PushResponse).results
-                    self.session.receive_push_results(results)
-                    self._pump()
-            more = True
-            while more and not self._closing.is_set():
-                response = await self._http_call(
-                    client.get(
-                        "/v1/pull",
-                        params={"cursor": self.session.received_cursor, "limit": MAX_EVENTS_PAGE},
-                    )
-                )
-                if response is None:
-                    return
-                page = decode_json(response.content, PullResponse, limit=16 * MAX_FRAME_BYTES)
-                if first:
-                    first = False
-                    log.info(
-                        "syncing over HTTP with %s (cursor %d)", self.http_url, self.session.cursor
-                    )
-                    self._connected()
-                self.session.receive_message(
-                    Events(events=page.events, cursor=page.cursor, has_more=page.has_more)
-                )
-                self._pump()
-                more = page.has_more
-                # Bounded memory: let the applier catch up before the next page.
-                await self._idle.wait()
-                if self.session.pending_count and not self.session.push_in_flight:
-                    break
-            if self._clock() - started > self.ws_retry_interval:
-                log.info(
-                    "trying the WebSocket again after %.0f s over HTTP", self.ws_retry_interval
-                )
-                self.refused_upgrades = 0
-                return
-            if not self.session.push_in_flight:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.http_poll_interval)
-                self._wake.clear()
-
-    async def _http_call(self, request: Any) -> httpx.Response | None:
-        response: httpx.Response = await request
-        if response.status_code in (401, 403):
-            error = (Unauthorized if response.status_code == 401 else Forbidden)(
-                f"HTTP {response.status_code} from {response.url}: {response.text[:200]}"
-            )
-            self.session.fail(error)
-            self._pump()
-            return None
-        if response.status_code == 429:
-            retry = float(response.headers.get("retry-after", "1") or 1)
-            log.info("rate limited over HTTP; waiting %.1f s", retry)
-            await self._sleep(retry)
-            return None
-        response.raise_for_status()
-        return response

@@ -80,6 +80,7 @@ ON CONFLICT(id) DO UPDATE SET name = excluded.name, status = excluded.status,
 WHERE excluded.version > workflows.version
 """
 
+_SELECT_ROW = "SELECT id, name, snapshot, rejected, rejection, created_at FROM workflows"
 _snapshot_decoder = msgspec.json.Decoder(WorkflowSnapshot)
 _json = msgspec.json.Encoder()
 _args_decoder = msgspec.json.Decoder(dict[str, Any])
@@ -439,58 +440,37 @@ class LocalStore:
             raise LocalStoreError(f"local store {self.path} is closed")
         return self._reader
 
-    def get_row(self, workflow_id: str) -> WorkflowRow | None:
-        """One stored workflow (confirmed snapshot, placeholder or rolled-back submit)."""
+    def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
         try:
-            row = (
-                self._read()
-                .execute(
-                    "SELECT id, name, snapshot, rejected, rejection, created_at "
-                    "FROM workflows WHERE id = ?",
-                    (workflow_id,),
-                )
-                .fetchone()
-            )
+            return self._read().execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise convert_sqlite_error(exc, self.path) from exc
-        return None if row is None else _row(row)
+
+    def get_row(self, workflow_id: str) -> WorkflowRow | None:
+        """One stored workflow (confirmed snapshot, placeholder or rolled-back submit)."""
+        rows = self._query(_SELECT_ROW + " WHERE id = ?", (workflow_id,))
+        return _row(rows[0]) if rows else None
 
     def list_rows(self) -> list[WorkflowRow]:
         """Every stored workflow, newest first."""
-        try:
-            rows = (
-                self._read()
-                .execute(
-                    "SELECT id, name, snapshot, rejected, rejection, created_at FROM workflows "
-                    "ORDER BY created_at DESC, id"
-                )
-                .fetchall()
-            )
-        except sqlite3.Error as exc:
-            raise convert_sqlite_error(exc, self.path) from exc
-        return [_row(r) for r in rows]
+        return [_row(r) for r in self._query(_SELECT_ROW + " ORDER BY created_at DESC, id")]
 
     def pending_count(self) -> int:
         """How many mutations wait for the server's verdict."""
-        sql = "SELECT count(*) FROM mutations WHERE status = 'pending'"
-        return int(self._read().execute(sql).fetchone()[0])
+        return int(self._query("SELECT count(*) FROM mutations WHERE status = 'pending'")[0][0])
 
     def event_seqs(self) -> list[int]:
         """Every applied event's seq, in order (for gap and duplicate checks)."""
-        return [r[0] for r in self._read().execute("SELECT seq FROM events ORDER BY seq")]
+        return [r[0] for r in self._query("SELECT seq FROM events ORDER BY seq")]
 
     def cursor(self) -> int:
         """The durable cursor."""
-        row = self._read().execute("SELECT value FROM meta WHERE key = 'cursor'").fetchone()
-        return int(row[0])
+        return int(self._query("SELECT value FROM meta WHERE key = 'cursor'")[0][0])
 
     def mutations(self) -> list[tuple[int, str, str, str, str | None]]:
         """(id, name, workflow_id, status, error) of every kept mutation, in id order."""
-        return list(
-            self._read().execute(
-                "SELECT id, name, workflow_id, status, error FROM mutations ORDER BY id"
-            )
-        )
+        sql = "SELECT id, name, workflow_id, status, error FROM mutations ORDER BY id"
+        return [tuple(r) for r in self._query(sql)]
 
 
 def _version(snapshot: Any) -> int:

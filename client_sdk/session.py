@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from itertools import islice
 
+from client_sdk.backoff import Disposition, classify_close
 from protocol import (
     MAX_BATCH,
     MAX_EVENTS_PAGE,
@@ -54,10 +55,8 @@ from protocol import (
     ClientMessage,
     Conflict,
     Error,
-    ErrorCode,
     Event,
     Events,
-    Forbidden,
     Hello,
     Mutation,
     MutationResult,
@@ -66,10 +65,8 @@ from protocol import (
     ProtocolVersionError,
     Push,
     PushResult,
-    RateLimited,
     ServerMessage,
     TetherError,
-    Unauthorized,
     Welcome,
     error_from_code,
 )
@@ -149,48 +146,6 @@ class Stop:
 Command = ApplyEvents | Settle | FetchSnapshots | ShowProgress | Close | Stop
 
 
-# ---------------------------------------------------------- close policy
-
-
-@dataclass(frozen=True, slots=True)
-class Disposition:
-    """What to do after the server closed: retry (after at least ``min_delay`` s) or stop."""
-
-    retry: bool
-    error: TetherError | None = None
-    min_delay: float = 0.0
-
-
-def classify_close(code: int | None, reason: str, server_error: Error | None) -> Disposition:
-    """Default retryable-or-fatal policy for a close code (protocol ERROR_TABLE).
-
-    4401 (bad token), 4403 (forbidden) and a protocol-version 4409 stop syncing:
-    retrying cannot help and must not spin. 4429 backs off for at least a second. A
-    conflict 4409, 4400/4413 (our frame was refused), 1011/1012/1013, a normal close or
-    an abrupt loss are retried with backoff.
-
-    Args:
-        code: the close code (None when the link dropped without a close frame).
-        reason: the close reason.
-        server_error: the ``Error`` message that preceded the close, if any.
-
-    Returns:
-        The disposition.
-    """
-    text = server_error.message if server_error is not None else reason
-    if code == 4401 or (server_error is not None and server_error.code == ErrorCode.UNAUTHORIZED):
-        return Disposition(False, Unauthorized(text or "token refused"))
-    if code == 4403:
-        return Disposition(False, Forbidden(text or "forbidden"))
-    if code == 4409 and (server_error is None or server_error.code != ErrorCode.CONFLICT):
-        return Disposition(False, ProtocolVersionError(text or "protocol version refused"))
-    if code == 4429:
-        return Disposition(True, RateLimited(text or "rate limited"), min_delay=1.0)
-    if server_error is not None:
-        return Disposition(True, error_from_code(server_error.code, server_error.message))
-    return Disposition(True, None)
-
-
 # --------------------------------------------------------------------- session
 
 
@@ -262,6 +217,11 @@ class SyncSession:
     def pending_ids(self) -> list[int]:
         """Ids of the unsettled mutations, in order."""
         return list(self._pending)
+
+    @property
+    def oldest_pending(self) -> Mutation | None:
+        """The oldest unsettled mutation, if any."""
+        return next(iter(self._pending.values()), None)
 
     @property
     def push_in_flight(self) -> bool:

@@ -26,6 +26,7 @@ from protocol.messages import (
 __all__ = [
     "MUTATION_ARGS",
     "MutationArgs",
+    "check_text",
     "decode_client_message",
     "decode_json",
     "decode_server_message",
@@ -120,16 +121,42 @@ def decode_json(data: bytes | str, type_: type[T], *, limit: int = MAX_FRAME_BYT
     return result
 
 
+def check_text(value: Any, what: str) -> None:
+    """Refuse a NUL character (U+0000) anywhere in ``value``'s strings and keys.
+
+    PostgreSQL can store NUL neither in ``text`` nor in ``jsonb``, so such input would
+    fail deep in a transaction (a retryable storage error that wedges the client's
+    queue) on one backend and be stored on the other. It is refused up front instead.
+
+    Raises:
+        ValidationError: ``value`` holds a NUL character.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise ValidationError(f"{what} contains a NUL character (U+0000)")
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+
+
 def parse_mutation_args(mutation: Mutation) -> MutationArgs:
     """Check a mutation's name and convert its args to their Struct.
 
     Raises:
-        ValidationError: unknown mutation name or args that do not fit it.
+        ValidationError: unknown mutation name, args that do not fit it, or text with a
+            NUL character.
     """
     args_type = MUTATION_ARGS.get(mutation.name)
     if args_type is None:
         raise ValidationError(f"unknown mutation {mutation.name!r}")
     try:
-        return msgspec.convert(mutation.args, args_type)
+        args = msgspec.convert(mutation.args, args_type)
     except (msgspec.ValidationError, RecursionError, ValueError, TypeError) as exc:
         raise ValidationError(f"invalid args for {mutation.name}: {exc}") from exc
+    check_text(mutation.args, f"args of {mutation.name}")
+    return args

@@ -89,7 +89,7 @@ class Message(msgspec.Struct, frozen=True, tag_field="type", tag=True):
 # ---------------------------------------------------------------- records
 
 
-class Mutation(_Base):
+class Mutation(_Base, frozen=True):
     """One queued client request. ``id`` increases per client, starting at 1."""
 
     id: MutationId
@@ -98,7 +98,7 @@ class Mutation(_Base):
     created_at: Timestamp = 0.0
 
 
-class MutationResult(_Base):
+class MutationResult(_Base, frozen=True):
     """The server's verdict on one mutation; a duplicate repeats the original error."""
 
     id: MutationId
@@ -106,7 +106,7 @@ class MutationResult(_Base):
     error: Text | None = None
 
 
-class Event(_Base):
+class Event(_Base, frozen=True):
     """One entry of the server's log; ``seq`` is the global, gapless cursor."""
 
     seq: Seq
@@ -116,7 +116,7 @@ class Event(_Base):
     at: Timestamp
 
 
-class StepSnapshot(_Base):
+class StepSnapshot(_Base, frozen=True):
     """The state of one step as clients see it."""
 
     status: str
@@ -126,7 +126,7 @@ class StepSnapshot(_Base):
     error: str | None = None
 
 
-class WorkflowSnapshot(_Base):
+class WorkflowSnapshot(_Base, frozen=True):
     """The canonical state of one workflow; every event's ``data["workflow"]`` holds one.
 
     ``version`` is the ``wf_seq`` of the event that carried it, so a reader can keep the
@@ -147,7 +147,7 @@ class WorkflowSnapshot(_Base):
 # ---------------------------------------------------------- mutation args
 
 
-class SubmitWorkflowArgs(_Base):
+class SubmitWorkflowArgs(_Base, frozen=True):
     """Args of ``submit_workflow``."""
 
     workflow_id: UUIDText
@@ -155,19 +155,19 @@ class SubmitWorkflowArgs(_Base):
     input: JSONObject = {}
 
 
-class CancelWorkflowArgs(_Base):
+class CancelWorkflowArgs(_Base, frozen=True):
     """Args of ``cancel_workflow``."""
 
     workflow_id: UUIDText
 
 
-class RetryWorkflowArgs(_Base):
+class RetryWorkflowArgs(_Base, frozen=True):
     """Args of ``retry_workflow``."""
 
     workflow_id: UUIDText
 
 
-class ReportStateArgs(_Base):
+class ReportStateArgs(_Base, frozen=True):
     """Args of ``report_state`` (and the body of ``POST /v1/reports``)."""
 
     workflow_id: UUIDText
@@ -180,7 +180,7 @@ class ReportStateArgs(_Base):
 # ------------------------------------------------------- client -> server
 
 
-class Hello(Message):
+class Hello(Message, frozen=True):
     """First message of a session: who the client is and where it stands."""
 
     client_id: Id
@@ -189,13 +189,13 @@ class Hello(Message):
     last_mutation_id: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
-class Push(Message):
+class Push(Message, frozen=True):
     """A batch of mutations, in id order."""
 
     mutations: Annotated[list[Mutation], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
 
 
-class Ack(Message):
+class Ack(Message, frozen=True):
     """The client durably applied every event up to ``cursor``."""
 
     cursor: Seq
@@ -206,7 +206,7 @@ ClientMessage = Hello | Push | Ack
 # ------------------------------------------------------- server -> client
 
 
-class Welcome(Message):
+class Welcome(Message, frozen=True):
     """Answer to Hello: the server's identity and the client's standing."""
 
     server_id: str
@@ -215,13 +215,13 @@ class Welcome(Message):
     head: int
 
 
-class PushResult(Message):
+class PushResult(Message, frozen=True):
     """Answer to Push, one result per mutation in the same order."""
 
     results: list[MutationResult]
 
 
-class Events(Message):
+class Events(Message, frozen=True):
     """A page of events after the client's cursor (or a live batch)."""
 
     events: list[Event]
@@ -229,7 +229,7 @@ class Events(Message):
     has_more: bool = False
 
 
-class Progress(Message):
+class Progress(Message, frozen=True):
     """Ephemeral live progress of a running step; the durable state comes as Events."""
 
     workflow_id: str
@@ -239,7 +239,7 @@ class Progress(Message):
     at: float = 0.0
 
 
-class Error(Message):
+class Error(Message, frozen=True):
     """Something went wrong; ``retryable`` tells whether to try again later."""
 
     code: str
@@ -252,20 +252,20 @@ ServerMessage = Welcome | PushResult | Events | Progress | Error
 # ------------------------------------------------------------- HTTP bodies
 
 
-class PushRequest(_Base):
+class PushRequest(_Base, frozen=True):
     """Body of ``POST /v1/push``."""
 
     client_id: Id
     mutations: Annotated[list[Mutation], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
 
 
-class PushResponse(_Base):
+class PushResponse(_Base, frozen=True):
     """Answer of ``POST /v1/push``."""
 
     results: list[MutationResult]
 
 
-class PullResponse(_Base):
+class PullResponse(_Base, frozen=True):
     """Answer of ``GET /v1/pull``."""
 
     events: list[Event]

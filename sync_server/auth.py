@@ -40,6 +40,15 @@ class Principal:
         """Whether this principal may read or act on ``tenant``'s data."""
         return self.scope is None or self.scope == tenant
 
+    @property
+    def rate_key(self) -> str:
+        """What rate limits count against: the token's tenant and subject.
+
+        Never a client-chosen id: a fresh id per request would evade the limit, and
+        another tenant's client id would let one tenant spend another's budget.
+        """
+        return f"{len(self.tenant)}:{self.tenant}:{self.subject}"
+
     def require(self, *roles: Role) -> None:
         """Raise ``Forbidden`` unless this principal has one of ``roles``."""
         if self.role not in roles:
@@ -97,9 +106,10 @@ def verify_token(secret: str, token: str | None) -> Principal:
     except jwt.PyJWTError as exc:
         raise Unauthorized(f"invalid token: {exc}") from exc
     tenant, subject, role = claims.get("tenant"), claims.get("sub"), claims.get("role", "client")
-    if not isinstance(tenant, str) or not tenant or len(tenant) > 128:
+    # NUL is refused: PostgreSQL cannot store it, so the claim could never match a row.
+    if not isinstance(tenant, str) or not tenant or len(tenant) > 128 or "\x00" in tenant:
         raise Unauthorized("invalid token: bad tenant claim")
-    if not isinstance(subject, str) or not subject or len(subject) > 128:
+    if not isinstance(subject, str) or not subject or len(subject) > 128 or "\x00" in subject:
         raise Unauthorized("invalid token: bad sub claim")
     try:
         return Principal(tenant=tenant, subject=subject, role=Role(role))

@@ -32,6 +32,7 @@ from protocol import (
     decode_json,
     encode_json,
 )
+from protocol.codec import check_text
 from sync_server.auth import Principal, bearer_token, verify_token
 from sync_server.openapi import openapi_json
 from sync_server.snapshots import snapshot
@@ -90,6 +91,17 @@ async def _body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+def _workflow_id(request: Request) -> str:
+    """The ``{id}`` of the path; one no store can hold (a NUL) is simply not found."""
+    workflow_id: str = request.path_params["id"]
+    if "\x00" in workflow_id:
+        raise NotFound("no such workflow")
+    return workflow_id
+
+
+_DLQ_STATUSES = frozenset({"open", "requeued", "resolved", "all"})
+
+
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
     raw = request.query_params.get(name)
     if raw is None:
@@ -107,8 +119,9 @@ async def push(request: Request) -> Response:
     """``POST /v1/push``: body ``{client_id, mutations}`` → ``{results}``."""
     principal = _principal(request, Role.CLIENT)
     body = decode_json(await _body(request), PushRequest)
+    check_text(body.client_id, "client_id")
     tether = _tether(request)
-    tether.check_rate(body.client_id)
+    tether.check_rate(principal.rate_key)
     results = await tether.applier.push(principal, body.client_id, body.mutations)
     return _json(PushResponse(results=results))
 
@@ -130,7 +143,7 @@ async def pull(request: Request) -> Response:
 async def get_workflow(request: Request) -> Response:
     """``GET /v1/workflows/{id}`` → the workflow's snapshot."""
     principal = _principal(request)
-    record = await _tether(request).store.get_workflow(request.path_params["id"])
+    record = await _tether(request).store.get_workflow(_workflow_id(request))
     if record is None or not principal.sees(record.tenant):
         raise NotFound(f"no workflow {request.path_params['id']}")
     return _json(snapshot(record))
@@ -154,14 +167,14 @@ async def list_workflows(request: Request) -> Response:
 async def cancel_workflow(request: Request) -> Response:
     """``POST /v1/workflows/{id}/cancel``."""
     principal = _principal(request, Role.CLIENT, Role.ADMIN)
-    record = await _tether(request).commands.cancel(principal, request.path_params["id"])
+    record = await _tether(request).commands.cancel(principal, _workflow_id(request))
     return _json(snapshot(record), 202)
 
 
 async def retry_workflow(request: Request) -> Response:
     """``POST /v1/workflows/{id}/retry``: re-run only the failed or parked steps."""
     principal = _principal(request, Role.CLIENT, Role.ADMIN)
-    record = await _tether(request).commands.retry(principal, request.path_params["id"])
+    record = await _tether(request).commands.retry(principal, _workflow_id(request))
     return _json(snapshot(record), 202)
 
 
@@ -169,6 +182,7 @@ async def report(request: Request) -> Response:
     """``POST /v1/reports``: a source's state report (role ``source`` or ``admin``)."""
     principal = _principal(request, Role.SOURCE, Role.ADMIN)
     args = decode_json(await _body(request), ReportStateArgs)
+    check_text(args.detail, "detail")
     record = await _tether(request).commands.report(principal, args)
     return _json(snapshot(record), 202)
 
@@ -177,6 +191,8 @@ async def list_dlq(request: Request) -> Response:
     """``GET /v1/dlq?status=open`` (admin)."""
     principal = _principal(request, Role.ADMIN)
     status = request.query_params.get("status", "open")
+    if status not in _DLQ_STATUSES:
+        raise BadMessage(f"status must be one of {', '.join(sorted(_DLQ_STATUSES))}")
     entries = await _tether(request).store.list_dlq(
         tenant=principal.scope,
         status=None if status == "all" else status,

@@ -162,7 +162,7 @@ def _paths() -> dict[str, Any]:
                 "operationId": "push",
                 "summary": "Apply a batch of mutations exactly once (role client).",
                 "requestBody": {"required": True, "content": _json_content("PushRequest")},
-                "responses": _responses(200, "PushResponse", 400, *_AUTH, 403, 413, 429, 503),
+                "responses": _responses(200, "PushResponse", 400, *_AUTH, 403, 413, 422, 429, 503),
             }
         },
         "/v1/pull": {
@@ -243,11 +243,14 @@ def _paths() -> dict[str, Any]:
                         "name": "status",
                         "in": "query",
                         "required": False,
-                        "schema": {"type": "string", "default": "open"},
-                        "description": "open (default), requeued, resolved, or all.",
+                        "schema": {
+                            "type": "string",
+                            "enum": ["open", "requeued", "resolved", "all"],
+                            "default": "open",
+                        },
                     }
                 ],
-                "responses": _responses(200, "DlqList", *_AUTH, 403, 503),
+                "responses": _responses(200, "DlqList", 400, *_AUTH, 403, 503),
             }
         },
         "/v1/dlq/{id}/requeue": {

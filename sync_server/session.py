@@ -166,6 +166,9 @@ class ServerSession:
                 )
             )
             return
+        if "\x00" in hello.client_id:  # PostgreSQL cannot store it (protocol.check_text)
+            self.fail(BadMessage("client_id contains a NUL character (U+0000)"))
+            return
         self.client_id = hello.client_id
         self.cursor = self.acked = hello.cursor
         self.state = SessionState.WELCOMING

@@ -51,8 +51,12 @@ def snapshot_data(record: WorkflowRecord) -> dict[str, Any]:
     return data
 
 
-def append_event(tx: Any, record: WorkflowRecord, type: str, at: float, **fields: Any) -> None:
-    """Append an event whose data is ``fields`` plus the snapshot after the event."""
+def append_event(tx: Any, record: WorkflowRecord, type: str, at: float, /, **fields: Any) -> None:
+    """Append an event whose data is ``fields`` plus the snapshot after the event.
+
+    The leading arguments are positional-only, so ``fields`` may hold any key — a report
+    event carries its own ``at`` (the source's timestamp) beside the event time.
+    """
     record.updated_at = max(record.updated_at, at)
     event = tx.append(record, type, fields, at)
     # The snapshot must carry the version of the event itself.

@@ -169,7 +169,7 @@ class SyncConnection:
                     raise BadMessage("expected a binary frame (msgpack), got text")
                 decoded = decode_client_message(data, limit=self.tether.config.max_frame_bytes)
                 if isinstance(decoded, Push):
-                    self.tether.check_rate(self.session.client_id or self.principal.subject)
+                    self.tether.check_rate(self.principal.rate_key)
                 self.session.receive_message(decoded)
             except TetherError as exc:
                 self.session.fail(exc)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from pathlib import Path
@@ -132,17 +131,3 @@ async def wait_until(predicate: Any, timeout: float, message: str = "") -> None:
     from tests.conftest import wait_for
 
     await wait_for(predicate, timeout=timeout, interval=0.02, message=message)
-
-
-__all__ = [
-    "TENANT",
-    "asyncio",
-    "fast_client",
-    "local_state",
-    "make_app",
-    "prefill_backlog",
-    "server_events",
-    "server_snapshots",
-    "server_submitted",
-    "wait_until",
-]

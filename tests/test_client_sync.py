@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -264,7 +263,44 @@ async def test_second_client_on_the_same_file_is_refused(tmp_path: Path) -> None
 def test_exported_names() -> None:
     import client_sdk
 
-    for name in ("SyncClient", "WorkflowHandle", "WorkflowView", "StepView"):
-        assert name in client_sdk.__all__
+    assert sorted(client_sdk.__all__) == sorted(
+        [
+            "SyncClient",
+            "WorkflowHandle",
+            "WorkflowView",
+            "StepView",
+            "ClientClosed",
+            "Forbidden",
+            "LocalStoreError",
+            "ProtocolError",
+            "RateLimited",
+            "SyncStopped",
+            "TetherError",
+            "Unauthorized",
+            "ValidationError",
+        ]
+    )
     assert all(hasattr(client_sdk, name) for name in client_sdk.__all__)
-    assert os.environ.get("TETHER_TIME_SCALE", "1")
+
+
+async def test_client_api_offline(tmp_path: Path) -> None:
+    from client_sdk import ClientClosed, ValidationError
+
+    client = fast_client("ws://127.0.0.1:1", tmp_path / "c.db", connect=False)
+    with pytest.raises(ClientClosed):
+        await client.submit_workflow("noop", {})
+    async with client:
+        with pytest.raises(ValidationError):
+            await client.submit_workflow("noop", {}, workflow_id="not-a-uuid")
+        with pytest.raises(ValidationError):
+            await client.cancel_workflow("nope")
+        h = await client.submit_workflow("noop", {"a": 1})
+        assert (await client.submit_workflow("noop", {}, workflow_id=h.id)) == h
+        assert client.pending_count == 1 and client.oldest_pending_age >= 0
+        assert [v.id for v in client.list_workflows(status="pending")] == [h.id]
+        assert client.list_workflows(status="running") == []
+        assert client.transport is None and not client.connected
+        with pytest.raises(TimeoutError):
+            await client.flush(timeout=0.05)
+        with pytest.raises(TimeoutError):
+            await h.wait(timeout=0.05)

@@ -567,3 +567,31 @@ def test_simulation_always_ends_with_invariants(seed, shape, cancel_at, claim_ev
     m, log = simulate(workflow, seed, cancel_at=cancel_at, claim_every=claim_every)
     assert m.status.terminal
     check_invariants(workflow, m, log)
+
+
+def test_independent_branches_compensate_concurrently():
+    wf = Workflow(
+        "fork",
+        [
+            Step("root", act, compensate=act),
+            Step("x", act, depends_on=["root"], compensate=act),
+            Step("y", act, depends_on=["root"], compensate=act),
+            Step("z", act, depends_on=["x", "y"], retry=RetryPolicy(max_attempts=1)),
+        ],
+    )
+    m = new_machine(wf)
+    m.advance(0)
+    m.receive_step_succeeded("root", 1, None, 1)
+    m.advance(1)
+    m.receive_step_succeeded("x", 1, None, 2)
+    m.receive_step_succeeded("y", 1, None, 2)
+    m.advance(2)
+    m.receive_step_failed("z", 1, "x", 3)
+    m.advance(3)
+    assert sorted(comps(m.effects_to_apply())) == ["x", "y"]
+    m.receive_compensation_succeeded("y", 1, 4)
+    m.advance(4)  # x still compensating: root waits
+    assert comps(m.effects_to_apply()) == [] and m.ready_steps(4) == []
+    m.receive_compensation_succeeded("x", 1, 5)
+    m.advance(5)
+    assert comps(m.effects_to_apply()) == ["root"]

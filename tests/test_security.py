@@ -63,7 +63,7 @@ pytestmark = pytest.mark.timeout(60)
 TABLES = ("events", "workflows", "clients", "mutation_results", "outbox", "dlq", "breakers")
 
 FUZZ = settings(
-    max_examples=300,
+    max_examples=150,
     deadline=None,
     database=None,
     derandomize=True,
@@ -501,10 +501,13 @@ async def test_http_flood_gets_429_with_retry_after(database_url):
         assert await fingerprint(database_url) == before
         # Another tenant pushing under acme's client id cannot use up acme's budget.
         victim = token("acme", "victim")
-        for mid in range(1, 5):
-            r = await push(token("globex", "mallory"), "victim-device", mid)
-            assert r.status_code in (403, 429)
-        r = await push(victim, "victim-device", 1)
+        assert (await push(victim, "victim-device", 1)).status_code == 200
+        refusals = [
+            (await push(token("globex", "mallory"), "victim-device", 2)).status_code
+            for _ in range(4)
+        ]
+        assert refusals == [403, 403, 403, 429]
+        r = await push(victim, "victim-device", 2)
         assert r.status_code == 200, r.text
 
 
@@ -561,7 +564,7 @@ CRAFTED = [
     "1; UPDATE clients SET tenant='globex'",
     "$1 $$ %s %% \\' \\\\",
     "Robert'); DROP TABLE clients;--🙂",
-    "a\x00b",
+    "a\x00b",  # NUL: PostgreSQL cannot store it; refused everywhere (see the test below)
 ]
 
 
@@ -592,7 +595,7 @@ async def test_sql_shaped_input_is_stored_verbatim_or_refused(server):
             r = await http.get(
                 "/v1/dlq", params={"status": crafted}, headers=auth(token(role="admin"))
             )
-            assert r.status_code == 200 and r.json()["entries"] == []
+            assert r.status_code == 400
             cancel = {"id": 1, "name": "cancel_workflow", "args": {"workflow_id": crafted}}
             body = {"client_id": "sq", "mutations": [cancel]}
             r = await http.post("/v1/push", json=body)
@@ -603,6 +606,8 @@ async def test_sql_shaped_input_is_stored_verbatim_or_refused(server):
     # In client ids, report details, workflow inputs and token claims: stored verbatim.
     async with httpx.AsyncClient(base_url=server.http_url) as http:
         for i, crafted in enumerate(CRAFTED):
+            if "\x00" in crafted:
+                continue
             workflow_id = str(uuid.uuid4())
             mutation = {
                 "id": 1,
@@ -613,9 +618,7 @@ async def test_sql_shaped_input_is_stored_verbatim_or_refused(server):
             r = await http.post(
                 "/v1/push", json={"client_id": crafted, "mutations": [mutation]}, headers=auth(tok)
             )
-            assert r.status_code in (200, 400), (crafted, r.status_code, r.text)
-            if r.status_code == 400:
-                continue
+            assert r.status_code == 200, (crafted, r.status_code, r.text)
             assert r.json()["results"][0]["status"] == "applied", (crafted, r.text)
             assert await store.get_client(crafted) == (crafted, 1)
             record = await store.get_workflow(workflow_id)
@@ -634,6 +637,42 @@ async def test_sql_shaped_input_is_stored_verbatim_or_refused(server):
         assert after[f"count:{table}"] >= before[f"count:{table}"]
     assert after["count:events"] > before["count:events"]
     assert await store.get_client("seed-acme") == ("acme", 1)
+
+
+async def test_nul_characters_are_refused_alike_on_both_backends(server):
+    """Regression: on PostgreSQL a NUL in an id, claim, input or detail was a 500 (and a
+    retryable storage error that would wedge a client's queue); SQLite stored it."""
+    wf, _ = await seed(server)
+    before = await fingerprint(server.database_url)
+    async with httpx.AsyncClient(base_url=server.http_url, headers=auth(token())) as http:
+        body = {"client_id": "a\x00b", "mutations": [msgspec.to_builtins(submit(1))]}
+        r = await http.post("/v1/push", json=body)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid"
+        for path in ("/v1/workflows/a%00b", "/v1/workflows/a%00b/cancel"):
+            method = "POST" if path.endswith("cancel") else "GET"
+            assert (await http.request(method, path)).status_code == 404
+        r = await http.get("/v1/pull", headers=auth(token("a\x00b", "x")))
+        assert r.status_code == 401
+        r = await http.post(
+            "/v1/reports",
+            json={**report_body(wf), "detail": {"k": "a\x00b"}},
+            headers=auth(token(role="source")),
+        )
+        assert r.status_code == 422
+        assert await fingerprint(server.database_url) == before
+        # Inside a mutation: rejected and recorded, never a storage failure.
+        mutation = submit(1)
+        args = {**mutation.args, "input": {"a\x00b": 1}}
+        body = {"client_id": "nul", "mutations": [{"id": 1, "name": mutation.name, "args": args}]}
+        result = (await http.post("/v1/push", json=body)).json()["results"][0]
+        assert result["status"] == "rejected" and "NUL" in result["error"]
+    assert without_bookkeeping(await fingerprint(server.database_url)) == without_bookkeeping(
+        before
+    )
+    ws = await open_ws(server.ws_url, header=f"Bearer {token()}")
+    await ws.send(encode(Hello(client_id="a\x00b", protocol_version=PROTOCOL_VERSION)))
+    code, received = await first_close(ws)
+    assert code == 4400 and "NUL" in received[-1].message
 
 
 # ------------------------------------------------------------ decoder fuzzing
@@ -730,6 +769,7 @@ def _run_schemathesis(base_url: str, tokens: dict[str, str], examples: int) -> C
     """Drive every operation of the served schema; return the statuses seen."""
     import schemathesis
     from hypothesis import Phase
+    from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
     from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi.checks import (
@@ -748,33 +788,40 @@ def _run_schemathesis(base_url: str, tokens: dict[str, str], examples: int) -> C
         response_schema_conformance,
     ]
     statuses: Counter[int] = Counter()
+    failures: list[str] = []
+
+    def runner(strategy, header: dict[str, str]):
+        @settings(
+            max_examples=examples,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+            phases=[Phase.explicit, Phase.generate, Phase.shrink],
+        )
+        @given(strategy)
+        def run(case):
+            response = case.call_and_validate(
+                base_url=base_url, headers=header, checks=checks, timeout=10
+            )
+            statuses[response.status_code] += 1
+
+        return run
+
     for result in schema.get_all_operations():
         operation = result.ok()
-        role = "admin" if "/dlq" in operation.path else "client"
-        if operation.path == "/v1/reports":
-            role = "source"
+        role = {"/v1/reports": "source"}.get(operation.path, "client")
+        if "/dlq" in operation.path:
+            role = "admin"
+        header = {"Authorization": f"Bearer {tokens[role]}"}
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            strategy = operation.as_strategy(generation_mode=mode)
-
-            @settings(
-                max_examples=examples,
-                deadline=None,
-                database=None,
-                derandomize=True,
-                suppress_health_check=list(HealthCheck),
-                phases=[Phase.explicit, Phase.generate, Phase.shrink],
-            )
-            @given(strategy)
-            def run(case, role=role):
-                response = case.call_and_validate(
-                    base_url=base_url,
-                    headers={"Authorization": f"Bearer {tokens[role]}"},
-                    checks=checks,
-                    timeout=10,
-                )
-                statuses[response.status_code] += 1
-
-            run()
+            try:
+                runner(operation.as_strategy(generation_mode=mode), header)()
+            except Unsatisfiable:  # no parameters or body: nothing to make invalid
+                assert mode is GenerationMode.NEGATIVE, operation.label
+            except Exception as exc:  # collect every operation's failure, then report
+                failures.append(f"{operation.label} [{mode.value}]: {exc}")
+    assert not failures, "\n\n".join(failures)
     return statuses
 
 
@@ -787,9 +834,9 @@ async def test_schemathesis_finds_no_5xx_and_the_api_conforms(database_url):
             "source": token("acme", "fuzz-src", "source"),
             "admin": token("acme", "fuzz-ops", "admin"),
         }
-        statuses = await asyncio.to_thread(_run_schemathesis, srv.http_url, tokens, 15)
+        statuses = await asyncio.to_thread(_run_schemathesis, srv.http_url, tokens, 8)
         assert all(status < 500 for status in statuses), statuses
-        assert statuses[200] > 0 and sum(statuses.values()) > 100
+        assert statuses[200] > 0 and sum(statuses.values()) > 80
         async with httpx.AsyncClient(base_url=srv.http_url) as http:
             document = (await http.get("/openapi.json")).json()
         assert document["openapi"].startswith("3.1")

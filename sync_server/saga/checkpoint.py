@@ -324,19 +324,19 @@ class Checkpointer:
             if moved:
                 self.breaker_changes.append((name, new.state))
         for step in machine.ready_steps(now):
-            name = definition.steps[step].breaker
-            if name is None:
+            guard = definition.steps[step].breaker
+            if guard is None:
                 continue
-            current = changed.get(name) or await cache.get(name)
+            current = changed.get(guard) or await cache.get(guard)
             decision = breakers.allow(
-                current, self.breaker_policy(name), now, f"{self.owner}/{machine.workflow_id}"
+                current, self.breaker_policy(guard), now, f"{self.owner}/{machine.workflow_id}"
             )
             if decision.changed:
-                changed[name] = decision.record
-                self.breaker_changes.append((name, decision.record.state))
+                changed[guard] = decision.record
+                self.breaker_changes.append((guard, decision.record.state))
             if not decision.allowed:
                 assert decision.retry_at is not None
-                machine.receive_breaker_open(step, decision.retry_at, name, now)
+                machine.receive_breaker_open(step, decision.retry_at, guard, now)
         return list(changed.values())
 
     async def _dead_letter(

@@ -52,7 +52,7 @@ from sync_server.saga.definitions import PermanentError, StepContext, Workflow
 from sync_server.saga.intake import WORK_CHANNEL
 from sync_server.saga.machine import RunCompensation, RunStep
 from sync_server.saga.progress import ProgressPublisher
-from sync_server.store.base import Store, WorkflowRecord
+from sync_server.store.base import Store, Transaction, WorkflowRecord
 
 __all__ = ["ProgressCallback", "SagaRunner"]
 
@@ -286,6 +286,11 @@ class SagaRunner:
                 failures += 1
                 log.warning("claim failed (%s); retrying", exc)
                 await asyncio.sleep(min(2.0, 0.05 * 2**failures))
+            except Exception:
+                # A shell never dies of a bug: log it and keep claiming (STYLE, errors).
+                failures += 1
+                log.exception("claim failed unexpectedly; retrying")
+                await asyncio.sleep(min(2.0, 0.05 * 2**failures))
 
     async def _claim_once(self, limit: int) -> int:
         now = self.clock()
@@ -342,15 +347,38 @@ class SagaRunner:
         ids = list(grouped)
         for start in range(0, len(ids), self.max_batch):
             chunk = {wid: grouped[wid] for wid in ids[start : start + self.max_batch]}
-            now = self.clock()
-            applied = await self.store.run(
-                lambda tx, chunk=chunk, now=now: self.checkpointer.checkpoint(tx, chunk, now)
-            )
-            self.stats["checkpoint_txns"] += 1
-            self.stats["checkpoints"] += len(applied)
-            for item in applied:
-                self._after_commit(item, fence_hint=chunk[item.workflow_id][0])
-            self._after_checkpoints()
+            try:
+                await self._commit_chunk(chunk)
+            except StorageError:
+                raise
+            except Exception:
+                # A bug, not the database: isolate the workflow that triggers it, so the
+                # others still commit; the culprit is dropped (its lease then lapses and
+                # a takeover retries it, counted by MAX_INTERRUPTS).
+                log.exception("checkpoint of %d workflows failed; retrying one by one", len(chunk))
+                for wid, entry in chunk.items():
+                    try:
+                        await self._commit_chunk({wid: entry})
+                    except StorageError:
+                        raise
+                    except Exception:
+                        log.exception("checkpoint of workflow %s failed; dropping it", wid)
+                        held = self._held.pop(wid, None)
+                        if held is not None:
+                            held.cancel()
+
+    async def _commit_chunk(self, chunk: dict[str, tuple[int, list[Input]]]) -> None:
+        now = self.clock()
+
+        async def unit(tx: Transaction) -> list[Applied]:
+            return await self.checkpointer.checkpoint(tx, chunk, now)
+
+        applied = await self.store.run(unit)
+        self.stats["checkpoint_txns"] += 1
+        self.stats["checkpoints"] += len(applied)
+        for outcome in applied:
+            self._after_commit(outcome, fence_hint=chunk[outcome.workflow_id][0])
+        self._after_checkpoints()
 
     # ---------------------------------------------------------------- after commit
     def _after_commit(self, applied: Applied, *, fence_hint: int) -> None:
@@ -520,6 +548,9 @@ class SagaRunner:
                 )
             except StorageError as exc:
                 log.warning("lease renewal failed: %s", exc)
+                continue
+            except Exception:
+                log.exception("lease renewal failed unexpectedly")
                 continue
             for wid, fence in leases.items():
                 held = self._held.get(wid)

@@ -363,11 +363,6 @@ class Store(abc.ABC):
         """Every circuit breaker's shared state."""
 
     # -- leases (saga scheduling) ---------------------------------------------
-    async def update_workflows(self, workflows: list[WorkflowRecord]) -> None:
-        """``update_workflow`` for several rows; backends may batch it (saga group commit)."""
-        for workflow in workflows:
-            await self.update_workflow(workflow)
-
     @abc.abstractmethod
     async def claim_due_workflows(
         self, owner: str, now: float, lease_seconds: float, limit: int
