@@ -27,6 +27,9 @@ from sync_server.http_api import error_response, routes
 from sync_server.hub import Hub
 from sync_server.metrics import Metrics
 from sync_server.ratelimit import TokenBuckets
+from sync_server.saga.alerts import AlertSink
+from sync_server.saga.outbox import OutboxRelay
+from sync_server.saga.runner import SagaRunner
 from sync_server.store import open_store
 from sync_server.ws import SyncConnection, sync_endpoint
 
@@ -47,7 +50,9 @@ class Tether:
         self.applier = MutationApplier(self.store, self.workflows)
         self.commands = WorkflowCommands(self.applier)
         self.push_buckets = TokenBuckets(config.push_rate, config.push_burst)
-        self.runner: Any = None
+        self.alerts = AlertSink(config.alert_webhook)
+        self.runner: SagaRunner | None = None
+        self.outbox: OutboxRelay | None = None
         self.draining = False
         self._connections: set[SyncConnection] = set()
 
@@ -84,16 +89,19 @@ class Tether:
         await self.store.open()
         await self.hub.start()
         if self.workflows and self.config.run_sagas:
-            from sync_server.saga.runner import SagaRunner
-
             self.runner = SagaRunner(
                 self.store,
                 list(self.workflows.values()),
                 instance_id=self.config.server_id,
                 lease_seconds=self.config.lease_seconds,
                 on_progress=self.hub.publish_progress,
+                alerts=self.alerts,
+                completion_webhook=self.config.completion_webhook,
             )
             await self.runner.start()
+        if self.config.run_sagas:
+            self.outbox = OutboxRelay(self.store, alerts=self.alerts)
+            await self.outbox.start()
 
     async def stop(self) -> None:
         self.draining = True
@@ -101,7 +109,10 @@ class Tether:
             connection.close(1012, "server restarting; reconnect")
         if self.runner is not None:
             await self.runner.stop()
+        if self.outbox is not None:
+            await self.outbox.stop()
         await self.hub.stop()
+        await self.alerts.aclose()
         await self.store.close()
 
 

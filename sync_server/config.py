@@ -36,6 +36,8 @@ class ServerConfig:
         push_burst: pushes a client may make in a burst.
         lease_seconds: saga lease timeout (another instance resumes after it).
         alert_webhook: URL that receives alerts as JSON, if set.
+        completion_webhook: URL notified (through the outbox, with retries) when a
+            workflow ends, if set.
         run_sagas: run workflows on this instance (False: a sync-only instance that
             accepts and serves workflows while other instances execute them).
     """
@@ -53,6 +55,7 @@ class ServerConfig:
     push_burst: float = 400.0
     lease_seconds: float = 10.0
     alert_webhook: str | None = None
+    completion_webhook: str | None = None
     run_sagas: bool = True
 
     def __post_init__(self) -> None:
