@@ -58,7 +58,7 @@ def _stat(stat: Stat | None) -> str:
         return "—"
     if len(stat.values) == 1:
         return _fmt(stat.median, stat.unit)
-    return f"{_fmt(stat.median, stat.unit)} [{_fmt(stat.min)}–{_fmt(stat.max)}]"
+    return f"{_fmt(stat.median, stat.unit)} [{_fmt(stat.min)}..{_fmt(stat.max)}]"
 
 
 def _escape(text: str) -> str:
@@ -68,7 +68,7 @@ def _escape(text: str) -> str:
 def markdown_table(rows: Sequence[Row]) -> str:
     """The results as a markdown table."""
     lines = [
-        "| figure | measure | Tether median [min–max] | raw limit (same run) | peer | ratio "
+        "| figure | measure | Tether median [min..max] | raw limit (same run) | peer | ratio "
         "| target | result |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -81,7 +81,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
             result = "pass" if row.passed else "**miss**"
         raw = f"{_stat(row.raw)} ({row.raw_label})" if row.raw else row.raw_label or "—"
         peer = f"{_stat(row.peer)} ({row.peer_label})" if row.peer else row.peer_label or "—"
-        ratio = f"{row.ratio:.2f}×" if row.ratio is not None else "—"
+        ratio = f"{row.ratio:.2f}x" if row.ratio is not None else "—"
         cells = [
             row.figure,
             row.measure,
@@ -134,9 +134,7 @@ async def _run(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
     workdir = Path(args.workdir) if args.workdir else None
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
-    ctx = Context(
-        quick=args.quick, repeats=repeats, pg_dsn=args.pg, workdir=workdir, progress=say
-    )
+    ctx = Context(quick=args.quick, repeats=repeats, pg_dsn=args.pg, workdir=workdir, progress=say)
     started = time.time()
     rows: list[Row] = []
     timings: dict[str, float] = {}
@@ -227,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     path.write_text(json.dumps(report, indent=2) + "\n")
     facts = report["machine"]
     print(
-        f"Tether bench — {facts.get('date')} — {facts.get('cpu_count')} × {facts.get('cpu_model')}, "
+        f"Tether bench — {facts.get('date')} — "
+        f"{facts.get('cpu_count')} x {facts.get('cpu_model')}, "
         f"{facts.get('memory_gib')} GiB, Python {facts.get('python')}, SQLite "
         f"{facts.get('sqlite')}, PostgreSQL {facts.get('postgresql')}"
         f"{' — QUICK run (small sizes, 1 repeat)' if args.quick else ''}"

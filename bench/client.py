@@ -78,8 +78,8 @@ async def b1(ctx: Context) -> list[Row]:
     """Sequential durable submits of an offline SDK client vs sqlite3 single commits."""
     missing = _sdk_missing()
     if missing:
-        return [Row.unavailable("B1", missing, "≥ 0.5× raw rate; p50 < 1 ms")]
-    count = ctx.size(3000, 300)
+        return [Row.unavailable("B1", missing, "≥ 0.5x raw rate; p50 < 1 ms")]
+    count = ctx.size(2000, 300)
     runs = []
     for i in range(ctx.repeats):
         ctx.say(f"B1: {count} sequential submits, repeat {i + 1}/{ctx.repeats}")
@@ -104,7 +104,7 @@ async def b1(ctx: Context) -> list[Row]:
             raw=single["rate"],
             raw_label=label,
             ratio=rate_ratio,
-            target="≥ 0.5× raw",
+            target="≥ 0.5x raw",
             passed=verdict(ctx, rate_ratio is not None and rate_ratio >= 0.5),
             details={"calls_per_repeat": count},
         ),
@@ -134,7 +134,7 @@ async def b1g(ctx: Context) -> list[Row]:
     """16 concurrent submitters on one client (group commit) vs sqlite3 single commits."""
     missing = _sdk_missing()
     if missing:
-        return [Row.unavailable("B1g", missing, "≥ 5× raw single-row rate")]
+        return [Row.unavailable("B1g", missing, "≥ 5x raw single-row rate")]
     count = ctx.size(8000, 800)
     runs = []
     for i in range(ctx.repeats):
@@ -158,7 +158,7 @@ async def b1g(ctx: Context) -> list[Row]:
             raw=single["rate"],
             raw_label="sqlite3 single-row commit, WAL+FULL",
             ratio=r,
-            target="≥ 5× raw single-row rate",
+            target="≥ 5x raw single-row rate",
             passed=verdict(ctx, r is not None and r >= 5),
             details={
                 "calls_per_repeat": count,

@@ -97,7 +97,7 @@ async def _rounds(
     for repeat in range(ctx.repeats + 1):  # round 0 warms up (JIT-free, but caches, pools)
         ctx.say(f"{label}: round {repeat}/{ctx.repeats}")
         keys = []
-        count = events if repeat else max(5, events // 5)
+        count = events if repeat else max(3, events // 5)
         for _ in range(count):
             key += 1
             keys.append(key)
@@ -202,7 +202,7 @@ def _plan(ctx: Context) -> list[tuple[int, int, float]]:
     """(clients, events per repeat, gap seconds) per client count."""
     if ctx.quick:
         return [(1, 30, 0.002), (20, 15, 0.005), (100, 8, 0.01)]
-    return [(1, 200, 0.002), (100, 100, 0.005), (1000, 40, 0.02)]
+    return [(1, 200, 0.002), (100, 60, 0.005), (1000, 20, 0.02)]
 
 
 @figure("B3")
@@ -219,7 +219,9 @@ async def b3(ctx: Context) -> list[Row]:
             if probe.template is None:
                 rows.append(Row.error("B3", f"{receivers} clients: no event arrived"))
                 continue
-            raw_runs = await _raw_fanout(ctx, probe.template, receivers, events, gap, label + " raw")
+            raw_runs = await _raw_fanout(
+                ctx, probe.template, receivers, events, gap, label + " raw"
+            )
             size = int(percentile(probe.frame_sizes, 50))
             details = {
                 "clients": receivers,

@@ -56,7 +56,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+async def wait_port(
+    port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Wait until something accepts TCP connections on 127.0.0.1:``port``.
 
     Raises:
@@ -148,7 +150,8 @@ async def child(
     cmd = [sys.executable, "-m", "bench.serve", kind, "--port", str(port), *args]
     full_env = {**os.environ, "SYNC_AUTH_SECRET": SECRET, **(env or {})}
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        # Popen, not asyncio: the child must be signalled and polled synchronously too.
+        proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT)  # noqa: ASYNC220
     running = Child(proc, port, log_path)
     sampler = Sampler(proc.pid, f"{kind}-{port}")
     try:

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -41,7 +42,8 @@ class Sampler:
     def __init__(self, pid: int, label: str) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
         directory = profile_dir()
-        exe = shutil.which("py-spy")
+        beside = Path(sys.executable).parent / "py-spy"
+        exe = str(beside) if beside.exists() else shutil.which("py-spy")
         if directory is None or exe is None:
             return
         self.path = directory / f"{label}-{pid}.txt"

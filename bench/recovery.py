@@ -136,7 +136,8 @@ async def _one(ctx: Context, url: str, jobs_url: str, clients: int) -> dict[str,
                 for client in sdk:
                     await client.start()
                 async with asyncio.timeout(30):
-                    while not all(c.connected for c in sdk):
+                    # The SDK exposes ``connected`` as a property only: poll it.
+                    while not all(c.connected for c in sdk):  # noqa: ASYNC110
                         await asyncio.sleep(0.01)
                 killed = time.time()
                 a.kill()

@@ -42,9 +42,7 @@ async def direct_calls(job_url: str, duration: float, count: int) -> list[float]
     return times
 
 
-async def sdk_calls(
-    url: str, path: str, job_url: str, duration: float, count: int
-) -> list[float]:
+async def sdk_calls(url: str, path: str, job_url: str, duration: float, count: int) -> list[float]:
     """Worker: ``count`` sequential workflows via the SDK, submit → terminal; seconds."""
     import asyncio
 
@@ -55,7 +53,7 @@ async def sdk_calls(
     times = []
     async with SyncClient(url, token=token, path=path) as client:
         async with asyncio.timeout(30):
-            while not client.connected:
+            while not client.connected:  # noqa: ASYNC110 (a property: polled)
                 await asyncio.sleep(0.01)
         warm = await client.submit_workflow("job", {"url": job_url, "duration": 0.0})
         await client.wait(warm.id, timeout=60)
@@ -96,7 +94,7 @@ async def b6(ctx: Context) -> list[Row]:
         job_url = f"{jobs.http_url}/work"
         for i in range(ctx.repeats):
             for duration, count in plans:
-                ctx.say(f"B6 {duration:g} s job × {count}, repeat {i + 1}/{ctx.repeats}")
+                ctx.say(f"B6 {duration:g} s job x {count}, repeat {i + 1}/{ctx.repeats}")
                 params: dict[str, Any] = {"job_url": job_url, "duration": duration, "count": count}
                 runs[duration]["direct"].append(
                     await run_worker("bench.resilience:direct_calls", params, logdir=ctx.workdir)

@@ -193,7 +193,7 @@ async def _cluster_db(ctx: Context, name: str) -> tuple[str, str]:
 @figure("B5")
 async def b5(ctx: Context) -> list[Row]:
     """2,000 concurrent 3-step no-op workflows: Tether (PostgreSQL, SQLite) vs DBOS."""
-    target = "≥ 2× DBOS; fewer write txns per workflow than DBOS"
+    target = "≥ 2x DBOS; fewer write txns per workflow than DBOS"
     missing = _runner_missing()
     if missing:
         return [Row.unavailable("B5", missing, target)]
@@ -254,7 +254,7 @@ async def b5(ctx: Context) -> list[Row]:
             peer=peer,
             peer_label=peer_label,
             ratio=r,
-            target="≥ 2× DBOS",
+            target="≥ 2x DBOS",
             passed=verdict(ctx, r is not None and r >= 2) if peer else None,
             details={"runner_stats": [t.get("runner") for t in tether_runs]},
         )
@@ -295,7 +295,7 @@ async def b5(ctx: Context) -> list[Row]:
             peer=peer,
             peer_label=peer_label + " (on PostgreSQL)" if peer else peer_label,
             ratio=sr,
-            target="≥ 2× DBOS",
+            target="≥ 2x DBOS",
             passed=verdict(ctx, sr is not None and sr >= 2) if peer else None,
             details={"runner_stats": [t.get("runner") for t in sqlite_runs]},
         )
@@ -310,7 +310,7 @@ async def b5l(ctx: Context) -> list[Row]:
     missing = _runner_missing()
     if missing:
         return [Row.unavailable("B5l", missing, f"p50 {target50}, p99 {target99}")]
-    count = ctx.size(200, 20)
+    count = ctx.size(100, 20)
     peer_missing = peer_dbos.available()
     runs: dict[str, list[dict[str, Any]]] = {"postgres": [], "sqlite": [], "dbos": []}
     for i in range(ctx.repeats):
@@ -354,9 +354,7 @@ async def b5l(ctx: Context) -> list[Row]:
                     raw=raw_stat if q == "p50" else None,
                     raw_label=raw_label + " (p50)" if q == "p50" else "",
                     peer=peer,
-                    peer_label=(
-                        "DBOS Transact (PostgreSQL)" if peer else f"DBOS: {peer_missing}"
-                    ),
+                    peer_label=("DBOS Transact (PostgreSQL)" if peer else f"DBOS: {peer_missing}"),
                     ratio=ratio(t, peer) if peer else ratio(t, raw_stat),
                     target=target,
                     passed=verdict(ctx, t.median <= limit),

@@ -143,6 +143,14 @@ class WireClient:
         self.next_id += count
         return batch
 
+    def abort(self) -> None:
+        """Drop the TCP connection at once (no closing handshake)."""
+        transport = getattr(self.ws, "transport", None)
+        if transport is not None:
+            transport.abort()
+        if self._reader is not None:
+            self._reader.cancel()
+
     async def close(self) -> None:
         """Close the connection; idempotent."""
         with contextlib.suppress(Exception):

@@ -12,7 +12,11 @@ needs to check SPEC promise 3 (one effect per idempotency key):
   with ``fail_always``, and at random with the configured ``fail_rate``; it stalls
   (sleeps ``stall`` seconds before answering) the first ``stall_first`` attempts and at
   random with ``stall_rate``.
-* ``GET /jobs/{key}`` reports a job's progress (``running``/``done``, 0..1).
+  ``drop_first`` loses the first attempts outright (never registered, the request hangs
+  for ``stall`` seconds: "a job the queue never heard of"); ``lose_first`` completes
+  the job but holds the answer for ``stall`` seconds ("a lost completion callback").
+* ``GET /jobs/{key}`` reports a job (``unknown``/``running``/``done``, progress 0..1,
+  and the result when done); ``JobServiceSource`` reads it for reconciliation.
 * ``POST /effects/{kind}`` (header ``Idempotency-Key``) applies a small idempotent
   effect: ``reserve``, ``refund``, ``charge``, ``store``, ``cancel``… counted per key.
 * ``GET /stats`` returns the books; ``POST /config`` changes the fault rates.
@@ -41,6 +45,7 @@ from starlette.routing import Route
 
 __all__ = [
     "JobBooks",
+    "JobServiceSource",
     "JobServiceThread",
     "create_job_service",
     "main",
@@ -61,6 +66,8 @@ class JobBooks:
     duplicates: Counter[str] = field(default_factory=Counter)
     failures: Counter[str] = field(default_factory=Counter)
     stalls: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
+    lost: Counter[str] = field(default_factory=Counter)
     active: Counter[str] = field(default_factory=Counter)
     overlaps: list[str] = field(default_factory=list)
     progress: dict[str, float] = field(default_factory=dict)
@@ -75,6 +82,8 @@ class JobBooks:
             "duplicates": dict(self.duplicates),
             "failures": dict(self.failures),
             "stalls": dict(self.stalls),
+            "dropped": dict(self.dropped),
+            "lost": dict(self.lost),
             "overlaps": list(self.overlaps),
             "ledger": {kind: dict(keys) for kind, keys in self.ledger.items()},
         }
@@ -91,6 +100,11 @@ def create_job_service(books: JobBooks | None = None) -> Starlette:
         body = await request.json() if await request.body() else {}
         state.attempts[key] += 1
         attempt = state.attempts[key]
+        if attempt <= int(body.get("drop_first", 0)):
+            # The queue loses the job: never registered, the caller waits in vain.
+            state.dropped[key] += 1
+            await asyncio.sleep(float(body.get("stall", state.stall_seconds)))
+            return JSONResponse({"error": "job lost"}, status_code=504)
         if key in state.results:
             state.duplicates[key] += 1
             return JSONResponse({**state.results[key], "duplicate": True})
@@ -118,6 +132,10 @@ def create_job_service(books: JobBooks | None = None) -> Starlette:
             if key not in state.results:  # another attempt may have finished meanwhile
                 state.effects[key] += 1
                 state.results[key] = {"job_id": key, "result": f"image-for-{key}"}
+            if attempt <= int(body.get("lose_first", 0)):
+                # Done, but the completion never reaches the caller (a lost callback).
+                state.lost[key] += 1
+                await asyncio.sleep(float(body.get("stall", state.stall_seconds)))
             return JSONResponse(state.results[key])
         finally:
             state.active[key] -= 1
@@ -129,6 +147,7 @@ def create_job_service(books: JobBooks | None = None) -> Starlette:
             {
                 "state": "done" if done else "running" if key in state.progress else "unknown",
                 "progress": 1.0 if done else state.progress.get(key, 0.0),
+                "result": state.results.get(key),
             }
         )
 
@@ -235,3 +254,37 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class JobServiceSource:
+    """The job service as a reconciliation source (``sync_server.reconcile``).
+
+    Args:
+        url: base URL of the job service.
+        source: the source name in the canonical rule.
+        timeout: seconds per lookup.
+    """
+
+    def __init__(self, url: str, *, source: str = "job-queue", timeout: float = 5.0) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.source = source
+        self._http = httpx.AsyncClient(timeout=timeout)
+
+    async def job_status(self, workflow: Any, step: str, key: str) -> Any:
+        """Ask ``GET /jobs/{key}``: unknown, running or completed (with the result)."""
+        from sync_server.reconcile import JobState
+
+        response = await self._http.get(f"{self.url}/jobs/{key}")
+        response.raise_for_status()
+        body = response.json()
+        state = {"done": "completed", "running": "running"}.get(body.get("state"), "unknown")
+        result = body.get("result")
+        if state == "completed" and isinstance(result, dict):
+            result = {"job_id": result.get("job_id"), "image": result.get("result")}
+        return JobState(status=state, result=result, at=time.time())
+
+    async def aclose(self) -> None:
+        """Close the HTTP client."""
+        await self._http.aclose()

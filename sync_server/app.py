@@ -12,25 +12,36 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
+from prometheus_client import Counter
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
-from protocol import RateLimited, TetherError, UsageError
+from protocol import RateLimited, ReportStateArgs, TetherError, UsageError
 from sync_server.config import ServerConfig
+from sync_server.dashboard import routes as dashboard_routes
 from sync_server.domain import MutationApplier, WorkflowCommands
 from sync_server.http_api import error_response, routes
 from sync_server.hub import Hub
-from sync_server.metrics import Metrics
+from sync_server.metrics import MeteredApplier, MeteredHub, Metrics
+from sync_server.monitor import DELAY_THRESHOLD, AlertLog, MonitorRunner
 from sync_server.ratelimit import TokenBuckets
+from sync_server.reconcile import (
+    DEFAULT_PRIORITY,
+    Reconciler,
+    ReconcileRules,
+    Repair,
+    SourceAdapter,
+    apply_report,
+)
 from sync_server.saga.alerts import AlertSink
 from sync_server.saga.outbox import OutboxRelay
 from sync_server.saga.runner import SagaRunner
-from sync_server.store import open_store
+from sync_server.store import Transaction, WorkflowRecord, open_store
 from sync_server.ws import SyncConnection, sync_endpoint
 
 __all__ = ["Tether", "create_app"]
@@ -41,16 +52,46 @@ log = logging.getLogger("tether.app")
 class Tether:
     """The parts of one running instance."""
 
-    def __init__(self, config: ServerConfig, workflows: Iterable[Any]) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        workflows: Iterable[Any],
+        *,
+        sources: Iterable[SourceAdapter] = (),
+        job_steps: Mapping[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.workflows = {workflow.name: workflow for workflow in workflows}
         self.store = open_store(config.database_url)
-        self.hub = Hub(self.store, origin=config.server_id)
         self.metrics = Metrics()
-        self.applier = MutationApplier(self.store, self.workflows)
+        self.hub: Hub = MeteredHub(self.store, metrics=self.metrics, origin=config.server_id)
+        self.repairs = Counter(
+            "tether_reconciliation_repairs_total",
+            "Reconciliation repairs by kind",
+            ["kind"],
+            registry=self.metrics.registry,
+        )
+        self.rules = ReconcileRules(
+            priority=config.source_priority or DEFAULT_PRIORITY,
+            job_steps=dict(job_steps or {}),
+            interval=config.reconcile_interval,
+            grace=config.reconcile_grace,
+        )
+        self.sources = list(sources)
+        self.reconciler: Reconciler | None = None
+        self.applier: MutationApplier = MeteredApplier(
+            self.store, self.workflows, metrics=self.metrics, on_report=self._on_report
+        )
         self.commands = WorkflowCommands(self.applier)
         self.push_buckets = TokenBuckets(config.push_rate, config.push_burst)
-        self.alerts = AlertSink(config.alert_webhook)
+        self.alerts = AlertLog(AlertSink(config.alert_webhook), self.metrics)
+        self.monitor: MonitorRunner | None = None
+        self.monitor_interval = 5.0
+        """Seconds between readings of the DLQ, breakers and backlogs (gauges, alerts)."""
+        self.delay_threshold = DELAY_THRESHOLD
+        """Backlog age (s) that raises ``processing_delayed``."""
+        self.runner_options: dict[str, Any] = {}
+        """Extra ``SagaRunner`` arguments (the demo shortens breaker timeouts)."""
         self.runner: SagaRunner | None = None
         self.outbox: OutboxRelay | None = None
         self.draining = False
@@ -68,6 +109,20 @@ class Tether:
     def connection_closed(self, connection: SyncConnection) -> None:
         self._connections.discard(connection)
         self.metrics.connected_clients.set(len(self._connections))
+
+    def _on_report(
+        self, tx: Transaction, record: WorkflowRecord, args: ReportStateArgs, now: float
+    ) -> None:
+        repair = apply_report(tx, record, args, now, self.rules, on_repair=self._repaired)
+        if repair.kind == "unappliable":
+            self.alerts.alert(
+                "reconciliation_failed",
+                f"workflow {record.id}: {repair.reason}",
+                {"workflow_id": record.id, "source": repair.source},
+            )
+
+    def _repaired(self, repair: Repair, workflow_id: str) -> None:
+        self.repairs.labels(repair.kind).inc()
 
     def metrics_slow_consumer(self) -> None:
         self.metrics.slow_consumers.inc()
@@ -97,16 +152,43 @@ class Tether:
                 on_progress=self.hub.publish_progress,
                 alerts=self.alerts,
                 completion_webhook=self.config.completion_webhook,
+                metrics=self.metrics,
+                **self.runner_options,
             )
             await self.runner.start()
+        self.monitor = MonitorRunner(
+            self.store,
+            self.metrics,
+            self.alerts,
+            hub=self.hub,
+            interval=self.monitor_interval,
+            delay_threshold=self.delay_threshold,
+        )
+        await self.monitor.start()
         if self.config.run_sagas:
             self.outbox = OutboxRelay(self.store, alerts=self.alerts)
             await self.outbox.start()
+            self.reconciler = Reconciler(
+                self.store,
+                self.rules,
+                self.sources,
+                alerts=self.alerts,
+                on_repair=self._repaired,
+            )
+            await self.reconciler.start()
 
     async def stop(self) -> None:
         self.draining = True
         for connection in list(self._connections):
             connection.close(1012, "server restarting; reconnect")
+        if self.reconciler is not None:
+            await self.reconciler.stop()
+        for source in self.sources:
+            close = getattr(source, "aclose", None)
+            if close is not None:
+                await close()
+        if self.monitor is not None:
+            await self.monitor.stop()
         if self.runner is not None:
             await self.runner.stop()
         if self.outbox is not None:
@@ -122,6 +204,8 @@ def create_app(
     workflows: Iterable[Any] = (),
     auth_secret: str | None = None,
     config: ServerConfig | None = None,
+    sources: Iterable[SourceAdapter] = (),
+    job_steps: Mapping[str, str] | None = None,
     **settings: Any,
 ) -> Starlette:
     """Build the ASGI app of one instance.
@@ -132,6 +216,8 @@ def create_app(
         workflows: the ``Workflow`` definitions this server runs.
         auth_secret: HS256 token secret (default ``SYNC_AUTH_SECRET``).
         config: a full ``ServerConfig`` (then the other settings must be omitted).
+        sources: job sources the reconciliation sweep asks (``SourceAdapter``).
+        job_steps: workflow name -> the step whose job runs at those sources.
         **settings: any other ``ServerConfig`` field.
 
     Returns:
@@ -147,7 +233,7 @@ def create_app(
         config = ServerConfig(database_url=url, auth_secret=auth_secret or "", **settings)
     elif database_url or auth_secret or settings:
         raise UsageError("pass either config= or individual settings, not both")
-    tether = Tether(config, workflows)
+    tether = Tether(config, workflows, sources=sources, job_steps=job_steps)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -170,6 +256,7 @@ def create_app(
         routes=[
             WebSocketRoute("/v1/sync", sync_endpoint),
             *routes,
+            *dashboard_routes,
             Route("/metrics", metrics, methods=["GET"]),
         ],
         lifespan=lifespan,

@@ -38,6 +38,10 @@ class ServerConfig:
         alert_webhook: URL that receives alerts as JSON, if set.
         completion_webhook: URL notified (through the outbox, with retries) when a
             workflow ends, if set.
+        source_priority: reconciliation sources, strongest first (env
+            ``SYNC_SOURCE_PRIORITY``, e.g. ``job-queue,open-api,mini-app``).
+        reconcile_interval: seconds between reconciliation sweeps.
+        reconcile_grace: seconds a job may be unknown at its source before it is resubmitted.
         run_sagas: run workflows on this instance (False: a sync-only instance that
             accepts and serves workflows while other instances execute them).
     """
@@ -56,6 +60,9 @@ class ServerConfig:
     lease_seconds: float = 10.0
     alert_webhook: str | None = None
     completion_webhook: str | None = None
+    source_priority: tuple[str, ...] | None = None
+    reconcile_interval: float = 5.0
+    reconcile_grace: float = 2.0
     run_sagas: bool = True
 
     def __post_init__(self) -> None:
@@ -66,6 +73,11 @@ class ServerConfig:
                 "no auth secret: set SYNC_AUTH_SECRET (or pass auth_secret=) so tokens can "
                 "be verified"
             )
+        if self.source_priority is None:
+            from sync_server.reconcile.rules import DEFAULT_PRIORITY, ReconcileRules
+
+            text = os.environ.get("SYNC_SOURCE_PRIORITY")
+            self.source_priority = ReconcileRules.parse_priority(text) if text else DEFAULT_PRIORITY
         if len(self.auth_secret.encode()) < 32:
             raise UsageError("the auth secret must be at least 32 bytes (RFC 7518 for HS256)")
 

@@ -26,7 +26,14 @@ from sync_server.saga.machine import SagaMachine
 from sync_server.snapshots import append_event
 from sync_server.store.base import DlqEntry, Transaction, WorkflowRecord
 
-__all__ = ["WORK_CHANNEL", "request_cancel", "request_retry", "requeue_dlq", "start_workflow"]
+__all__ = [
+    "WORK_CHANNEL",
+    "request_cancel",
+    "request_reconcile",
+    "request_retry",
+    "requeue_dlq",
+    "start_workflow",
+]
 
 WORK_CHANNEL = "work"
 """Notification channel telling runners to look for due workflows.
@@ -103,6 +110,62 @@ def requeue_dlq(tx: Transaction, entry: DlqEntry, record: WorkflowRecord, now: f
     record.due_at = now
     tx.notify(WORK_CHANNEL, "")
     append_event(tx, record, events.DLQ_REQUEUED, now, entry_id=entry.id, steps=steps)
+
+
+def request_reconcile(
+    tx: Transaction,
+    record: WorkflowRecord,
+    now: float,
+    *,
+    repair: str,
+    step: str,
+    result: object = None,
+    source: str,
+    reason: str,
+) -> None:
+    """Repair a workflow whose sources disagree (see ``sync_server.reconcile``).
+
+    ``repair`` is ``complete`` (the job source says the step's job completed: record
+    ``result`` as the step's outcome) or ``resubmit`` (the job source never heard of the
+    job: run the step again at once, with the same idempotency key). Like a cancel, the
+    request takes the lease away, so an instance still waiting on the lost job stops and
+    the next claim applies the repair through the machine. The ``workflow.reconciled``
+    event records what was seen before and what the repair makes of it.
+
+    Raises:
+        Conflict: the workflow is not running, or the step is not running or retrying.
+    """
+    steps = record.state.get("steps") or {}
+    current = (steps.get(step) or {}).get("status")
+    if record.status != WorkflowStatus.RUNNING or current not in (
+        StepStatus.RUNNING,
+        StepStatus.RETRYING,
+    ):
+        raise Conflict(
+            f"cannot {repair} step {step!r} of workflow {record.id}: workflow is "
+            f"{record.status}, step is {current}"
+        )
+    requests = record.state.setdefault("requests", {})
+    if repair == "complete":
+        requests.setdefault("reconcile", []).append({"step": step, "result": result})
+        after = StepStatus.SUCCEEDED.value
+    elif repair == "resubmit":
+        requests.setdefault("resubmit", []).append(step)
+        after = StepStatus.RUNNING.value
+    else:
+        raise ValueError(f"unknown repair {repair!r}")
+    _revoke_lease(tx, record, now)
+    append_event(
+        tx,
+        record,
+        events.WORKFLOW_RECONCILED,
+        now,
+        repair=repair,
+        source=source,
+        reason=reason,
+        before={"status": record.status, "step": step, "step_status": current},
+        after={"status": record.status, "step": step, "step_status": after},
+    )
 
 
 def _retry_steps(record: WorkflowRecord) -> list[str]:

@@ -194,6 +194,10 @@ class SagaMachine:
         attempt runs again, and counts as failed after ``MAX_INTERRUPTS`` interruptions.
         """
         requests = self.state.pop("requests", None) or {}
+        for repair in requests.get("reconcile", ()):
+            self.receive_reconciled(repair["step"], repair.get("result"), now)
+        for name in requests.get("resubmit", ()):
+            self._make_due(name)
         if requests.get("cancel") and not self.status.terminal:
             self.receive_cancel(now)
         if requests.get("retry") and self.status in (W.PARKED, W.FAILED):
@@ -230,6 +234,33 @@ class SagaMachine:
         self._step_to(step, SI.SUCCEED, result=result)
         self._update_progress()
         return True
+
+    def receive_reconciled(self, step: str, result: JSON, now: float) -> bool:
+        """Reconciliation: the job source says ``step``'s job completed with ``result``
+        (its completion callback or response was lost). Applies only to a step that is
+        running or waiting to retry in a running workflow.
+
+        Returns:
+            False (and nothing changes) when the step is not in such a state.
+        """
+        s = self.steps.get(step)
+        if s is None or self.status != W.RUNNING or s["status"] not in (S.RUNNING, S.RETRYING):
+            return False
+        s["result"] = result
+        s["progress"] = 1.0
+        s["error"] = None
+        for key in ("interrupts", "due_at", "resume", "deferred"):
+            s.pop(key, None)
+        self._step_to(step, SI.RECONCILE, result=result)
+        self._update_progress()
+        return True
+
+    def _make_due(self, step: str) -> None:
+        """Reconciliation: the job source never heard of ``step``'s job — run it again now
+        (a running attempt is re-run by the claim as an interrupted one)."""
+        s = self.steps.get(step)
+        if s is not None and s["status"] == S.RETRYING:
+            s.pop("due_at", None)
 
     def receive_step_failed(
         self,

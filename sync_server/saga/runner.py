@@ -38,7 +38,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import msgspec
@@ -54,7 +54,7 @@ from sync_server.saga.machine import RunCompensation, RunStep
 from sync_server.saga.progress import ProgressPublisher
 from sync_server.store.base import Store, Transaction, WorkflowRecord
 
-__all__ = ["ProgressCallback", "SagaRunner"]
+__all__ = ["ProgressCallback", "SagaMetrics", "SagaRunner"]
 
 log = logging.getLogger("tether.saga")
 JSON = Any
@@ -104,6 +104,7 @@ class SagaRunner:
         breakers: ``BreakerPolicy`` per breaker name.
         default_breaker: the policy of breakers not named in ``breakers``.
         completion_webhook: outbox destination notified when a workflow ends.
+        metrics: instrumentation hooks (``SagaMetrics``; e.g. ``sync_server.metrics``).
     """
 
     def __init__(
@@ -128,12 +129,14 @@ class SagaRunner:
         breakers: Mapping[str, BreakerPolicy] | None = None,
         default_breaker: BreakerPolicy | None = None,
         completion_webhook: str | None = None,
+        metrics: SagaMetrics | None = None,
     ) -> None:
         self.store = store
         self.workflows = {w.name: w for w in workflows}
         self.instance_id = instance_id or f"runner-{uuid.uuid4().hex[:12]}"
         self.lease_seconds = lease_seconds
         self.alerts: Alerts = alerts or AlertSink()
+        self.metrics = metrics
         self.clock = clock
         self.max_concurrency = max_concurrency
         self.claim_batch = claim_batch
@@ -294,7 +297,10 @@ class SagaRunner:
 
     async def _claim_once(self, limit: int) -> int:
         now = self.clock()
+        started = time.perf_counter()
         applied = await self.store.run(lambda tx: self.checkpointer.claim(tx, now, limit))
+        if applied and self.metrics is not None:
+            self.metrics.observe_append("saga", time.perf_counter() - started)
         # A claim that found nothing wrote nothing; count only the ones that did.
         self.stats["claim_txns" if applied else "empty_claims"] += 1
         self.stats["claimed"] += len(applied)
@@ -373,7 +379,10 @@ class SagaRunner:
         async def unit(tx: Transaction) -> list[Applied]:
             return await self.checkpointer.checkpoint(tx, chunk, now)
 
+        started = time.perf_counter()
         applied = await self.store.run(unit)
+        if self.metrics is not None:
+            self.metrics.observe_append("saga", time.perf_counter() - started)
         self.stats["checkpoint_txns"] += 1
         self.stats["checkpoints"] += len(applied)
         for outcome in applied:
@@ -401,6 +410,8 @@ class SagaRunner:
         record = applied.record
         if record is not None and record.status in _ENDED:
             self.stats["ended"] += 1
+            if self.metrics is not None:
+                self.metrics.workflow_finished(record.name, record.status)
         if applied.failed or record is None:
             if held is not None:
                 self._held.pop(wid, None)
@@ -423,6 +434,8 @@ class SagaRunner:
     def _after_checkpoints(self) -> None:
         for name, state in self.checkpointer.breaker_changes:
             log.info("breaker %s is now %s", name, state)
+            if self.metrics is not None:
+                self.metrics.breaker_changed(name, state)
             if state == "open":
                 self._alert("breaker_open", f"circuit breaker {name} opened", {"breaker": name})
         self.checkpointer.breaker_changes.clear()
@@ -493,6 +506,8 @@ class SagaRunner:
         action = step.compensate if compensation else step.action
         assert action is not None
         self.stats["attempts"] += 1
+        if self.metrics is not None:
+            self.metrics.step_attempt(record.name, step.name, command.attempt, compensation)
         held.tasks[key] = asyncio.create_task(
             self._attempt(held, key, action, ctx, step.timeout, step.breaker)
         )
@@ -563,6 +578,22 @@ class SagaRunner:
 
 
 _ENDED = frozenset({*TERMINAL_WORKFLOW_STATUSES, WorkflowStatus.PARKED})
+
+
+class SagaMetrics(Protocol):
+    """Instrumentation the runner reports to (``sync_server.metrics.Metrics`` is one)."""
+
+    def observe_append(self, source: str, seconds: float) -> None:
+        """A transaction that appended events took ``seconds``."""
+
+    def step_attempt(self, workflow: str, step: str, attempt: int, compensation: bool) -> None:
+        """An attempt starts."""
+
+    def workflow_finished(self, workflow: str, status: str) -> None:
+        """A workflow ended or parked."""
+
+    def breaker_changed(self, name: str, state: str) -> None:
+        """A breaker changed state."""
 
 
 def _json_result(result: JSON) -> JSON:

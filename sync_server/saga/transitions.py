@@ -71,6 +71,7 @@ class StepInput(StrEnum):
     COMP_EXHAUST = "comp_exhaust"
     COMP_INTERRUPT = "comp_interrupt"
     COMP_RETRY = "comp_retry"  # retry_workflow after a compensation failed
+    RECONCILE = "reconcile"  # the job source says the step's job completed (lost callback)
 
 
 WI = WorkflowInput
@@ -96,6 +97,8 @@ STEP_TABLE: dict[tuple[StepStatus, StepInput], StepStatus] = {
     (S.WAITING, SI.START): S.RUNNING,
     (S.RETRYING, SI.START): S.RUNNING,
     (S.RUNNING, SI.SUCCEED): S.SUCCEEDED,
+    (S.RUNNING, SI.RECONCILE): S.SUCCEEDED,
+    (S.RETRYING, SI.RECONCILE): S.SUCCEEDED,
     (S.RUNNING, SI.FAIL): S.RETRYING,
     (S.RUNNING, SI.EXHAUST): S.FAILED,
     (S.RUNNING, SI.ABANDON): S.FAILED,

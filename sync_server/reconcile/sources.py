@@ -1,0 +1,38 @@
+"""What a job source must answer so the sweep can compare it with the saga record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from sync_server.store.base import WorkflowRecord
+
+__all__ = ["JobState", "SourceAdapter"]
+
+
+@dataclass(frozen=True, slots=True)
+class JobState:
+    """A job as its source sees it.
+
+    Attributes:
+        status: ``unknown`` (never heard of), ``running``, ``completed`` or ``failed``.
+        result: the job's result when completed.
+        error: why it failed.
+        at: when the source observed this (unix seconds).
+    """
+
+    status: str
+    result: Any = None
+    error: str | None = None
+    at: float = 0.0
+
+
+class SourceAdapter(Protocol):
+    """A downstream that runs jobs for a workflow step (e.g. the render queue)."""
+
+    source: str
+    """The source name in the canonical rule (e.g. ``job-queue``)."""
+
+    async def job_status(self, workflow: WorkflowRecord, step: str, key: str) -> JobState:
+        """Look the job of ``step`` (idempotency key ``key``) up at the source."""
+        ...

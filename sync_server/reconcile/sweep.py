@@ -1,0 +1,230 @@
+"""The periodic reconciliation sweep: ask the job source, repair divergence.
+
+Every ``rules.interval`` seconds the sweep lists running workflows that have a job step
+(``rules.job_steps``) running or retrying, asks each ``SourceAdapter`` about the step's
+job (by its idempotency key) and turns the answer into a report of the source
+(``rules.apply_report`` decides and repairs in one transaction, under the row lock):
+
+* the source says *completed* while the saga still waits: the lost completion is
+  applied (``complete``);
+* the source has *never heard of* the job of a running step for longer than
+  ``rules.grace``: the job is resubmitted with the same idempotency key (``resubmit``).
+
+Every repair is a ``workflow.reconciled`` event and a metric (``on_repair``); a
+divergence that no repair can fix, or a sweep that fails, raises an alert. Several
+instances may sweep at once: the decision is re-made under the row lock, and a repair
+already queued is not queued twice (``pending_repair``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from protocol import ReportStateArgs, Source, StepStatus, TetherError, WorkflowStatus
+from sync_server.reconcile.rules import (
+    ReconcileRules,
+    Repair,
+    apply_repair,
+    apply_report,
+    pending_repair,
+)
+from sync_server.reconcile.sources import JobState, SourceAdapter
+from sync_server.saga.alerts import Alerts
+from sync_server.saga.machine import idempotency_key
+from sync_server.store.base import Store, Transaction, WorkflowRecord
+
+__all__ = ["Reconciler"]
+
+log = logging.getLogger("tether.reconcile")
+
+RepairCallback = Callable[[Repair, str], None]
+"""Called with the repair and the workflow id after a repair committed."""
+
+
+class Reconciler:
+    """Runs the sweep on one instance.
+
+    Args:
+        store: the event store.
+        rules: the canonical rule and sweep settings.
+        sources: the job sources to ask.
+        alerts: where failed reconciliations are reported.
+        on_repair: called after each committed repair (metrics).
+        clock: wall clock.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        rules: ReconcileRules,
+        sources: Iterable[SourceAdapter],
+        *,
+        alerts: Alerts,
+        on_repair: RepairCallback | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.rules = rules
+        self.sources = list(sources)
+        self.alerts = alerts
+        self.on_repair = on_repair
+        self.clock = clock
+        self.repairs = 0
+        self.sweeps = 0
+        self._unknown_since: dict[tuple[str, str, int], float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start sweeping every ``rules.interval`` seconds."""
+        if self.sources and self.rules.job_steps:
+            self._task = asyncio.create_task(self._loop(), name="tether-reconcile")
+
+    async def stop(self) -> None:
+        """Stop sweeping; idempotent."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.rules.interval)
+            try:
+                await self.sweep_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.exception("reconciliation sweep failed")
+                self.alerts.alert(
+                    "reconciliation_failed", f"reconciliation sweep failed: {exc}", {}
+                )
+
+    async def sweep_once(self) -> int:
+        """One pass over the running workflows; returns the repairs made."""
+        self.sweeps += 1
+        made = 0
+        seen: set[tuple[str, str, int]] = set()
+        records = await self.store.list_workflows(
+            statuses=[WorkflowStatus.RUNNING.value], limit=10_000
+        )
+        for record in records:
+            step = self.rules.job_steps.get(record.name)
+            state = ((record.state.get("steps") or {}).get(step) or {}) if step else {}
+            if step is None or state.get("status") not in (StepStatus.RUNNING, StepStatus.RETRYING):
+                continue
+            if pending_repair(record, step):
+                continue
+            key = idempotency_key(record.id, step)
+            for source in self.sources:
+                try:
+                    job = await source.job_status(record, step, key)
+                except Exception as exc:  # a source that is down is not divergence
+                    log.warning("job source %s failed for %s: %s", source.source, key, exc)
+                    continue
+                attempt = int(state.get("attempts", 0))
+                made += await self._compare(record, step, attempt, source.source, job, seen)
+        # Forget unknown-job timers of attempts that are no longer seen.
+        for stale in set(self._unknown_since) - seen:
+            del self._unknown_since[stale]
+        return made
+
+    async def _compare(
+        self,
+        record: WorkflowRecord,
+        step: str,
+        attempt: int,
+        source: str,
+        job: JobState,
+        seen: set[tuple[str, str, int]],
+    ) -> int:
+        now = self.clock()
+        if job.status == "completed":
+            args = ReportStateArgs(
+                workflow_id=record.id,
+                source=Source(source),
+                status=WorkflowStatus.COMPLETED,
+                at=job.at or now,
+                detail={"step": step, "result": job.result, "observed_by": "sweep"},
+            )
+            return await self._report(record.id, args)
+        if job.status == "unknown" and (
+            (record.state["steps"][step]).get("status") == StepStatus.RUNNING
+        ):
+            marker = (record.id, step, attempt)
+            seen.add(marker)
+            first = self._unknown_since.setdefault(marker, now)
+            if now - first < self.rules.grace:
+                return 0
+            del self._unknown_since[marker]
+            return await self._resubmit(record.id, step, attempt, source)
+        return 0
+
+    async def _report(self, workflow_id: str, args: ReportStateArgs) -> int:
+        now = self.clock()
+
+        async def unit(tx: Transaction) -> Repair | None:
+            record = await tx.get_workflow(workflow_id, lock=True)
+            if record is None:
+                return None
+            repair = apply_report(tx, record, args, now, self.rules)
+            await tx.update_workflow(record)
+            return repair
+
+        return self._after(await self._run(unit), workflow_id)
+
+    async def _resubmit(self, workflow_id: str, step: str, attempt: int, source: str) -> int:
+        now = self.clock()
+
+        async def unit(tx: Transaction) -> Repair | None:
+            record = await tx.get_workflow(workflow_id, lock=True)
+            if record is None:
+                return None
+            current = (record.state.get("steps") or {}).get(step) or {}
+            if (
+                record.status != WorkflowStatus.RUNNING
+                or current.get("status") != StepStatus.RUNNING
+                or int(current.get("attempts", 0)) != attempt
+                or pending_repair(record, step)
+            ):
+                return None  # things moved on since the sweep looked
+            repair = Repair(
+                "resubmit",
+                source,
+                f"{source} never heard of the job of {step} (attempt {attempt}); resubmitted "
+                "with the same idempotency key",
+                step,
+            )
+            apply_repair(tx, record, repair, now)
+            await tx.update_workflow(record)
+            return repair
+
+        return self._after(await self._run(unit), workflow_id)
+
+    async def _run(self, unit: Callable[[Transaction], object]) -> Repair | None:
+        try:
+            result = await self.store.run(unit)  # type: ignore[arg-type]
+        except TetherError as exc:
+            self.alerts.alert("reconciliation_failed", f"repair failed: {exc.message}", {})
+            return None
+        return result if isinstance(result, Repair) else None
+
+    def _after(self, repair: Repair | None, workflow_id: str) -> int:
+        if repair is None or repair.kind == "none":
+            return 0
+        if repair.kind == "unappliable":
+            self.alerts.alert(
+                "reconciliation_failed",
+                f"workflow {workflow_id}: {repair.reason}",
+                {"workflow_id": workflow_id, "source": repair.source},
+            )
+            return 0
+        self.repairs += 1
+        log.info("reconciled %s: %s (%s)", workflow_id, repair.kind, repair.reason)
+        if self.on_repair is not None:
+            self.on_repair(repair, workflow_id)
+        return 1
