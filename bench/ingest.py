@@ -34,8 +34,14 @@ async def ingest_rate(url: str, seconds: float, clients: int) -> tuple[float, in
     Raises:
         RuntimeError: a mutation was not applied.
     """
+    # One tenant per client: each gets its own events back, as a real client does.
     sessions = await asyncio.gather(
-        *(WireClient.open(url, client_id=f"ingest-{uuid.uuid4().hex[:12]}") for _ in range(clients))
+        *(
+            WireClient.open(
+                url, client_id=f"ingest-{uuid.uuid4().hex[:12]}", tenant=f"t{uuid.uuid4().hex[:8]}"
+            )
+            for _ in range(clients)
+        )
     )
 
     async def pusher(session: WireClient, deadline: float) -> int:
@@ -70,13 +76,15 @@ async def _backend(ctx: Context, backend: str) -> Row:
         raw_label = "asyncpg executemany of 100"
     seconds = 4.0 if not ctx.quick else 1.0
     clients = 4
-    rates, applied = [], []
+    rates, applied, busy = [], [], []
     ctx.say(f"B2 {backend}: starting a server")
     async with child("tether", ["--database", url], logdir=ctx.workdir) as server:
         await ingest_rate(server.ws_url, 0.3, clients)  # warm-up
         for i in range(ctx.repeats):
             ctx.say(f"B2 {backend}: repeat {i + 1}/{ctx.repeats}")
+            cpu, wall = server.cpu_seconds(), time.perf_counter()
             rate, count = await ingest_rate(server.ws_url, seconds, clients)
+            busy.append(round(100 * (server.cpu_seconds() - cpu) / (time.perf_counter() - wall)))
             rates.append(rate)
             applied.append(count)
     tether = Stat.of(rates, "mut/s")
@@ -90,7 +98,12 @@ async def _backend(ctx: Context, backend: str) -> Row:
         ratio=r,
         target=TARGET,
         passed=verdict(ctx, r is not None and r >= 0.25 and tether.median >= 10_000),
-        details={"seconds_per_repeat": seconds, "applied": applied, "clients": clients},
+        details={
+            "seconds_per_repeat": seconds,
+            "applied": applied,
+            "clients": clients,
+            "server_cpu_percent": busy,
+        },
     )
     if backend == "postgres":
         single8: Stat = await ctx.raw("pg_single_8conn", raw.pg_single_8conn)

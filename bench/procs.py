@@ -115,6 +115,13 @@ class Child:
         """The child's resident set size (bytes)."""
         return rss_bytes(self.proc.pid)
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the child has used so far."""
+        import psutil
+
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return float(times.user + times.system)
+
     def kill(self) -> None:
         """SIGKILL the child (a crash); idempotent."""
         if self.proc.poll() is None:

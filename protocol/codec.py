@@ -13,10 +13,13 @@ import msgspec
 
 from protocol.errors import BadMessage, MessageTooLarge, ValidationError
 from protocol.messages import (
+    MAX_BATCH,
     MAX_FRAME_BYTES,
     CancelWorkflowArgs,
     ClientMessage,
     Mutation,
+    Push,
+    PushRequest,
     ReportStateArgs,
     RetryWorkflowArgs,
     ServerMessage,
@@ -85,10 +88,12 @@ def decode_client_message(data: bytes, *, limit: int = MAX_FRAME_BYTES) -> Clien
     """Decode a client->server frame.
 
     Raises:
-        MessageTooLarge: over ``limit`` bytes.
+        MessageTooLarge: over ``limit`` bytes, or a Push of more than ``MAX_BATCH``.
         BadMessage: anything that is not a valid client message.
     """
     result: ClientMessage = _decode(_client_decoder, data, limit)
+    if isinstance(result, Push):
+        _check_batch(result.mutations)
     return result
 
 
@@ -118,7 +123,16 @@ def decode_json(data: bytes | str, type_: type[T], *, limit: int = MAX_FRAME_BYT
         result: T = decoder.decode(data)
     except _DECODE_FAILURES as exc:
         raise BadMessage(f"invalid body: {exc}") from exc
+    if isinstance(result, PushRequest):
+        _check_batch(result.mutations)
     return result
+
+
+def _check_batch(mutations: list[Mutation]) -> None:
+    if len(mutations) > MAX_BATCH:
+        raise MessageTooLarge(
+            f"a batch of {len(mutations)} mutations exceeds the limit of {MAX_BATCH}"
+        )
 
 
 def check_text(value: Any, what: str) -> None:

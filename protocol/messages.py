@@ -192,7 +192,7 @@ class Hello(Message, frozen=True):
 class Push(Message, frozen=True):
     """A batch of mutations, in id order."""
 
-    mutations: Annotated[list[Mutation], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+    mutations: Annotated[list[Mutation], msgspec.Meta(min_length=1)]
 
 
 class Ack(Message, frozen=True):
@@ -256,7 +256,7 @@ class PushRequest(_Base, frozen=True):
     """Body of ``POST /v1/push``."""
 
     client_id: Id
-    mutations: Annotated[list[Mutation], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+    mutations: Annotated[list[Mutation], msgspec.Meta(min_length=1)]
 
 
 class PushResponse(_Base, frozen=True):

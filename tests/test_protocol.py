@@ -177,8 +177,10 @@ def test_oversized_frame_is_refused_before_parsing():
 
 def test_limits_are_enforced():
     too_many = [Mutation(id=i, name="cancel_workflow", args={}) for i in range(1, 502)]
-    with pytest.raises(BadMessage, match="length"):
+    with pytest.raises(MessageTooLarge, match="batch of 501"):
         decode_client_message(encode(Push(mutations=too_many)))
+    with pytest.raises(MessageTooLarge, match="batch of 501"):
+        decode_json(encode_json(PushRequest(client_id="c", mutations=too_many)), PushRequest)
     with pytest.raises(BadMessage):
         decode_client_message(encode(Hello(client_id="x" * 65, protocol_version=1)))
     with pytest.raises(BadMessage):

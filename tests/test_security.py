@@ -420,10 +420,10 @@ async def test_oversized_frames_bodies_batches_and_inputs_are_refused(database_u
         code, received = await first_close(client.ws)
         assert code == 4413 and isinstance(received[-1], Error)
         assert received[-1].code == "too_large"
-        # A batch over MAX_BATCH is refused whole (4400: the decoder's length check).
+        # A batch over MAX_BATCH is refused whole, as too large.
         client = await RawClient.open(srv.ws_url)
         await client.ws.send(encode(Push(mutations=[submit(i) for i in range(1, 502)])))
-        assert await close_code_of(client.ws) == 4400
+        assert await close_code_of(client.ws) == 4413
         assert await fingerprint(database_url) == before
         headers = auth(token())
         async with httpx.AsyncClient(base_url=srv.http_url, headers=headers) as http:
@@ -444,7 +444,7 @@ async def test_oversized_frames_bodies_batches_and_inputs_are_refused(database_u
                 "client_id": "h",
                 "mutations": [msgspec.to_builtins(submit(i)) for i in range(1, 502)],
             }
-            assert (await http.post("/v1/push", json=body)).status_code == 400
+            assert (await http.post("/v1/push", json=body)).status_code == 413
             assert (await http.get("/v1/pull", params={"limit": 1001})).status_code == 400
             assert await fingerprint(database_url) == before
             # A workflow input over 64 KiB inside an acceptable body: rejected, not stored.

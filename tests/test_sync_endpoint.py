@@ -177,7 +177,7 @@ async def test_text_frame_and_oversized_batch(server):
     client = await RawClient.open(server.ws_url)
     too_many = [submit(i) for i in range(1, 502)]
     await client.ws.send(encode(Push(mutations=too_many)))
-    assert await close_code_of(client.ws) == 4400
+    assert await close_code_of(client.ws) == 4413
     assert await store_snapshot(server.app) == (0, 0)
 
 
