@@ -48,6 +48,8 @@ class LatencyProbe:
         self.done: dict[int, asyncio.Event] = {}
         self.frame_sizes: list[int] = []
         self.template: Events | None = None
+        self.inbound: list[float] = []  # send -> the server's event time (wall clock)
+        self.outbound: list[float] = []  # the server's event time -> first arrival
 
     def expect(self, key: int) -> asyncio.Event:
         """Get ready for event ``key``; the returned Event is set when all received it."""
@@ -66,6 +68,10 @@ class LatencyProbe:
             delays.append(arrived - float(data["t"]))
             if len(delays) == 1:
                 self.frame_sizes.append(size)
+                if "w" in data:
+                    wall = time.time()
+                    self.inbound.append((event.at - float(data["w"])) * 1000)
+                    self.outbound.append((wall - event.at) * 1000)
                 if self.template is None:
                     self.template = message
             if len(delays) >= self.receivers:
@@ -125,7 +131,7 @@ async def _tether_fanout(
     writer = await WireClient.open(write_url, tenant=tenant)
 
     async def send(key: int) -> None:
-        mutation = submit(writer.next_id, "noop", t=time.perf_counter(), k=key)
+        mutation = submit(writer.next_id, "noop", t=time.perf_counter(), k=key, w=time.time())
         writer.next_id += 1
         await writer.push([mutation])
 
@@ -225,6 +231,10 @@ async def b3(ctx: Context) -> list[Row]:
             size = int(percentile(probe.frame_sizes, 50))
             details = {
                 "clients": receivers,
+                "split_ms_p50": {
+                    "send_to_server_event_time": percentile(probe.inbound or [0.0], 50),
+                    "server_event_time_to_first_receiver": percentile(probe.outbound or [0.0], 50),
+                },
                 "events_per_repeat": events,
                 "frame_bytes": size,
                 "all_receivers_p50_ms": _stat(tether, "all_p50").to_json(),
@@ -279,7 +289,14 @@ async def b3x(ctx: Context) -> list[Row]:
     notify: dict[str, Stat] = await ctx.raw("pg_notify_latency", raw.pg_notify_latency)
     t50, t99 = _stat(summaries, "last_p50"), _stat(summaries, "last_p99")
     label = "asyncpg {INSERT; NOTIFY} → listener"
-    details = {"events_per_repeat": events, "missing": sum(s["missing"] for s in summaries)}
+    details = {
+        "events_per_repeat": events,
+        "missing": sum(s["missing"] for s in summaries),
+        "split_ms_p50": {
+            "send_to_server_event_time": percentile(_probe.inbound or [0.0], 50),
+            "server_event_time_to_receiver": percentile(_probe.outbound or [0.0], 50),
+        },
+    }
     return [
         Row(
             "B3x",

@@ -18,7 +18,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from protocol import (
     BadMessage,
+    Event,
     Forbidden,
+    Progress,
     Push,
     Role,
     StorageError,
@@ -28,7 +30,7 @@ from protocol import (
     decode_client_message,
     encode,
 )
-from sync_server.auth import bearer_token, verify_token
+from sync_server.auth import Principal, bearer_token, verify_token
 from sync_server.hub import Subscriber
 from sync_server.session import ApplyPush, LoadClient, ReadEvents, ServerSession
 
@@ -91,11 +93,8 @@ class SyncConnection:
         self.session.close(code, reason)
         self._pump()
 
-    async def run(self, principal: object) -> None:
+    async def run(self, principal: Principal) -> None:
         """Serve the session until either side closes."""
-        from sync_server.auth import Principal
-
-        assert isinstance(principal, Principal)
         self.principal = principal
         subscriber = Subscriber(self.tenant, on_events=self._on_live, on_progress=self._on_progress)
         # Subscribe before the first read so the catch-up/live hand-over has no gap.
@@ -119,12 +118,12 @@ class SyncConnection:
                 await self.websocket.close(self.session.close_code or 1000)
 
     # ------------------------------------------------------------- feeding
-    def _on_live(self, events: list[object]) -> None:
-        self.session.receive_live(events)  # type: ignore[arg-type]
+    def _on_live(self, events: list[Event]) -> None:
+        self.session.receive_live(events)
         self._pump()
 
-    def _on_progress(self, progress: object) -> None:
-        self.session.receive_progress(progress)  # type: ignore[arg-type]
+    def _on_progress(self, progress: Progress) -> None:
+        self.session.receive_progress(progress)
         self._pump()
 
     def _pump(self) -> None:

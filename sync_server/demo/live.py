@@ -90,6 +90,7 @@ def _active_table(overview: dict[str, Any], rows: int) -> Table:
     table.add_column("type", no_wrap=True, width=17)
     table.add_column("status", no_wrap=True, width=12)
     table.add_column("progress", ratio=1)
+    table.add_column("", justify="right", width=4)
     table.add_column("step", no_wrap=True, width=26)
     active = [
         w
@@ -104,6 +105,7 @@ def _active_table(overview: dict[str, Any], rows: int) -> Table:
                 step_text = f"{name} {step['status']}{attempts}"
                 break
         status = workflow["status"]
+        step_style = step_text.split(" ")[1] if step_text else ""
         table.add_row(
             workflow["id"][:8],
             workflow["name"],
@@ -114,13 +116,14 @@ def _active_table(overview: dict[str, Any], rows: int) -> Table:
                 width=None,
                 complete_style=_STATUS_STYLE.get(status, "cyan"),
             ),
-            Text(step_text, style=_STATUS_STYLE.get(step_text.split(" ")[1], "") if step_text else ""),
+            f"{float(workflow['progress']):.0%}",
+            Text(step_text, style=_STATUS_STYLE.get(step_style, "")),
         )
     hidden = len(active) - rows
     if hidden > 0:
-        table.add_row("", f"… {hidden} more", "", "", "")
+        table.add_row("", f"… {hidden} more", "", "", "", "")
     if not active:
-        table.add_row("", Text("no active workflow", style="dim"), "", "", "")
+        table.add_row("", Text("no active workflow", style="dim"), "", "", "", "")
     return table
 
 
@@ -174,9 +177,9 @@ def render_live(state: LiveState, rows: int = 10) -> RenderableType:
         f"server: {server}  restarts: {state.server_restarts}"
     )
     faults = Text()
-    for at, text in state.faults[-6:]:
-        faults.append(f"{at:5.1f}s ", style="dim")
-        faults.append(text + "\n")
+    for n, (at, text) in enumerate(state.faults[-6:]):
+        faults.append(("\n" if n else "") + f"{at:5.1f}s ", style="dim")
+        faults.append(text)
     return Group(
         header,
         Panel(_active_table(state.overview, rows), title="active workflows", title_align="left"),

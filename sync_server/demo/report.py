@@ -117,8 +117,11 @@ class DemoReport:
     @property
     def ok(self) -> bool:
         """Nothing lost or duplicated, every workflow ended or parked, clients converged."""
-        return self.lost == 0 and self.duplicated == 0 and self.unfinished == 0 and (
-            self.diverged == 0
+        return (
+            self.lost == 0
+            and self.duplicated == 0
+            and self.unfinished == 0
+            and (self.diverged == 0)
         )
 
     def rows(self) -> list[tuple[str, str, str]]:

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from protocol import ReportStateArgs, Source, StepStatus, TetherError, WorkflowStatus
 from sync_server.reconcile.rules import (
@@ -205,13 +205,12 @@ class Reconciler:
 
         return self._after(await self._run(unit), workflow_id)
 
-    async def _run(self, unit: Callable[[Transaction], object]) -> Repair | None:
+    async def _run(self, unit: Callable[[Transaction], Awaitable[Repair | None]]) -> Repair | None:
         try:
-            result = await self.store.run(unit)  # type: ignore[arg-type]
+            return await self.store.run(unit)
         except TetherError as exc:
             self.alerts.alert("reconciliation_failed", f"repair failed: {exc.message}", {})
             return None
-        return result if isinstance(result, Repair) else None
 
     def _after(self, repair: Repair | None, workflow_id: str) -> int:
         if repair is None or repair.kind == "none":

@@ -1,0 +1,630 @@
+"""``sync-server demo``: the main job, end to end, on one machine with no set-up.
+
+Theory of operation
+-------------------
+``DemoRunner`` creates a temporary folder with an embedded SQLite database and a fresh
+auth secret, then starts:
+
+* the **flaky job service** (``examples.job_service``) on loopback, in a thread: random
+  job failures and stalls (a stalled render times out and is retried);
+* the **server** as a child process (``sync_server.demo.server``), so it can be
+  SIGKILLed and started again on the same port;
+* a small **link proxy** (``sync_server.demo.proxy``) in front of the server, for the
+  client that goes offline;
+* ``--clients`` **SDK client processes** (``sync_server.demo.client``), each submitting
+  its share of image-generation workflows over ``--seconds`` seconds.
+
+While they submit, faults are injected on a fixed timetable (``_faults``): a job-service
+outage (every render fails, so the ``render-service`` breaker opens), a client cut off
+and reconnected, a client SIGKILLed and restarted, the server SIGKILLed and restarted,
+and a few renders that fail every attempt (their workflows are dead-lettered, then
+compensate or park). Then the faults stop, and the demo plays the operator: it requeues
+each parked workflow once through ``POST /v1/dlq/{id}/requeue``, waits until every
+workflow has ended or parked and every client has flushed and converged, and reads the
+report from the server, the job service and the clients' files (``report``).
+
+The live view polls ``GET /v1/admin/overview`` with a global admin token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+from rich.console import Console
+from rich.live import Live
+
+from examples.job_service import JobBooks, JobServiceThread
+from protocol import Role
+from sync_server.auth import GLOBAL_TENANT, issue_token
+from sync_server.demo.live import ClientState, LiveState, render_live, report_table
+from sync_server.demo.proxy import LinkProxy
+from sync_server.demo.report import (
+    FINAL,
+    DemoReport,
+    Evidence,
+    build_report,
+    read_client_file,
+)
+
+__all__ = ["DemoOptions", "DemoRunner", "run_demo"]
+
+TENANT = "demo"
+FAIL_RATE = 0.12
+STALL_RATE = 0.04
+STALL_SECONDS = 4.0
+
+
+@dataclass(slots=True)
+class DemoOptions:
+    """What ``sync-server demo`` was asked for.
+
+    Attributes:
+        workflows: workflows submitted in total (split over the clients).
+        clients: SDK client processes.
+        seconds: the submission window, during which faults are injected.
+        seed: seeds the plan (inputs, doomed renders) and the job service's faults.
+        faults: inject faults (``--no-faults`` turns them off).
+        quiet: plain log lines instead of the live view (tests, CI).
+        drain_timeout: seconds to wait, after the window, for every workflow to end.
+        keep: keep the temporary folder (it is kept anyway when the run fails).
+    """
+
+    workflows: int = 48
+    clients: int = 3
+    seconds: float = 20.0
+    seed: int = 7
+    faults: bool = True
+    quiet: bool = False
+    drain_timeout: float = 60.0
+    keep: bool = False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """The demo server as a child process (start, SIGKILL, start again: same port)."""
+
+    def __init__(self, folder: Path, job_url: str, secret: str) -> None:
+        self.port = _free_port()
+        self.database = f"sqlite:///{folder / 'sync.db'}"
+        self.job_url = job_url
+        self.env = {**os.environ, "SYNC_AUTH_SECRET": secret, "PYTHONUNBUFFERED": "1"}
+        self.log_path = folder / "server.log"
+        self.proc: asyncio.subprocess.Process | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def http_url(self) -> str:
+        """``http://127.0.0.1:<port>``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, timeout: float = 30.0) -> None:
+        """Spawn and wait until ``/readyz`` answers.
+
+        Raises:
+            RuntimeError: it exited or did not become ready in time.
+        """
+        self._log = self.log_path.open("ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "sync_server.demo.server",
+            "--port",
+            str(self.port),
+            "--database",
+            self.database,
+            "--job-service",
+            self.job_url,
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+        )
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient(timeout=1.0) as http:
+            while time.monotonic() < deadline:
+                if self.proc.returncode is not None:
+                    break
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(f"{self.http_url}/readyz")).status_code == 200:
+                        return
+                await asyncio.sleep(0.05)
+        raise RuntimeError(f"the demo server did not start; see {self.log_path}")
+
+    async def kill(self) -> None:
+        """SIGKILL (a crash) and reap."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGKILL)
+            await self.proc.wait()
+        if self._log is not None:
+            self._log.close()
+
+    async def stop(self) -> None:
+        """SIGTERM (a graceful drain), SIGKILL after a few seconds."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 8)
+            except TimeoutError:
+                await self.kill()
+        if self._log is not None:
+            self._log.close()
+
+
+class ClientProcess:
+    """One SDK client child process and what its JSON lines told us (display only)."""
+
+    def __init__(
+        self,
+        index: int,
+        url: str,
+        folder: Path,
+        token: str,
+        count: int,
+        options: DemoOptions,
+        run_id: str,
+        state: ClientState,
+    ) -> None:
+        self.index = index
+        self.url = url
+        self.path = folder / f"client-{index}.db"
+        self.log_path = folder / f"client-{index}.log"
+        self.count = count
+        self.options = options
+        self.run_id = run_id
+        self.state = state
+        self.env = {**os.environ, "TETHER_TOKEN": token, "PYTHONUNBUFFERED": "1"}
+        self.proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._final = asyncio.Event()
+
+    async def start(self) -> None:
+        """Spawn (again, after a kill: the same file, the same plan)."""
+        self._ready.clear()
+        self.state.ready = self.state.planned = False
+        log = self.log_path.open("ab")
+        cmd = [
+            sys.executable,
+            "-m",
+            "sync_server.demo.client",
+            "--url",
+            self.url,
+            "--path",
+            str(self.path),
+            "--index",
+            str(self.index),
+            "--count",
+            str(self.count),
+            "--seconds",
+            str(self.options.seconds * 0.8),
+            "--seed",
+            str(self.options.seed),
+            "--run",
+            self.run_id,
+            "--drain",
+            str(self.options.drain_timeout / 2),
+        ]
+        if self.options.faults:
+            cmd.append("--faults")
+        self.proc = await asyncio.create_subprocess_exec(
+            *cmd,
+            env=self.env,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log,
+        )
+        log.close()
+        self.state.killed = False
+        self._reader = asyncio.create_task(self._read(self.proc))
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait for the child's ``ready`` line.
+
+        Raises:
+            RuntimeError: it did not start in time.
+        """
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            raise RuntimeError(f"client {self.index} did not start; see {self.log_path}") from None
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            state = self.state
+            if "ready" in message:
+                state.ready = True
+                self._ready.set()
+            elif "submitted" in message:
+                state.submitted += 1
+            elif "status" in message:
+                state.pending = int(message["status"]["pending"])
+                state.connected = bool(message["status"]["connected"])
+            elif "planned" in message:
+                state.planned = True
+            elif "final" in message:
+                state.final = message["final"]
+                self._final.set()
+
+    async def kill(self) -> None:
+        """SIGKILL, mid-whatever it was doing."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGKILL)
+            await self.proc.wait()
+        if self._reader is not None:
+            await self._reader
+        self.state.killed = True
+        self.state.connected = False
+        self.state.restarts += 1
+
+    async def finish(self, timeout: float) -> None:
+        """Ask it to flush and converge, then wait for it to exit."""
+        proc = self.proc
+        if proc is None or proc.returncode is not None or proc.stdin is None:
+            return
+        with contextlib.suppress(OSError):
+            proc.stdin.write(b"finish\n")
+            await proc.stdin.drain()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._final.wait(), timeout)
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+        if self._reader is not None:
+            await self._reader
+
+    async def abort(self) -> None:
+        """Kill it if it still runs (cleanup)."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+class DemoRunner:
+    """Runs one demo (see the module docstring).
+
+    Args:
+        options: the run's options.
+        console: where the live view and the report go.
+    """
+
+    def __init__(self, options: DemoOptions, console: Console | None = None) -> None:
+        self.options = options
+        self.console = console or Console()
+        self.state = LiveState()
+        self.folder = Path(tempfile.mkdtemp(prefix="tether-demo-"))
+        self.secret = secrets.token_urlsafe(48)
+        self.admin_token = issue_token(
+            self.secret, tenant=GLOBAL_TENANT, subject="demo-operator", role=Role.ADMIN, ttl=3600
+        )
+        self.books = JobBooks(
+            fail_rate=FAIL_RATE if options.faults else 0.0,
+            stall_rate=STALL_RATE if options.faults else 0.0,
+            stall_seconds=STALL_SECONDS,
+        )
+        self.books.rng.seed(options.seed)
+        self.job: JobServiceThread | None = None
+        self.server: ServerProcess | None = None
+        self.proxy: LinkProxy | None = None
+        self.clients: list[ClientProcess] = []
+        self.requeued: set[str] = set()
+        self._last_status = 0.0
+        self._live: Live | None = None
+
+    # ------------------------------------------------------------------ output
+    def _say(self, text: str) -> None:
+        line = self.state.note(text)
+        if self.options.quiet:
+            print(line, flush=True)
+
+    def _status_line(self) -> None:
+        if not self.options.quiet or time.monotonic() - self._last_status < 5:
+            return
+        self._last_status = time.monotonic()
+        counts = self.state.overview.get("counts", {})
+        breakers = ",".join(
+            f"{b['name']}={b['state']}" for b in self.state.overview.get("breakers", [])
+        )
+        print(
+            f"[{self.state.elapsed:5.1f}s] {self.state.phase}: "
+            f"submitted {sum(c.submitted for c in self.state.clients)}"
+            + "".join(f", {k} {v}" for k, v in sorted(counts.items()))
+            + f", retries {self.state.retries}, breakers {breakers or 'closed'}, "
+            f"DLQ {self.state.overview.get('metrics', {}).get('dlq_depth', 0)}",
+            flush=True,
+        )
+
+    def _refresh(self) -> None:
+        if self._live is not None:
+            self._live.update(render_live(self.state), refresh=True)
+        self._status_line()
+
+    # ------------------------------------------------------------------ run
+    async def run(self) -> DemoReport:
+        """Run the demo and return its report (the caller decides the exit code)."""
+        options = self.options
+        if not options.quiet:
+            self._live = Live(console=self.console, auto_refresh=False, transient=True)
+            self._live.start()
+        try:
+            report = await self._run()
+        finally:
+            if self._live is not None:
+                self._live.stop()
+            await self._cleanup()
+        return report
+
+    async def _run(self) -> DemoReport:
+        options = self.options
+        started = time.monotonic()
+        self.job = await asyncio.to_thread(JobServiceThread(self.books).start)
+        self._say(f"job service on {self.job.url} (fail rate {self.books.fail_rate:.0%})")
+        self.server = ServerProcess(self.folder, self.job.url, self.secret)
+        await self.server.start()
+        self.state.server_up = True
+        self._say(f"server on {self.server.http_url}, database {self.server.database}")
+        self.proxy = await LinkProxy(self.server.port).start()
+        offline_index = 1 if options.clients > 1 else 0
+        base, extra = divmod(options.workflows, options.clients)
+        shares = [base + (1 if i < extra else 0) for i in range(options.clients)]
+        run_id = uuid.uuid4().hex
+        for index, count in enumerate(shares):
+            via_proxy = options.faults and index == offline_index
+            port = self.proxy.port if via_proxy else self.server.port
+            state = ClientState(index, via_proxy=via_proxy)
+            self.state.clients.append(state)
+            token = issue_token(
+                self.secret, tenant=TENANT, subject=f"client-{index}", role=Role.CLIENT, ttl=3600
+            )
+            url = f"ws://127.0.0.1:{port}"
+            self.clients.append(
+                ClientProcess(index, url, self.folder, token, count, options, run_id, state)
+            )
+        for client in self.clients:
+            await client.start()
+        for client in self.clients:
+            await client.wait_ready()
+        self._say(f"{options.clients} clients submitting {options.workflows} workflows")
+        self.state.phase = "submitting"
+        async with httpx.AsyncClient(
+            base_url=self.server.http_url,
+            headers={"Authorization": f"Bearer {self.admin_token}"},
+            timeout=5.0,
+        ) as http:
+            poller = asyncio.create_task(self._poll(http))
+            try:
+                if options.faults:
+                    await self._faults()
+                await self._until(
+                    lambda: (
+                        all(c.state.planned for c in self.clients)
+                        and time.monotonic() - started >= options.seconds
+                    ),
+                    options.seconds * 3 + 30,
+                )
+                if options.faults:
+                    await self._set_job_faults(0.0, 0.0)
+                    self._say("faults stop; the operator requeues parked workflows")
+                self.state.phase = "draining"
+                await self._drain(http)
+                self.state.phase = "converging"
+                await asyncio.gather(
+                    *(c.finish(options.drain_timeout / 2 + 10) for c in self.clients)
+                )
+                self.state.phase = "report"
+                evidence = await self._collect(http, time.monotonic() - started)
+            finally:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
+        return build_report(evidence)
+
+    async def _until(self, predicate: Any, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    # ------------------------------------------------------------------ faults
+    async def _set_job_faults(self, fail_rate: float, stall_rate: float) -> None:
+        assert self.job is not None
+        async with httpx.AsyncClient(timeout=5.0) as http:
+            await http.post(
+                f"{self.job.url}/config", json={"fail_rate": fail_rate, "stall_rate": stall_rate}
+            )
+
+    async def _faults(self) -> None:
+        """The fault timetable (relative to the submission window)."""
+        window = self.options.seconds
+        assert self.server is not None and self.proxy is not None
+        begun = time.monotonic()
+
+        async def at(fraction: float) -> None:
+            await asyncio.sleep(max(0.0, begun + fraction * window - time.monotonic()))
+
+        await at(0.15)
+        outage = max(2.0, 0.1 * window)
+        self._say(f"fault: job service outage for {outage:.1f}s (every render fails)")
+        await self._set_job_faults(1.0, STALL_RATE)
+        await asyncio.sleep(outage)
+        await self._set_job_faults(FAIL_RATE, STALL_RATE)
+        self._say("job service back")
+
+        offline = next(c for c in self.clients if c.state.via_proxy)
+        await at(0.3)
+        self.proxy.go_offline()
+        offline.state.offline = True
+        self._say(f"fault: client {offline.index} offline (its link is cut)")
+        offline_for = max(2.0, 0.2 * window)
+        await asyncio.sleep(offline_for)
+        self.proxy.go_online()
+        offline.state.offline = False
+        self._say(
+            f"client {offline.index} back online after {offline_for:.1f}s "
+            f"({offline.state.pending} queued meanwhile)"
+        )
+
+        victim = self.clients[0]
+        await at(0.45)
+        await self.server.kill()
+        self.state.server_up = False
+        self.state.retries_before_restart = self.state.retries
+        self.state.overview = {**self.state.overview, "metrics": {}}
+        self._say("fault: server SIGKILLed")
+        await asyncio.sleep(0.8)  # the clients queue their submits meanwhile
+        pending = victim.state.pending
+        await victim.kill()
+        self._say(f"fault: client {victim.index} SIGKILLed ({pending} submits still queued)")
+        await asyncio.sleep(0.4)
+        await self.server.start()
+        self.state.server_up = True
+        self.state.server_restarts += 1
+        self._say("server restarted (same database, same port)")
+        await victim.start()
+        await victim.wait_ready()
+        self._say(f"client {victim.index} restarted on the same SQLite file")
+
+    # ------------------------------------------------------------------ poll, drain
+    async def _poll(self, http: httpx.AsyncClient) -> None:
+        while True:
+            try:
+                response = await http.get("/v1/admin/overview", params={"limit": 200})
+                if response.status_code == 200:
+                    self.state.overview = response.json()
+            except httpx.HTTPError:
+                pass
+            self._refresh()
+            await asyncio.sleep(0.25)
+
+    async def _drain(self, http: httpx.AsyncClient) -> None:
+        """Requeue parked workflows once each; wait until everything ended and synced."""
+        deadline = time.monotonic() + self.options.drain_timeout
+        while time.monotonic() < deadline:
+            try:
+                if await self._requeue_parked(http) == 0 and await self._settled(http):
+                    return
+            except httpx.HTTPError:
+                pass  # the server is restarting: ask again
+            await asyncio.sleep(0.25)
+        self._say("drain timed out: some workflows did not end in time")
+
+    async def _requeue_parked(self, http: httpx.AsyncClient) -> int:
+        entries = (await http.get("/v1/dlq", params={"status": "open"})).json()["entries"]
+        done = 0
+        for entry in entries:
+            workflow_id = entry["workflow_id"]
+            if workflow_id in self.requeued:
+                continue
+            view = (await http.get(f"/v1/workflows/{workflow_id}")).json()
+            if view.get("status") != "parked":
+                continue
+            response = await http.post(f"/v1/dlq/{entry['id']}/requeue")
+            if response.status_code == 202:
+                self.requeued.add(workflow_id)
+                done += 1
+                self._say(f"operator: requeued dead letter {entry['id']} ({workflow_id[:8]})")
+        return done
+
+    async def _settled(self, http: httpx.AsyncClient) -> bool:
+        clients = all(
+            c.state.planned and c.state.pending == 0 and not c.state.offline and not c.state.killed
+            for c in self.clients
+        )
+        if not clients:
+            return False
+        listed = (await http.get("/v1/workflows", params={"limit": 10_000})).json()["workflows"]
+        return all(w["status"] in FINAL for w in listed)
+
+    # ------------------------------------------------------------------ report
+    async def _collect(self, http: httpx.AsyncClient, seconds: float) -> Evidence:
+        workflows = (await http.get("/v1/workflows", params={"limit": 10_000})).json()["workflows"]
+        events: list[dict[str, Any]] = []
+        cursor = 0
+        while True:
+            page = (await http.get("/v1/pull", params={"cursor": cursor, "limit": 1000})).json()
+            events.extend(page["events"])
+            cursor = page["cursor"]
+            if not page["has_more"]:
+                break
+        dead = (await http.get("/v1/dlq", params={"status": "all"})).json()["entries"]
+        assert self.job is not None
+        job_stats = (await http.get(f"{self.job.url}/stats")).json()
+        clients = [read_client_file(c.path) for c in self.clients]
+        return Evidence(
+            clients=clients,
+            workflows=workflows,
+            events=events,
+            dead_letters=dead,
+            job_stats=job_stats,
+            seconds=seconds,
+            faults=[text for _, text in self.state.faults],
+        )
+
+    async def _cleanup(self) -> None:
+        for client in self.clients:
+            await client.abort()
+        if self.server is not None:
+            await self.server.stop()
+        if self.proxy is not None:
+            await self.proxy.stop()
+        if self.job is not None:
+            await asyncio.to_thread(self.job.stop)
+
+
+def run_demo(options: DemoOptions, console: Console | None = None) -> int:
+    """Run the demo, print the report, and return the exit code (0: nothing lost).
+
+    Args:
+        options: the run's options.
+        console: where to print (stdout by default).
+
+    Returns:
+        0 if nothing was lost or duplicated and every workflow ended; 1 otherwise.
+    """
+    console = console or Console(highlight=False)
+    runner = DemoRunner(options, console)
+    try:
+        report = asyncio.run(runner.run())
+    except RuntimeError as exc:
+        print(f"sync-server: error: demo failed: {exc}", file=sys.stderr)
+        print(f"demo files kept in {runner.folder}", file=sys.stderr)
+        return 2
+    if options.quiet:
+        for measure, value, source in report.rows():
+            print(f"{measure:>24}: {value:>8}   ({source})")
+    else:
+        console.print(report_table(report))
+    print(report.line(), flush=True)
+    if report.ok and not options.keep:
+        shutil.rmtree(runner.folder, ignore_errors=True)
+    else:
+        print(f"demo files kept in {runner.folder}", flush=True)
+    return 0 if report.ok else 1
