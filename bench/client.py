@@ -218,7 +218,7 @@ async def populate_backlog(url: str, events: int, per_workflow: int = 10) -> int
 
 async def catch_up(url: str, path: str, head: int, timeout: float) -> dict[str, Any]:
     """Worker: a fresh SDK client pulls the backlog; events/s and peak RSS growth."""
-    import psutil
+    import psutil  # type: ignore[import-untyped,unused-ignore]
 
     from client_sdk import SyncClient
     from sync_server.auth import issue_token

@@ -24,7 +24,7 @@ import statistics
 import tempfile
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,17 +284,6 @@ class Context:
         if self._tmp is not None:
             with contextlib.suppress(OSError):
                 self._tmp.cleanup()
-
-
-@contextlib.contextmanager
-def stopwatch() -> Iterator[list[float]]:
-    """Measure a block: the list holds the elapsed seconds afterwards."""
-    box: list[float] = []
-    start = time.perf_counter()
-    try:
-        yield box
-    finally:
-        box.append(time.perf_counter() - start)
 
 
 async def run_figure(ctx: Context, name: str) -> tuple[list[Row], float]:

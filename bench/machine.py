@@ -49,7 +49,7 @@ async def _pg_version(dsn: str) -> str | None:
 async def machine_facts(pg_dsn: str) -> dict[str, Any]:
     """Everything needed to compare a run with another one."""
     try:
-        import psutil
+        import psutil  # type: ignore[import-untyped,unused-ignore]
 
         memory = round(psutil.virtual_memory().total / 2**30, 1)
     except ImportError:

@@ -83,7 +83,7 @@ async def wait_port(
 
 def rss_bytes(pid: int) -> int:
     """Resident set size of a process (bytes)."""
-    import psutil
+    import psutil  # type: ignore[import-untyped,unused-ignore]
 
     return int(psutil.Process(pid).memory_info().rss)
 
@@ -117,7 +117,7 @@ class Child:
 
     def cpu_seconds(self) -> float:
         """CPU time (user + system) the child has used so far."""
-        import psutil
+        import psutil  # type: ignore[import-untyped,unused-ignore]
 
         times = psutil.Process(self.proc.pid).cpu_times()
         return float(times.user + times.system)

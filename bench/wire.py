@@ -102,7 +102,10 @@ class WireClient:
             )
             await ws.send(encode(hello))
             while client.welcome is None:
-                message = decode_server_message(await ws.recv())
+                frame = await ws.recv()
+                if not isinstance(frame, bytes):
+                    raise ConnectionError("the server sent a text frame")
+                message = decode_server_message(frame)
                 if isinstance(message, Welcome):
                     client.welcome = message
         client._reader = asyncio.create_task(client._read())
@@ -180,6 +183,14 @@ async def connect_many(
         async with gate:
             results[i] = await opener(i)
 
-    async with asyncio.timeout(deadline):
-        await asyncio.gather(*(one(i) for i in range(count)))
+    try:
+        async with asyncio.timeout(deadline):
+            await asyncio.gather(*(one(i) for i in range(count)))
+    except BaseException:
+        # Do not leak the connections that did open.
+        for opened in results:
+            transport = getattr(getattr(opened, "ws", opened), "transport", None)
+            if transport is not None:
+                transport.abort()
+        raise
     return results

@@ -94,7 +94,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     url = args.database or os.environ.get("SYNC_DATABASE_URL") or DEFAULT_DATABASE_URL
     workflows = load_workflows(args.workflows)
-    app = create_app(url, workflows=workflows)
+    settings: dict[str, Any] = {}
+    if args.lease is not None:
+        if args.lease <= 0:
+            raise UsageError("--lease must be > 0 seconds")
+        settings["lease_seconds"] = args.lease
+    app = create_app(url, workflows=workflows, **settings)
     check_database(url)
     uvicorn.run(app, **serve_config(args))
     return 0
@@ -247,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workflows",
         help="module:attr holding the Workflow definitions (default: the example pipeline)",
+    )
+    serve.add_argument(
+        "--lease",
+        type=float,
+        help="saga lease in seconds: another instance resumes a dead one's work after it "
+        "(default 10)",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     serve.set_defaults(func=_cmd_serve)

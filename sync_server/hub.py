@@ -1,11 +1,16 @@
 """Live fan-out of committed events (and ephemeral progress) to connected sessions.
 
-The hub follows the log itself: on every ``events`` notification (same process on
-SQLite, any instance through LISTEN/NOTIFY on PostgreSQL) one reader task pages the
-store from the hub's cursor and hands each tenant's events, in order and without gaps,
-to that tenant's subscribers. One store read serves every connection. Notifications
-are only hints: after the notification link reconnects, the hub re-reads from its
-cursor, so nothing sent meanwhile is missed.
+The hub follows the log itself and hands each tenant's events, in order and without
+gaps, to that tenant's subscribers; one pass serves every connection.
+
+* Events this process commits arrive at once through ``Store.on_commit`` and wait in a
+  small buffer; while the buffer holds the very next positions (``cursor + 1, …``) the
+  hub delivers from it without touching the store.
+* Everything else — another instance's events, a gap left by a transaction that has
+  not reported yet, a lost notification link — is read from the store: an ``events``
+  notification (payload: the new head) that is ahead of the hub's cursor triggers a
+  paged read from the cursor. Notifications are only hints: after the notification link
+  reconnects the hub re-reads, so nothing sent meanwhile is missed.
 
 Ephemeral progress is not in the log. It reaches this instance's subscribers at once;
 when other instances share the store it is also sent to them as a notification, at
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from protocol import Event, Progress
-from sync_server.store.base import Store
+from sync_server.store.base import Store, StoredEvent
 
 __all__ = ["Hub", "Subscriber"]
 
@@ -72,6 +77,9 @@ class Hub:
         self.origin = origin
         self.progress_interval = progress_interval
         self._remote: dict[tuple[str, str], tuple[str, Progress]] = {}
+        self._local: dict[int, StoredEvent] = {}
+        self._known_head = 0
+        self._force_read = False
         self._flusher: asyncio.Task[None] | None = None
         self.cursor = 0
         self._subscribers: dict[str, set[Subscriber]] = defaultdict(set)
@@ -86,10 +94,11 @@ class Hub:
 
     async def start(self) -> None:
         """Start following the log from its current head."""
-        self.cursor = await self.store.head()
+        self.cursor = self._known_head = await self.store.head()
+        self.store.on_commit(self._on_commit)
         self.store.listen("events", self._on_notify)
         self.store.listen("progress", self._on_remote_progress)
-        self.store.on_reconnect(self.wake)
+        self.store.on_reconnect(self._on_reconnect)
         self._task = asyncio.create_task(self._follow(), name="tether-hub")
 
     async def stop(self) -> None:
@@ -160,9 +169,27 @@ class Hub:
 
     def wake(self) -> None:
         """Make the reader look at the store now."""
+        self._force_read = True
         self._wake.set()
 
+    def _on_reconnect(self) -> None:
+        self.wake()
+
     def _on_notify(self, payload: str) -> None:
+        try:
+            self._known_head = max(self._known_head, int(payload))
+        except ValueError:
+            self._force_read = True
+        self._wake.set()
+
+    def _on_commit(self, events: list[StoredEvent]) -> None:
+        if len(self._local) > 10 * self.batch:
+            self._local.clear()  # the reader fell behind: the store has them all
+            self._force_read = True
+        for event in events:
+            if event.seq > self.cursor:
+                self._local[event.seq] = event
+        self._known_head = max(self._known_head, events[-1].seq)
         self._wake.set()
 
     async def _follow(self) -> None:
@@ -178,21 +205,48 @@ class Hub:
                 await asyncio.sleep(0.5)
                 self._wake.set()
 
+    def _next_local(self) -> list[StoredEvent]:
+        rows: list[StoredEvent] = []
+        seq = self.cursor + 1
+        while seq in self._local and len(rows) < self.batch:
+            rows.append(self._local.pop(seq))
+            seq += 1
+        return rows
+
     async def _drain(self) -> None:
         while True:
-            rows = await self.store.read_events(self.cursor, self.batch)
+            rows = self._next_local()
             if not rows:
-                return
-            self.cursor = rows[-1].seq
-            by_tenant: dict[str, list[Event]] = defaultdict(list)
-            for row in rows:
-                by_tenant[row.tenant].append(row.to_wire())
-            for tenant, events in by_tenant.items():
-                for subscriber in list(self._subscribers.get(tenant, ())):
-                    try:
-                        subscriber.on_events(events)
-                    except Exception:
-                        log.exception("hub: a subscriber failed")
-                    self.delivered += len(events)
-            if len(rows) < self.batch:
-                return
+                if not self._force_read and self._known_head <= self.cursor:
+                    return
+                self._force_read = False
+                rows = await self.store.read_events(self.cursor, self.batch)
+                if not rows:
+                    self._known_head = self.cursor
+                    return
+                if len(rows) == self.batch:
+                    self._force_read = True  # there may be more
+                for seq in [seq for seq in self._local if seq <= rows[-1].seq]:
+                    del self._local[seq]
+            self._dispatch_rows(rows)
+
+    def _dispatch_rows(self, rows: list[StoredEvent]) -> None:
+        self.cursor = rows[-1].seq
+        by_tenant: dict[str, list[Event]] = defaultdict(list)
+        for row in rows:
+            by_tenant[row.tenant].append(row.to_wire())
+        for tenant, events in by_tenant.items():
+            subscribers = list(self._subscribers.get(tenant, ()))
+            if not subscribers:
+                continue
+            self.on_batch(events, len(subscribers))
+            for subscriber in subscribers:
+                try:
+                    subscriber.on_events(events)
+                except Exception:
+                    log.exception("hub: a subscriber failed")
+            self.delivered += len(events) * len(subscribers)
+
+    def on_batch(self, events: list[Event], subscribers: int) -> None:
+        """Hook called once per tenant batch before it is handed to ``subscribers``
+        connections (metrics); does nothing here."""

@@ -47,9 +47,10 @@ def haproxy(front_port: int, backend_ports: list[int], workdir: Path) -> Iterato
     check = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True)
     if check.returncode != 0:
         raise RuntimeError(f"bad haproxy config: {check.stdout}{check.stderr}")
-    proc = subprocess.Popen(
-        [binary, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    # Its notices (servers marked up or down, and why) go to a file for post-mortems.
+    log = (workdir / "haproxy.log").open("ab")
+    proc = subprocess.Popen([binary, "-db", "-f", str(cfg)], stdout=log, stderr=log)
+    log.close()
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -60,7 +61,7 @@ def haproxy(front_port: int, backend_ports: list[int], workdir: Path) -> Iterato
                 break
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"haproxy did not start: {proc.stderr.read() if proc.stderr else ''}"
+                    f"haproxy did not start: {(workdir / 'haproxy.log').read_text()}"
                 )
             time.sleep(0.05)
         yield front_port

@@ -79,3 +79,17 @@ def test_percentile() -> None:
     assert percentile([1.0], 99) == 1.0
     assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
     assert percentile([0.0, 10.0], 90) == pytest.approx(9.0)
+
+
+async def test_missing_component_gives_a_not_available_row(monkeypatch, tmp_path: Path) -> None:
+    import bench.client
+    import bench.saga
+    from bench.core import Context, run_figure
+
+    monkeypatch.setattr(bench.client, "_sdk_missing", lambda: "client_sdk not there")
+    monkeypatch.setattr(bench.saga, "_runner_missing", lambda: "no saga runner")
+    ctx = Context(quick=True, repeats=1, pg_dsn=PG_DSN, workdir=tmp_path)
+    for name, reason in (("B1", "client_sdk not there"), ("B5", "no saga runner")):
+        rows, _ = await run_figure(ctx, name)
+        assert [row.status for row in rows] == [f"not available: {reason}"]
+    await ctx.aclose()

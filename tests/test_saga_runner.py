@@ -478,3 +478,94 @@ async def test_completion_notice_leaves_through_the_outbox(env):
             assert dead_alerts.kinds() == ["outbox_dead"]
         finally:
             await relay.stop()
+
+
+def _hold_after_commit(store, when):
+    """Make ``store.run`` stop after COMMIT, before returning, when ``when(result)`` — as
+    if the COMMIT's answer were still on its way. Returns (inside, gate) events."""
+    inside, gate = asyncio.Event(), asyncio.Event()
+    real_run = store.run
+
+    async def run(fn, **options):
+        result = await real_run(fn, **options)
+        if not inside.is_set() and when(result):
+            inside.set()
+            await gate.wait()
+        return result
+
+    store.run = run
+    return inside, gate
+
+
+async def test_stop_lets_the_claim_in_flight_finish_and_releases_it(env):
+    # Regression (LB test, SIGTERM drain): stop() cancelled the claimer while a claim
+    # was committing, so that lease outlived the instance until it expired.
+    store, runner = env
+    calls = []
+
+    async def never(ctx):
+        calls.append(ctx.attempt)
+        await asyncio.Event().wait()
+
+    wf = Workflow("held", [Step("s", never)])
+    inside, gate = _hold_after_commit(
+        store, lambda result: isinstance(result, list) and result and result[0].held
+    )
+    r = await runner([wf])
+    [wid] = await submit(store, wf)
+    await asyncio.wait_for(inside.wait(), 20)  # claimed and committed, answer in flight
+    stopping = asyncio.create_task(r.stop())
+    await wait_for(lambda: not r._running)
+    gate.set()
+    await asyncio.wait_for(stopping, 20)
+    record = await store.get_workflow(wid)
+    assert record.lease_owner is None, "the lease claimed during stop() was kept"
+    assert calls == []  # nothing launched by a stopping runner
+    assert r.held == {}
+
+
+async def test_stop_launches_nothing_from_the_checkpoints_it_drains(env):
+    # Regression (LB test): an outcome committed during stop() started the next step,
+    # whose task outlived the runner and the store ("store is not open").
+    store, runner = env
+    go, b_calls = asyncio.Event(), []
+
+    async def quick(ctx):
+        return "one"
+
+    async def a(ctx):
+        await go.wait()
+        return "a"
+
+    async def b(ctx):
+        b_calls.append(ctx.attempt)
+        return "b"
+
+    one = Workflow("one", [Step("x", quick)])
+    chain = Workflow("chain", [Step("a", a), Step("b", b, depends_on=["a"])])
+    [w2] = await submit(store, chain)
+    first = await runner([one, chain])
+    await wait_for(lambda: w2 in first.held)  # a is running
+    inside, gate = _hold_after_commit(
+        store,
+        lambda result: (
+            isinstance(result, list)
+            and any(
+                item.record is not None and item.record.status == "completed" for item in result
+            )
+        ),
+    )
+    [w1] = await submit(store, one)
+    await asyncio.wait_for(inside.wait(), 20)  # the writer is busy committing w1
+    go.set()  # a's outcome queues behind it
+    await wait_for(lambda: first._queue)
+    stopping = asyncio.create_task(first.stop())
+    await wait_for(lambda: not first._running)
+    gate.set()
+    await asyncio.wait_for(stopping, 20)
+    assert b_calls == [], "a stopping runner started step b"
+    for wid in (w1, w2):
+        assert (await store.get_workflow(wid)).lease_owner is None
+    await runner([one, chain])  # another instance finishes the work
+    record = await wait_status(store, w2, "completed")
+    assert record.state["steps"]["b"]["attempts"] == 1 and b_calls == [1]

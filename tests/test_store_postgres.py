@@ -136,3 +136,38 @@ async def test_unretryable_database_error_is_storage_error(pg_url):
         assert calls == 1
     finally:
         await store.close()
+
+
+async def test_a_connection_broken_mid_operation_is_a_storage_error(pg_url, monkeypatch):
+    # Regression (chaos test, PostgreSQL restart): asyncpg raised InternalClientError
+    # ("cannot switch to state 15; another operation (2) is in progress") when the pool
+    # reset a connection that broke mid-operation; it escaped unconverted, so /v1/pull
+    # and /readyz answered a bare 500 instead of a clear 503 StorageError.
+    store = PostgresStore(pg_url, max_size=2)
+    await store.open()
+    try:
+        broken = asyncpg.InternalClientError(
+            "cannot switch to state 15; another operation (2) is in progress"
+        )
+
+        class Broken:
+            async def fetch(self, *args):
+                raise broken
+
+            fetchval = fetch
+
+        monkeypatch.setattr(store, "_executor", Broken)
+        with pytest.raises(StorageError, match="another operation"):
+            await store.read_events(0, 10)
+        with pytest.raises(StorageError, match="another operation"):
+            await store.head()
+        monkeypatch.undo()
+
+        async def unit(tx):
+            raise broken
+
+        with pytest.raises(StorageError, match="another operation"):
+            await store.run(unit)
+        assert await store.head() == 0  # the store still works afterwards
+    finally:
+        await store.close()

@@ -86,12 +86,12 @@ class LiveState:
 
 def _active_table(overview: dict[str, Any], rows: int) -> Table:
     table = Table(expand=True, box=None, padding=(0, 1), show_edge=False)
-    table.add_column("workflow", no_wrap=True, width=10)
-    table.add_column("type", no_wrap=True, width=17)
+    table.add_column("workflow", no_wrap=True, width=8)
+    table.add_column("type", no_wrap=True, width=8)
     table.add_column("status", no_wrap=True, width=12)
-    table.add_column("progress", ratio=1)
+    table.add_column("progress", ratio=1, min_width=10)
     table.add_column("", justify="right", width=4)
-    table.add_column("step", no_wrap=True, width=26)
+    table.add_column("step", no_wrap=True, min_width=21, max_width=28)
     active = [
         w
         for w in overview.get("workflows", [])
@@ -108,7 +108,7 @@ def _active_table(overview: dict[str, Any], rows: int) -> Table:
         step_style = step_text.split(" ")[1] if step_text else ""
         table.add_row(
             workflow["id"][:8],
-            workflow["name"],
+            workflow["name"].removeprefix("generate_"),
             Text(status, style=_STATUS_STYLE.get(status, "")),
             ProgressBar(
                 total=1.0,
@@ -121,9 +121,9 @@ def _active_table(overview: dict[str, Any], rows: int) -> Table:
         )
     hidden = len(active) - rows
     if hidden > 0:
-        table.add_row("", f"… {hidden} more", "", "", "", "")
+        table.add_row("", "", "", f"… and {hidden} more", "", "")
     if not active:
-        table.add_row("", Text("no active workflow", style="dim"), "", "", "", "")
+        table.add_row("", "", "", Text("no active workflow", style="dim"), "", "")
     return table
 
 

@@ -370,7 +370,7 @@ class DemoRunner:
         """Run the demo and return its report (the caller decides the exit code)."""
         options = self.options
         if not options.quiet:
-            self._live = Live(console=self.console, auto_refresh=False, transient=True)
+            self._live = Live(console=self.console, auto_refresh=False, transient=False)
             self._live.start()
         try:
             report = await self._run()

@@ -49,6 +49,7 @@ class AlertSink:
     ) -> None:
         self.webhook_url = webhook_url
         self._http = http
+        self._own_http = http is None
         self._clock = clock
         self._timeout = timeout
         self._tasks: set[asyncio.Task[None]] = set()
@@ -80,9 +81,13 @@ class AlertSink:
             log.error("alert webhook %s failed: %s", self.webhook_url, exc)
 
     async def aclose(self) -> None:
-        """Wait for webhook POSTs in flight (bounded by their timeout)."""
+        """Wait for webhook POSTs in flight (bounded by their timeout), then close the
+        HTTP client if this sink created it."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._own_http and self._http is not None:
+            await self._http.aclose()
+            self._http = None
 
 
 class RecordingAlerts:

@@ -166,6 +166,7 @@ class SagaRunner:
         self._timer_at = float("inf")
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
+        self._committing = False
         self.stats: dict[str, int] = {
             "claim_txns": 0,
             "empty_claims": 0,
@@ -196,26 +197,39 @@ class SagaRunner:
         self._wake.set()
 
     async def stop(self) -> None:
-        """Stop: cancel attempts, flush checkpoints, release every lease held."""
+        """Stop: cancel attempts, flush checkpoints, release every lease held.
+
+        Order matters (drain on SIGTERM, issue 5): the claimer is let finish the claim in
+        flight rather than cancelled — a claim cancelled while its COMMIT is under way
+        may be committed without this runner knowing, and that lease would then outlive
+        the instance. Nothing is launched once stopping (``_launch``), so the outcomes
+        the writer still commits cannot start attempts that outlive the runner.
+        """
         if not self._running:
             return
         self._running = False
         self.store.unlisten(WORK_CHANNEL, self._on_work)
         if self._timer is not None:
             self._timer.cancel()
+        self._wake.set()
+        claimer = [t for t in self._tasks if t.get_name() == "saga-claimer"]
+        if claimer:
+            await asyncio.wait(claimer, timeout=5.0)
+        for task in self._tasks:
+            if task.get_name() != "saga-writer":
+                task.cancel()
         steps = [t for h in self._held.values() for t in h.tasks.values()]
         for held in self._held.values():
             held.cancel()
         await asyncio.gather(*steps, return_exceptions=True)
         self.progress.close()
-        for task in self._tasks:
-            if task.get_name() != "saga-writer":
-                task.cancel()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._drain(), timeout=5.0)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for held in self._held.values():
+            held.cancel()  # ticks armed by the last checkpoints
         leases = {wid: h.fence for wid, h in self._held.items()}
         self._held.clear()
         if leases:
@@ -228,7 +242,9 @@ class SagaRunner:
             self._http = None
 
     async def _drain(self) -> None:
-        while self._queue:
+        # Also wait for the batch being committed: cancelling the writer mid-COMMIT
+        # would leave its outcome's fate unknown to this runner.
+        while self._queue or self._committing:
             self._queued.set()
             await asyncio.sleep(0.01)
 
@@ -330,6 +346,7 @@ class SagaRunner:
             while self._queue:
                 batch = self._queue
                 self._queue = []
+                self._committing = True
                 try:
                     await self._commit(batch)
                     failures = 0
@@ -338,6 +355,8 @@ class SagaRunner:
                     log.warning("checkpoint of %d inputs failed (%s); retrying", len(batch), exc)
                     self._queue[:0] = batch
                     await asyncio.sleep(min(2.0, 0.05 * 2**failures))
+                finally:
+                    self._committing = False
 
     async def _commit(self, batch: list[Input]) -> None:
         grouped: dict[str, tuple[int, list[Input]]] = {}
@@ -474,6 +493,10 @@ class SagaRunner:
     def _launch(
         self, held: _Held, record: WorkflowRecord, command: RunStep | RunCompensation
     ) -> None:
+        if not self._running:
+            # Stopping: the lease is released below and the next holder re-runs the
+            # attempt (as after a takeover); a task started now would outlive the runner.
+            return
         definition = self.workflows[record.name]
         step = definition.steps[command.step]
         compensation = isinstance(command, RunCompensation)

@@ -126,7 +126,7 @@ async function requeue(entry, button) {
   try {
     const view = await api("POST", "/v1/dlq/" + entry.id + "/requeue");
     $("dlq-message").textContent =
-      "Requeued dead letter " + entry.id + ": workflow " + view.id + " is " + view.status + ".";
+      "Requeued dead letter " + entry.id + ": workflow " + view.id + " will run again.";
   } catch (error) {
     $("dlq-message").textContent = "Requeue of " + entry.id + " failed: " + error.message;
     button.disabled = false;

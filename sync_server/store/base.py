@@ -287,6 +287,7 @@ class Store(abc.ABC):
 
     def __init__(self) -> None:
         self._listeners: dict[str, list[Callable[[str], None]]] = {}
+        self._commit_listeners: list[Callable[[list[StoredEvent]], None]] = []
 
     # -- lifecycle ----------------------------------------------------------
     @abc.abstractmethod
@@ -432,6 +433,19 @@ class Store(abc.ABC):
                 callback(payload)
             except Exception:
                 _log.exception("listener for %r failed", channel)
+
+    def on_commit(self, callback: Callable[[list[StoredEvent]], None]) -> None:
+        """Call ``callback(events)`` with the events of every transaction this process
+        commits, right after COMMIT (a local fast path; other instances' events arrive
+        only through notifications and reads)."""
+        self._commit_listeners.append(callback)
+
+    def _committed(self, events: list[StoredEvent]) -> None:
+        for callback in list(self._commit_listeners):
+            try:
+                callback(events)
+            except Exception:
+                _log.exception("a commit listener failed")
 
     def on_reconnect(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` after the notification link was lost and restored.

@@ -37,7 +37,16 @@ __all__ = ["CLAIM_DUE_WORKFLOWS", "PG_ERRORS", "PgConnection", "PgSql", "Postgre
 JSON = Any
 PgConnection = asyncpg.Connection | PoolConnectionProxy
 """A connection, bare or lent by a pool."""
-PG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+PG_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    # A connection that broke mid-operation (a PostgreSQL restart) can fail its reset on
+    # release with "cannot switch to state N; another operation is in progress"
+    # (MagicStack/asyncpg#784, #1069); the pool then drops it. Seen by the chaos test.
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
 """What asyncpg raises when the database or the link fails."""
 
 _WF = rows.WORKFLOW_COLUMNS

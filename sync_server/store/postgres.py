@@ -93,6 +93,15 @@ def _filters(*conditions: tuple[str, object]) -> tuple[str, list[object]]:
     return (" WHERE " + " AND ".join(parts) if parts else ""), args
 
 
+async def _no_reset(conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's per-release reset query (one round trip per transaction).
+
+    It undoes session state — advisory locks, LISTEN, cursors, SET — and pool
+    connections hold none: LISTEN lives on the dedicated listener connection, the
+    migration lock is transaction-scoped, and settings are fixed at connect.
+    """
+
+
 def parse_postgres_url(url: str) -> tuple[str, dict[str, str], str]:
     """Split a Tether PostgreSQL URL into (asyncpg DSN, Tether options, safe label).
 
@@ -179,6 +188,7 @@ class PostgresStore(PgSql, Store):
                 max_size=self._max_size,
                 timeout=self._connect_timeout,
                 server_settings={"search_path": f'"{self.schema}"', "application_name": "tether"},
+                reset=_no_reset,
             )
         except _PG_ERRORS as exc:
             raise StorageError(f"cannot connect to PostgreSQL at {self._label}: {exc}") from exc
@@ -310,6 +320,8 @@ class PostgresStore(PgSql, Store):
             except _PG_ERRORS as exc:  # acquiring or releasing the connection
                 raise StorageError(f"PostgreSQL unavailable at {self._label}: {exc}") from exc
             tx.committed_events = stored
+            if stored:
+                self._committed(stored)
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 

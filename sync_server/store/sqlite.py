@@ -201,6 +201,8 @@ class SqliteStore(SqliteSql, Store):
                     raise StorageError(f"SQLite commit failed: {exc}") from exc
                 raise
         tx.committed_events = stored
+        if stored:
+            self._committed(stored)
         for channel, payload in tx.notifications:
             self._dispatch(channel, payload)
         if stored:

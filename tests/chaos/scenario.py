@@ -1,0 +1,434 @@
+"""The chaos scenario (issue 8, part 2): faults on a seeded schedule, then a checker.
+
+Theory of operation
+-------------------
+* **Deployment** (``tests/cluster.py``): two ``sync-server serve`` instances on a
+  *private* PostgreSQL cluster created in a temporary folder, HAProxy in front, the job
+  service, and five SDK client processes, each behind its own ``BackgroundProxy`` (so
+  one client can be partitioned alone). Two tenants are shared by two clients each,
+  one client is alone. The clients submit 200 workflows over most of the window (some
+  with per-request job faults: fail first, stall past the step timeout, lose the
+  answer, fail always) and cancel a few.
+* **Schedule** (``schedule``): a list of ``Fault`` s drawn from ``random.Random(seed)``
+  over ``seconds``: at least one of each kind, then more at random. Each fault begins at
+  its time and ends ``duration`` later: SIGKILL a client (restart), SIGKILL or SIGTERM
+  an instance (restart), restart PostgreSQL (SIGKILL of the postmaster or
+  ``pg_ctl stop -m immediate``, then start), partition a client's link (one direction
+  or both; heal), raise the job service's fail rate or stall rate (stalls outlast the
+  step timeout: timeouts).
+* **Driver**: one loop applies due fault edges and supervises: an instance that should
+  run but exited (it refuses to start while the database is down) is spawned again.
+  A fault counts only if it really happened: the process was alive and died, the
+  postmaster was running and its pid vanished, the partition black-holed bytes or cut
+  links, the job service's books show failures/stalls from the window.
+* **Heal and check**: every fault ends, every client flushes, every workflow ends; each
+  client catches up to its tenant's last event and closes; the checker decides every
+  invariant from the event log, the job service's books and each client's SQLite file.
+  ``ChaosReport.summary()`` prints faults by kind, workflows by outcome and the checks;
+  on failure the error names the seed and the first broken invariant.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import random
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.cluster import (
+    ClientProc,
+    ClientSpec,
+    Cluster,
+    PrivatePostgres,
+    dump_events,
+    store_snapshot,
+    try_statuses,
+    wait_until,
+)
+from tests.cluster_check import ENDED, ClientRecord, Verdict, check
+from tests.cluster_child import workflow_id
+from tests.conftest import scaled
+
+KINDS = (
+    "client_kill",
+    "instance_kill",
+    "instance_term",
+    "postgres_restart",
+    "partition",
+    "job_fail",
+    "job_stall",
+)
+MUST_HAPPEN = ("client_kill", "instance_kill", "postgres_restart", "partition", "job_fail")
+"""Kinds whose absence makes a green run meaningless ("sometimes" assertions)."""
+TENANTS = ["acme", "acme", "globex", "globex", "initech"]
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One scheduled fault: begins at ``at`` (s from the start), lasts ``duration``."""
+
+    at: float
+    kind: str
+    target: int
+    duration: float
+    detail: str = ""
+
+
+@dataclass
+class ChaosOptions:
+    seed: int = 1
+    seconds: float = 40.0
+    workflows: int = 200
+    clients: int = 5
+    instances: int = 2
+    lease: float = 2.0
+    render_timeout: float = 2.5
+
+
+def schedule(seed: int, seconds: float, clients: int, instances: int) -> list[Fault]:
+    """The seeded fault schedule: one of each kind, then about one more per 2.5 s."""
+    rng = random.Random(seed)
+    window = seconds * 0.8  # the last fifth is fault-free submissions settling
+
+    def draw(kind: str, at: float) -> Fault:
+        if kind == "client_kill":
+            return Fault(at, kind, rng.randrange(clients), rng.uniform(0.0, 2.0))
+        if kind in ("instance_kill", "instance_term"):
+            return Fault(at, kind, rng.randrange(instances), rng.uniform(0.5, 4.0))
+        if kind == "postgres_restart":
+            how = rng.choice(["sigkill", "immediate"])
+            return Fault(at, kind, 0, rng.uniform(0.5, 3.0), how)
+        if kind == "partition":
+            direction = rng.choice(["both", "both", "up", "down"])
+            return Fault(at, kind, rng.randrange(clients), rng.uniform(1.5, 6.0), direction)
+        rate = round(rng.uniform(0.3, 0.7), 2)
+        return Fault(at, kind, 0, rng.uniform(2.0, 6.0), str(rate))
+
+    faults = [draw(kind, rng.uniform(0.1, 0.9) * window) for kind in KINDS]
+    # More of the faults that test promises 1 and 4 (client kills, partitions).
+    weights = [3, 2, 1, 1, 2, 1, 1]
+    t = rng.expovariate(1 / 2.5)
+    while t < window:
+        faults.append(draw(rng.choices(KINDS, weights)[0], t))
+        t += rng.expovariate(1 / 2.5)
+    return sorted(faults, key=lambda f: f.at)
+
+
+@dataclass
+class ChaosReport:
+    seed: int
+    seconds: float
+    faults: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)
+    verdict: Verdict | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"chaos seed {self.seed}, {self.seconds:.0f} s of faults"]
+        lines.append(
+            "  faults injected (really happened): "
+            + (", ".join(f"{k} {v}" for k, v in sorted(self.faults.items())) or "none")
+        )
+        if self.skipped:
+            lines.append(
+                "  scheduled but void (target already down / nothing to cut): "
+                + ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items()))
+            )
+        if self.verdict is not None:
+            lines.append(self.verdict.summary())
+        lines.append("  timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
+        return "\n".join(lines)
+
+
+class Chaos:
+    """Runs one chaos scenario; see the module docstring."""
+
+    def __init__(self, workdir: Path, options: ChaosOptions) -> None:
+        self.workdir = workdir
+        self.options = options
+        self.report = ChaosReport(options.seed, options.seconds)
+        self.run_tag = f"chaos{options.seed}-{uuid.uuid4().hex[:6]}"
+        self.pg: PrivatePostgres | None = None
+        self.cluster: Cluster | None = None
+        self.want_up: dict[int, bool] = {}
+        self.next_spawn: dict[int, float] = {}
+        self.partitioned: dict[int, int] = {}  # client -> active partitions
+        self.log_lines: list[str] = []
+
+    # ------------------------------------------------------------------ helpers
+    def log(self, text: str) -> None:
+        self.log_lines.append(f"{time.monotonic() - self.t0:7.2f} {text}")
+
+    def fault(self, kind: str, happened: bool) -> None:
+        (self.report.faults if happened else self.report.skipped)[kind] += 1
+
+    @property
+    def url(self) -> str:
+        assert self.pg is not None
+        return f"{self.pg.dsn}?schema=tether"
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> ChaosReport:
+        o = self.options
+        started = time.monotonic()
+        self.t0 = started
+        self.pg = PrivatePostgres().init()
+        try:
+            self.pg.start()
+            self.report.timings["setup postgres"] = time.monotonic() - started
+            with Cluster(
+                self.workdir,
+                self.url,
+                instances=o.instances,
+                lease=o.lease,
+                proxied_clients=True,
+                run=self.run_tag,
+                seed=o.seed,
+                render_timeout=o.render_timeout,
+            ) as cluster:
+                self.cluster = cluster
+                self._run(cluster)
+        finally:
+            (self.workdir / "chaos.log").write_text("\n".join(self.log_lines) + "\n")
+            self.pg.destroy()
+        self.report.timings["total"] = time.monotonic() - started
+        return self.report
+
+    def _run(self, cluster: Cluster) -> None:
+        o = self.options
+        per_client = o.workflows // o.clients
+        interval = 0.7 * o.seconds / per_client
+        for index in range(o.clients):
+            cluster.add_client(
+                ClientSpec(
+                    index,
+                    TENANTS[index % len(TENANTS)],
+                    count=per_client,
+                    interval=interval,
+                    cancel_every=19,
+                    faults=True,
+                )
+            )
+        for client in cluster.clients:
+            client.wait_said("STARTED", 60)
+        self.want_up = {i: True for i in range(len(cluster.instances))}
+        faults = schedule(o.seed, o.seconds, o.clients, o.instances)
+        (self.workdir / "schedule.txt").write_text("\n".join(map(str, faults)) + "\n")
+        self.t0 = time.monotonic()
+        self._drive(cluster, faults)
+        self.report.timings["chaos window"] = time.monotonic() - self.t0
+        healed = time.monotonic()
+        self._heal(cluster)
+        self._settle(cluster, per_client)
+        self.report.timings["heal and settle"] = time.monotonic() - healed
+        self._check(cluster, per_client)
+
+    # ------------------------------------------------------------------ faults
+    def _drive(self, cluster: Cluster, faults: list[Fault]) -> None:
+        edges: list[tuple[float, int, str, Fault]] = []
+        for n, f in enumerate(faults):
+            heapq.heappush(edges, (f.at, n, "begin", f))
+        end = self.options.seconds
+        while edges or time.monotonic() - self.t0 < end:
+            now = time.monotonic() - self.t0
+            while edges and edges[0][0] <= now:
+                _, n, edge, f = heapq.heappop(edges)
+                if edge == "begin":
+                    if self._begin(cluster, f):
+                        heapq.heappush(edges, (now + f.duration, n, "end", f))
+                else:
+                    self._end(cluster, f)
+            self._supervise(cluster)
+            self._check_clients(cluster)
+            time.sleep(0.05)
+
+    def _begin(self, cluster: Cluster, f: Fault) -> bool:
+        """Apply a fault; returns whether it needs an end edge."""
+        self.log(f"begin {f}")
+        if f.kind == "client_kill":
+            client = cluster.clients[f.target]
+            happened = client.kill()
+            self.fault(f.kind, happened)
+            return happened
+        if f.kind in ("instance_kill", "instance_term"):
+            instance = cluster.instances[f.target]
+            self.want_up[f.target] = False
+            if f.kind == "instance_kill":
+                happened = instance.kill()
+            else:
+                happened = instance.alive and instance.terminate(timeout=30) is not None
+            self.fault(f.kind, happened)
+            return True
+        if f.kind == "postgres_restart":
+            assert self.pg is not None
+            happened = self.pg.kill() if f.detail == "sigkill" else self.pg.stop_immediate()
+            self.fault(f.kind, happened)
+            return happened
+        if f.kind == "partition":
+            client = cluster.clients[f.target]
+            assert client.proxy is not None
+            before = client.proxy.counters()
+            client.proxy.call("partition", f.detail)
+            self.partitioned[f.target] = self.partitioned.get(f.target, 0) + 1
+            self._partition_before = getattr(self, "_partition_before", {})
+            self._partition_before[(f.target, f.at)] = before.get("partition_dropped_bytes", 0)
+            return True
+        if f.kind in ("job_fail", "job_stall"):
+            rate = "fail_rate" if f.kind == "job_fail" else "stall_rate"
+            self._job_before = getattr(self, "_job_before", {})
+            self._job_before[(f.kind, f.at)] = self._job_totals(cluster)
+            cluster.jobs.configure(**{rate: float(f.detail)})
+            return True
+        raise ValueError(f.kind)
+
+    def _end(self, cluster: Cluster, f: Fault) -> None:
+        self.log(f"end {f}")
+        if f.kind == "client_kill":
+            client = cluster.clients[f.target]
+            if not client.alive:
+                client.start()
+        elif f.kind in ("instance_kill", "instance_term"):
+            self.want_up[f.target] = True
+            self.next_spawn[f.target] = 0.0
+        elif f.kind == "postgres_restart":
+            assert self.pg is not None
+            if not self.pg.running():
+                self.pg.start()
+        elif f.kind == "partition":
+            client = cluster.clients[f.target]
+            assert client.proxy is not None
+            self.partitioned[f.target] -= 1
+            if self.partitioned[f.target] == 0:
+                reset = client.proxy.call("heal")
+                dropped = client.proxy.counters().get("partition_dropped_bytes", 0)
+                before = self._partition_before.pop((f.target, f.at), 0)
+                self.fault(f.kind, bool(reset) or dropped > before)
+            else:
+                self.fault(f.kind, True)  # nested in another partition of the same link
+        elif f.kind in ("job_fail", "job_stall"):
+            rate = "fail_rate" if f.kind == "job_fail" else "stall_rate"
+            cluster.jobs.configure(**{rate: 0.0})
+            before = self._job_before.pop((f.kind, f.at))
+            after = self._job_totals(cluster)
+            index = 0 if f.kind == "job_fail" else 1
+            self.fault(f.kind, after[index] > before[index])
+
+    @staticmethod
+    def _job_totals(cluster: Cluster) -> tuple[int, int]:
+        stats = cluster.jobs.stats()
+        return sum(stats["failures"].values()), sum(stats["stalls"].values())
+
+    def _supervise(self, cluster: Cluster) -> None:
+        """Respawn instances that should run (one refuses to start while PG is down)."""
+        now = time.monotonic()
+        for index, instance in enumerate(cluster.instances):
+            due = now >= self.next_spawn.get(index, 0.0)
+            if self.want_up.get(index) and not instance.alive and due:
+                self.log(f"spawn {instance.name}")
+                instance.spawn()
+                self.next_spawn[index] = now + 1.0
+
+    def _check_clients(self, cluster: Cluster) -> None:
+        for client in cluster.clients:
+            if client.proc is not None and client.proc.poll() not in (None, -9):
+                raise AssertionError(
+                    f"seed {self.options.seed}: {client.name} exited by itself with "
+                    f"{client.proc.returncode}: {client.log_tail()}"
+                )
+
+    # ------------------------------------------------------------------ heal
+    def _heal(self, cluster: Cluster) -> None:
+        self.log("heal everything")
+        assert self.pg is not None
+        if not self.pg.running():
+            self.pg.start()
+        cluster.jobs.configure(fail_rate=0.0, stall_rate=0.0)
+        for index, client in enumerate(cluster.clients):
+            if client.proxy is not None and self.partitioned.get(index):
+                client.proxy.call("heal")
+                self.partitioned[index] = 0
+            if not client.alive:
+                client.start()
+        for index in self.want_up:
+            self.want_up[index] = True
+        deadline = time.monotonic() + scaled(90)
+        while not all(i.ready() for i in cluster.instances):
+            self._supervise(cluster)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"instances not ready after heal: {cluster.all_server_logs()}")
+            time.sleep(0.1)
+        for instance in cluster.instances:
+            instance.start()  # records the server id
+
+    def _settle(self, cluster: Cluster, per_client: int) -> None:
+        total = per_client * len(cluster.clients)
+        for client in cluster.clients:
+            self._wait_client(client, "SUBMITTED", 150)
+
+        def all_ended() -> bool:
+            counts = try_statuses(self.url)
+            if counts is None:
+                return False
+            ended = sum(n for status, n in counts[0].items() if status in ENDED)
+            return ended >= total
+
+        wait_until(all_ended, 180, f"seed {self.options.seed}: every workflow ended")
+        counts = try_statuses(self.url)
+        assert counts is not None
+        heads = counts[1]
+        for client in cluster.clients:
+            client.finish(heads.get(client.spec.tenant, 0))
+        for client in cluster.clients:
+            self._wait_client(client, "FINISHED", 120)
+
+    def _wait_client(self, client: ClientProc, prefix: str, timeout: float) -> None:
+        try:
+            client.wait_said(prefix, timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"seed {self.options.seed}: {exc}\n{client.log_tail()}") from exc
+
+    # ------------------------------------------------------------------ check
+    def _check(self, cluster: Cluster, per_client: int) -> None:
+        job_stats = cluster.jobs.stats()
+        events, records = store_snapshot(self.url)
+        dump_events(events, self.workdir / "events.jsonl")
+        expected = {
+            workflow_id(self.run_tag, i, n)
+            for i in range(len(cluster.clients))
+            for n in range(per_client)
+        }
+        clients = [
+            ClientRecord(c.name, c.spec.tenant, c.path, c.returned()) for c in cluster.clients
+        ]
+        self.report.verdict = check(
+            seed=self.options.seed,
+            events=events,
+            records=records,
+            expected_ids=expected,
+            job_stats=job_stats,
+            clients=clients,
+        )
+        self.report.faults["client reconnects"] = sum(
+            sum(1 for _, state, _ in c.connection_log() if state == "up") - c.starts
+            for c in cluster.clients
+        )
+
+
+def run_chaos(workdir: Path, seed: int | None = None, seconds: float | None = None) -> ChaosReport:
+    """Run the scenario with the env's seed and length (``TETHER_CHAOS_SEED``/``SECONDS``)."""
+    options = ChaosOptions(
+        seed=seed if seed is not None else int(os.environ.get("TETHER_CHAOS_SEED", "1")),
+        seconds=seconds
+        if seconds is not None
+        else float(os.environ.get("TETHER_CHAOS_SECONDS", "40")),
+    )
+    return Chaos(workdir, options).run()
+
+
+def must_have_happened(report: ChaosReport) -> list[str]:
+    """The kinds in ``MUST_HAPPEN`` that never really happened in this run."""
+    return [kind for kind in MUST_HAPPEN if not report.faults.get(kind)]

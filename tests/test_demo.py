@@ -1,0 +1,99 @@
+"""``sync-server demo``, small, in a subprocess: its exit code and its report.
+
+The report's numbers come from the server, the job service and the clients' files
+(``sync_server.demo.report``); here they must balance — every submitted workflow is on
+the server and ended or parked, nothing lost or duplicated — and the faults the demo
+claims to inject must show up in the same run ("sometimes" assertions).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from sync_server.demo.report import ClientFile, Evidence, build_report
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def run_demo(*args: str) -> tuple[int, str, dict[str, float]]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sync_server.cli", "demo", "--quiet", *args],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    output = proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
+    assert len(lines) == 1, output
+    report = {k: float(v) for k, v in re.findall(r"(\w+)=([\d.]+)", lines[0])}
+    return proc.returncode, output, report
+
+
+def balanced(report: dict[str, float]) -> None:
+    ended = sum(report[k] for k in ("completed", "compensated", "parked", "failed", "cancelled"))
+    assert report["submitted"] == ended
+    assert report["on_server"] == report["submitted"]
+    assert report["lost"] == 0
+    assert report["duplicated"] == 0
+    assert report["unfinished"] == 0
+    assert report["diverged"] == 0
+    assert report["ok"] == 1
+
+
+def test_demo_with_faults() -> None:
+    code, output, report = run_demo("--workflows", "14", "--clients", "2", "--seconds", "8")
+    assert code == 0, output
+    assert report["submitted"] == 14, output
+    balanced(report)
+    # Every fault of the timetable happened in this run.
+    for fault in (
+        "fault: job service outage",
+        "fault: client 1 offline",
+        "fault: server SIGKILLed",
+        "fault: client 0 SIGKILLed",
+        "server restarted",
+        "client 0 restarted",
+    ):
+        assert fault in output, output
+    assert report["job_failures"] > 0
+    assert report["retries"] > 0
+    assert report["dead_letters"] > 0
+
+
+def test_demo_without_faults_completes_everything() -> None:
+    code, output, report = run_demo(
+        "--workflows", "4", "--clients", "1", "--seconds", "2", "--no-faults"
+    )
+    assert code == 0, output
+    balanced(report)
+    assert report["completed"] == report["submitted"] == 4
+    assert report["retries"] == report["job_failures"] == report["dead_letters"] == 0
+    assert "fault:" not in output
+
+
+def test_report_counts_lost_and_duplicated() -> None:
+    """The verdict itself: a submit the server never saw is lost, a request that became
+    two workflows or a key applied twice is duplicated."""
+    workflow = {"id": "a", "status": "completed", "steps": {}}
+    evidence = Evidence(
+        clients=[ClientFile(submitted={"a", "b"}, views={"a": "completed"})],
+        workflows=[workflow, {"id": "c", "status": "running", "steps": {}}],
+        events=[
+            {"type": "workflow.submitted", "data": {"input": {"request": "0/1"}}},
+            {"type": "workflow.submitted", "data": {"input": {"request": "0/1"}}},
+            {"type": "step.status", "data": {"status": "retrying"}},
+        ],
+        dead_letters=[],
+        job_stats={"effects": {"a:render": 2}, "ledger": {"reserve": {"a:r": 1, "a:q": 1}}},
+        seconds=1.0,
+    )
+    report = build_report(evidence)
+    assert (report.lost, report.duplicated, report.unfinished, report.retries) == (1, 3, 1, 1)
+    assert not report.ok
+    assert "lost=1" in report.line() and "ok=0" in report.line()
