@@ -7,6 +7,7 @@ checked before parsing so an oversized frame costs nothing to refuse.
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
 
 import msgspec
@@ -52,6 +53,8 @@ MUTATION_ARGS: dict[str, type[MutationArgs]] = {
 
 _msgpack_encoder = msgspec.msgpack.Encoder()
 _json_encoder = msgspec.json.Encoder()
+_NUL_ESCAPE = re.compile(rb"(?:^|[^\\])(?:\\\\)*\\u0000")
+"""``\u0000`` in JSON that is an escape (an even run of backslashes before it), not text."""
 _client_decoder = msgspec.msgpack.Decoder(ClientMessage)
 _server_decoder = msgspec.msgpack.Decoder(ServerMessage)
 _json_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
@@ -145,17 +148,13 @@ def check_text(value: Any, what: str) -> None:
     Raises:
         ValidationError: ``value`` holds a NUL character.
     """
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                raise ValidationError(f"{what} contains a NUL character (U+0000)")
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list | tuple):
-            stack.extend(item)
+    # One C-level pass: msgspec writes U+0000 (in a string or a key) as \u0000.
+    try:
+        encoded = _json_encoder.encode(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValidationError(f"{what} is not JSON: {exc}") from exc
+    if b"\\u0000" in encoded and _NUL_ESCAPE.search(encoded):
+        raise ValidationError(f"{what} contains a NUL character (U+0000)")
 
 
 def parse_mutation_args(mutation: Mutation) -> MutationArgs:

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from protocol import Role, TetherError, encode_json
+from protocol import BadMessage, Role, TetherError, encode_json
 from sync_server.auth import bearer_token, verify_token
 from sync_server.snapshots import snapshot
 
@@ -66,10 +66,10 @@ async def overview(request: Request) -> Response:
     )
     principal.require(Role.ADMIN)
     scope = principal.scope
-    try:
-        limit = max(1, min(500, int(request.query_params.get("limit", "50"))))
-    except ValueError:
-        limit = 50
+    raw = request.query_params.get("limit", "50")
+    if not raw.isdigit() or not 1 <= int(raw) <= 500:
+        raise BadMessage("query parameter limit must be an integer within 1..500")
+    limit = int(raw)
     store = tether.store
     everything = await store.list_workflows(tenant=scope, limit=COUNT_LIMIT)
     counts = Counter(record.status for record in everything)

@@ -297,6 +297,81 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        "/v1/admin/overview": {
+            "get": {
+                "operationId": "adminOverview",
+                "summary": "What the dashboard shows: counts, workflows, DLQ, breakers, "
+                "metrics, alerts (role admin).",
+                "parameters": [_int_query("limit", 1, 500, "Most workflows listed.")],
+                "responses": {
+                    "200": {
+                        "description": "The overview.",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    **{
+                        str(status): {
+                            "description": _ERRORS[status],
+                            "content": _json_content("ErrorBody"),
+                        }
+                        for status in (400, *_AUTH, 403, 503)
+                    },
+                },
+            }
+        },
+        "/dashboard": {
+            "get": {
+                "operationId": "dashboard",
+                "summary": "The operator dashboard (HTML; its data calls carry an admin token).",
+                "security": public,
+                "parameters": [
+                    {
+                        "name": "token",
+                        "in": "query",
+                        "required": False,
+                        "description": "An admin token, checked once and kept by the page.",
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The page.",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    "401": {
+                        "description": "The token was refused; the page shows the sign-in form.",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                },
+            }
+        },
+        "/dashboard/static/{name}": {
+            "get": {
+                "operationId": "dashboardStatic",
+                "summary": "The dashboard's script and stylesheet.",
+                "security": public,
+                "parameters": [
+                    {
+                        "name": "name",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "minLength": 1},
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The file.",
+                        "content": {
+                            "text/javascript": {"schema": {"type": "string"}},
+                            "text/css": {"schema": {"type": "string"}},
+                        },
+                    },
+                    "404": {
+                        "description": "No such file.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                },
+            }
+        },
         "/openapi.json": {
             "get": {
                 "operationId": "openapi",

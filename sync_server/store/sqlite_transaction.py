@@ -96,6 +96,24 @@ class SqliteTransaction(SqliteSql, Transaction):
         )
         return cur.rowcount == 1
 
+    async def insert_workflows(self, workflows: list[WorkflowRecord]) -> set[str]:
+        """Insert several new workflows with one ``executemany``; existing ids are skipped
+        (the write lock is held, so the existence check cannot race)."""
+        if not workflows:
+            return set()
+        ids = [w.id for w in workflows]
+        existing: set[str] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            found = self._all(f"SELECT id FROM workflows WHERE id IN ({_marks(len(chunk))})", chunk)
+            existing.update(row[0] for row in found)
+        fresh = [w for w in workflows if w.id not in existing]
+        self._executemany(
+            f"INSERT INTO workflows ({_WF}) VALUES ({_marks(17)})",
+            [rows.workflow_params(w) for w in fresh],
+        )
+        return {w.id for w in fresh}
+
     async def update_workflow(self, workflow: WorkflowRecord) -> None:
         """Write every column of an existing workflow."""
         params = rows.workflow_params(workflow)
