@@ -92,6 +92,11 @@ MAX_INTERRUPTS = 3
 """Lease takeovers of one attempt tolerated before the attempt counts as failed."""
 
 
+# Enum lookups by value through a dict: ``Enum(value)`` is slow on the hot path.
+_WORKFLOW_STATUSES = {status.value: status for status in WorkflowStatus}
+_STEP_STATUSES = {status.value: status for status in StepStatus}
+
+
 def idempotency_key(workflow_id: str, step: str, *, compensation: bool = False) -> str:
     """The key every attempt of a step (or of its compensation) carries."""
     return f"{workflow_id}:{step}:compensate" if compensation else f"{workflow_id}:{step}"
@@ -144,7 +149,7 @@ class SagaMachine:
     ) -> None:
         self.workflow = workflow
         self.workflow_id = workflow_id
-        self.status = WorkflowStatus(status)
+        self.status = _WORKFLOW_STATUSES.get(status) or WorkflowStatus(status)
         self.state: dict[str, JSON] = state if state is not None else {}
         self.progress = progress
         self.result = result
@@ -611,7 +616,7 @@ class SagaMachine:
         emit: bool = True,
     ) -> None:
         s = self.steps[name]
-        status = next_step_status(StepStatus(s["status"]), event)
+        status = next_step_status(_STEP_STATUSES.get(s["status"]) or StepStatus(s["status"]), event)
         s["status"] = str(status)
         if emit:
             compensation = event in COMPENSATION_INPUTS

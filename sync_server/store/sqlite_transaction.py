@@ -88,6 +88,20 @@ class SqliteTransaction(SqliteSql, Transaction):
         row = self._one(f"SELECT {_WF} FROM workflows WHERE id = ?", (workflow_id,))
         return None if row is None else rows.workflow_from_row(row)
 
+    async def get_workflows(
+        self, workflow_ids: list[str], *, lock: bool = True
+    ) -> dict[str, WorkflowRecord]:
+        """Read several workflows with one ``IN`` query per 500 ids."""
+        found: dict[str, WorkflowRecord] = {}
+        for start in range(0, len(workflow_ids), 500):
+            chunk = workflow_ids[start : start + 500]
+            for row in self._all(
+                f"SELECT {_WF} FROM workflows WHERE id IN ({_marks(len(chunk))})", chunk
+            ):
+                record = rows.workflow_from_row(row)
+                found[record.id] = record
+        return found
+
     async def insert_workflow(self, workflow: WorkflowRecord) -> bool:
         """Insert a new workflow; False (and nothing written) if the id exists."""
         cur = self._execute(
