@@ -1,9 +1,10 @@
 """The WebSocket shell around ``ServerSession``: read, feed, run, write.
 
-One connection runs three tasks: the reader decodes frames and feeds the session; the
-worker runs the session's store commands one at a time and feeds the answers back; the
-writer sends queued frames. The send queue is bounded: a client that cannot keep up is
-cut off (close 1013) and catches up from its cursor when it comes back — nothing is
+The connection's own task reads frames, decodes them and feeds the session. Two more
+tasks exist only while they have something to do, so an idle connection costs one task:
+the worker runs the session's store commands one at a time and feeds the answers back;
+the writer sends queued frames. The send queue is bounded: a client that cannot keep up
+is cut off (close 1013) and catches up from its cursor when it comes back — nothing is
 lost, because the log is the source of truth.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from typing import TYPE_CHECKING
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -32,7 +34,7 @@ from protocol import (
 )
 from sync_server.auth import Principal, bearer_token, verify_token
 from sync_server.hub import Subscriber
-from sync_server.session import ApplyPush, LoadClient, ReadEvents, ServerSession
+from sync_server.session import ApplyPush, Command, LoadClient, ReadEvents, ServerSession
 
 if TYPE_CHECKING:
     from sync_server.app import Tether
@@ -83,9 +85,10 @@ class SyncConnection:
         self.session = ServerSession(
             server_id=tether.config.server_id, page_size=tether.config.page_size
         )
-        self._outbox: asyncio.Queue[object] = asyncio.Queue()
-        self._queued = 0
-        self._commands: asyncio.Queue[object] = asyncio.Queue()
+        self._frames: deque[bytes | object] = deque()
+        self._commands: deque[Command] = deque()
+        self._writer: asyncio.Task[None] | None = None
+        self._worker: asyncio.Task[None] | None = None
         self._closing = False
 
     def close(self, code: int, reason: str) -> None:
@@ -99,21 +102,19 @@ class SyncConnection:
         subscriber = Subscriber(self.tenant, on_events=self._on_live, on_progress=self._on_progress)
         # Subscribe before the first read so the catch-up/live hand-over has no gap.
         self.tether.hub.subscribe(subscriber)
-        tasks = [
-            asyncio.create_task(self._read(), name="tether-ws-read"),
-            asyncio.create_task(self._work(), name="tether-ws-work"),
-            asyncio.create_task(self._write(), name="tether-ws-write"),
-        ]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    log.error("connection task failed", exc_info=task.exception())
+            await self._read()
+            if self.session.closed and self._writer is not None:
+                # Let the Error frame and the close code go out (bounded).
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(self._writer), 5)
         finally:
             self.tether.hub.unsubscribe(subscriber)
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            for task in (self._worker, self._writer):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
             with contextlib.suppress(Exception):
                 await self.websocket.close(self.session.close_code or 1000)
 
@@ -127,19 +128,22 @@ class SyncConnection:
         self._pump()
 
     def _pump(self) -> None:
-        """Move the session's intents into the queues."""
-        for command in self.session.commands_to_run():
-            self._commands.put_nowait(command)
+        """Move the session's intents into the queues; start the worker/writer if idle."""
+        self._commands.extend(self.session.commands_to_run())
+        if self._commands and (self._worker is None or self._worker.done()):
+            self._worker = asyncio.create_task(self._work(), name="tether-ws-work")
+        limit = self.tether.config.send_queue_limit
         for message in self.session.messages_to_send():
-            if self._queued >= self.tether.config.send_queue_limit and not self.session.closed:
+            if len(self._frames) >= limit and not self.session.closed:
                 self.tether.metrics_slow_consumer()
                 self.session.close(1013, "send queue full: reconnect and catch up")
                 break
-            self._queued += 1
-            self._outbox.put_nowait(encode(message))
+            self._frames.append(encode(message))
         if self.session.closed and not self._closing:
             self._closing = True
-            self._outbox.put_nowait(_CLOSE_SENTINEL)
+            self._frames.append(_CLOSE_SENTINEL)
+        if self._frames and (self._writer is None or self._writer.done()):
+            self._writer = asyncio.create_task(self._write(), name="tether-ws-write")
 
     # --------------------------------------------------------------- tasks
     async def _read(self) -> None:
@@ -176,8 +180,8 @@ class SyncConnection:
 
     async def _work(self) -> None:
         store = self.tether.store
-        while True:
-            command = await self._commands.get()
+        while self._commands:
+            command = self._commands.popleft()
             try:
                 if isinstance(command, LoadClient):
                     found = await store.get_client(command.client_id)
@@ -201,16 +205,23 @@ class SyncConnection:
                 self.session.fail(Unavailable(f"storage unavailable: {exc.message}"))
             except TetherError as exc:
                 self.session.fail(exc)
+            except Exception as exc:  # a bug: log it, close this session, keep the server
+                log.exception("command %s failed", type(command).__name__)
+                self.session.fail(TetherError(f"internal error: {type(exc).__name__}"))
             self._pump()
 
     async def _write(self) -> None:
-        while True:
-            frame = await self._outbox.get()
-            if frame is _CLOSE_SENTINEL:
-                await self.websocket.close(
-                    self.session.close_code or 1000, self.session.close_reason
-                )
-                return
-            assert isinstance(frame, bytes)
-            await self.websocket.send_bytes(frame)
-            self._queued -= 1
+        try:
+            while self._frames:
+                frame = self._frames.popleft()
+                if frame is _CLOSE_SENTINEL:
+                    await self.websocket.close(
+                        self.session.close_code or 1000, self.session.close_reason
+                    )
+                    return
+                assert isinstance(frame, bytes)
+                await self.websocket.send_bytes(frame)
+        except (WebSocketDisconnect, OSError, RuntimeError) as exc:
+            # The peer went away mid-send; the reader notices the disconnect too.
+            log.debug("send failed: %s", exc)
+            self._frames.clear()

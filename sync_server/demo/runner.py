@@ -499,7 +499,8 @@ class DemoRunner:
         self.state.retries_before_restart = self.state.retries
         self.state.overview = {**self.state.overview, "metrics": {}}
         self._say("fault: server SIGKILLed")
-        await asyncio.sleep(0.8)  # the clients queue their submits meanwhile
+        # The clients queue their submits meanwhile: kill one with some still queued.
+        await self._until(lambda: victim.state.pending > 0, 3.0)
         pending = victim.state.pending
         await victim.kill()
         self._say(f"fault: client {victim.index} SIGKILLed ({pending} submits still queued)")
