@@ -221,7 +221,7 @@ class MonitorRunner:
             StorageError: the store failed.
         """
         now = self.clock()
-        depth = len(await self.store.list_dlq(status="open", limit=1_000_000))
+        depth, saga_lag = await self.store.backlog_stats(now)
         self.metrics.dlq_depth.set(depth)
         self.machine.receive_dlq_depth(depth, now)
         for breaker in await self.store.list_breakers():
@@ -232,7 +232,6 @@ class MonitorRunner:
         self.metrics.outbox_pending.set(pending)
         self.metrics.outbox_lag.set(oldest)
         self.machine.receive_lag("outbox", oldest, now)
-        saga_lag = await self._saga_lag(now)
         self.metrics.saga_lag.set(saga_lag)
         self.machine.receive_lag("saga", saga_lag, now)
         if self.hub is not None:
@@ -242,18 +241,6 @@ class MonitorRunner:
         for raised in self.machine.alerts_to_send():
             self.alerts.alert(raised.kind, raised.message, raised.details)
         self.readings += 1
-
-    async def _saga_lag(self, now: float) -> float:
-        """Seconds the most overdue, unleased workflow has waited past its ``due_at``."""
-        records = await self.store.list_workflows(
-            statuses=["running", "compensating"], limit=100_000
-        )
-        lag = 0.0
-        for record in records:
-            leased = record.lease_owner is not None and (record.lease_until or 0.0) >= now
-            if record.due_at is not None and not leased:
-                lag = max(lag, now - record.due_at)
-        return lag
 
     async def _hub_lag(self, now: float) -> float:
         """Age of the oldest committed event the hub has not fanned out yet."""

@@ -398,6 +398,12 @@ class Store(abc.ABC):
     async def outbox_stats(self, now: float) -> tuple[int, float]:
         """(pending items, age in seconds of the oldest pending item)."""
 
+    # -- backlogs (monitoring) ------------------------------------------------
+    @abc.abstractmethod
+    async def backlog_stats(self, now: float) -> tuple[int, float]:
+        """(open dead letters, seconds the most overdue unleased running or compensating
+        workflow has waited past its ``due_at``) — one cheap query each."""
+
     # -- notifications --------------------------------------------------------
     async def notify(self, channel: str, payload: str = "") -> None:
         """Send a notification outside any unit of work (e.g. ephemeral progress).

@@ -477,6 +477,19 @@ class PostgresStore(PgSql, Store):
             item.last_error,
         )
 
+    async def backlog_stats(self, now: float) -> tuple[int, float]:
+        """(open dead letters, lag of the most overdue unleased workflow)."""
+        row = await self._fetchrow(
+            "SELECT (SELECT count(*) FROM dlq WHERE status = 'open'), "
+            "(SELECT min(due_at) FROM workflows WHERE status IN ('running', 'compensating') "
+            "AND due_at IS NOT NULL AND (lease_owner IS NULL OR lease_until IS NULL "
+            "OR lease_until < $1))",
+            now,
+        )
+        assert row is not None
+        due = row[1]
+        return int(row[0]), 0.0 if due is None else max(0.0, now - due)
+
     async def outbox_stats(self, now: float) -> tuple[int, float]:
         """(pending items, age in seconds of the oldest pending item)."""
         row = await self._fetchrow(

@@ -378,6 +378,17 @@ class SqliteStore(SqliteSql, Store):
 
         await self._write(work)
 
+    async def backlog_stats(self, now: float) -> tuple[int, float]:
+        """(open dead letters, lag of the most overdue unleased workflow)."""
+        (depth,) = self._one("SELECT COUNT(*) FROM dlq WHERE status = 'open'")
+        (due,) = self._one(
+            "SELECT MIN(due_at) FROM workflows WHERE status IN ('running', 'compensating') "
+            "AND due_at IS NOT NULL AND (lease_owner IS NULL OR lease_until IS NULL "
+            "OR lease_until < ?)",
+            (now,),
+        )
+        return int(depth), 0.0 if due is None else max(0.0, now - due)
+
     async def outbox_stats(self, now: float) -> tuple[int, float]:
         """(pending items, age in seconds of the oldest pending item)."""
         count, oldest = self._one(
