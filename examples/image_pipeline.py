@@ -23,7 +23,7 @@ import httpx
 
 from sync_server.saga import PermanentError, RetryPolicy, Step, StepContext, Workflow
 
-__all__ = ["build_pipeline", "generate_image", "workflows"]
+__all__ = ["build_pipeline", "generate_image", "job_steps", "workflows"]
 
 
 def build_pipeline(
@@ -130,3 +130,5 @@ def build_pipeline(
 
 generate_image = build_pipeline(os.environ.get("TETHER_JOB_SERVICE", "http://127.0.0.1:8701"))
 workflows = [generate_image]
+job_steps = {"generate_image": "render"}
+"""The step whose job runs at the job service (what reconciliation compares)."""

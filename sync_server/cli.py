@@ -99,10 +99,49 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if args.lease <= 0:
             raise UsageError("--lease must be > 0 seconds")
         settings["lease_seconds"] = args.lease
-    app = create_app(url, workflows=workflows, **settings)
+    sources, job_steps = load_sources(args.sources, args.job_step, default=not args.workflows)
+    app = create_app(url, workflows=workflows, sources=sources, job_steps=job_steps, **settings)
     check_database(url)
     uvicorn.run(app, **serve_config(args))
     return 0
+
+
+def load_sources(
+    spec: str | None, job_steps: Sequence[str] | None, *, default: bool
+) -> tuple[list[Any], dict[str, str]]:
+    """The reconciliation sources and job steps for ``serve``.
+
+    ``spec`` is ``module:attr`` naming a list of source adapters (or a callable returning
+    one); ``job_steps`` are ``WORKFLOW=STEP`` pairs. With neither, the example pipeline
+    (``default``) is reconciled against the example job service (``TETHER_JOB_SERVICE``).
+
+    Raises:
+        UsageError: a bad spec or pair.
+    """
+    steps: dict[str, str] = {}
+    for pair in job_steps or ():
+        name, sep, step = pair.partition("=")
+        if not sep or not name or not step:
+            raise UsageError(f"--job-step must look like WORKFLOW=STEP, not {pair!r}")
+        steps[name] = step
+    if spec is None:
+        if not default:
+            return [], steps
+        from examples.image_pipeline import job_steps as example_steps
+        from examples.job_service import JobServiceSource
+
+        url = os.environ.get("TETHER_JOB_SERVICE", "http://127.0.0.1:8701")
+        return [JobServiceSource(url)], {**example_steps, **steps}
+    module_name, _, attr = spec.partition(":")
+    try:
+        value = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise UsageError(f"cannot load sources {spec!r}: {exc}") from exc
+    items = value() if callable(value) else value
+    sources = list(items)
+    if not all(hasattr(source, "job_status") for source in sources):
+        raise UsageError(f"{spec} is not a list of source adapters (with job_status)")
+    return sources, steps
 
 
 def _admin_client(args: argparse.Namespace) -> Any:
@@ -258,6 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="saga lease in seconds: another instance resumes a dead one's work after it "
         "(default 10)",
+    )
+    serve.add_argument(
+        "--sources",
+        help="module:attr of reconciliation source adapters (default with the example "
+        "pipeline: the example job service at TETHER_JOB_SERVICE)",
+    )
+    serve.add_argument(
+        "--job-step",
+        action="append",
+        metavar="WORKFLOW=STEP",
+        help="the step of WORKFLOW whose job runs at the sources (repeatable)",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     serve.set_defaults(func=_cmd_serve)
