@@ -222,3 +222,18 @@ def test_operator_commands_against_a_running_server(
         code, _, err = run(capsys, "workflows", "show", str(uuid.uuid4()), "--url", url)
         assert code != 0
         assert "404" in one_error_line(err)
+
+
+def test_serve_sources_and_job_steps_parse():
+    from protocol import UsageError
+    from sync_server.cli import load_sources
+
+    sources, steps = load_sources(None, None, default=True)
+    assert [s.source for s in sources] == ["job-queue"] and steps == {"generate_image": "render"}
+    assert load_sources(None, ["a=b"], default=False) == ([], {"a": "b"})
+    with pytest.raises(UsageError, match="WORKFLOW=STEP"):
+        load_sources(None, ["nonsense"], default=False)
+    with pytest.raises(UsageError, match="cannot load sources"):
+        load_sources("no_such_module:x", None, default=False)
+    with pytest.raises(UsageError, match="not a list of source adapters"):
+        load_sources("examples.image_pipeline:workflows", None, default=False)
