@@ -48,7 +48,18 @@ from tests.servers import SECRET, free_port
 from tests.sync_helpers import token
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _pg_bin() -> Path:
+    """The newest installed PostgreSQL's bin folder (Debian layout; 15 on these machines)."""
+    versions = sorted(
+        (p for p in Path("/usr/lib/postgresql").glob("*/bin") if (p / "initdb").exists()),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+    )
+    return versions[-1] if versions else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, message: str, interval=0.05) -> Any:
@@ -83,7 +94,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 class PrivatePostgres:
-    """A throw-away PostgreSQL 15 cluster in a temporary folder owned by ``postgres``.
+    """A throw-away PostgreSQL cluster in a temporary folder owned by ``postgres``.
 
     ``initdb``/``pg_ctl`` refuse to run as root, so they run through ``runuser -u
     postgres`` (as root) or directly (as any other user). The superuser is ``root``
@@ -113,7 +124,7 @@ class PrivatePostgres:
 
     def init(self) -> PrivatePostgres:
         if not (PG_BIN / "initdb").exists():
-            raise RuntimeError(f"PostgreSQL 15 binaries not found in {PG_BIN}")
+            raise RuntimeError(f"PostgreSQL binaries (initdb) not found in {PG_BIN}")
         self._run(
             str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", self.user, "-N"
         )

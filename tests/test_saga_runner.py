@@ -480,6 +480,44 @@ async def test_completion_notice_leaves_through_the_outbox(env):
             await relay.stop()
 
 
+async def test_outbox_counts_an_outcome_only_once_it_is_recorded(env):
+    # Regression (flaky test above, seen while running the chaos suite): the relay
+    # counted ``published`` before ``finish_outbox`` committed, so a reader that saw the
+    # counter could still find the item pending in the store.
+    from examples.job_service import running_job_service
+    from sync_server.saga.outbox import OutboxRelay
+
+    store, _runner = env
+    recording, gate = asyncio.Event(), asyncio.Event()
+    real_finish = store.finish_outbox
+
+    async def slow_finish(item):
+        recording.set()
+        await gate.wait()
+        await real_finish(item)
+
+    store.finish_outbox = slow_finish
+    with running_job_service() as service:
+
+        async def notice(tx):
+            await tx.enqueue_outbox(
+                f"{service.url}/effects/notice", {"x": 1}, event_seq=None, max_retries=2, at=0.0
+            )
+
+        await store.run(notice)
+        relay = OutboxRelay(store, poll_interval=0.05)
+        await relay.start()
+        try:
+            await asyncio.wait_for(recording.wait(), 10)  # delivered, being recorded
+            assert relay.published == 0
+            gate.set()
+            await wait_for(lambda: relay.published == 1, timeout=10)
+            pending, _age = await store.outbox_stats(0)
+            assert pending == 0
+        finally:
+            await relay.stop()
+
+
 def _hold_after_commit(store, when):
     """Make ``store.run`` stop after COMMIT, before returning, when ``when(result)`` — as
     if the COMMIT's answer were still on its way. Returns (inside, gate) events."""

@@ -134,19 +134,23 @@ class OutboxRelay:
             item.status = "published"
             item.published_at = now
             item.last_error = None
-            self.published += 1
         else:
             item.retry_count += 1
             item.last_error = error
             if item.retry_count > item.max_retries:
                 item.status = "dead"
-                self.dead += 1
-                self.alerts.alert(
-                    "outbox_dead",
-                    f"outbox item {item.id} to {item.destination} is dead: {error}",
-                    {"outbox_id": item.id, "destination": item.destination},
-                )
             else:
                 delay = exponential_delay(self.backoff, item.retry_count, self.rng)
                 item.next_retry_at = now + delay
         await self.store.finish_outbox(item)
+        # Counted and alerted only once the outcome is recorded: a reader that sees the
+        # counter move then finds the item settled in the store (no race).
+        if item.status == "published":
+            self.published += 1
+        elif item.status == "dead":
+            self.dead += 1
+            self.alerts.alert(
+                "outbox_dead",
+                f"outbox item {item.id} to {item.destination} is dead: {error}",
+                {"outbox_id": item.id, "destination": item.destination},
+            )
