@@ -201,6 +201,7 @@ class Instance:
         self.server_ids: list[str] = []
         """Every server id this instance had (one per start), for the event log."""
         self.starts = 0
+        self.extra_args: list[str] = []
 
     @property
     def url(self) -> str:
@@ -231,6 +232,7 @@ class Instance:
             str(self.lease),
             "--log-level",
             "warning",
+            *self.extra_args,
         ]
         with self.log_path.open("ab") as log:
             log.write(f"\n---- start {self.starts + 1} at {time.time():.3f}\n".encode())
@@ -551,6 +553,7 @@ class Cluster:
         seed: int = 1,
         render_timeout: float = 2.5,
         job_stall: float = 4.0,
+        reconcile: bool = False,
     ) -> None:
         self.workdir = workdir
         self.database_url = database_url
@@ -568,6 +571,14 @@ class Cluster:
             Instance(f"s{i}", free_port(), database_url, env, lease, workdir / f"s{i}.log")
             for i in range(instances)
         ]
+        if reconcile:  # the sweep asks the job service about every running render
+            for instance in self.instances:
+                instance.extra_args = [
+                    "--sources",
+                    "tests.cluster_child:sources",
+                    "--job-step",
+                    "generate_image=render",
+                ]
         self.front_port = free_port()
         self.clients: list[ClientProc] = []
         self._stack = contextlib.ExitStack()

@@ -277,6 +277,8 @@ def check(
 
     # ---- faults seen in the records
     for event in events:
+        if event.type == ev.WORKFLOW_RECONCILED:
+            verdict.observed["reconciliation repair"] += 1
         if event.type == ev.STEP_CHANGED:
             error = event.data.get("error") or ""
             if "timed out" in error:

@@ -80,6 +80,13 @@ def _workflows() -> list[Any]:
     ]
 
 
+def sources() -> list[Any]:
+    """The job service as the reconciliation source (``serve --sources``)."""
+    from examples.job_service import JobServiceSource
+
+    return [JobServiceSource(os.environ.get("TETHER_JOB_SERVICE", "http://127.0.0.1:8701"))]
+
+
 def __getattr__(name: str) -> Any:
     # Built on first use, so importing this module (the harness does) needs no env.
     if name == "workflows":

@@ -8,7 +8,8 @@ Theory of operation
   one client can be partitioned alone). Two tenants are shared by two clients each,
   one client is alone. The clients submit 200 workflows over most of the window (some
   with per-request job faults: fail first, stall past the step timeout, lose the
-  answer, fail always) and cancel a few.
+  answer, fail always) and cancel a few. The instances run the reconciliation sweep
+  against the job service (``--sources``), so repairs happen under faults too.
 * **Schedule** (``schedule``): a list of ``Fault`` s drawn from ``random.Random(seed)``
   over ``seconds``: at least one of each kind, then more at random. Each fault begins at
   its time and ends ``duration`` later: SIGKILL a client (restart), SIGKILL or SIGTERM
@@ -87,6 +88,7 @@ class ChaosOptions:
     instances: int = 2
     lease: float = 2.0
     render_timeout: float = 2.5
+    reconcile: bool = True
 
 
 def schedule(seed: int, seconds: float, clients: int, instances: int) -> list[Fault]:
@@ -189,6 +191,7 @@ class Chaos:
                 run=self.run_tag,
                 seed=o.seed,
                 render_timeout=o.render_timeout,
+                reconcile=o.reconcile,
             ) as cluster:
                 self.cluster = cluster
                 self._run(cluster)
