@@ -256,6 +256,32 @@ class SyncClient:
         await self._enqueue("retry_workflow", workflow_id, {"workflow_id": workflow_id})
         return WorkflowHandle(self, workflow_id)
 
+    async def report_state(
+        self, workflow_id: str, *, detail: dict[str, Any] | None = None
+    ) -> WorkflowHandle:
+        """Report this client's confirmed view of a workflow to the server, as the
+        ``mini-app`` reconciliation source (queued like any mutation). If the view has
+        diverged from the canonical state, the server answers with a
+        ``workflow.reconciled`` event carrying the canonical snapshot, and the view
+        converges to it.
+
+        Raises:
+            ValidationError: no local view of the workflow, or it is still pending.
+            LocalStoreError, ClientClosed: as for ``submit_workflow``.
+        """
+        view = self.get_workflow(workflow_id)
+        if view is None or view.pending:
+            raise ValidationError(f"no confirmed local view of workflow {workflow_id} to report")
+        args = {
+            "workflow_id": workflow_id,
+            "source": "mini-app",
+            "status": view.status,
+            "at": time.time(),
+            "detail": detail or {},
+        }
+        await self._enqueue("report_state", workflow_id, args)
+        return WorkflowHandle(self, workflow_id)
+
     async def _enqueue(
         self, name: str, workflow_id: str, args: dict[str, Any], workflow_name: str | None = None
     ) -> Mutation | None:

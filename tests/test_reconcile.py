@@ -269,3 +269,37 @@ async def test_conflicting_reports_end_canonical(database_url, job_service):
         kinds = [r["repair"] for r in await reconciled(store, wid)]
         assert kinds[0] == "complete"
         await client.close()
+
+
+async def test_sdk_reports_a_diverged_view_and_converges(database_url, job_service, tmp_path):
+    """The SDK's own view goes stale (its file was tampered with); it reports the view,
+    the server corrects it, and the client converges to the canonical state."""
+    import sqlite3
+
+    import msgspec
+
+    from tests.client_helpers import fast_client
+
+    path = tmp_path / "client.db"
+    async with running(app_for(database_url, job_service)) as srv:
+        async with fast_client(srv.ws_url, path) as client:
+            handle = await client.submit_workflow("generate_image", {"prompt": "a cat"})
+            assert (await client.wait(handle.id, timeout=30)).status == "completed"
+        with sqlite3.connect(path) as db:
+            (snap,) = db.execute(
+                "SELECT snapshot FROM workflows WHERE id = ?", (handle.id,)
+            ).fetchone()
+            stale = {**msgspec.json.decode(snap), "status": "failed"}
+            db.execute(
+                "UPDATE workflows SET status = 'failed', snapshot = ? WHERE id = ?",
+                (msgspec.json.encode(stale).decode(), handle.id),
+            )
+        async with fast_client(srv.ws_url, path) as client:
+            assert client.get_workflow(handle.id).status == "failed"  # diverged
+            await client.report_state(handle.id)
+            await client.flush(timeout=20)
+            await wait_for(lambda: client.get_workflow(handle.id).status == "completed")
+            with pytest.raises(Exception, match="no confirmed local view"):
+                await client.report_state(str(uuid.uuid4()))
+        [repair] = await reconciled(srv.app.state.tether.store, handle.id)
+        assert repair["repair"] == "correct" and repair["before"] == {"status": "failed"}
