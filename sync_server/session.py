@@ -107,6 +107,23 @@ class ServerSession:
         window: catch-up pages allowed beyond the client's last Ack.
     """
 
+    __slots__ = (
+        "_commands",
+        "_heard",
+        "_messages",
+        "_page_ends",
+        "_reading",
+        "acked",
+        "client_id",
+        "close_code",
+        "close_reason",
+        "cursor",
+        "page_size",
+        "server_id",
+        "state",
+        "window",
+    )
+
     def __init__(self, *, server_id: str, page_size: int = 500, window: int = 2) -> None:
         self.server_id = server_id
         self.page_size = page_size
