@@ -24,8 +24,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Protocol
 
 import msgspec
 
@@ -47,13 +46,17 @@ _progress_codec = msgspec.json.Encoder()
 _progress_decoder = msgspec.json.Decoder(_RemoteProgress)
 
 
-@dataclass(eq=False, slots=True)
-class Subscriber:
-    """A connection's interest in one tenant's live events."""
+class Subscriber(Protocol):
+    """A connection's interest in one tenant's live events (``SyncConnection`` is one;
+    hashed by identity)."""
 
     tenant: str
-    on_events: Callable[[list[Event]], None]
-    on_progress: Callable[[Progress], None] = field(default=lambda progress: None)
+
+    def on_events(self, events: list[Event]) -> None:
+        """A gapless, ordered batch of the tenant's newly committed events."""
+
+    def on_progress(self, progress: Progress) -> None:
+        """Ephemeral live progress of one of the tenant's workflows."""
 
 
 class Hub:

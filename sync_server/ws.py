@@ -32,7 +32,6 @@ from protocol import (
     encode,
 )
 from sync_server.auth import Principal, bearer_token, verify_token
-from sync_server.hub import Subscriber
 from sync_server.session import ApplyPush, Command, LoadClient, ReadEvents, ServerSession
 
 if TYPE_CHECKING:
@@ -112,9 +111,8 @@ class SyncConnection:
     async def run(self, principal: Principal) -> None:
         """Serve the session until either side closes."""
         self.principal = principal
-        subscriber = Subscriber(self.tenant, on_events=self._on_live, on_progress=self._on_progress)
         # Subscribe before the first read so the catch-up/live hand-over has no gap.
-        self.tether.hub.subscribe(subscriber)
+        self.tether.hub.subscribe(self)
         try:
             await self._read()
             if self.session.closed and self._writer is not None:
@@ -122,7 +120,7 @@ class SyncConnection:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.shield(self._writer), 5)
         finally:
-            self.tether.hub.unsubscribe(subscriber)
+            self.tether.hub.unsubscribe(self)
             for task in (self._worker, self._writer):
                 if task is not None and not task.done():
                     task.cancel()
@@ -132,11 +130,13 @@ class SyncConnection:
                 await self.websocket.close(self.session.close_code or 1000)
 
     # ------------------------------------------------------------- feeding
-    def _on_live(self, events: list[Event]) -> None:
+    def on_events(self, events: list[Event]) -> None:
+        """The hub's live batch for this tenant (``Subscriber``)."""
         self.session.receive_live(events)
         self._pump()
 
-    def _on_progress(self, progress: Progress) -> None:
+    def on_progress(self, progress: Progress) -> None:
+        """The hub's live progress for this tenant (``Subscriber``)."""
         self.session.receive_progress(progress)
         self._pump()
 
