@@ -222,10 +222,11 @@ async def readyz(request: Request) -> Response:
     if tether.draining:
         return error_response(Unavailable("draining"))
     try:
-        head = await tether.store.head()
+        await tether.store.head()
     except StorageError as exc:
         return error_response(Unavailable(f"storage unavailable: {exc.message}"))
-    return JSONResponse({"status": "ready", "head": head, "server_id": tether.config.server_id})
+    # No log position here: /readyz is unauthenticated and must not reveal activity.
+    return JSONResponse({"status": "ready", "server_id": tether.config.server_id})
 
 
 routes = [

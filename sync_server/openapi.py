@@ -73,7 +73,6 @@ class Ready(msgspec.Struct, frozen=True):
     """Answer of ``GET /readyz`` when ready."""
 
     status: str
-    head: int
     server_id: str
 
 

@@ -200,7 +200,7 @@ class SyncConnection:
                     found = await store.get_client(command.client_id)
                     if found is not None and found[0] != self.tenant:
                         raise Forbidden("this client id belongs to another tenant")
-                    head = await store.head()
+                    head = await store.head(tenant=self.tenant)
                     self.session.receive_client_state(found[1] if found else 0, head)
                 elif isinstance(command, ApplyPush):
                     results = await self.tether.applier.push(

@@ -330,3 +330,17 @@ async def test_events_pages_carry_has_more(server):
     page = await raw.recv()
     assert isinstance(page, Events) and len(page.events) == 10
     assert page.has_more is False and page.cursor == page.events[-1].seq
+
+
+async def test_welcome_head_reveals_only_the_tenants_own_log(server):
+    a = await RawClient.open(server.ws_url, tok=token("acme", "a"), client_id="ca")
+    await a.push([submit(i) for i in range(1, 6)])
+    await a.collect_until(5)
+    b = await RawClient.open(server.ws_url, tok=token("globex", "b"), client_id="cb")
+    assert b.welcome.head == 0  # other tenants' activity stays invisible
+    again = await RawClient.open(server.ws_url, tok=token("acme", "a"), client_id="ca2")
+    assert again.welcome.head == a.cursor
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        assert "head" not in (await http.get("/readyz")).json()
+    for client in (a, b, again):
+        await client.close()

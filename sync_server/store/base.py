@@ -332,8 +332,9 @@ class Store(abc.ABC):
         """Every event of one workflow, in order."""
 
     @abc.abstractmethod
-    async def head(self) -> int:
-        """The highest committed ``seq`` (0 for an empty log)."""
+    async def head(self, tenant: str | None = None) -> int:
+        """The highest committed ``seq`` (0 for an empty log) — of one tenant's events if
+        ``tenant`` is given (what a client may learn: not other tenants' activity)."""
 
     @abc.abstractmethod
     async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:

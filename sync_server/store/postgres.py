@@ -357,8 +357,14 @@ class PostgresStore(PgSql, Store):
         )
         return [rows.event_from_row(row) for row in found]
 
-    async def head(self) -> int:
-        """The highest committed ``seq`` (0 for an empty log)."""
+    async def head(self, tenant: str | None = None) -> int:
+        """The highest committed ``seq`` (0 for an empty log), of all or one tenant."""
+        if tenant is not None:
+            return int(
+                await self._fetchval(
+                    "SELECT coalesce(max(seq), 0) FROM events WHERE tenant = $1", tenant
+                )
+            )
         return int(await self._fetchval("SELECT seq FROM event_head WHERE id = 1"))
 
     async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:

@@ -241,8 +241,12 @@ class SqliteStore(SqliteSql, Store):
         )
         return [rows.event_from_row(row) for row in found]
 
-    async def head(self) -> int:
-        """The highest committed ``seq`` (0 for an empty log)."""
+    async def head(self, tenant: str | None = None) -> int:
+        """The highest committed ``seq`` (0 for an empty log), of all or one tenant."""
+        if tenant is not None:
+            return int(
+                self._one("SELECT COALESCE(MAX(seq), 0) FROM events WHERE tenant = ?", (tenant,))[0]
+            )
         return int(self._one("SELECT COALESCE(MAX(seq), 0) FROM events")[0])
 
     async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
