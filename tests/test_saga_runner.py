@@ -607,3 +607,41 @@ async def test_stop_launches_nothing_from_the_checkpoints_it_drains(env):
     await runner([one, chain])  # another instance finishes the work
     record = await wait_status(store, w2, "completed")
     assert record.state["steps"]["b"]["attempts"] == 1 and b_calls == [1]
+
+
+async def test_unconfirmed_lease_stops_its_attempts_before_it_can_expire(env, monkeypatch):
+    """Regression (chaos seed 3): while the database was restarting, renewals failed, the
+    old owner kept running its attempt past the lease, and the instance that took the
+    workflow over ran the same attempt at once. An attempt whose lease can no longer be
+    confirmed must stop before the lease may expire."""
+    from protocol import StorageError
+
+    store, runner = env
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def slow(ctx):
+        started.set()
+        try:
+            await asyncio.Event().wait()  # a long job, until cancelled
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    wf = Workflow("slow", [Step("render", slow, timeout=60)])
+    r = await runner([wf], lease_seconds=1.0)
+    [wid] = await submit(store, wf)
+    await asyncio.wait_for(started.wait(), 10)
+    assert wid in r.held
+
+    async def down(*args, **kwargs):
+        raise StorageError("PostgreSQL is restarting")
+
+    loop = asyncio.get_running_loop()
+    lost_at = loop.time()
+    monkeypatch.setattr(store, "renew_leases", down)
+    await asyncio.wait_for(cancelled.wait(), 10)
+    # Stopped before the 1 s lease could have run out for another instance.
+    assert loop.time() - lost_at < 1.0
+    assert wid not in r.held
+    assert r.stats["lost_leases"] >= 1

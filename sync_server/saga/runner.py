@@ -71,6 +71,9 @@ class _Held:
     fence: int
     tasks: dict[tuple[str, bool], asyncio.Task[None]] = field(default_factory=dict)
     tick: asyncio.TimerHandle | None = None
+    valid_until: float = float("inf")
+    """``time.monotonic()`` after which this instance can no longer be sure it holds the
+    lease (its expiry as last confirmed, less a safety margin)."""
 
     def cancel(self) -> None:
         for task in self.tasks.values():
@@ -448,6 +451,9 @@ class SagaRunner:
                 held.cancel()
             held = _Held(wid, record.tenant, record.fence)
             self._held[wid] = held
+        if record.lease_until is not None:
+            remaining = record.lease_until - self.clock()
+            held.valid_until = time.monotonic() + remaining - self._lease_margin
         self._sync_tasks(held, record, applied.commands)
 
     def _after_checkpoints(self) -> None:
@@ -574,28 +580,52 @@ class SagaRunner:
             self._enqueue(item)
 
     # ---------------------------------------------------------------- heartbeat
+    @property
+    def _lease_margin(self) -> float:
+        """Attempts stop this long before the lease could expire (clock skew, delays)."""
+        return min(1.0, self.lease_seconds * 0.2)
+
     async def _heartbeat(self) -> None:
+        """Renew held leases every ``heartbeat_interval``.
+
+        A lease is only as good as its last confirmation: when renewal fails or hangs
+        (the database is down, the network is cut), attempts whose lease may have
+        expired are stopped — another instance may take the workflow over once the
+        lease runs out, and the same attempt must never run twice at once (issue 4:
+        leases; LESSONS: leases need fencing). Fencing then refuses any late write.
+        """
         while True:
-            await asyncio.sleep(self.heartbeat_interval)
+            now = time.monotonic()
+            soonest = min((h.valid_until for h in self._held.values()), default=float("inf"))
+            await asyncio.sleep(max(0.0, min(self.heartbeat_interval, soonest - now)))
             leases = self.held
             if not leases:
                 continue
+            started = time.monotonic()
+            renewed: set[str] | None = None
             try:
-                renewed = await self.store.renew_leases(
-                    self.instance_id, leases, self.clock() + self.lease_seconds
+                renewed = await asyncio.wait_for(
+                    self.store.renew_leases(
+                        self.instance_id, leases, self.clock() + self.lease_seconds
+                    ),
+                    timeout=self.heartbeat_interval,
                 )
-            except StorageError as exc:
-                log.warning("lease renewal failed: %s", exc)
-                continue
+            except (StorageError, TimeoutError) as exc:
+                log.warning("lease renewal failed: %s", exc or "timed out")
             except Exception:
                 log.exception("lease renewal failed unexpectedly")
-                continue
+            now = time.monotonic()
             for wid, fence in leases.items():
                 held = self._held.get(wid)
-                if wid in renewed or held is None or held.fence != fence:
+                if held is None or held.fence != fence:
                     continue
+                if renewed is not None and wid in renewed:
+                    held.valid_until = started + self.lease_seconds - self._lease_margin
+                    continue
+                if renewed is None and now < held.valid_until:
+                    continue  # not confirmed, but not expired either: try again soon
                 self.stats["lost_leases"] += 1
-                log.warning("lease of workflow %s lost; stopping its attempts", wid)
+                log.warning("lease of workflow %s lost or unconfirmed; stopping its attempts", wid)
                 self._held.pop(wid, None)
                 held.cancel()
 
