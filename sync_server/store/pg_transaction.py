@@ -284,18 +284,9 @@ class PostgresTransaction(PgSql, Transaction):
         """Add a dead letter (``entry.id`` is ignored); returns its id."""
         return int(
             await self._fetchval(
-                "INSERT INTO dlq (tenant, workflow_id, step, reason, attempts, last_error, "
-                "created_at, status, resolved_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
-                "RETURNING id",
-                entry.tenant,
-                entry.workflow_id,
-                entry.step,
-                entry.reason,
-                entry.attempts,
-                entry.last_error,
-                entry.created_at,
-                entry.status,
-                entry.resolved_at,
+                f"INSERT INTO dlq ({rows.NEW_DLQ_COLUMNS}) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+                *rows.new_dlq_params(entry),
             )
         )
 

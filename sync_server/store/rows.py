@@ -78,6 +78,27 @@ def _float(value: float | None) -> float | None:
     return None if value is None else float(value)
 
 
+NEW_DLQ_COLUMNS = (
+    "tenant, workflow_id, step, reason, attempts, last_error, created_at, status, resolved_at"
+)
+"""The columns a new dead letter is inserted with (its id is assigned by the database)."""
+
+
+def new_dlq_params(entry: DlqEntry) -> tuple[Any, ...]:
+    """Values for ``NEW_DLQ_COLUMNS``, in order (one place for both backends)."""
+    return (
+        entry.tenant,
+        entry.workflow_id,
+        entry.step,
+        entry.reason,
+        entry.attempts,
+        entry.last_error,
+        entry.created_at,
+        entry.status,
+        entry.resolved_at,
+    )
+
+
 def workflow_params(wf: WorkflowRecord) -> tuple[Any, ...]:
     """Values for ``WORKFLOW_COLUMNS``, in order."""
     return (

@@ -208,19 +208,8 @@ class SqliteTransaction(SqliteSql, Transaction):
     async def add_dlq(self, entry: DlqEntry) -> int:
         """Add a dead letter (``entry.id`` is ignored); returns its id."""
         cur = self._execute(
-            "INSERT INTO dlq (tenant, workflow_id, step, reason, attempts, last_error, "
-            "created_at, status, resolved_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                entry.tenant,
-                entry.workflow_id,
-                entry.step,
-                entry.reason,
-                entry.attempts,
-                entry.last_error,
-                entry.created_at,
-                entry.status,
-                entry.resolved_at,
-            ),
+            f"INSERT INTO dlq ({rows.NEW_DLQ_COLUMNS}) VALUES ({_marks(9)})",
+            rows.new_dlq_params(entry),
         )
         assert cur.lastrowid is not None
         return cur.lastrowid
