@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from client_sdk import tracing
 from client_sdk.backoff import Backoff, CircuitBreaker
 from client_sdk.connection import SyncConnection
 from client_sdk.errors import ClientClosed, SyncStopped
@@ -114,6 +115,7 @@ class SyncClient:
         """
         if self._session is not None:
             return self
+        tracing.configure_from_env()
         opened = await asyncio.to_thread(self._store.open)
         self._session = SyncSession(
             opened.client_id,
@@ -235,7 +237,14 @@ class SyncClient:
         """
         workflow_id = workflow_id or str(uuid.uuid4())
         args = {"workflow_id": workflow_id, "name": name, "input": input or {}}
-        await self._enqueue("submit_workflow", workflow_id, args, workflow_name=name)
+        span, traceparent = tracing.start_submit(name, workflow_id)
+        try:
+            await self._enqueue(
+                "submit_workflow", workflow_id, args, workflow_name=name, traceparent=traceparent
+            )
+        finally:
+            if span is not None:
+                span.end()
         return WorkflowHandle(self, workflow_id)
 
     async def cancel_workflow(self, workflow_id: str) -> WorkflowHandle:
@@ -283,7 +292,12 @@ class SyncClient:
         return WorkflowHandle(self, workflow_id)
 
     async def _enqueue(
-        self, name: str, workflow_id: str, args: dict[str, Any], workflow_name: str | None = None
+        self,
+        name: str,
+        workflow_id: str,
+        args: dict[str, Any],
+        workflow_name: str | None = None,
+        traceparent: str = "",
     ) -> Mutation | None:
         self._live_session()
         try:
@@ -298,6 +312,7 @@ class SyncClient:
             created_at=time.time(),
             workflow_name=workflow_name,
             args_json=encoded,
+            traceparent=traceparent,
         )
         future.add_done_callback(self._enqueued)
         # shield: a cancelled caller must not cancel the commit future (see module doc).
@@ -454,6 +469,17 @@ class SyncClient:
     async def apply_events(self, events: list[Event], cursor: int) -> None:
         """Durably apply a page (called by the connection's applier)."""
         changed = await self._store.apply_events(events, cursor)
+        if self._watchers:
+            # A watched workflow's events name their trace: the line an operator needs
+            # to find the request in the tracing backend.
+            for event in events:
+                if event.workflow_id in self._watchers and "trace_id" in event.data:
+                    log.info(
+                        "workflow %s: %s (trace_id %s)",
+                        event.workflow_id,
+                        event.type,
+                        event.data["trace_id"],
+                    )
         for workflow_id in changed:
             live = self._live.get(workflow_id)
             if live is not None:

@@ -73,6 +73,8 @@ CREATE TABLE events(
     version INTEGER NOT NULL, at REAL NOT NULL);
 """
 
+_ADD_TRACEPARENT = "ALTER TABLE mutations ADD COLUMN traceparent TEXT NOT NULL DEFAULT ''"
+
 _UPSERT_SNAPSHOT = """
 INSERT INTO workflows(id, name, status, version, snapshot, created_at) VALUES (?, ?, ?, ?, ?, ?)
 ON CONFLICT(id) DO UPDATE SET name = excluded.name, status = excluded.status,
@@ -255,11 +257,18 @@ class LocalStore:
                     raise LocalStoreError(
                         f"{self.path} belongs to client {client_id}, not {self._wanted_client_id}"
                     )
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(mutations)")}
+            if "traceparent" not in columns:
+                # Added after schema 1 without a version bump: an older SDK reading this
+                # file ignores the column, and this one adds it to an older file.
+                conn.execute(_ADD_TRACEPARENT)
             self._reload(conn)
             pending = [
-                Mutation(id=i, name=n, args=_args_decoder.decode(a), created_at=c)
-                for i, n, a, c in conn.execute(
-                    "SELECT id, name, args, created_at FROM mutations "
+                Mutation(
+                    id=i, name=n, args=_args_decoder.decode(a), created_at=c, traceparent=t or ""
+                )
+                for i, n, a, c, t in conn.execute(
+                    "SELECT id, name, args, created_at, traceparent FROM mutations "
                     "WHERE status = 'pending' ORDER BY id"
                 )
             ]
@@ -291,6 +300,7 @@ class LocalStore:
         created_at: float,
         workflow_name: str | None = None,
         args_json: bytes | None = None,
+        traceparent: str = "",
     ) -> asyncio.Future[Mutation | None]:
         """Durably queue a mutation with its optimistic effect (one transaction).
 
@@ -321,12 +331,18 @@ class LocalStore:
                 self._pending_submits.add(workflow_id)
             mutation_id = self._next_id
             conn.execute(
-                "INSERT INTO mutations(id, name, workflow_id, args, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (mutation_id, name, workflow_id, encoded, created_at),
+                "INSERT INTO mutations(id, name, workflow_id, args, created_at, traceparent) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (mutation_id, name, workflow_id, encoded, created_at, traceparent),
             )
             self._next_id = mutation_id + 1
-            return Mutation(id=mutation_id, name=name, args=args, created_at=created_at)
+            return Mutation(
+                id=mutation_id,
+                name=name,
+                args=args,
+                created_at=created_at,
+                traceparent=traceparent,
+            )
 
         return self._queue.submit(op)
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import msgspec
 
 from protocol.status import MutationStatus, Source, WorkflowStatus
+from protocol.tracecontext import TRACEPARENT_LENGTH
 
 __all__ = [
     "MAX_BATCH",
@@ -96,6 +97,9 @@ class Mutation(_Base, frozen=True):
     name: Name
     args: JSONObject
     created_at: Timestamp = 0.0
+    traceparent: Annotated[str, msgspec.Meta(max_length=TRACEPARENT_LENGTH)] = ""
+    """W3C traceparent of the client's span for this request ("" when not traced);
+    an invalid one is ignored, never rejected (``protocol.tracecontext``)."""
 
 
 class MutationResult(_Base, frozen=True):

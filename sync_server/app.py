@@ -9,6 +9,7 @@ elsewhere (close 1012), stops the runner (releasing its leases) and closes the s
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -22,6 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
 from protocol import RateLimited, ReportStateArgs, TetherError, UsageError
+from sync_server import tracing
 from sync_server.config import ServerConfig
 from sync_server.dashboard import routes as dashboard_routes
 from sync_server.domain import MutationApplier, WorkflowCommands
@@ -141,6 +143,7 @@ class Tether:
             )
 
     async def start(self) -> None:
+        tracing.configure_from_env()
         await self.store.open()
         await self.hub.start()
         if self.workflows and self.config.run_sagas:
@@ -196,6 +199,8 @@ class Tether:
         await self.hub.stop()
         await self.alerts.aclose()
         await self.store.close()
+        if tracing.enabled():
+            await asyncio.to_thread(tracing.flush)
 
 
 def create_app(

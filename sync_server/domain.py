@@ -37,6 +37,7 @@ from protocol import (
     parse_mutation_args,
 )
 from protocol.codec import MutationArgs
+from sync_server import tracing
 from sync_server.auth import Principal
 from sync_server.saga import intake
 from sync_server.store.base import Store, Transaction, WorkflowRecord
@@ -106,6 +107,7 @@ class MutationApplier:
         """
         principal.require(Role.CLIENT)
         now = self.clock()
+        spans = tracing.start_push_spans(mutations, client_id) if tracing.enabled() else None
 
         async def unit(tx: Transaction) -> list[MutationResult]:
             last = await tx.lock_client(principal.tenant, client_id)
@@ -145,7 +147,8 @@ class MutationApplier:
                     args = parsed[mutation.id]
                     if isinstance(args, TetherError):
                         raise args
-                    await self._apply(tx, principal, client_id, args, batch, now)
+                    trace = tracing.traceparent(spans.get(mutation.id)) if spans else ""
+                    await self._apply(tx, principal, client_id, args, batch, now, trace)
                 except (StorageError, AssertionError):
                     raise
                 except TetherError as exc:
@@ -160,7 +163,14 @@ class MutationApplier:
                 await tx.record_mutations(client_id, recorded, expected - 1, now)
             return results
 
-        return await self.store.run(unit)
+        if spans is None:
+            return await self.store.run(unit)
+        results: list[MutationResult] = []
+        try:
+            results = await self.store.run(unit)
+        finally:
+            tracing.end_push_spans(spans, results)
+        return results
 
     async def _apply(
         self,
@@ -170,9 +180,10 @@ class MutationApplier:
         args: MutationArgs,
         batch: _Batch,
         now: float,
+        trace: str = "",
     ) -> None:
         if isinstance(args, SubmitWorkflowArgs):
-            self._submit(tx, principal, client_id, args, batch, now)
+            self._submit(tx, principal, client_id, args, batch, now, trace)
             return
         record = batch.records.get(args.workflow_id)
         if record is None or record.tenant != principal.tenant:
@@ -194,6 +205,7 @@ class MutationApplier:
         args: SubmitWorkflowArgs,
         batch: _Batch,
         now: float,
+        trace: str = "",
     ) -> None:
         definition = self.workflows.get(args.name)
         if definition is None:
@@ -215,7 +227,7 @@ class MutationApplier:
             updated_at=now,
             created_by=client_id,
         )
-        intake.start_workflow(tx, record, definition, now, client_id)
+        intake.start_workflow(tx, record, definition, now, client_id, trace=trace)
         batch.records[record.id] = record
         batch.new.add(record.id)
 

@@ -58,6 +58,10 @@ def append_event(tx: Any, record: WorkflowRecord, type: str, at: float, /, **fie
     event carries its own ``at`` (the source's timestamp) beside the event time.
     """
     record.updated_at = max(record.updated_at, at)
+    trace = record.state.get("trace")
+    if trace:
+        # Events name the workflow's trace, so a client (``watch``) can log it.
+        fields["trace_id"] = trace[3:35]
     event = tx.append(record, type, fields, at)
     # The snapshot must carry the version of the event itself.
     event.data["workflow"] = snapshot_data(record)

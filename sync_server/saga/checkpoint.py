@@ -143,6 +143,8 @@ class Checkpointer:
         self.breaker_policy = breaker_policy
         self.completion_webhook = completion_webhook
         self.breaker_changes: list[tuple[str, str]] = []
+        self.breaker_seen: dict[str, str] = {}
+        """Breaker name -> its state as the last gate read it (a span attribute)."""
 
     async def claim(self, tx: Transaction, now: float, limit: int) -> list[Applied]:
         """Claim due workflows and start their ready steps, in ``tx``."""
@@ -256,9 +258,15 @@ class Checkpointer:
             if record.due_at is not None:
                 tx.notify(WORK_CHANNEL, f"due:{record.due_at}")
         if machine.status.terminal and self.completion_webhook:
+            notice: dict[str, JSON] = {
+                "type": "workflow.finished",
+                "workflow": snapshot_data(record),
+            }
+            if record.state.get("trace"):
+                notice["traceparent"] = record.state["trace"]  # the relay's span joins it
             await tx.enqueue_outbox(
                 self.completion_webhook,
-                {"type": "workflow.finished", "workflow": snapshot_data(record)},
+                notice,
                 event_seq=None,
                 max_retries=8,
                 at=now,
@@ -331,6 +339,7 @@ class Checkpointer:
             decision = breakers.allow(
                 current, self.breaker_policy(guard), now, f"{self.owner}/{machine.workflow_id}"
             )
+            self.breaker_seen[guard] = decision.record.state
             if decision.changed:
                 changed[guard] = decision.record
                 self.breaker_changes.append((guard, decision.record.state))

@@ -44,7 +44,13 @@ Payloads: ``""`` (look now), ``"due:<unix time>"`` (something becomes due then),
 
 
 def start_workflow(
-    tx: Transaction, record: WorkflowRecord, definition: Workflow, now: float, client_id: str
+    tx: Transaction,
+    record: WorkflowRecord,
+    definition: Workflow,
+    now: float,
+    client_id: str,
+    *,
+    trace: str = "",
 ) -> None:
     """Initialise a new workflow's state and schedule it to run at once.
 
@@ -54,11 +60,15 @@ def start_workflow(
         definition: its ``Workflow``.
         now: the current time.
         client_id: who submitted it.
+        trace: the traceparent every later span of the workflow descends from
+            (``sync_server.tracing``); kept in ``state["trace"]``, "" when not traced.
     """
     machine = SagaMachine(definition, record.id, WorkflowStatus.PENDING, {})
     machine.receive_submit(now)
     record.status = machine.status.value
     record.state = machine.state
+    if trace:
+        record.state["trace"] = trace
     record.progress = 0.0
     record.due_at = machine.due_at
     append_event(

@@ -17,13 +17,14 @@ State shape (``state["steps"][name]`` keeps the keys clients see, see snapshots.
 
     {"steps": {name: {"status", "attempts", "progress", "result", "error",
                       # private, present only when set:
-                      "due_at", "resume", "interrupts", "deferred",
+                      "due_at", "retry_delay", "resume", "interrupts", "deferred",
                       "comp_attempts", "comp_running", "comp_due_at", "comp_resume",
                       "comp_failed"}},
      "halt": "compensate" | "park",      # a step used its last attempt
      "cancel": true,                      # a cancel was applied
      "requests": {"cancel": true, "retry": true},   # written by intake, applied at claim
-     "dlq": [entry ids]}
+     "dlq": [entry ids],
+     "trace": traceparent}                # written by intake (sync_server.tracing)
 
 Invariants:
 
@@ -583,7 +584,9 @@ class SagaMachine:
         if self.state.get("halt"):
             self._step_to(step, SI.ABANDON, error=error)
         elif not permanent and attempt < policy.max_attempts:
-            s["due_at"] = now + self._delay(policy, attempt)
+            delay = self._delay(policy, attempt)
+            s["due_at"] = now + delay
+            s["retry_delay"] = delay
             s.pop("interrupts", None)
             self._step_to(step, SI.FAIL, error=error)
         else:

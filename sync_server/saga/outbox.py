@@ -28,6 +28,7 @@ from collections.abc import Callable
 import httpx
 
 from protocol import StorageError
+from sync_server import tracing
 from sync_server.saga.alerts import Alerts, AlertSink
 from sync_server.saga.backoff import exponential_delay
 from sync_server.saga.definitions import RetryPolicy
@@ -120,15 +121,24 @@ class OutboxRelay:
 
     async def _deliver(self, item: OutboxItem) -> None:
         assert self._http is not None
-        try:
-            response = await self._http.post(
-                item.destination,
-                json=item.payload,
-                headers={"Idempotency-Key": f"outbox-{item.id}"},
+        headers = {"Idempotency-Key": f"outbox-{item.id}"}
+        span = None
+        if tracing.enabled() and isinstance(item.payload, dict):
+            # A completion notice carries its workflow's trace (see checkpoint.py).
+            span = tracing.start_span(
+                "tether.outbox deliver",
+                item.payload.get("traceparent"),
+                {"tether.outbox.id": item.id, "tether.outbox.attempt": item.retry_count + 1},
+                kind="client",
             )
+            if span is not None:
+                headers["traceparent"] = tracing.traceparent(span)
+        try:
+            response = await self._http.post(item.destination, json=item.payload, headers=headers)
             error = None if response.is_success else f"HTTP {response.status_code}"
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}"
+        tracing.end_span(span, error=error)
         now = self.clock()
         if error is None:
             item.status = "published"

@@ -44,6 +44,7 @@ import httpx
 import msgspec
 
 from protocol import TERMINAL_WORKFLOW_STATUSES, Progress, StorageError, WorkflowStatus
+from sync_server import tracing
 from sync_server.saga.alerts import Alerts, AlertSink
 from sync_server.saga.backoff import jittered
 from sync_server.saga.breaker import BreakerPolicy
@@ -190,6 +191,9 @@ class SagaRunner:
         self._running = True
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=httpx.Timeout(30.0))
+        hooks = self._http.event_hooks.setdefault("request", [])
+        if tracing.inject_traceparent not in hooks:
+            hooks.append(tracing.inject_traceparent)  # ctx.http sends traceparent
         self.store.listen(WORK_CHANNEL, self._on_work)
         self.store.on_reconnect(self._wake.set)
         self._tasks = [
@@ -434,6 +438,8 @@ class SagaRunner:
             self.stats["ended"] += 1
             if self.metrics is not None:
                 self.metrics.workflow_finished(record.name, record.status)
+        if record is not None and tracing.enabled():
+            trace_outcome(record, applied.alerts, self.clock())
         if applied.failed or record is None:
             if held is not None:
                 self._held.pop(wid, None)
@@ -537,8 +543,32 @@ class SagaRunner:
         self.stats["attempts"] += 1
         if self.metrics is not None:
             self.metrics.step_attempt(record.name, step.name, command.attempt, compensation)
-        held.tasks[key] = asyncio.create_task(
-            self._attempt(held, key, action, ctx, step.timeout, step.breaker)
+        span = None
+        if tracing.enabled():
+            s = steps[step.name]
+            span = tracing.start_span(
+                f"tether.{'compensate' if compensation else 'step'} {step.name}",
+                record.state.get("trace"),
+                {
+                    "tether.workflow.id": record.id,
+                    "tether.workflow.name": record.name,
+                    "tether.step": step.name,
+                    "tether.attempt": command.attempt,
+                    "tether.retry_delay": None if compensation else s.get("retry_delay"),
+                    "tether.breaker": step.breaker,
+                    "tether.breaker.state": self.checkpointer.breaker_seen.get(
+                        step.breaker, "closed"
+                    )
+                    if step.breaker
+                    else None,
+                    "tether.instance": self.instance_id,
+                },
+            )
+        run = self._attempt(held, key, action, ctx, step.timeout, step.breaker, span)
+        held.tasks[key] = (
+            asyncio.create_task(run)
+            if span is None
+            else asyncio.create_task(run, context=tracing.span_context(span))
         )
 
     async def _attempt(
@@ -549,6 +579,7 @@ class SagaRunner:
         ctx: StepContext,
         timeout: float | None,
         breaker: str | None,
+        span: Any = None,
     ) -> None:
         """Run one attempt and queue its outcome (never raises but CancelledError)."""
         kind = "comp" if ctx.compensating else "step"
@@ -568,6 +599,7 @@ class SagaRunner:
             item.permanent = True
             item.error = _describe(exc)
         except asyncio.CancelledError:
+            tracing.end_span(span, error="attempt interrupted (lease lost, cancel or stop)")
             raise
         except Exception as exc:
             item.error = _describe(exc)
@@ -575,6 +607,9 @@ class SagaRunner:
         finally:
             if held.tasks.get(key) is asyncio.current_task():
                 del held.tasks[key]
+        tracing.end_span(
+            span, error=item.error, attributes={"tether.permanent": item.permanent or None}
+        )
         self.progress.finish(ctx.workflow_id, ctx.step)
         if self._held.get(held.id) is held:
             self._enqueue(item)
@@ -665,3 +700,30 @@ def _describe(exc: BaseException) -> str:
     text = str(exc)
     name = type(exc).__name__
     return f"{name}: {text}"[:2000] if text else name
+
+
+def trace_outcome(record: WorkflowRecord, alerts: list[Any], now: float) -> None:
+    """After COMMIT: a span per dead letter added, and the workflow's span once it ends."""
+    trace = record.state.get("trace")
+    for alert in alerts:
+        entry = alert.details.get("dlq_entry")
+        if entry is not None:
+            tracing.record_span(
+                f"tether.dlq {alert.details.get('step', '')}",
+                trace,
+                {"tether.workflow.id": record.id, "tether.dlq.entry": entry},
+                error=alert.message,
+            )
+    if record.status in _ENDED:
+        tracing.record_span(
+            f"tether.workflow {record.name}",
+            trace,
+            {
+                "tether.workflow.id": record.id,
+                "tether.workflow.name": record.name,
+                "tether.workflow.status": record.status,
+            },
+            start=record.created_at,
+            end=now,
+            error=record.error if record.status != "completed" else None,
+        )
