@@ -70,6 +70,8 @@ class JobBooks:
     lost: Counter[str] = field(default_factory=Counter)
     active: Counter[str] = field(default_factory=Counter)
     overlaps: list[str] = field(default_factory=list)
+    traceparents: defaultdict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    """W3C traceparent header of each attempt of a key, in arrival order."""
     progress: dict[str, float] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
     ledger: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
@@ -100,6 +102,9 @@ def create_job_service(books: JobBooks | None = None) -> Starlette:
         body = await request.json() if await request.body() else {}
         state.attempts[key] += 1
         attempt = state.attempts[key]
+        if "traceparent" in request.headers:
+            # Like a real OpenTelemetry-instrumented queue, it continues the caller's trace.
+            state.traceparents[key].append(request.headers["traceparent"][:64])
         if attempt <= int(body.get("drop_first", 0)):
             # The queue loses the job: never registered, the caller waits in vain.
             state.dropped[key] += 1

@@ -126,6 +126,7 @@ def server_process(
     port: int | None = None,
     workflows: str | None = None,
     env: dict[str, str] | None = None,
+    args: list[str] | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """``sync-server serve`` as a child process (kill it with SIGKILL to test crashes)."""
     port = port or free_port()
@@ -143,6 +144,7 @@ def server_process(
     ]
     if workflows:
         cmd += ["--workflows", workflows]
+    cmd += args or []
     full_env = {**os.environ, "SYNC_AUTH_SECRET": SECRET, **(env or {})}
     proc = subprocess.Popen(cmd, env=full_env)
     try:
