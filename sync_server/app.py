@@ -43,6 +43,7 @@ from sync_server.reconcile import (
 from sync_server.saga.alerts import AlertSink
 from sync_server.saga.outbox import OutboxRelay
 from sync_server.saga.runner import SagaRunner
+from sync_server.slo_reader import routes as slo_routes
 from sync_server.store import Transaction, WorkflowRecord, open_store
 from sync_server.ws import SyncConnection, sync_endpoint
 
@@ -262,6 +263,7 @@ def create_app(
             WebSocketRoute("/v1/sync", sync_endpoint),
             *routes,
             *dashboard_routes,
+            *slo_routes,
             Route("/metrics", metrics, methods=["GET"]),
         ],
         lifespan=lifespan,

@@ -1,4 +1,4 @@
-"""``sync-server``: serve, demo, token, and the operator commands (workflows, dlq).
+"""``sync-server``: serve, demo, token, and the operator commands (workflows, dlq, slo).
 
 The operator commands talk to a running server over HTTP with a short-lived global
 admin token minted from ``SYNC_AUTH_SECRET`` — so a requeue wakes the instances at once,
@@ -102,7 +102,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     sources, job_steps = load_sources(args.sources, args.job_step, default=not args.workflows)
     app = create_app(url, workflows=workflows, sources=sources, job_steps=job_steps, **settings)
     check_database(url)
-    uvicorn.run(app, **serve_config(args))
+    config = serve_config(args)
+    if args.log_format == "json":
+        from sync_server.logs import configure_logging
+
+        configure_logging(args.log_level, "json")
+        config["log_config"] = None  # uvicorn's loggers propagate to the JSON handler
+    uvicorn.run(app, **config)
     return 0
 
 
@@ -149,9 +155,11 @@ def _admin_client(args: argparse.Namespace) -> Any:
 
     from sync_server.auth import GLOBAL_TENANT, issue_token
 
-    token = issue_token(
-        _secret(), tenant=GLOBAL_TENANT, subject="sync-server-cli", role=Role.ADMIN, ttl=300
-    )
+    token = getattr(args, "token", None) or os.environ.get("SYNC_TOKEN") or ""
+    if not token:
+        token = issue_token(
+            _secret(), tenant=GLOBAL_TENANT, subject="sync-server-cli", role=Role.ADMIN, ttl=300
+        )
     return httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
 
 
@@ -237,6 +245,55 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_slo(args: argparse.Namespace) -> int:
+    import json
+
+    from sync_server.slo import parse_window
+
+    try:
+        parse_window(args.window)
+    except ValueError as exc:
+        raise UsageError(f"--window: {exc}") from exc
+    params = {"window": args.window}
+    if args.tenant:
+        params["tenant"] = args.tenant
+    if args.workflow:
+        params["workflow"] = args.workflow
+    slos = _call(args, "GET", "/v1/slo", params=params)["slos"]
+    if args.json:
+        print(json.dumps(slos, indent=2))
+        return 0
+
+    def shown(value: float | None, unit: str) -> str:
+        if value is None:
+            return "—"
+        return f"{value:.1f} s" if unit == "seconds" else f"{value:.2%}"
+
+    from sync_server.slo import OBJECTIVES
+
+    rows = []
+    for slo in slos:
+        target = OBJECTIVES.get(slo["name"])
+        unit = target.unit if target else "ratio"
+        sign = "≥" if target is not None and target.at_least else "≤"
+        rows.append(
+            [
+                slo["name"],
+                f"{sign} {shown(slo['objective'], unit)}",
+                shown(slo["value"], unit),
+                f"{slo['budget_left']:.1%}",
+                slo.get("samples", ""),
+            ]
+        )
+    scope = f"tenant {slos[0]['tenant']}, workflow {slos[0]['workflow']}" if slos else ""
+    _print_table(
+        f"SLOs over {args.window} ({scope})",
+        ["slo", "objective", "value", "budget left", "samples"],
+        rows,
+    )
+    return 0
+
+
 def _secret() -> str:
     secret = os.environ.get("SYNC_AUTH_SECRET", "")
     if not secret:
@@ -310,6 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the step of WORKFLOW whose job runs at the sources (repeatable)",
     )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    serve.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one JSON object per line, with workflow_id, step, attempt and trace_id "
+        "where known (default text)",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     demo = commands.add_parser(
@@ -355,6 +419,17 @@ def build_parser() -> argparse.ArgumentParser:
     dlq.add_argument("--status", default="open", help="open (default), requeued or all")
     dlq.add_argument("--url", default=default_url, help=url_help)
     dlq.set_defaults(func=_cmd_dlq)
+
+    slo = commands.add_parser("slo", help="the success metrics as SLOs, with error budgets")
+    slo.add_argument("--window", default="24h", help="e.g. 1h, 24h, 7d (default 24h)")
+    slo.add_argument("--tenant", help="one tenant (a tenant admin's token sees only its own)")
+    slo.add_argument("--workflow", help="one workflow name (default: all)")
+    slo.add_argument("--json", action="store_true", help="a JSON list instead of a table")
+    slo.add_argument("--url", default=default_url, help=url_help)
+    slo.add_argument(
+        "--token", help="admin token (env SYNC_TOKEN; default: minted from SYNC_AUTH_SECRET)"
+    )
+    slo.set_defaults(func=_cmd_slo)
     return parser
 
 

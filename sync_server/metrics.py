@@ -18,6 +18,8 @@ Every series an operator needs to see whether the promises hold in production:
   ``tether_breaker_opened_total{breaker}``;
 * ``tether_connected_clients``, ``tether_mutations_total{status}``, push latency,
   rate limiting and slow consumers;
+* SLOs (``sync_server.slo``) — ``tether_slo_value{slo,tenant,workflow}``,
+  ``tether_slo_budget_left{slo,tenant,workflow}`` and ``tether_slo_objective{slo}``;
 * ``tether_alerts_total{kind}`` (``sync_server.monitor.AlertLog`` counts them);
   ``tether_reconciliation_repairs_total{kind}`` is registered by the reconciliation
   wiring in ``sync_server.app`` on this same registry.
@@ -148,6 +150,18 @@ class Metrics:
             registry=r,
         )
         self.alerts = Counter("tether_alerts_total", "Alerts raised, by kind", ["kind"], registry=r)
+        # SLOs (sync_server.slo), refreshed by the monitor over its window.
+        slo_labels = ["slo", "tenant", "workflow"]
+        self.slo_value = Gauge(
+            "tether_slo_value", "Current value of an SLO over its window", slo_labels, registry=r
+        )
+        self.slo_objective = Gauge("tether_slo_objective", "An SLO's target", ["slo"], registry=r)
+        self.slo_budget_left = Gauge(
+            "tether_slo_budget_left",
+            "Share of an SLO's error budget left over its window (negative: overspent)",
+            slo_labels,
+            registry=r,
+        )
 
     # ------------------------------------------------------------------ hooks
     def observe_push(

@@ -7,6 +7,8 @@ Theory of operation
 
 * **DLQ growing** — the number of open dead letters rose since the previous reading
   (the first reading is the baseline, so a restart does not re-announce old letters);
+* **SLO burn** (``slo_burn``) — over the last 1/24 of the SLO window, an objective's
+  error budget is spent faster than the window allows (``sync_server.slo``);
 * **event processing delayed** — a backlog (``saga``: the most overdue workflow no
   instance runs; ``outbox``: the oldest undelivered outbox item; ``hub``: the oldest
   committed event not yet fanned out) is older than ``delay_threshold`` (SPEC: a
@@ -30,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -39,6 +42,8 @@ from typing import Any, Protocol
 from protocol import StorageError
 from sync_server.metrics import BREAKER_STATE_VALUES, Metrics
 from sync_server.saga.alerts import Alerts
+from sync_server.slo import ALL, SloValue, burning, compute_slos, format_window
+from sync_server.slo_reader import read_window
 from sync_server.store.base import Store
 
 __all__ = [
@@ -53,6 +58,12 @@ log = logging.getLogger("tether.monitor")
 
 DELAY_THRESHOLD = 60.0
 """Seconds of backlog after which processing counts as delayed (an alert)."""
+SLO_WINDOW = 86_400.0
+"""The SLOs' window (24 h); ``slo_burn`` looks at the last 1/24 of it (1 h)."""
+SLO_INTERVAL = 60.0
+"""Seconds between SLO computations (each reads the window's events)."""
+MAX_SLO_SCOPES = 200
+"""Most (tenant, workflow) scopes exported as gauges (bounded series)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +87,7 @@ class AlertMachine:
         self.delay_threshold = delay_threshold
         self._dlq: int | None = None
         self._delayed: set[str] = set()
+        self._burning: set[tuple[str, str, str]] = set()
         self._out: list[RaisedAlert] = []
 
     def receive_dlq_depth(self, depth: int, now: float) -> None:
@@ -107,6 +119,32 @@ class AlertMachine:
                 )
         else:
             self._delayed.discard(backlog)
+
+    def receive_slos(self, values: list[SloValue], now: float) -> None:
+        """SLO values over the short burn window; ``slo_burn`` fires once per objective
+        and scope when its budget burns faster than the window allows, and re-arms
+        when it no longer does (``sync_server.slo.burning``)."""
+        for value in values:
+            key = (value.name, value.tenant, value.workflow)
+            if not burning(value):
+                self._burning.discard(key)
+                continue
+            if key in self._burning:
+                continue
+            self._burning.add(key)
+            scope = "all tenants" if value.tenant == ALL else f"tenant {value.tenant}"
+            if value.workflow != ALL:
+                scope += f", workflow {value.workflow}"
+            self._out.append(
+                RaisedAlert(
+                    "slo_burn",
+                    f"SLO {value.name} ({scope}) burns its error budget too fast: value "
+                    f"{value.value:.4g} against objective {value.objective:g} over the "
+                    f"last {format_window(value.window)}",
+                    {**value.as_json(), "burn_rate": round(1.0 - value.budget_left, 3)},
+                    now,
+                )
+            )
 
     def alerts_to_send(self) -> list[RaisedAlert]:
         """Drain the alerts decided since the last call."""
@@ -180,8 +218,15 @@ class MonitorRunner:
         interval: float = 5.0,
         delay_threshold: float = DELAY_THRESHOLD,
         clock: Callable[[], float] = time.time,
+        slo_window: float = SLO_WINDOW,
+        slo_interval: float = SLO_INTERVAL,
     ) -> None:
         self.store = store
+        self.slo_window = slo_window
+        self.slo_interval = slo_interval
+        self.slos: list[SloValue] = []
+        """The latest SLO values over ``slo_window`` (for the dashboard)."""
+        self._slo_at = -math.inf
         self.metrics = metrics
         self.alerts = alerts
         self.hub = hub
@@ -238,9 +283,37 @@ class MonitorRunner:
             hub_lag = await self._hub_lag(now)
             self.metrics.hub_lag.set(hub_lag)
             self.machine.receive_lag("hub", hub_lag, now)
+        if now - self._slo_at >= self.slo_interval:
+            await self.refresh_slos(now)
         for raised in self.machine.alerts_to_send():
             self.alerts.alert(raised.kind, raised.message, raised.details)
         self.readings += 1
+
+    async def refresh_slos(self, now: float) -> None:
+        """Recompute the SLOs over ``slo_window``, set their gauges (the first
+        ``MAX_SLO_SCOPES`` scopes: overall, per workflow name, per tenant, per tenant and
+        workflow), and feed the short burn window (1/24 of it) to the alert rules.
+
+        Raises:
+            StorageError: the store failed.
+        """
+        rows = await read_window(self.store, now - self.slo_window)
+        self._slo_at = now
+        self.slos = compute_slos(rows, now, self.slo_window)
+        for gauge in (self.metrics.slo_value, self.metrics.slo_budget_left):
+            gauge.clear()
+        scopes: set[tuple[str, str]] = set()
+        for value in self.slos:
+            scope = (value.tenant, value.workflow)
+            if scope not in scopes and len(scopes) >= MAX_SLO_SCOPES:
+                continue
+            scopes.add(scope)
+            self.metrics.slo_objective.labels(value.name).set(value.objective)
+            labels = (value.name, value.tenant, value.workflow)
+            if value.value is not None:
+                self.metrics.slo_value.labels(*labels).set(value.value)
+            self.metrics.slo_budget_left.labels(*labels).set(value.budget_left)
+        self.machine.receive_slos(compute_slos(rows, now, self.slo_window / 24), now)
 
     async def _hub_lag(self, now: float) -> float:
         """Age of the oldest committed event the hub has not fanned out yet."""

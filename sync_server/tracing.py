@@ -231,3 +231,13 @@ def end_push_spans(spans: Mapping[int, Span], results: list[Any]) -> None:
             continue
         error = result.error if result.status == "rejected" else None
         end_span(span, error=error, attributes={"tether.mutation.status": str(result.status)})
+
+
+def current_trace_id() -> str | None:
+    """The trace id (32 hex digits) of the active span, if tracing is on and one is."""
+    if _tracer is None:
+        return None
+    from opentelemetry import trace
+
+    context = trace.get_current_span().get_span_context()
+    return f"{context.trace_id:032x}" if context.is_valid else None

@@ -526,7 +526,8 @@ class SagaRunner:
             idempotency_key=command.idempotency_key,
             http=self._http,
             log=logging.LoggerAdapter(
-                logging.getLogger("tether.step"), {"workflow_id": record.id, "step": step.name}
+                logging.getLogger("tether.step"),
+                {"workflow_id": record.id, "step": step.name, "attempt": command.attempt},
             ),
             tenant=record.tenant,
             compensating=compensation,
@@ -603,7 +604,14 @@ class SagaRunner:
             raise
         except Exception as exc:
             item.error = _describe(exc)
-            log.debug("attempt %s of %s/%s failed", ctx.attempt, ctx.workflow_id, ctx.step)
+            log.debug(
+                "attempt %s of %s/%s failed: %s",
+                ctx.attempt,
+                ctx.workflow_id,
+                ctx.step,
+                item.error,
+                extra={"workflow_id": ctx.workflow_id, "step": ctx.step, "attempt": ctx.attempt},
+            )
         finally:
             if held.tasks.get(key) is asyncio.current_task():
                 del held.tasks[key]
