@@ -127,6 +127,7 @@ def server_process(
     workflows: str | None = None,
     env: dict[str, str] | None = None,
     args: list[str] | None = None,
+    stderr: Any = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """``sync-server serve`` as a child process (kill it with SIGKILL to test crashes)."""
     port = port or free_port()
@@ -146,7 +147,7 @@ def server_process(
         cmd += ["--workflows", workflows]
     cmd += args or []
     full_env = {**os.environ, "SYNC_AUTH_SECRET": SECRET, **(env or {})}
-    proc = subprocess.Popen(cmd, env=full_env)
+    proc = subprocess.Popen(cmd, env=full_env, stderr=stderr)
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", proc=proc)
         yield proc, port

@@ -11,6 +11,7 @@ every span parented as ``sync_server.tracing`` draws it.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -97,7 +98,11 @@ async def test_one_trace_from_offline_submit_through_sigkill_and_retry(
                 proc_a.kill()
                 proc_a.wait(timeout=10)
             env_b = _server_env(receiver, "tether-b", jobs.url)
-            with server_process(db_url, port=port, env=env_b, args=serve_args):
+            json_args = [*serve_args, "--log-format", "json", "--log-level", "info"]
+            with (
+                (tmp_path / "b.log").open("wb") as b_log,
+                server_process(db_url, port=port, env=env_b, args=json_args, stderr=b_log),
+            ):
                 view = await client.wait(handle.id, timeout=60)
                 assert view.status == "completed"
                 await wait_for(lambda: receiver.named("tether.workflow traced"), timeout=15)
@@ -130,6 +135,13 @@ async def test_one_trace_from_offline_submit_through_sigkill_and_retry(
     assert all(valid_traceparent(tp) and trace_id_of(tp) == trace for tp in sent)
     assert sent[0][36:52] == first[0].span_id
     assert sent[-1][36:52] == resumed[0].span_id
+
+    # serve --log-format json: the step's log line names workflow, step, attempt, trace.
+    lines = [json.loads(line) for line in (tmp_path / "b.log").read_text().splitlines()]
+    [rendering] = [line for line in lines if line["message"] == "rendering"]
+    assert rendering["workflow_id"] == handle.id and rendering["step"] == "render"
+    assert rendering["attempt"] == 2 and rendering["trace_id"] == trace
+    assert rendering["logger"] == "tether.step" and rendering["level"] == "info"
 
     # Events carry the trace id (what the SDK's watch logs).
     store = open_store(db_url)

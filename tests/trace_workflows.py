@@ -17,6 +17,7 @@ async def _prepare(ctx: StepContext) -> dict[str, Any]:
 
 
 async def _render(ctx: StepContext) -> Any:
+    ctx.log.info("rendering")  # a JSON log line names the workflow, step, attempt, trace
     response = await ctx.http.post(
         f"{os.environ['TETHER_JOB_SERVICE']}/work",
         json=ctx.input.get("render") or {},
