@@ -75,6 +75,11 @@ def test_demo_without_faults_completes_everything() -> None:
     assert report["completed"] == report["submitted"] == 4
     assert report["retries"] == report["job_failures"] == report["dead_letters"] == 0
     assert "fault:" not in output
+    # The closing report's SLO lines, from the server's log: a clean run meets them.
+    assert re.search(r"SLO completion_24h:\s+100\.0%", output), output
+    assert re.search(r"SLO retry_efficiency:\s+0\.0%", output), output
+    for name in ("mttr", "client_failure_share", "p95_completion", "overhead"):
+        assert f"SLO {name}:" in output
 
 
 def test_report_counts_lost_and_duplicated() -> None:

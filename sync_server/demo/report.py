@@ -20,11 +20,14 @@ no workflow with two keys for one kind of effect), every workflow ended or parke
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sync_server.slo import ALL, OBJECTIVES, SloValue, compute_slos, row_from_event
 
 __all__ = ["FINAL", "ClientFile", "DemoReport", "Evidence", "build_report", "read_client_file"]
 
@@ -113,6 +116,8 @@ class DemoReport:
     diverged: int
     seconds: float
     faults: list[str] = field(default_factory=list)
+    slos: list[SloValue] = field(default_factory=list)
+    """The SLOs over the run (``sync_server.slo``, from the server's log)."""
 
     @property
     def ok(self) -> bool:
@@ -146,6 +151,7 @@ class DemoReport:
             ("redeliveries absorbed", str(self.redeliveries), "job service (same key again)"),
             ("client views diverged", str(self.diverged), "clients' files vs server"),
             ("time", f"{self.seconds:.1f} s", "wall clock"),
+            *(_slo_row(value) for value in self.slos),
         ]
 
     def line(self) -> str:
@@ -249,4 +255,36 @@ def build_report(evidence: Evidence) -> DemoReport:
         diverged=diverged,
         seconds=evidence.seconds,
         faults=list(evidence.faults),
+        slos=_run_slos(evidence.events),
+    )
+
+
+def _run_slos(events: list[dict[str, Any]]) -> list[SloValue]:
+    """The overall SLOs over the run: its first event to its last."""
+    rows = [
+        row_from_event("demo", str(e.get("workflow_id")), str(e.get("type")), e.get("data"), at)
+        for e in events
+        if isinstance(at := e.get("at"), int | float)
+    ]
+    if not rows:
+        return []
+    now = max(row.at for row in rows) + 1.0
+    window = float(math.ceil(now - min(row.at for row in rows)))
+    return [v for v in compute_slos(rows, now, window) if v.tenant == ALL and v.workflow == ALL]
+
+
+def _slo_row(value: SloValue) -> tuple[str, str, str]:
+    objective = OBJECTIVES[value.name]
+    seconds = objective.unit == "seconds"
+
+    def shown(number: float) -> str:
+        return f"{number:.1f} s" if seconds else f"{number:.1%}"
+
+    sign = "≥" if objective.at_least else "≤"
+    current = "—" if value.value is None else shown(value.value)
+    return (
+        f"SLO {value.name}",
+        current,
+        f"objective {sign} {shown(value.objective)}, error budget left "
+        f"{value.budget_left:.0%} (server log)",
     )
