@@ -28,6 +28,8 @@ from starlette.routing import Route
 
 from protocol import BadMessage, Role, TetherError, encode_json
 from sync_server.auth import bearer_token, verify_token
+from sync_server.monitor import SLO_WINDOW
+from sync_server.slo import ALL, scope_values
 from sync_server.snapshots import snapshot
 
 if TYPE_CHECKING:
@@ -82,6 +84,7 @@ async def overview(request: Request) -> Response:
     dlq = await store.list_dlq(tenant=scope, status="open", limit=200)
     breakers = await store.list_breakers()
     metrics = tether.metrics
+    monitor = tether.monitor
     body = {
         "server_id": tether.config.server_id,
         "head": await store.head(),
@@ -106,6 +109,14 @@ async def overview(request: Request) -> Response:
             "saga_lag_seconds": metrics.value("tether_saga_lag_seconds"),
             "alerts": metrics.total("tether_alerts_total"),
         },
+        "slos": [
+            v.as_json()
+            for v in scope_values(
+                monitor.slos if monitor is not None else [],
+                monitor.slo_window if monitor is not None else SLO_WINDOW,
+                scope or ALL,
+            )
+        ],
         "alerts": [
             {"kind": a.kind, "message": a.message, "at": a.at}
             for a in reversed(getattr(tether.alerts, "recent", ()))
@@ -164,6 +175,10 @@ def _page(error: str | None = None) -> str:
       <h2>Breakers</h2>
       <table id="breakers"><thead><tr>
         <th>breaker</th><th>state</th><th>failures</th>
+      </tr></thead><tbody></tbody></table>
+      <h2>SLOs</h2>
+      <table id="slos"><thead><tr>
+        <th>objective</th><th>target</th><th>now</th><th>budget left</th>
       </tr></thead><tbody></tbody></table>
       <h2>Alerts</h2>
       <ul id="alerts"></ul>

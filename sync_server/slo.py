@@ -57,6 +57,8 @@ __all__ = [
     "format_window",
     "parse_window",
     "row_from_event",
+    "scope_values",
+    "untouched",
 ]
 
 ALL = "*"
@@ -303,6 +305,22 @@ def compute_slos(
                 SloValue(name, target.objective, value, left, window, tenant, workflow, samples)
             )
     return out
+
+
+def untouched(window: float, tenant: str = ALL, workflow: str = ALL) -> list[SloValue]:
+    """Every objective of a scope with no samples in the window: budgets untouched."""
+    return [
+        SloValue(o.name, o.objective, None, 1.0, window, tenant, workflow)
+        for o in OBJECTIVES.values()
+    ]
+
+
+def scope_values(
+    values: list[SloValue], window: float, tenant: str = ALL, workflow: str = ALL
+) -> list[SloValue]:
+    """The values of one scope (``untouched`` ones if the window holds none of it)."""
+    chosen = [v for v in values if v.tenant == tenant and v.workflow == workflow]
+    return chosen or untouched(window, tenant, workflow)
 
 
 def burning(value: SloValue, min_samples: int = 10) -> bool:

@@ -18,7 +18,15 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from protocol import BadMessage, Role, encode_json
-from sync_server.slo import ALL, SloRow, SloValue, compute_slos, parse_window, row_from_event
+from sync_server.slo import (
+    ALL,
+    SloRow,
+    SloValue,
+    compute_slos,
+    parse_window,
+    row_from_event,
+    scope_values,
+)
 from sync_server.store.base import Store
 
 if TYPE_CHECKING:
@@ -99,15 +107,7 @@ async def slo_endpoint(request: Request) -> Response:
     if (tenant is not None and len(tenant) > 128) or len(workflow) > 128:
         raise BadMessage("tenant and workflow must be at most 128 characters")
     values = await current_slos(tether.store, time.time(), window, tenant=tenant)
-    scope = tenant or ALL
-    chosen = [v.as_json() for v in values if v.tenant == scope and v.workflow == workflow]
-    if not chosen:  # nothing of that workflow in the window: untouched budgets
-        chosen = [
-            {**v.as_json(), "tenant": scope, "workflow": workflow, "value": None}
-            | {"budget_left": 1.0, "samples": 0}
-            for v in values
-            if v.tenant == ALL and v.workflow == ALL
-        ]
+    chosen = [v.as_json() for v in scope_values(values, window, tenant or ALL, workflow)]
     return Response(encode_json({"slos": chosen}), media_type="application/json")
 
 

@@ -191,6 +191,8 @@ async def test_dashboard_progress_and_requeue(tmp_path: Path) -> None:
                 await entry_row.wait_for()
                 await page.locator(f'tr[data-workflow="{parked}"][data-status="parked"]').wait_for()
                 await page.locator('#breakers tr[data-breaker="render-service"]').wait_for()
+                await page.locator('#slos tr[data-slo="completion_24h"]').wait_for()
+                assert "≥ 99.90 %" in await page.locator("#slos").inner_text()
                 await page.locator(
                     f'tr[data-workflow="{retried}"][data-status="completed"]'
                 ).wait_for()
@@ -252,3 +254,8 @@ async def test_dashboard_refuses_a_bad_token_and_overview_needs_admin(tmp_path: 
 
         await wait_for(lambda: seen(mine), 10)
         assert await seen(other) == 0
+        # The SLO panel's data: objective, value and budget left of every SLO, per scope.
+        answer = await http.get("/v1/admin/overview", headers={"Authorization": f"Bearer {other}"})
+        slos = answer.json()["slos"]
+        assert [s["name"] for s in slos][:2] == ["completion_24h", "mttr"] and len(slos) == 6
+        assert all(s["tenant"] == "other" and s["budget_left"] == 1.0 for s in slos)

@@ -168,6 +168,21 @@ function renderBreakers(data) {
   $("alerts").replaceChildren(...alerts);
 }
 
+const SECONDS_SLOS = ["mttr", "p95_completion"];
+const AT_LEAST_SLOS = ["completion_24h"];
+
+function renderSlos(data) {
+  const shown = (name, v) => v === null ? "—"
+    : SECONDS_SLOS.includes(name) ? v.toFixed(1) + " s" : (100 * v).toFixed(2) + " %";
+  const rows = (data.slos || []).map((s) =>
+    el("tr", { "data-slo": s.name, class: s.budget_left < 0 ? "error-text" : "" },
+      el("td", {}, s.name),
+      el("td", {}, (AT_LEAST_SLOS.includes(s.name) ? "≥ " : "≤ ") + shown(s.name, s.objective)),
+      el("td", {}, shown(s.name, s.value)),
+      el("td", {}, (100 * s.budget_left).toFixed(0) + " %")));
+  $("slos").tBodies[0].replaceChildren(...rows);
+}
+
 async function refresh() {
   if (timer) { clearTimeout(timer); timer = null; }
   if (!token()) return;
@@ -180,6 +195,7 @@ async function refresh() {
     renderWorkflows(data);
     renderDlq(data);
     renderBreakers(data);
+    renderSlos(data);
   } catch (error) {
     if (error.message === "unauthorized") return;
     $("live").textContent = "reconnecting";
