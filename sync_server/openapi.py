@@ -63,6 +63,25 @@ class DlqList(msgspec.Struct, frozen=True):
     entries: list[DlqEntry]
 
 
+class SloItem(msgspec.Struct, frozen=True):
+    """One SLO over one scope (``sync_server.slo``); ``value`` is null without samples."""
+
+    name: str
+    objective: float
+    value: float | None
+    budget_left: float
+    window: str
+    tenant: str
+    workflow: str
+    samples: int
+
+
+class SloList(msgspec.Struct, frozen=True):
+    """Answer of ``GET /v1/slo``."""
+
+    slos: list[SloItem]
+
+
 class Health(msgspec.Struct, frozen=True):
     """Answer of ``GET /healthz``."""
 
@@ -267,6 +286,28 @@ def _paths() -> dict[str, Any]:
                 "responses": _responses(202, "WorkflowSnapshot", *_AUTH, 403, 404, 409, 503),
             }
         },
+        "/v1/slo": {
+            "get": {
+                "operationId": "listSlos",
+                "summary": "The SLOs with their error budgets (role admin; a tenant admin "
+                "sees its own tenant).",
+                "parameters": [
+                    {
+                        "name": name,
+                        "in": "query",
+                        "required": False,
+                        "description": description,
+                        "schema": {"type": "string", "maxLength": 128},
+                    }
+                    for name, description in (
+                        ("window", "A duration such as 1h, 24h or 7d (default 24h)."),
+                        ("tenant", "One tenant (global admins only; default all)."),
+                        ("workflow", "One workflow name (default all)."),
+                    )
+                ],
+                "responses": _responses(200, "SloList", 400, *_AUTH, 403, 503),
+            }
+        },
         "/healthz": {
             "get": {
                 "operationId": "healthz",
@@ -402,6 +443,7 @@ def build_document() -> dict[str, Any]:
             WorkflowList,
             ReportStateArgs,
             DlqList,
+            SloList,
             ErrorBody,
             Health,
             Ready,

@@ -104,8 +104,9 @@ async def slo_endpoint(request: Request) -> Response:
         raise BadMessage(str(exc)) from exc
     tenant = principal.scope or request.query_params.get("tenant") or None
     workflow = request.query_params.get("workflow") or ALL
-    if (tenant is not None and len(tenant) > 128) or len(workflow) > 128:
-        raise BadMessage("tenant and workflow must be at most 128 characters")
+    for text in (tenant or "", workflow):
+        if len(text) > 128 or "\x00" in text:
+            raise BadMessage("tenant and workflow must be at most 128 characters, without NUL")
     values = await current_slos(tether.store, time.time(), window, tenant=tenant)
     chosen = [v.as_json() for v in scope_values(values, window, tenant or ALL, workflow)]
     return Response(encode_json({"slos": chosen}), media_type="application/json")
