@@ -33,7 +33,8 @@ def _load_figures() -> None:
     import bench.ingest
     import bench.recovery
     import bench.resilience
-    import bench.saga  # noqa: F401
+    import bench.saga
+    import bench.tracing  # noqa: F401
 
 
 def _fmt(value: float | None, unit: str = "") -> str:

@@ -179,7 +179,12 @@ async def child(
 
 
 async def run_worker(
-    target: str, params: dict[str, Any], *, timeout: float = 300.0, logdir: Path | None = None
+    target: str,
+    params: dict[str, Any],
+    *,
+    timeout: float = 300.0,
+    logdir: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Any:
     """Run ``bench.worker`` (``module:function`` with JSON params) in a fresh interpreter.
 
@@ -195,7 +200,7 @@ async def run_worker(
         *cmd,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "SYNC_AUTH_SECRET": SECRET},
+        env={**os.environ, "SYNC_AUTH_SECRET": SECRET, **(env or {})},
     )
     sampler = Sampler(proc.pid, "worker-" + target.rsplit(":", 1)[-1])
     try:
