@@ -233,3 +233,31 @@ async def test_closed_store_refuses_work(tmp_path: Path) -> None:
         s.get_row(wid(1))
     with pytest.raises(LocalStoreError, match="closed"):
         s.list_rows()
+
+
+async def test_traceparent_is_kept_with_the_queued_mutation_and_old_files_gain_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "traced.db"
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    s = LocalStore(path)
+    s.open()
+    args = {"workflow_id": wid(1), "name": "noop", "input": {}}
+    queued = await s.enqueue(
+        "submit_workflow", wid(1), args, created_at=1.0, workflow_name="noop", traceparent=parent
+    )
+    assert queued is not None and queued.traceparent == parent
+    s.close()
+    # Reopened (an app restarted while offline): the pending mutation still has it.
+    s = LocalStore(path)
+    assert [m.traceparent for m in s.open().pending] == [parent]
+    s.close()
+    # A file written before the column existed: opening adds it; old rows read as "".
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE mutations DROP COLUMN traceparent")
+    s = LocalStore(path)
+    assert [m.traceparent for m in s.open().pending] == [""]
+    s.close()
+    with sqlite3.connect(path) as conn:
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(mutations)")]
+    assert "traceparent" in columns

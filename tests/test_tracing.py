@@ -188,3 +188,132 @@ def test_tracing_off_costs_nothing_measurable():
         tracing.end_span(tracing.start_span("x", None, {}))
     per_call = (time.perf_counter() - started) / 100_000
     assert per_call < 2e-6  # two function calls that return at once
+
+
+# ------------------------------------------------- every server span, in one process
+
+
+class _Webhook:
+    """A loopback HTTP endpoint that records the headers of each POST."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.headers: list[dict[str, str]] = []
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                hook.headers.append({k.lower(): v for k, v in self.headers.items()})
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/done"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def test_compensation_dlq_and_outbox_spans_join_the_pushed_trace(sqlite_url):
+    import uuid
+
+    import httpx
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from sync_server import PermanentError, Step, Workflow, create_app, tracing
+    from tests.servers import running
+    from tests.sync_helpers import token
+
+    async def reserve(ctx):
+        return {"ok": True}
+
+    async def refund(ctx):
+        return None
+
+    async def charge(ctx):
+        raise PermanentError("card declined")
+
+    flow = Workflow(
+        "pay",
+        [
+            Step("reserve", reserve, compensate=refund),
+            Step("charge", charge, depends_on=["reserve"]),
+        ],
+        on_failure="compensate",
+    )
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracing.install(provider)
+    webhook = _Webhook()
+    client_span = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    wid, other = str(uuid.uuid4()), str(uuid.uuid4())
+    try:
+        app = create_app(
+            sqlite_url, workflows=[flow], auth_secret=SECRET, completion_webhook=webhook.url
+        )
+        async with running(app) as server, httpx.AsyncClient(base_url=server.http_url) as http:
+            mutations = [
+                {
+                    "id": 1,
+                    "name": "submit_workflow",
+                    "args": {"workflow_id": wid, "name": "pay", "input": {}},
+                    "traceparent": client_span,
+                },
+                {
+                    # Not a traceparent: ignored (a new trace), never a rejection.
+                    "id": 2,
+                    "name": "submit_workflow",
+                    "args": {"workflow_id": other, "name": "pay", "input": {}},
+                    "traceparent": "garbage",
+                },
+            ]
+            answer = await http.post(
+                "/v1/push",
+                json={"client_id": "traced", "mutations": mutations},
+                headers={"Authorization": f"Bearer {token('acme', 'traced')}"},
+            )
+            assert [r["status"] for r in answer.json()["results"]] == ["applied", "applied"]
+            await wait_for(lambda: len(webhook.headers) >= 2, timeout=30)
+            await wait_for(
+                lambda: len([s for s in memory.get_finished_spans() if "outbox" in s.name]) >= 2
+            )
+    finally:
+        tracing.install(None)
+        webhook.close()
+    spans = memory.get_finished_spans()
+    trace = int(client_span[3:35], 16)
+    mine = [s for s in spans if s.context.trace_id == trace]
+    names = sorted(s.name for s in mine)
+    assert names == [
+        "tether.compensate reserve",
+        "tether.dlq charge",
+        "tether.outbox deliver",
+        "tether.push submit_workflow",
+        "tether.step charge",
+        "tether.step reserve",
+        "tether.workflow pay",
+    ]
+    [push] = [s for s in mine if s.name.startswith("tether.push")]
+    assert push.parent.span_id == int(client_span[36:52], 16)
+    assert all(s.parent.span_id == push.context.span_id for s in mine if s is not push)
+    by_name = {s.name: s for s in mine}
+    assert by_name["tether.step charge"].status.status_code.name == "ERROR"
+    assert by_name["tether.step charge"].attributes["tether.permanent"] is True
+    assert by_name["tether.workflow pay"].attributes["tether.workflow.status"] == "compensated"
+    outbox = by_name["tether.outbox deliver"]
+    sent = [h["traceparent"] for h in webhook.headers if trace_id_of(h["traceparent"])]
+    assert f"00-{trace:032x}-{outbox.context.span_id:016x}-01" in sent
+    # The other workflow got a trace of its own, rooted at its push span.
+    [root] = [s for s in spans if s.name.startswith("tether.push") and s is not push]
+    assert root.parent is None and root.context.trace_id != trace
