@@ -12,6 +12,7 @@ every span parented as ``sync_server.tracing`` draws it.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from pathlib import Path
@@ -62,8 +63,9 @@ def _server_env(receiver: OtlpReceiver, name: str, job_url: str) -> dict[str, st
 
 
 async def test_one_trace_from_offline_submit_through_sigkill_and_retry(
-    tmp_path: Path, receiver, client_provider
+    tmp_path: Path, receiver, client_provider, caplog
 ):
+    caplog.set_level(logging.INFO, logger="client_sdk")
     db_url = f"sqlite:///{tmp_path / 'sync.db'}"
     port = free_port()
     token = issue_token(SECRET, tenant="acme", subject="app", role="client")
@@ -142,6 +144,10 @@ async def test_one_trace_from_offline_submit_through_sigkill_and_retry(
     assert rendering["workflow_id"] == handle.id and rendering["step"] == "render"
     assert rendering["attempt"] == 2 and rendering["trace_id"] == trace
     assert rendering["logger"] == "tether.step" and rendering["level"] == "info"
+
+    # The SDK's watch (under wait) logged the trace id of the workflow's events.
+    watched = [r.getMessage() for r in caplog.records if r.name == "client_sdk"]
+    assert any(f"trace_id {trace}" in m and handle.id in m for m in watched), watched
 
     # Events carry the trace id (what the SDK's watch logs).
     store = open_store(db_url)
