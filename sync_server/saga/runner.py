@@ -45,6 +45,7 @@ import msgspec
 
 from protocol import TERMINAL_WORKFLOW_STATUSES, Progress, StorageError, WorkflowStatus
 from sync_server import tracing
+from sync_server.saga import spans
 from sync_server.saga.alerts import Alerts, AlertSink
 from sync_server.saga.backoff import jittered
 from sync_server.saga.breaker import BreakerPolicy
@@ -439,7 +440,7 @@ class SagaRunner:
             if self.metrics is not None:
                 self.metrics.workflow_finished(record.name, record.status)
         if record is not None and tracing.enabled():
-            trace_outcome(record, applied.alerts, self.clock())
+            spans.record_outcome(record, applied.alerts, self.clock(), record.status in _ENDED)
         if applied.failed or record is None:
             if held is not None:
                 self._held.pop(wid, None)
@@ -546,24 +547,9 @@ class SagaRunner:
             self.metrics.step_attempt(record.name, step.name, command.attempt, compensation)
         span = None
         if tracing.enabled():
-            s = steps[step.name]
-            span = tracing.start_span(
-                f"tether.{'compensate' if compensation else 'step'} {step.name}",
-                record.state.get("trace"),
-                {
-                    "tether.workflow.id": record.id,
-                    "tether.workflow.name": record.name,
-                    "tether.step": step.name,
-                    "tether.attempt": command.attempt,
-                    "tether.retry_delay": None if compensation else s.get("retry_delay"),
-                    "tether.breaker": step.breaker,
-                    "tether.breaker.state": self.checkpointer.breaker_seen.get(
-                        step.breaker, "closed"
-                    )
-                    if step.breaker
-                    else None,
-                    "tether.instance": self.instance_id,
-                },
+            breaker = self.checkpointer.breaker_seen.get(step.breaker or "", "closed")
+            span = spans.start_attempt(
+                record, step, command.attempt, compensation, breaker, self.instance_id
             )
         run = self._attempt(held, key, action, ctx, step.timeout, step.breaker, span)
         held.tasks[key] = (
@@ -708,30 +694,3 @@ def _describe(exc: BaseException) -> str:
     text = str(exc)
     name = type(exc).__name__
     return f"{name}: {text}"[:2000] if text else name
-
-
-def trace_outcome(record: WorkflowRecord, alerts: list[Any], now: float) -> None:
-    """After COMMIT: a span per dead letter added, and the workflow's span once it ends."""
-    trace = record.state.get("trace")
-    for alert in alerts:
-        entry = alert.details.get("dlq_entry")
-        if entry is not None:
-            tracing.record_span(
-                f"tether.dlq {alert.details.get('step', '')}",
-                trace,
-                {"tether.workflow.id": record.id, "tether.dlq.entry": entry},
-                error=alert.message,
-            )
-    if record.status in _ENDED:
-        tracing.record_span(
-            f"tether.workflow {record.name}",
-            trace,
-            {
-                "tether.workflow.id": record.id,
-                "tether.workflow.name": record.name,
-                "tether.workflow.status": record.status,
-            },
-            start=record.created_at,
-            end=now,
-            error=record.error if record.status != "completed" else None,
-        )
