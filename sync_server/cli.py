@@ -106,7 +106,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.log_format == "json":
         from sync_server.logs import configure_logging
 
-        configure_logging(args.log_level, "json")
+        configure_logging(args.log_level)
         config["log_config"] = None  # uvicorn's loggers propagate to the JSON handler
     uvicorn.run(app, **config)
     return 0

@@ -47,13 +47,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
-def configure_logging(level: str, log_format: str) -> None:
-    """Send every log line (Tether's and uvicorn's) to stderr, as JSON or plain text."""
+def configure_logging(level: str) -> None:
+    """Send every log line (Tether's and uvicorn's) to stderr as JSON."""
     handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
