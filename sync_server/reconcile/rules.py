@@ -14,8 +14,11 @@ state with the saga record and names the repair:
 
 * ``complete`` — a higher source says the job step completed while the saga still runs
   or retries it (a lost completion callback): record its result as the step's outcome;
-* ``resubmit`` — the job source never heard of a job the saga is running (a lost job):
-  run the step again now with the same idempotency key;
+* ``resubmit`` — the job source never heard of a job the saga is running (a lost job),
+  or has run it for longer than ``horizon`` (a dead worker): run the step again now
+  with the same idempotency key;
+* ``fail`` — a higher source says the job of a running step failed (the failure never
+  reached the attempt): the attempt fails and the step retries by its policy;
 * ``cancel`` — a higher source says cancelled: cancel and compensate;
 * ``correct`` — a lower source (the mini-app) diverges from the canonical state: send
   it the canonical snapshot in a ``workflow.reconciled`` event;
@@ -59,13 +62,16 @@ class ReconcileRules:
         priority: sources, highest first (env ``SYNC_SOURCE_PRIORITY``, comma-separated).
         job_steps: workflow name -> the step whose job runs at the job source.
         interval: seconds between sweeps.
-        grace: seconds a job may stay unknown at its source before it counts as lost.
+        grace: seconds a job may stay unknown (or failed while its step still runs) at
+            its source before it counts as lost (or failed).
+        horizon: seconds a job may run at its source before the step is re-run as stuck.
     """
 
     priority: tuple[str, ...] = DEFAULT_PRIORITY
     job_steps: Mapping[str, str] = field(default_factory=dict)
     interval: float = 5.0
     grace: float = 2.0
+    horizon: float = 900.0
 
     def __post_init__(self) -> None:
         unknown = set(self.priority) - {s.value for s in Source}
@@ -113,6 +119,7 @@ def pending_repair(record: WorkflowRecord, step: str) -> bool:
     requests = record.state.get("requests") or {}
     queued = [r["step"] for r in requests.get("reconcile", ())]
     queued += list(requests.get("resubmit", ()))
+    queued += [r["step"] for r in requests.get("fail", ())]
     return step in queued
 
 
@@ -152,6 +159,18 @@ def decide(record: WorkflowRecord, rules: ReconcileRules) -> Repair:
                 step,
                 detail.get("result"),
             )
+    elif status == WorkflowStatus.FAILED.value and server == WorkflowStatus.RUNNING.value:
+        # The job source outranks the saga record: its job failed, so the attempt did.
+        step = _job_step(record, rules, detail)
+        steps = record.state.get("steps") or {}
+        state = (steps.get(step) or {}).get("status") if step else None
+        if not step or state != StepStatus.RUNNING.value or pending_repair(record, step):
+            return NONE  # the saga already knows (retrying, done) or is being repaired
+        attempts = (steps.get(step) or {}).get("attempts")
+        if detail.get("attempt") is not None and detail.get("attempt") != attempts:
+            return NONE  # a failure of an earlier attempt, already counted
+        error = detail.get("error") if isinstance(detail.get("error"), str) else "failed"
+        return Repair("fail", strongest, f"{strongest} says the job of {step} failed", step, error)
     elif status == WorkflowStatus.CANCELLED.value and not WorkflowStatus(server).terminal:
         return Repair("cancel", strongest, f"{strongest} says cancelled")
     elif status in (WorkflowStatus.RUNNING.value, WorkflowStatus.PENDING.value):
@@ -204,7 +223,7 @@ def apply_report(
 
 def apply_repair(tx: Transaction, record: WorkflowRecord, repair: Repair, now: float) -> None:
     """Apply a decided repair to ``record`` inside ``tx`` (the caller writes the record)."""
-    if repair.kind in ("complete", "resubmit"):
+    if repair.kind in ("complete", "resubmit", "fail"):
         assert repair.step is not None
         intake.request_reconcile(
             tx,

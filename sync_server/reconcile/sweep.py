@@ -1,14 +1,20 @@
 """The periodic reconciliation sweep: ask the job source, repair divergence.
 
-Every ``rules.interval`` seconds the sweep lists running workflows that have a job step
-(``rules.job_steps``) running or retrying, asks each ``SourceAdapter`` about the step's
-job (by its idempotency key) and turns the answer into a report of the source
+Every ``rules.interval`` seconds the sweep lists running workflows, and in each every
+running or retrying step that runs a job — the step recorded it when it called its
+adapter (``StepContext.record_job``; the step state's ``job``), or it is the step named
+in ``rules.job_steps`` — asks the recorded ``SourceAdapter`` about that job (by the
+step's idempotency key) and turns the answer into a report of the source
 (``rules.apply_report`` decides and repairs in one transaction, under the row lock):
 
 * the source says *completed* while the saga still waits: the lost completion is
   applied (``complete``);
+* the source says *failed* while the step still runs, for longer than ``rules.grace``:
+  the report is honoured by the canonical rule — the attempt fails (``fail``);
 * the source has *never heard of* the job of a running step for longer than
-  ``rules.grace``: the job is resubmitted with the same idempotency key (``resubmit``).
+  ``rules.grace``, or has been *running it for longer than* ``rules.horizon`` (a dead
+  worker): the step re-runs with the same idempotency key (``resubmit``), and its
+  adapter attaches to, or replaces, the job.
 
 Every repair is a ``workflow.reconciled`` event and a metric (``on_repair``); a
 divergence that no repair can fix, or a sweep that fails, raises an alert. Several
@@ -23,6 +29,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from protocol import ReportStateArgs, Source, StepStatus, TetherError, WorkflowStatus
 from sync_server.reconcile.rules import (
@@ -75,12 +82,13 @@ class Reconciler:
         self.clock = clock
         self.repairs = 0
         self.sweeps = 0
-        self._unknown_since: dict[tuple[str, str, int], float] = {}
+        self._since: dict[tuple[str, str, int, str], float] = {}
+        self._stuck: set[tuple[str, str, int, str]] = set()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start sweeping every ``rules.interval`` seconds."""
-        if self.sources and self.rules.job_steps:
+        if self.sources:
             self._task = asyncio.create_task(self._loop(), name="tether-reconcile")
 
     async def stop(self) -> None:
@@ -104,34 +112,63 @@ class Reconciler:
                     "reconciliation_failed", f"reconciliation sweep failed: {exc}", {}
                 )
 
+    def job_steps(self, record: WorkflowRecord) -> list[tuple[str, list[SourceAdapter]]]:
+        """The running or retrying steps of ``record`` that run a job, with the sources
+        to ask: those the step recorded (``StepContext.record_job``), else every source
+        for the step named in ``rules.job_steps``."""
+        fallback = self.rules.job_steps.get(record.name)
+        out: list[tuple[str, list[SourceAdapter]]] = []
+        for name, state in (record.state.get("steps") or {}).items():
+            if state.get("status") not in (StepStatus.RUNNING, StepStatus.RETRYING):
+                continue
+            job = state.get("job")
+            if isinstance(job, dict):
+                sources = self._sources_for(job)
+            elif name == fallback:
+                sources = self.sources
+            else:
+                continue
+            if sources and not pending_repair(record, name):
+                out.append((name, sources))
+        return out
+
+    def _sources_for(self, job: dict[str, Any]) -> list[SourceAdapter]:
+        named = [s for s in self.sources if getattr(s, "name", s.source) == job.get("adapter")]
+        return named or [s for s in self.sources if s.source == job.get("source")]
+
     async def sweep_once(self) -> int:
         """One pass over the running workflows; returns the repairs made."""
         self.sweeps += 1
         made = 0
-        seen: set[tuple[str, str, int]] = set()
+        seen: set[tuple[str, str, int, str]] = set()
         records = await self.store.list_workflows(
             statuses=[WorkflowStatus.RUNNING.value], limit=10_000
         )
         for record in records:
-            step = self.rules.job_steps.get(record.name)
-            state = ((record.state.get("steps") or {}).get(step) or {}) if step else {}
-            if step is None or state.get("status") not in (StepStatus.RUNNING, StepStatus.RETRYING):
-                continue
-            if pending_repair(record, step):
-                continue
-            key = idempotency_key(record.id, step)
-            for source in self.sources:
-                try:
-                    job = await source.job_status(record, step, key)
-                except Exception as exc:  # a source that is down is not divergence
-                    log.warning("job source %s failed for %s: %s", source.source, key, exc)
-                    continue
-                attempt = int(state.get("attempts", 0))
-                made += await self._compare(record, step, attempt, source.source, job, seen)
-        # Forget unknown-job timers of attempts that are no longer seen.
-        for stale in set(self._unknown_since) - seen:
-            del self._unknown_since[stale]
+            for step, sources in self.job_steps(record):
+                state = record.state["steps"][step]
+                key = idempotency_key(record.id, step)
+                for source in sources:
+                    try:
+                        job = await source.job_status(record, step, key)
+                    except Exception as exc:  # a source that is down is not divergence
+                        log.warning("job source %s failed for %s: %s", source.source, key, exc)
+                        continue
+                    attempt = int(state.get("attempts", 0))
+                    made += await self._compare(record, step, attempt, source.source, job, seen)
+        # Forget the timers of attempts that are no longer seen.
+        for stale in set(self._since) - seen:
+            del self._since[stale]
         return made
+
+    def _lasted(self, marker: tuple[str, str, int, str], now: float, seen: set[Any]) -> bool:
+        """True once ``marker`` has been seen for longer than ``rules.grace``."""
+        seen.add(marker)
+        first = self._since.setdefault(marker, now)
+        if now - first < self.rules.grace:
+            return False
+        del self._since[marker]
+        return True
 
     async def _compare(
         self,
@@ -140,9 +177,10 @@ class Reconciler:
         attempt: int,
         source: str,
         job: JobState,
-        seen: set[tuple[str, str, int]],
+        seen: set[tuple[str, str, int, str]],
     ) -> int:
         now = self.clock()
+        running = record.state["steps"][step].get("status") == StepStatus.RUNNING
         if job.status == "completed":
             args = ReportStateArgs(
                 workflow_id=record.id,
@@ -152,16 +190,36 @@ class Reconciler:
                 detail={"step": step, "result": job.result, "observed_by": "sweep"},
             )
             return await self._report(record.id, args)
-        if job.status == "unknown" and (
-            (record.state["steps"][step]).get("status") == StepStatus.RUNNING
-        ):
-            marker = (record.id, step, attempt)
-            seen.add(marker)
-            first = self._unknown_since.setdefault(marker, now)
-            if now - first < self.rules.grace:
+        if job.status == "failed" and running:
+            # Honoured by the canonical rule (the job source outranks the saga record),
+            # once it has lasted ``grace``: the attempt may be about to report it itself.
+            if not self._lasted((record.id, step, attempt, "failed"), now, seen):
                 return 0
-            del self._unknown_since[marker]
-            return await self._resubmit(record.id, step, attempt, source)
+            args = ReportStateArgs(
+                workflow_id=record.id,
+                source=Source(source),
+                status=WorkflowStatus.FAILED,
+                at=job.at or now,
+                detail={
+                    "step": step,
+                    "attempt": attempt,
+                    "error": job.error or "failed",
+                    "observed_by": "sweep",
+                },
+            )
+            return await self._report(record.id, args)
+        if job.status == "unknown" and running:
+            if not self._lasted((record.id, step, attempt, "unknown"), now, seen):
+                return 0
+            why = "never heard of the job"
+            return await self._resubmit(record.id, step, attempt, source, why)
+        if job.status == "running" and running and job.since is not None:
+            marker = (record.id, step, attempt, f"stuck:{job.since}")
+            if now - job.since <= self.rules.horizon or marker in self._stuck:
+                return 0
+            self._stuck.add(marker)
+            why = f"has run the job for {now - job.since:.0f} s (horizon {self.rules.horizon} s)"
+            return await self._resubmit(record.id, step, attempt, source, why)
         return 0
 
     async def _report(self, workflow_id: str, args: ReportStateArgs) -> int:
@@ -177,7 +235,9 @@ class Reconciler:
 
         return self._after(await self._run(unit), workflow_id)
 
-    async def _resubmit(self, workflow_id: str, step: str, attempt: int, source: str) -> int:
+    async def _resubmit(
+        self, workflow_id: str, step: str, attempt: int, source: str, why: str
+    ) -> int:
         now = self.clock()
 
         async def unit(tx: Transaction) -> Repair | None:
@@ -195,8 +255,8 @@ class Reconciler:
             repair = Repair(
                 "resubmit",
                 source,
-                f"{source} never heard of the job of {step} (attempt {attempt}); resubmitted "
-                "with the same idempotency key",
+                f"{source} {why} of {step} (attempt {attempt}); re-run with the same "
+                "idempotency key",
                 step,
             )
             apply_repair(tx, record, repair, now)

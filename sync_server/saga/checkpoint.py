@@ -56,7 +56,8 @@ UNKNOWN_DEFINITION_DELAY = 5.0
 class Input:
     """One thing that happened to a workflow, waiting for its checkpoint.
 
-    ``kind`` is ``step`` / ``comp`` (an attempt's outcome), ``progress`` or ``tick``.
+    ``kind`` is ``step`` / ``comp`` (an attempt's outcome), ``progress``, ``job`` (the
+    attempt runs a job at a downstream source) or ``tick``.
     """
 
     kind: str
@@ -72,6 +73,7 @@ class Input:
     fraction: float = 0.0
     message: str | None = None
     breaker: str | None = None
+    job: dict[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -306,6 +308,8 @@ class Checkpointer:
                     )
             elif item.kind == "progress":
                 machine.receive_progress(item.step, item.attempt, item.fraction, item.message, now)
+            elif item.kind == "job" and item.job is not None:
+                machine.receive_job(item.step, item.attempt, item.job)
         return outcomes
 
     async def _gate(

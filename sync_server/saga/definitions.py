@@ -29,7 +29,11 @@ import httpx
 from protocol import ErrorCode, TetherError, UsageError
 
 __all__ = [
+    "STOP_CANCELLED",
+    "STOP_INTERRUPTED",
+    "STOP_SHUTDOWN",
     "DefinitionError",
+    "JobRecorder",
     "OnFailure",
     "PermanentError",
     "ProgressReporter",
@@ -106,6 +110,24 @@ def _ignore_progress(fraction: float, message: str | None) -> None:
     """The reporter of a context built outside a runner."""
 
 
+class JobRecorder(Protocol):
+    """Where ``StepContext.record_job`` goes (the runner's writer)."""
+
+    def __call__(self, source: str, adapter: str) -> None: ...
+
+
+def _ignore_job(source: str, adapter: str) -> None:
+    """The job recorder of a context built outside a runner."""
+
+
+STOP_CANCELLED = "cancelled"
+"""``StepContext.stop_reason`` when the workflow was cancelled while the attempt ran."""
+STOP_INTERRUPTED = "interrupted"
+"""``StepContext.stop_reason`` when this instance lost the lease (another one resumes)."""
+STOP_SHUTDOWN = "shutdown"
+"""``StepContext.stop_reason`` when this instance is shutting down (another one resumes)."""
+
+
 @dataclass(slots=True)
 class StepContext:
     """Everything a step action (or compensation) is given.
@@ -122,6 +144,12 @@ class StepContext:
         log: a logger naming the workflow and step.
         tenant: the workflow's tenant.
         compensating: True when this call is the step's compensation.
+        timeout: the step's timeout in seconds (None: none).
+        stop_reason: set by the runner just before it cancels the attempt:
+            ``"cancelled"`` (the workflow was cancelled: stop the downstream work too),
+            ``"interrupted"`` (the lease was lost or taken over: another instance
+            resumes the same attempt) or ``"shutdown"`` (this instance stops; another
+            resumes). None while running, and when the step's own timeout expires.
     """
 
     workflow_id: str
@@ -135,6 +163,9 @@ class StepContext:
     tenant: str = ""
     compensating: bool = False
     reporter: ProgressReporter = field(default=_ignore_progress, repr=False)
+    timeout: float | None = None
+    stop_reason: str | None = None
+    job_recorder: JobRecorder = field(default=_ignore_job, repr=False)
 
     async def progress(self, fraction: float, message: str | None = None) -> None:
         """Report how far the step is (0..1). Live at once, durable at most every ~0.5 s.
@@ -144,6 +175,16 @@ class StepContext:
             message: an optional short human text.
         """
         self.reporter(min(1.0, max(0.0, float(fraction))), message)
+
+    def record_job(self, source: str, adapter: str) -> None:
+        """Note (durably, with the next checkpoint) that this attempt runs a job at a
+        downstream, so the reconciliation sweep asks that source about this step.
+
+        Args:
+            source: the source name in the canonical rule (e.g. ``job-queue``).
+            adapter: the adapter's name, to pick it among several of one source.
+        """
+        self.job_recorder(source, adapter)
 
 
 StepAction = Callable[[StepContext], Awaitable[JSON]]

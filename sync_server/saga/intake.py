@@ -39,7 +39,8 @@ WORK_CHANNEL = "work"
 """Notification channel telling runners to look for due workflows.
 
 Payloads: ``""`` (look now), ``"due:<unix time>"`` (something becomes due then),
-``"revoke:<workflow id>"`` (the lease of that workflow was taken away).
+``"revoke:<workflow id>"`` (the lease of that workflow was taken away),
+``"cancel:<workflow id>"`` (taken away because the workflow is cancelled).
 """
 
 
@@ -86,7 +87,7 @@ def request_cancel(tx: Transaction, record: WorkflowRecord, now: float, client_i
     if WorkflowStatus(record.status).terminal:
         raise Conflict(f"workflow {record.id} is already {record.status}")
     record.state.setdefault("requests", {})["cancel"] = True
-    _revoke_lease(tx, record, now)
+    _revoke_lease(tx, record, now, cancel=True)
     append_event(tx, record, events.WORKFLOW_CANCEL_REQUESTED, now, client_id=client_id)
 
 
@@ -136,8 +137,9 @@ def request_reconcile(
     """Repair a workflow whose sources disagree (see ``sync_server.reconcile``).
 
     ``repair`` is ``complete`` (the job source says the step's job completed: record
-    ``result`` as the step's outcome) or ``resubmit`` (the job source never heard of the
-    job: run the step again at once, with the same idempotency key). Like a cancel, the
+    ``result`` as the step's outcome), ``resubmit`` (the job source never heard of the
+    job: run the step again at once, with the same idempotency key) or ``fail`` (the job
+    source says the job failed: the running attempt fails, ``result`` is the error). Like a cancel, the
     request takes the lease away, so an instance still waiting on the lost job stops and
     the next claim applies the repair through the machine. The ``workflow.reconciled``
     event records what was seen before and what the repair makes of it.
@@ -162,6 +164,9 @@ def request_reconcile(
     elif repair == "resubmit":
         requests.setdefault("resubmit", []).append(step)
         after = StepStatus.RUNNING.value
+    elif repair == "fail":
+        requests.setdefault("fail", []).append({"step": step, "error": str(result or "failed")})
+        after = StepStatus.RETRYING.value
     else:
         raise ValueError(f"unknown repair {repair!r}")
     _revoke_lease(tx, record, now)
@@ -196,11 +201,18 @@ def _retry_steps(record: WorkflowRecord) -> list[str]:
     )
 
 
-def _revoke_lease(tx: Transaction, record: WorkflowRecord, now: float) -> None:
-    """Take the lease away (fence + 1) so the current holder's writes are refused."""
+def _revoke_lease(
+    tx: Transaction, record: WorkflowRecord, now: float, *, cancel: bool = False
+) -> None:
+    """Take the lease away (fence + 1) so the current holder's writes are refused.
+
+    The holder is told ``cancel:<id>`` for a cancel (its attempts should stop their
+    downstream work) and ``revoke:<id>`` otherwise (another instance resumes them).
+    """
     holder = record.lease_owner
     record.lease_owner = None
     record.lease_until = None
     record.fence += 1
     record.due_at = now
-    tx.notify(WORK_CHANNEL, f"revoke:{record.id}" if holder else "")
+    kind = "cancel" if cancel else "revoke"
+    tx.notify(WORK_CHANNEL, f"{kind}:{record.id}" if holder else "")

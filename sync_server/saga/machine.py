@@ -19,10 +19,11 @@ State shape (``state["steps"][name]`` keeps the keys clients see, see snapshots.
                       # private, present only when set:
                       "due_at", "retry_delay", "resume", "interrupts", "deferred",
                       "comp_attempts", "comp_running", "comp_due_at", "comp_resume",
-                      "comp_failed"}},
+                      "comp_failed", "job"}},
      "halt": "compensate" | "park",      # a step used its last attempt
      "cancel": true,                      # a cancel was applied
-     "requests": {"cancel": true, "retry": true},   # written by intake, applied at claim
+     "requests": {"cancel": true, "retry": true,    # written by intake, applied at claim
+                  "reconcile": [...], "resubmit": [...], "fail": [...]},
      "dlq": [entry ids],
      "trace": traceparent}                # written by intake (sync_server.tracing)
 
@@ -204,6 +205,8 @@ class SagaMachine:
             self.receive_reconciled(repair["step"], repair.get("result"), now)
         for name in requests.get("resubmit", ()):
             self._make_due(name)
+        for repair in requests.get("fail", ()):
+            self.receive_job_failed(repair["step"], str(repair.get("error") or "failed"), now)
         if requests.get("cancel") and not self.status.terminal:
             self.receive_cancel(now)
         if requests.get("retry") and self.status in (W.PARKED, W.FAILED):
@@ -259,6 +262,20 @@ class SagaMachine:
             s.pop(key, None)
         self._step_to(step, SI.RECONCILE, result=result)
         self._update_progress()
+        return True
+
+    def receive_job_failed(self, step: str, error: str, now: float) -> bool:
+        """Reconciliation: the job source says the job of ``step``'s running attempt
+        failed (its failure never reached the attempt). The attempt counts as failed:
+        retried by the step's policy, or exhausted.
+
+        Returns:
+            False (and nothing changes) unless the step is running in a running workflow.
+        """
+        s = self.steps.get(step)
+        if s is None or self.status != W.RUNNING or s["status"] != S.RUNNING:
+            return False
+        self._attempt_failed(step, f"job failed at its source: {error}", now)
         return True
 
     def _make_due(self, step: str) -> None:
@@ -409,6 +426,19 @@ class SagaMachine:
                 events.WORKFLOW_PROGRESS, {"step": step, "fraction": fraction, "message": message}
             )
         )
+        return True
+
+    def receive_job(self, step: str, attempt: int, job: dict[str, str]) -> bool:
+        """The running attempt runs a job at a downstream source (``{"source",
+        "adapter"}``): kept on the step so the reconciliation sweep asks that source.
+
+        Returns:
+            False if that attempt is no longer the current one.
+        """
+        s = self._current(step, attempt)
+        if s is None:
+            return False
+        s["job"] = {"source": str(job.get("source", "")), "adapter": str(job.get("adapter", ""))}
         return True
 
     # -------------------------------------------------------------- planning

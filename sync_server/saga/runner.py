@@ -50,7 +50,14 @@ from sync_server.saga.alerts import Alerts, AlertSink
 from sync_server.saga.backoff import jittered
 from sync_server.saga.breaker import BreakerPolicy
 from sync_server.saga.checkpoint import Applied, Checkpointer, Input
-from sync_server.saga.definitions import PermanentError, StepContext, Workflow
+from sync_server.saga.definitions import (
+    STOP_CANCELLED,
+    STOP_INTERRUPTED,
+    STOP_SHUTDOWN,
+    PermanentError,
+    StepContext,
+    Workflow,
+)
 from sync_server.saga.intake import WORK_CHANNEL
 from sync_server.saga.machine import RunCompensation, RunStep
 from sync_server.saga.progress import ProgressPublisher
@@ -72,18 +79,27 @@ class _Held:
     tenant: str
     fence: int
     tasks: dict[tuple[str, bool], asyncio.Task[None]] = field(default_factory=dict)
+    contexts: dict[tuple[str, bool], StepContext] = field(default_factory=dict)
     tick: asyncio.TimerHandle | None = None
     valid_until: float = float("inf")
     """``time.monotonic()`` after which this instance can no longer be sure it holds the
     lease (its expiry as last confirmed, less a safety margin)."""
 
-    def cancel(self) -> None:
-        for task in self.tasks.values():
-            task.cancel()
+    def cancel(self, reason: str = STOP_INTERRUPTED) -> None:
+        """Stop every attempt, telling each why (``StepContext.stop_reason``)."""
+        for key, task in self.tasks.items():
+            self.stop(key, task, reason)
         self.tasks.clear()
+        self.contexts.clear()
         if self.tick is not None:
             self.tick.cancel()
             self.tick = None
+
+    def stop(self, key: tuple[str, bool], task: asyncio.Task[None], reason: str) -> None:
+        ctx = self.contexts.pop(key, None)
+        if ctx is not None and ctx.stop_reason is None:
+            ctx.stop_reason = reason
+        task.cancel()
 
 
 class SagaRunner:
@@ -228,7 +244,7 @@ class SagaRunner:
                 task.cancel()
         steps = [t for h in self._held.values() for t in h.tasks.values()]
         for held in self._held.values():
-            held.cancel()
+            held.cancel(STOP_SHUTDOWN)
         await asyncio.gather(*steps, return_exceptions=True)
         self.progress.close()
         with contextlib.suppress(TimeoutError):
@@ -263,11 +279,11 @@ class SagaRunner:
 
     # ---------------------------------------------------------------- wake-ups
     def _on_work(self, payload: str) -> None:
-        if payload.startswith("revoke:"):
+        if payload.startswith(("revoke:", "cancel:")):
             held = self._held.pop(payload[7:], None)
             if held is not None:
                 log.info("lease of %s revoked; stopping its attempts", held.id)
-                held.cancel()
+                held.cancel(STOP_CANCELLED if payload[0] == "c" else STOP_INTERRUPTED)
         elif payload.startswith("due:"):
             with contextlib.suppress(ValueError):
                 self._arm(float(payload[4:]))
@@ -483,11 +499,12 @@ class SagaRunner:
     ) -> None:
         """Start the commanded attempts; cancel local attempts the state no longer runs."""
         steps = record.state["steps"]
+        reason = STOP_CANCELLED if record.state.get("cancel") else STOP_INTERRUPTED
         for (step, compensation), task in list(held.tasks.items()):
             s = steps.get(step, {})
             alive = s.get("comp_running") if compensation else s.get("status") == "running"
             if not alive:
-                task.cancel()
+                held.stop((step, compensation), task, reason)
                 del held.tasks[(step, compensation)]
         for command in commands:
             self._launch(held, record, command)
@@ -535,16 +552,19 @@ class SagaRunner:
             reporter=self.progress.reporter(
                 record.tenant, record.id, held.fence, step.name, command.attempt
             ),
+            timeout=step.timeout,
+            job_recorder=self._job_recorder(held, step.name, command.attempt),
         )
         key = (step.name, compensation)
         old = held.tasks.pop(key, None)
         if old is not None:
-            old.cancel()
+            held.stop(key, old, STOP_INTERRUPTED)
         action = step.compensate if compensation else step.action
         assert action is not None
         self.stats["attempts"] += 1
         if self.metrics is not None:
             self.metrics.step_attempt(record.name, step.name, command.attempt, compensation)
+        held.contexts[key] = ctx
         span = None
         if tracing.enabled():
             breaker = self.checkpointer.breaker_seen.get(step.breaker or "", "closed")
@@ -557,6 +577,16 @@ class SagaRunner:
             if span is None
             else asyncio.create_task(run, context=tracing.span_context(span))
         )
+
+    def _job_recorder(self, held: _Held, step: str, attempt: int) -> Callable[[str, str], None]:
+        """``ctx.record_job``: the step's state names the job's source (for the sweep)."""
+
+        def record(source: str, adapter: str) -> None:
+            if self._held.get(held.id) is held:
+                job = {"source": source, "adapter": adapter}
+                self._enqueue(Input("job", held.id, held.fence, step, attempt, job=job))
+
+        return record
 
     async def _attempt(
         self,
@@ -601,6 +631,7 @@ class SagaRunner:
         finally:
             if held.tasks.get(key) is asyncio.current_task():
                 del held.tasks[key]
+                held.contexts.pop(key, None)
         tracing.end_span(
             span, error=item.error, attributes={"tether.permanent": item.permanent or None}
         )
