@@ -139,9 +139,9 @@ def request_reconcile(
     ``repair`` is ``complete`` (the job source says the step's job completed: record
     ``result`` as the step's outcome), ``resubmit`` (the job source never heard of the
     job: run the step again at once, with the same idempotency key) or ``fail`` (the job
-    source says the job failed: the running attempt fails, ``result`` is the error). Like a cancel, the
-    request takes the lease away, so an instance still waiting on the lost job stops and
-    the next claim applies the repair through the machine. The ``workflow.reconciled``
+    source says the job failed: the running attempt fails, ``result`` is the error).
+    Like a cancel, the request takes the lease away, so an instance still waiting on the
+    lost job stops and the next claim applies the repair through the machine. The ``workflow.reconciled``
     event records what was seen before and what the repair makes of it.
 
     Raises:
