@@ -141,7 +141,8 @@ def request_reconcile(
     job: run the step again at once, with the same idempotency key) or ``fail`` (the job
     source says the job failed: the running attempt fails, ``result`` is the error).
     Like a cancel, the request takes the lease away, so an instance still waiting on the
-    lost job stops and the next claim applies the repair through the machine. The ``workflow.reconciled``
+    lost job stops and the next claim applies the repair through the machine. The
+    ``workflow.reconciled``
     event records what was seen before and what the repair makes of it.
 
     Raises:
