@@ -142,8 +142,7 @@ def request_reconcile(
     source says the job failed: the running attempt fails, ``result`` is the error).
     Like a cancel, the request takes the lease away, so an instance still waiting on the
     lost job stops and the next claim applies the repair through the machine. The
-    ``workflow.reconciled``
-    event records what was seen before and what the repair makes of it.
+    ``workflow.reconciled`` event records what was seen before and what the repair makes of it.
 
     Raises:
         Conflict: the workflow is not running, or the step is not running or retrying.

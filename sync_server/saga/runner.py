@@ -54,6 +54,7 @@ from sync_server.saga.definitions import (
     STOP_CANCELLED,
     STOP_INTERRUPTED,
     STOP_SHUTDOWN,
+    JobRecorder,
     PermanentError,
     StepContext,
     Workflow,
@@ -578,7 +579,7 @@ class SagaRunner:
             else asyncio.create_task(run, context=tracing.span_context(span))
         )
 
-    def _job_recorder(self, held: _Held, step: str, attempt: int) -> Callable[[str, str], None]:
+    def _job_recorder(self, held: _Held, step: str, attempt: int) -> JobRecorder:
         """``ctx.record_job``: the step's state names the job's source (for the sweep)."""
 
         def record(source: str, adapter: str) -> None:
