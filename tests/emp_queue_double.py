@@ -26,7 +26,7 @@ thread and event loop) written from the behaviour observed running the real queu
   by user" and sends the failure events like a real failure.
 * ``restart_api()`` drops every connection and subscription (an API restart);
   ``drop_connections()`` cuts the client sockets; ``drop_events(n)`` loses the next
-  ``n`` events.
+  ``n`` events; ``lose_submits(n)`` loses the next ``n`` submits.
 
 The books a test checks: ``starts[job_id]`` (how many times each job id started running;
 "no job id ever runs twice" is ``max(starts.values()) == 1``), ``submits``, ``cancels``.
@@ -66,7 +66,7 @@ def _now_iso() -> str:
     )
 
 
-@dataclass
+@dataclass(eq=False)
 class _Conn:
     ws: WebSocket
     client_id: str
@@ -110,6 +110,7 @@ class EmpQueueDouble:
         self.kill_next = 0
         self.term_next = 0
         self.lose_next = 0
+        self.ignore_submits = 0
         self.down_until = 0.0
 
     # ------------------------------------------------------------------ jobs
@@ -326,7 +327,9 @@ def create_app(queue: EmpQueueDouble) -> Starlette:
                 except ValueError:
                     continue
                 kind = message.get("type")
-                if kind == "submit_job":
+                if kind == "submit_job" and queue.ignore_submits > 0:
+                    queue.ignore_submits -= 1  # lost on the way: no ack tells the client
+                elif kind == "submit_job":
                     queue.submit(message, conn)
                 elif kind == "cancel_job":
                     await queue.cancel(str(message.get("job_id")))
@@ -446,6 +449,9 @@ class EmpQueueServer:
 
     def drop_events(self, n: int = 1) -> None:
         self.call(setattr, self.queue, "lose_next", self.queue.lose_next + n)
+
+    def lose_submits(self, n: int = 1) -> None:
+        self.call(setattr, self.queue, "ignore_submits", self.queue.ignore_submits + n)
 
     def drop_connections(self) -> None:
         self.call(self.queue.drop_connections)
