@@ -54,7 +54,9 @@ async def status(queue: Any, job_id: str) -> httpx.Response:
 
 async def test_message_id_is_the_job_id_success_comes_twice_and_status_has_no_result(queue):
     async with connect(ws_url(queue)) as conn:
-        await conn.send(submit("job-1", payload={"duration": 0.1, "prompt": "cat"}, workflow_id="w1"))
+        await conn.send(
+            submit("job-1", payload={"duration": 0.1, "prompt": "cat"}, workflow_id="w1")
+        )
         got = await events(conn, "complete_job")
         got.append(json.loads(await asyncio.wait_for(conn.recv(), 5)))
     progress = [e["progress"] for e in got if e["type"] == "update_job_progress"]
