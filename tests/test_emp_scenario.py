@@ -4,7 +4,8 @@ Three ``sync-server serve --workflows examples.emp_pipeline:workflows --sources
 examples.emp_pipeline:sources`` processes share one PostgreSQL database and the queue
 double (``tests/emp_queue_double.py``, real sockets). A real ``SyncClient`` submits
 multi-step generations (three queue jobs each). Meanwhile: two Tether instances are
-SIGKILLed while they hold running steps (and restarted), the queue's WebSocket
+SIGKILLed while they hold running steps (and restarted on the same port; the client
+reconnects when it was its instance), the queue's WebSocket
 connections are cut, the queue's API restarts (every subscription lost) and a worker
 dies mid-job (its job stays ``in_progress`` forever).
 
@@ -34,15 +35,17 @@ from tests.servers import SECRET, free_port, wait_http
 pytestmark = pytest.mark.timeout(150)
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKFLOWS = 8
+WORKFLOWS = 6
 
 
 class Instance:
     """One ``sync-server serve`` process of the example pipeline."""
 
-    def __init__(self, tmp: Path, name: str, database: str, queue_url: str) -> None:
+    def __init__(
+        self, tmp: Path, name: str, database: str, queue_url: str, port: int | None = None
+    ) -> None:
         self.name = name
-        self.port = free_port()
+        self.port = port or free_port()
         self.log_path = tmp / f"{name}.log"
         self._log = self.log_path.open("ab")
         env = {
@@ -103,15 +106,16 @@ async def holders(database: str) -> list[str]:
 async def test_no_job_runs_twice_and_every_generation_ends_through_every_fault(pg_url, tmp_path):
     started: list[Instance] = []
 
-    def start(name: str) -> Instance:
-        instance = Instance(tmp_path, name, pg_url, queue.url)
+    def start(name: str, port: int | None = None) -> Instance:
+        instance = Instance(tmp_path, name, pg_url, queue.url, port)
         started.append(instance)
         return instance
 
     with running_emp_queue() as queue:
         try:
-            home, *others = [start(n) for n in ("a", "b", "c")]
-            await asyncio.gather(*(asyncio.to_thread(i.ready) for i in (home, *others)))
+            live = [start(n) for n in ("a", "b", "c")]
+            home = live[0]
+            await asyncio.gather(*(asyncio.to_thread(i.ready) for i in live))
             queue.kill_workers(1)  # the first job to start loses its worker (SIGKILL)
             seen: list[float] = []
 
@@ -129,20 +133,29 @@ async def test_no_job_runs_twice_and_every_generation_ends_through_every_fault(p
                 ]
                 killed: list[str] = []
                 for round_ in range(2):
+                    if round_ == 1:  # a second wave, so there is work to be killed in
+                        handles += [
+                            await client.submit_workflow(
+                                "emp_generation", {"prompt": f"p{i}", "duration": 0.6}
+                            )
+                            for i in range(WORKFLOWS, 2 * WORKFLOWS)
+                        ]
                     # SIGKILL an instance while it holds a running workflow, then restart it.
+                    # (The client's own instance may be the one: it restarts on the same
+                    # port and the client reconnects.)
                     victim = await wait_for(
-                        lambda: _holding(pg_url, others), 30, 0.05, "an instance holding work"
+                        lambda: _holding(pg_url, live), 30, 0.05, "an instance holding work"
                     )
                     victim.kill()
                     killed.append(victim.name)
-                    others.remove(victim)
-                    replacement = start(f"{victim.name}{round_}")
-                    others.append(replacement)
+                    live.remove(victim)
+                    replacement = start(f"{victim.name}{round_}", victim.port)
+                    live.append(replacement)
                     if round_ == 0:
                         starts = len(queue.books.starts)
                         before_cut = queue.books.connections
                         await asyncio.to_thread(queue.drop_connections)
-                        await wait_for(lambda: len(queue.books.starts) > starts + 1, 30)
+                        await wait_for(lambda n=starts: len(queue.books.starts) > n + 1, 30)
                         await asyncio.to_thread(queue.restart_api, 0.5)
                     await asyncio.to_thread(replacement.ready)
                 views = [await client.wait(h.id, timeout=90) for h in handles]
@@ -153,7 +166,7 @@ async def test_no_job_runs_twice_and_every_generation_ends_through_every_fault(p
         jobs = dict(queue.queue.jobs)
 
     logs = "\n".join(i.log_path.read_text(errors="replace")[-3000:] for i in started)
-    assert [v.status for v in views] == ["completed"] * WORKFLOWS, logs
+    assert [v.status for v in views] == ["completed"] * 2 * WORKFLOWS, logs
     # No job id ever started running twice.
     assert books.starts and max(books.starts.values()) == 1, books.starts
     # The right output of the right step: each step's result is its own job's data.
