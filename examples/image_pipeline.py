@@ -15,12 +15,10 @@ fail_always, ...}}`` — the ``render`` dict is passed to the job service (fault
 
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import Any
 
-import httpx
-
+from sync_server.adapters.job_service import JobService
 from sync_server.saga import PermanentError, RetryPolicy, Step, StepContext, Workflow
 
 __all__ = ["build_pipeline", "generate_image", "job_steps", "workflows"]
@@ -67,33 +65,11 @@ def build_pipeline(
         await effect(ctx, "refund", ctx.results[ctx.step]["reservation"])
 
     async def render(ctx: StepContext) -> dict[str, Any]:
+        # Look the job up first, attach to a running one, submit only if unknown
+        # (sync_server.adapters.keyed): a re-run attempt never starts a second render.
         body = {"prompt": ctx.input.get("prompt", ""), **(ctx.input.get("render") or {})}
-        call = asyncio.ensure_future(
-            ctx.http.post(
-                f"{url}/work",
-                json=body,
-                headers={"Idempotency-Key": ctx.idempotency_key},
-                timeout=httpx.Timeout(render_timeout + 5),
-            )
-        )
-        try:
-            # Report the job's progress while it runs (the service is polled).
-            while not call.done():
-                await asyncio.wait({call}, timeout=0.1)
-                if call.done():
-                    break
-                status = await ctx.http.get(f"{url}/jobs/{ctx.idempotency_key}")
-                if status.status_code == 200:
-                    await ctx.progress(float(status.json().get("progress", 0.0)), "rendering")
-            response = call.result()
-        finally:
-            call.cancel()
-        if response.status_code >= 500:
-            raise RuntimeError(f"render failed: HTTP {response.status_code}")
-        if response.status_code >= 400:
-            raise PermanentError(f"render rejected: HTTP {response.status_code}")
-        await ctx.progress(1.0, "rendered")
-        data: dict[str, Any] = response.json()
+        service = JobService(url, http=ctx.http)
+        data: dict[str, Any] = await service.run_job(ctx, body, timeout=render_timeout)
         return {"job_id": data["job_id"], "image": data["result"]}
 
     async def cancel_job(ctx: StepContext) -> None:
