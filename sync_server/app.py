@@ -79,6 +79,7 @@ class Tether:
             job_steps=dict(job_steps or {}),
             interval=config.reconcile_interval,
             grace=config.reconcile_grace,
+            horizon=config.reconcile_horizon,
         )
         self.sources = list(sources)
         self.reconciler: Reconciler | None = None
@@ -145,6 +146,12 @@ class Tether:
 
     async def start(self) -> None:
         tracing.configure_from_env()
+        for source in self.sources:
+            # Adapters raise their alerts (e.g. job_stuck) through the instance's log,
+            # so they are counted (tether_alerts_total) and shown on the dashboard.
+            bind = getattr(source, "bind_alerts", None)
+            if bind is not None:
+                bind(self.alerts)
         await self.store.open()
         await self.hub.start()
         if self.workflows and self.config.run_sagas:

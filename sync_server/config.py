@@ -42,6 +42,7 @@ class ServerConfig:
             ``SYNC_SOURCE_PRIORITY``, e.g. ``job-queue,open-api,mini-app``).
         reconcile_interval: seconds between reconciliation sweeps.
         reconcile_grace: seconds a job may be unknown at its source before it is resubmitted.
+        reconcile_horizon: seconds a job may run at its source before its step is re-run.
         run_sagas: run workflows on this instance (False: a sync-only instance that
             accepts and serves workflows while other instances execute them).
     """
@@ -63,6 +64,7 @@ class ServerConfig:
     source_priority: tuple[str, ...] | None = None
     reconcile_interval: float = 5.0
     reconcile_grace: float = 2.0
+    reconcile_horizon: float = 900.0
     run_sagas: bool = True
 
     def __post_init__(self) -> None:

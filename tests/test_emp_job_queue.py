@@ -303,3 +303,28 @@ def test_seen_results_are_bounded_in_count_and_bytes():
     assert seen.get("j0") is None and seen.get("j4") is not None
     seen.put("big", JobView("completed", result="x" * 20_000))
     assert seen.bytes <= 10_000 or seen.get("j4") is None
+
+
+async def test_served_stuck_jobs_are_counted_on_metrics_and_alerted(queue, sqlite_url):
+    from sync_server import create_app
+    from sync_server.saga import RetryPolicy, Step, Workflow
+    from tests.saga_helpers import submit, wait_status
+    from tests.servers import SECRET, running
+
+    emp = make_queue(queue, stuck_after=0.5)
+
+    async def render(ctx: StepContext) -> Any:
+        return await emp.run_job(ctx, "svc", {"duration": 0.05})
+
+    workflow = Workflow("one", [Step("render", render, retry=RetryPolicy(max_attempts=1))])
+    app = create_app(sqlite_url, workflows=[workflow], sources=[emp], auth_secret=SECRET)
+    tether = app.state.tether
+    queue.kill_workers(1)
+    async with running(app) as server:
+        assert emp.alerts is tether.alerts  # bound to the instance's alert log
+        [wid] = await submit(tether.store, workflow)
+        await wait_status(tether.store, wid, "completed")
+        async with httpx.AsyncClient() as client:
+            metrics = (await client.get(f"{server.http_url}/metrics")).text
+    assert 'tether_alerts_total{kind="job_stuck"} 1.0' in metrics
+    assert [a.kind for a in tether.alerts.recent] == ["job_stuck"]

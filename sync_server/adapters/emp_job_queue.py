@@ -118,7 +118,8 @@ class EmpJobQueue:
             its worker counts as dead: the job is cancelled and submitted anew.
         permanent: ``(error) -> bool``: a failure that no retry can fix (raises
             ``PermanentError``); default: every failure is retried by the step's policy.
-        alerts: where stuck jobs are alerted (default: log lines).
+        alerts: where stuck jobs are alerted (default: the serving instance's alerts,
+            see ``bind_alerts``; log lines outside an app).
         poll: (first, most) seconds between status polls while waiting.
         submit_grace: seconds a submitted job may stay unknown before it is resubmitted
             under the same id (the queue acknowledges nothing; a submit can be lost).
@@ -151,6 +152,7 @@ class EmpJobQueue:
         self.stuck_after = stuck_after
         self.permanent = permanent or (lambda error: False)
         self.alerts: Alerts = alerts or AlertSink()
+        self._own_alerts = alerts is None
         self.poll = poll
         self.submit_grace = submit_grace
         self.client_id = client_id or f"tether-{uuid.uuid4().hex[:12]}"
@@ -270,6 +272,12 @@ class EmpJobQueue:
         if last.status == "completed" and last.result is not None:
             return JobState("completed", result=last.result, at=now)
         return JobState("running", at=now, since=last.started_at)
+
+    def bind_alerts(self, alerts: Alerts) -> None:
+        """Raise alerts through ``alerts`` (the serving instance's, counted as
+        ``tether_alerts_total{kind="job_stuck"}``) unless some were given explicitly."""
+        if self._own_alerts:
+            self.alerts = alerts
 
     async def aclose(self) -> None:
         """Close the WebSocket and the HTTP client."""
