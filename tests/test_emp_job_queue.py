@@ -14,7 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from sync_server.adapters.emp_job_queue import EmpJobQueue, JobFailed, _Seen
+from sync_server.adapters.emp_job_queue import EmpJobQueue, JobFailed
+from sync_server.adapters.emp_seen import SeenJobs
 from sync_server.adapters.keyed import JobView, generation_id
 from sync_server.saga.definitions import (
     STOP_CANCELLED,
@@ -297,7 +298,7 @@ async def test_bad_input_and_a_bad_token_get_clear_errors_and_submit_nothing(htt
 
 
 def test_seen_results_are_bounded_in_count_and_bytes():
-    seen = _Seen(max_items=3, max_bytes=10_000)
+    seen = SeenJobs(max_items=3, max_bytes=10_000)
     for i in range(5):
         seen.put(f"j{i}", JobView("completed", result={"i": i}))
     assert seen.get("j0") is None and seen.get("j4") is not None

@@ -39,17 +39,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from datetime import datetime
 from typing import Any
 
 import httpx
 
+from sync_server.adapters.emp_seen import SeenJobs, unix_time
 from sync_server.adapters.emp_socket import EmpSocket
 from sync_server.adapters.keyed import JobView, generation_id, run_keyed
 from sync_server.reconcile.sources import JobState
@@ -66,36 +65,13 @@ CANCELLED_BY_USER = "Job cancelled by user"
 _RUNNING = {"assigned": "running", "in_progress": "running", "pending": "pending"}
 _RUNNING |= {"queued": "pending", "accepted": "pending"}
 _FAILED = {"failed", "cancelled", "timeout", "unworkable"}
+MAX_ABANDONED = 4096
+"""Job ids given up (stuck) remembered, so their cancel's failure is not the attempt's."""
 _RESERVED = {"message_id", "max_retries", "type", "service_required", "payload"}
 
 
 class JobFailed(RuntimeError):
     """The queue reports the job failed; the attempt fails (the step's policy retries)."""
-
-
-class _Seen:
-    """Results and errors seen in events, bounded in count and bytes (oldest dropped)."""
-
-    def __init__(self, max_items: int = 4096, max_bytes: int = 16 << 20) -> None:
-        self.max_items = max_items
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._items: OrderedDict[str, tuple[JobView, int]] = OrderedDict()
-
-    def put(self, job_id: str, view: JobView) -> None:
-        size = len(json.dumps(view.result, default=str)) + len(view.error or "") + 64
-        old = self._items.pop(job_id, None)
-        if old is not None:
-            self.bytes -= old[1]
-        self._items[job_id] = (view, size)
-        self.bytes += size
-        while self._items and (len(self._items) > self.max_items or self.bytes > self.max_bytes):
-            _, (_, dropped) = self._items.popitem(last=False)
-            self.bytes -= dropped
-
-    def get(self, job_id: str) -> JobView | None:
-        item = self._items.get(job_id)
-        return item[0] if item else None
 
 
 class _Watch:
@@ -162,8 +138,8 @@ class EmpJobQueue:
         ws_url = "ws" + self.api_url[4:]
         self.socket = EmpSocket(ws_url, self.client_id, auth_token, self._on_message)
         self._watches: dict[str, _Watch] = {}
-        self._abandoned: set[str] = set()
-        self._seen = _Seen()
+        self._abandoned: OrderedDict[str, None] = OrderedDict()  # bounded: MAX_ABANDONED
+        self._seen = SeenJobs()
         self._background: set[asyncio.Task[Any]] = set()
         self.stats: dict[str, int] = {
             "submitted": 0,
@@ -353,7 +329,7 @@ class EmpJobQueue:
             raise ConnectionError(f"emp-job-queue answered {response.status_code} for {job_id}")
         job = response.json().get("job") or {}
         status = str(job.get("status"))
-        started = _unix(job.get("started_at"))
+        started = unix_time(job.get("started_at"))
         if status == "completed":
             seen = self._seen.get(job_id)
             if seen is None or seen.status != "completed":
@@ -463,7 +439,9 @@ class _Call:
 
     def _abandon(self, job_id: str, age: float) -> None:
         queue = self.queue
-        queue._abandoned.add(job_id)
+        queue._abandoned[job_id] = None
+        while len(queue._abandoned) > MAX_ABANDONED:
+            queue._abandoned.popitem(last=False)
         queue.stats["stuck"] += 1
         message = (
             f"queue job {job_id} of {self.ctx.workflow_id}/{self.ctx.step} has been "
@@ -490,15 +468,3 @@ class _Call:
                 watch.done.set()
             self.queue._watches[job_id] = watch
         return watch
-
-
-def _unix(value: Any) -> float | None:
-    """An ISO 8601 time (or unix seconds / milliseconds) as unix seconds."""
-    if isinstance(value, int | float):
-        return float(value) / (1000.0 if value > 1e11 else 1.0)
-    if isinstance(value, str) and value:
-        try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            return None
-    return None

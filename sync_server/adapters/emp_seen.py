@@ -1,0 +1,55 @@
+"""What the emp-job-queue adapter remembers of jobs it saw finish, bounded.
+
+The queue's status answer carries neither result nor error, and a completion event is
+sent once, to one connection: what the adapter saw is kept so a later lookup (another
+attempt, the reconciliation sweep) can still answer. Bounded in count and in bytes;
+the oldest entries go first (they can still be found in the attestation records).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from datetime import datetime
+from typing import Any
+
+from sync_server.adapters.keyed import JobView
+
+__all__ = ["SeenJobs", "unix_time"]
+
+
+class SeenJobs:
+    """Results and errors seen in events, bounded in count and bytes (oldest dropped)."""
+
+    def __init__(self, max_items: int = 4096, max_bytes: int = 16 << 20) -> None:
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[str, tuple[JobView, int]] = OrderedDict()
+
+    def put(self, job_id: str, view: JobView) -> None:
+        size = len(json.dumps(view.result, default=str)) + len(view.error or "") + 64
+        old = self._items.pop(job_id, None)
+        if old is not None:
+            self.bytes -= old[1]
+        self._items[job_id] = (view, size)
+        self.bytes += size
+        while self._items and (len(self._items) > self.max_items or self.bytes > self.max_bytes):
+            _, (_, dropped) = self._items.popitem(last=False)
+            self.bytes -= dropped
+
+    def get(self, job_id: str) -> JobView | None:
+        item = self._items.get(job_id)
+        return item[0] if item else None
+
+
+def unix_time(value: Any) -> float | None:
+    """An ISO 8601 time (or unix seconds / milliseconds) as unix seconds."""
+    if isinstance(value, int | float):
+        return float(value) / (1000.0 if value > 1e11 else 1.0)
+    if isinstance(value, str) and value:
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return None
