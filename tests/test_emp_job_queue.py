@@ -329,3 +329,16 @@ async def test_served_stuck_jobs_are_counted_on_metrics_and_alerted(queue, sqlit
             metrics = (await client.get(f"{server.http_url}/metrics")).text
     assert 'tether_alerts_total{kind="job_stuck"} 1.0' in metrics
     assert [a.kind for a in tether.alerts.recent] == ["job_stuck"]
+
+
+async def test_the_sweep_gets_no_news_while_the_queue_api_is_down(queue):
+    adapter = make_queue(queue)
+    adapter.lookup_timeout = 0.3
+    try:
+        await asyncio.to_thread(queue.restart_api, 2.0)
+        with pytest.raises(TimeoutError):
+            await adapter.job_status(None, "s", "w:s")  # type: ignore[arg-type]
+        await wait_for(lambda: not queue.queue.down, 5)
+        assert (await adapter.job_status(None, "s", "w:s")).status == "unknown"  # type: ignore[arg-type]
+    finally:
+        await adapter.aclose()

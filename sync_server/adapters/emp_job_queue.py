@@ -131,6 +131,8 @@ class EmpJobQueue:
         self._own_alerts = alerts is None
         self.poll = poll
         self.submit_grace = submit_grace
+        self.lookup_timeout = 10.0
+        """Longest wait for the queue when the sweep asks (``job_status``)."""
         self.client_id = client_id or f"tether-{uuid.uuid4().hex[:12]}"
         headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
         self._http = http or httpx.AsyncClient(timeout=10.0, headers=headers)
@@ -231,16 +233,22 @@ class EmpJobQueue:
 
     # ---------------------------------------------------------------- source
     async def job_status(self, workflow: WorkflowRecord, step: str, key: str) -> JobState:
-        """The sweep's view of the step's job: its latest generation, mapped."""
+        """The sweep's view of the step's job: its latest generation, mapped.
+
+        Raises:
+            TimeoutError: the queue did not answer within ``lookup_timeout`` (the sweep
+                treats a source that is down as no news, not as divergence).
+        """
         now = time.time()
         last: JobView | None = None
-        for generation in range(64):
-            view = await self._lookup(generation_id(key, generation))
-            if view.status == "absent":
-                break
-            last = view
-            if view.status != "failed":
-                break
+        async with asyncio.timeout(self.lookup_timeout):
+            for generation in range(64):
+                view = await self._lookup(generation_id(key, generation))
+                if view.status == "absent":
+                    break
+                last = view
+                if view.status != "failed":
+                    break
         if last is None:
             return JobState("unknown", at=now)
         if last.status == "failed":
