@@ -342,3 +342,15 @@ async def test_the_sweep_gets_no_news_while_the_queue_api_is_down(queue):
         assert (await adapter.job_status(None, "s", "w:s")).status == "unknown"  # type: ignore[arg-type]
     finally:
         await adapter.aclose()
+
+
+async def test_a_result_that_is_nowhere_fails_the_attempt_but_never_reruns_the_job(queue, http):
+    adapter = make_queue(queue, poll=(0.01, 0.02))
+    queue.drop_events(1000)  # no completion event reaches us...
+    try:
+        for _ in range(2):  # ...and without a workflow_id there is no attestation
+            with pytest.raises(JobFailed, match="no event and no attestation"):
+                await adapter.run_job(Ctx(http).ctx, "svc", {"duration": 0.05}, workflow_id="")
+    finally:
+        await adapter.aclose()
+    assert queue.books.submits[generation_id("wf-1:render", 0)] == 1 and ran_once(queue)

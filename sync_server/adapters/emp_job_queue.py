@@ -65,6 +65,9 @@ CANCELLED_BY_USER = "Job cancelled by user"
 _RUNNING = {"assigned": "running", "in_progress": "running", "pending": "pending"}
 _RUNNING |= {"queued": "pending", "accepted": "pending"}
 _FAILED = {"failed", "cancelled", "timeout", "unworkable"}
+MISSING_RESULT_POLLS = 20
+"""Polls of a completed job whose result cannot be found before the attempt fails
+(the job is never run again for it: every attempt waits for the same result)."""
 MAX_ABANDONED = 4096
 """Job ids given up (stuck) remembered, so their cancel's failure is not the attempt's."""
 _RESERVED = {"message_id", "max_retries", "type", "service_required", "payload"}
@@ -287,7 +290,8 @@ class EmpJobQueue:
             result = message.get("result") if isinstance(message.get("result"), dict) else {}
             assert isinstance(result, dict)
             if result.get("status") == "success" or result.get("success") is True:
-                view = JobView("completed", result=result.get("data"))
+                data = result.get("data")
+                view = JobView("completed", result={} if data is None else data)
             elif result.get("status") == "failed" or result.get("success") is False:
                 view = JobView("failed", error=str(result.get("error") or "failed"))
         elif kind == "job_failed":
@@ -363,6 +367,8 @@ class EmpJobQueue:
                 result = record.get("result")
                 if isinstance(result, dict) and "data" in result:
                     result = result["data"]
+                if result is None:
+                    result = {}  # None means "not known", never "no data"
                 if record.get("status") == "completed":
                     view = JobView("completed", result=result)
                 else:
@@ -391,7 +397,11 @@ class _Call:
         self.current: str | None = None
 
     async def lookup(self, job_id: str) -> JobView:
-        return await self.queue._lookup(job_id)
+        view = await self.queue._lookup(job_id)
+        if view.status == "completed" and view.result is None:
+            # Done, but its result is not (yet) attested: wait for it; never re-run it.
+            return JobView("running", started_at=view.started_at)
+        return view
 
     async def submit(self, job_id: str) -> None:
         self._watch(job_id)
@@ -416,6 +426,7 @@ class _Call:
             queue.stats["attached"] += 1
         delay = queue.poll[0]
         absent_since: float | None = None
+        unattested = 0
         while True:
             if watch.final is None:
                 with contextlib.suppress(TimeoutError):
@@ -428,7 +439,11 @@ class _Call:
                 return JobView("failed", error=view.error, abandoned=True)
             if view.status in ("completed", "failed"):
                 if view.status == "completed" and view.result is None:
-                    continue  # done, but its result not yet attested: keep looking
+                    unattested += 1  # done, but its result not attested (yet)
+                    if unattested < MISSING_RESULT_POLLS:
+                        continue
+                    error = "completed, but its result is in no event and no attestation"
+                    return JobView("failed", error=error)
                 return view
             now = time.time()
             if view.status == "absent":
