@@ -58,3 +58,15 @@ def test_the_fail_repair_counts_as_a_failed_attempt_and_retries():
     assert step["status"] == "retrying" and "SIGTERM" in step["error"]
     assert step["attempts"] == 1
     assert not machine.receive_job_failed("render", "again", 1.0)  # not running: no-op
+
+
+def test_a_recorded_job_is_kept_only_for_the_current_attempt():
+    workflow = Workflow("generate", [Step("render", _noop)])
+    machine = SagaMachine(workflow, "w1", "pending", {})
+    machine.receive_submit(0.0)
+    machine.advance(0.0)
+    job = {"source": "job-queue", "adapter": "emp-job-queue"}
+    assert not machine.receive_job("render", 2, job)  # not the current attempt
+    assert "job" not in machine.steps["render"]
+    assert machine.receive_job("render", 1, job)
+    assert machine.steps["render"]["job"] == job
