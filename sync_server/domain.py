@@ -3,10 +3,16 @@
 One push batch is one transaction: the client's row is locked, every mutation is
 checked against the last applied id, applied or rejected, and its outcome and the new
 last id are recorded together with the effects. A resent mutation (id <= last) is
-answered ``duplicate`` with the error of its original outcome; a mutation whose id
-skips ahead is refused with a ``conflict:`` reason and nothing after the gap is applied
-or recorded. A mutation that fails validation is ``rejected``: it changes nothing but
-is recorded, so the client can roll its optimistic change back and never resend it.
+answered ``duplicate`` with the error of its original outcome — also when the same id
+appears twice in one batch (the first copy counts); a mutation whose id skips ahead is
+refused with a ``conflict:`` reason and nothing after the gap is applied or recorded.
+A mutation that fails validation is ``rejected``: it changes nothing but is recorded,
+so the client can roll its optimistic change back and never resend it.
+
+Identity (SPEC promise 6): client ids and workflow ids are the tenant's own — every
+lookup is by ``(tenant, id)``, so another tenant's use of the same id is simply another
+client or workflow. Within a tenant, a client id belongs to the subject that first used
+it; another subject is refused (``Forbidden``) before anything is applied.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 import msgspec
 
 from protocol import (
+    BadMessage,
     CancelWorkflowArgs,
     Conflict,
     Forbidden,
@@ -40,7 +47,7 @@ from protocol.codec import MutationArgs
 from sync_server import tracing
 from sync_server.auth import Principal
 from sync_server.saga import intake
-from sync_server.store.base import Store, Transaction, WorkflowRecord
+from sync_server.store.base import Store, Transaction, WorkflowKey, WorkflowRecord
 
 __all__ = ["MAX_INPUT_BYTES", "MutationApplier", "WorkflowCommands"]
 
@@ -101,34 +108,43 @@ class MutationApplier:
         """Apply a batch in one transaction and return one result per mutation.
 
         Raises:
-            Forbidden: the client id belongs to another tenant, or the token is not a
-                client's.
+            Forbidden: the client id belongs to another subject of the tenant, or the
+                token is not a client's.
             StorageError: the database failed; nothing was applied.
         """
         principal.require(Role.CLIENT)
+        tenant = principal.tenant
         now = self.clock()
         spans = tracing.start_push_spans(mutations, client_id) if tracing.enabled() else None
 
         async def unit(tx: Transaction) -> list[MutationResult]:
-            last = await tx.lock_client(principal.tenant, client_id)
-            resent = [m.id for m in mutations if m.id <= last]
-            originals = await tx.mutation_results(client_id, resent) if resent else {}
+            last = await tx.lock_client(tenant, principal.subject, client_id)
+            resent = sorted({m.id for m in mutations if m.id <= last})
+            originals = await tx.mutation_results(tenant, client_id, resent) if resent else {}
             # Parse first, then read every workflow the batch touches in one round trip
-            # (sorted, so concurrent batches lock rows in the same order).
+            # (sorted, so concurrent batches lock rows in the same order). A repeated id
+            # is parsed once: its first copy is the one applied.
             parsed: dict[int, MutationArgs | TetherError] = {}
             for mutation in mutations:
-                if mutation.id > last:
+                if mutation.id > last and mutation.id not in parsed:
                     try:
                         parsed[mutation.id] = parse_mutation_args(mutation)
                     except TetherError as exc:
                         parsed[mutation.id] = exc
-            ids = sorted({a.workflow_id for a in parsed.values() if not isinstance(a, Exception)})
-            batch = _Batch(await tx.get_workflows(ids, lock=True) if ids else {})
+            keys = sorted(
+                {
+                    WorkflowKey(tenant, a.workflow_id)
+                    for a in parsed.values()
+                    if not isinstance(a, Exception)
+                }
+            )
+            found = await tx.get_workflows(keys, lock=True) if keys else {}
+            batch = _Batch({key.id: record for key, record in found.items()})
             results: list[MutationResult] = []
             recorded: list[tuple[int, str, str | None]] = []
             expected = last + 1
             for mutation in mutations:
-                if mutation.id <= last:
+                if mutation.id < expected:  # resent, or repeated within this batch
                     original = originals.get(mutation.id)
                     error = original[1] if original else None
                     results.append(MutationResult(mutation.id, MutationStatus.DUPLICATE, error))
@@ -157,10 +173,11 @@ class MutationApplier:
                     status, error = MutationStatus.APPLIED, None
                 results.append(MutationResult(mutation.id, status, error))
                 recorded.append((mutation.id, status.value, error))
+                originals[mutation.id] = (status.value, error)
                 expected += 1
             await batch.write(tx)
             if recorded:
-                await tx.record_mutations(client_id, recorded, expected - 1, now)
+                await tx.record_mutations(tenant, client_id, recorded, expected - 1, now)
             return results
 
         if spans is None:
@@ -186,8 +203,7 @@ class MutationApplier:
             self._submit(tx, principal, client_id, args, batch, now, trace)
             return
         record = batch.records.get(args.workflow_id)
-        if record is None or record.tenant != principal.tenant:
-            # Another tenant's workflow is reported as missing: existence does not leak.
+        if record is None:
             raise NotFound(f"no workflow {args.workflow_id}")
         if isinstance(args, CancelWorkflowArgs):
             intake.request_cancel(tx, record, now, client_id)
@@ -212,11 +228,13 @@ class MutationApplier:
             raise ValidationError(f"unknown workflow {args.name!r}")
         if len(msgspec.json.encode(args.input)) > MAX_INPUT_BYTES:
             raise ValidationError(f"workflow input is larger than {MAX_INPUT_BYTES} bytes")
-        existing = batch.records.get(args.workflow_id)
+        existing = batch.records.get(args.workflow_id)  # the tenant's own, by key
         if existing is not None:
-            if existing.tenant == principal.tenant and existing.name == args.name:
+            if existing.name == args.name:
                 return  # idempotent: the same workflow submitted again
-            raise ValidationError(f"workflow id {args.workflow_id} is already in use")
+            raise ValidationError(
+                f"workflow id {args.workflow_id} is already used by your {existing.name!r} workflow"
+            )
         record = WorkflowRecord(
             id=args.workflow_id,
             tenant=principal.tenant,
@@ -279,16 +297,44 @@ class WorkflowCommands:
     def __init__(self, applier: MutationApplier) -> None:
         self.applier = applier
 
+    async def tenant_of(
+        self, principal: Principal, workflow_id: str, tenant: str | None = None
+    ) -> str:
+        """Whose workflow ``workflow_id`` names for ``principal``.
+
+        A tenant's principal names its own; a global admin names ``tenant``, or, when it
+        gives none, the one tenant holding that id.
+
+        Raises:
+            NotFound: a global admin's id that no tenant holds.
+            BadMessage: a global admin's id that several tenants hold, without a tenant.
+        """
+        scope = principal.scope
+        if scope is not None:
+            return scope
+        if tenant is not None:
+            return tenant
+        tenants = await self.applier.store.workflow_tenants(workflow_id, limit=2)
+        if not tenants:
+            raise NotFound(f"no workflow {workflow_id}")
+        if len(tenants) > 1:
+            raise BadMessage(
+                f"workflow id {workflow_id} exists in several tenants; name one with ?tenant="
+            )
+        return tenants[0]
+
     async def _on_workflow(
         self,
         principal: Principal,
         workflow_id: str,
         action: Callable[[Transaction, WorkflowRecord, float], Any],
+        tenant: str | None = None,
     ) -> WorkflowRecord:
         now = self.applier.clock()
+        owner = await self.tenant_of(principal, workflow_id, tenant)
 
         async def unit(tx: Transaction) -> WorkflowRecord:
-            record = await tx.get_workflow(workflow_id, lock=True)
+            record = await tx.get_workflow(owner, workflow_id, lock=True)
             if record is None or not principal.sees(record.tenant):
                 raise NotFound(f"no workflow {workflow_id}")
             outcome = action(tx, record, now)
@@ -299,8 +345,15 @@ class WorkflowCommands:
 
         return await self.applier.store.run(unit)
 
-    async def cancel(self, principal: Principal, workflow_id: str) -> WorkflowRecord:
+    async def cancel(
+        self, principal: Principal, workflow_id: str, tenant: str | None = None
+    ) -> WorkflowRecord:
         """Cancel a workflow (compensating its completed steps).
+
+        Args:
+            principal: who asks.
+            workflow_id: the workflow's id.
+            tenant: the workflow's tenant, for a global admin (see ``tenant_of``).
 
         Raises:
             NotFound: no such workflow for this tenant.
@@ -311,10 +364,18 @@ class WorkflowCommands:
             principal,
             workflow_id,
             lambda tx, record, now: intake.request_cancel(tx, record, now, subject),
+            tenant,
         )
 
-    async def retry(self, principal: Principal, workflow_id: str) -> WorkflowRecord:
+    async def retry(
+        self, principal: Principal, workflow_id: str, tenant: str | None = None
+    ) -> WorkflowRecord:
         """Re-run the failed or parked steps of a workflow.
+
+        Args:
+            principal: who asks.
+            workflow_id: the workflow's id.
+            tenant: the workflow's tenant, for a global admin (see ``tenant_of``).
 
         Raises:
             NotFound: no such workflow for this tenant.
@@ -325,10 +386,18 @@ class WorkflowCommands:
             principal,
             workflow_id,
             lambda tx, record, now: intake.request_retry(tx, record, now, subject),
+            tenant,
         )
 
-    async def report(self, principal: Principal, args: ReportStateArgs) -> WorkflowRecord:
+    async def report(
+        self, principal: Principal, args: ReportStateArgs, tenant: str | None = None
+    ) -> WorkflowRecord:
         """Apply a source's state report.
+
+        Args:
+            principal: who reports.
+            args: the report.
+            tenant: the workflow's tenant, for a global admin (see ``tenant_of``).
 
         Raises:
             NotFound: no such workflow for this tenant.
@@ -338,7 +407,7 @@ class WorkflowCommands:
         async def action(tx: Transaction, record: WorkflowRecord, now: float) -> None:
             await applier.report(tx, principal, record, args, now)
 
-        return await self._on_workflow(principal, args.workflow_id, action)
+        return await self._on_workflow(principal, args.workflow_id, action, tenant)
 
     async def requeue(self, principal: Principal, entry_id: int) -> WorkflowRecord:
         """Requeue a dead letter: its workflow re-runs the dead-lettered work.
@@ -354,7 +423,7 @@ class WorkflowCommands:
                 raise NotFound(f"no dead letter {entry_id}")
             if entry.status != "open":
                 raise Conflict(f"dead letter {entry_id} is {entry.status}, not open")
-            record = await tx.get_workflow(entry.workflow_id, lock=True)
+            record = await tx.get_workflow(entry.tenant, entry.workflow_id, lock=True)
             if record is None:
                 raise NotFound(f"no workflow {entry.workflow_id}")
             intake.requeue_dlq(tx, entry, record, now)

@@ -99,6 +99,30 @@ def _workflow_id(request: Request) -> str:
     return workflow_id
 
 
+def _tenant_hint(request: Request) -> str | None:
+    """``?tenant=``: which tenant's workflow a global admin means (others' is ignored)."""
+    tenant = request.query_params.get("tenant")
+    if tenant is not None and (not tenant or len(tenant) > 128 or "\x00" in tenant):
+        raise BadMessage("query parameter tenant must be 1..128 characters without NUL")
+    return tenant
+
+
+MAX_ROW_ID = 2**63 - 1
+"""Database row ids (dead letters) are positive 64-bit integers."""
+
+
+def _row_id(request: Request, what: str) -> int:
+    """The ``{id}`` of the path as a row id; anything else names nothing (404).
+
+    Raises:
+        NotFound: not a decimal integer within 1..2**63-1.
+    """
+    raw: str = request.path_params["id"]
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or not 1 <= int(raw) <= MAX_ROW_ID:
+        raise NotFound(f"no {what} {raw[:40]!r}")
+    return int(raw)
+
+
 _DLQ_STATUSES = frozenset({"open", "requeued", "resolved", "all"})
 
 
@@ -106,10 +130,11 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise BadMessage(f"query parameter {name} must be an integer") from exc
+    # int() would also take "1_000", " 7" and 4,300-digit strings; a plain decimal only.
+    digits = raw[1:] if raw.startswith("-") else raw
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > 20:
+        raise BadMessage(f"query parameter {name} must be an integer within {low}..{high}")
+    value = int(raw)
     if not low <= value <= high:
         raise BadMessage(f"query parameter {name} must be within {low}..{high}")
     return value
@@ -143,7 +168,10 @@ async def pull(request: Request) -> Response:
 async def get_workflow(request: Request) -> Response:
     """``GET /v1/workflows/{id}`` → the workflow's snapshot."""
     principal = _principal(request)
-    record = await _tether(request).store.get_workflow(_workflow_id(request))
+    tether = _tether(request)
+    workflow_id = _workflow_id(request)
+    tenant = await tether.commands.tenant_of(principal, workflow_id, _tenant_hint(request))
+    record = await tether.store.get_workflow(tenant, workflow_id)
     if record is None or not principal.sees(record.tenant):
         raise NotFound(f"no workflow {request.path_params['id']}")
     return _json(snapshot(record))
@@ -167,14 +195,18 @@ async def list_workflows(request: Request) -> Response:
 async def cancel_workflow(request: Request) -> Response:
     """``POST /v1/workflows/{id}/cancel``."""
     principal = _principal(request, Role.CLIENT, Role.ADMIN)
-    record = await _tether(request).commands.cancel(principal, _workflow_id(request))
+    record = await _tether(request).commands.cancel(
+        principal, _workflow_id(request), _tenant_hint(request)
+    )
     return _json(snapshot(record), 202)
 
 
 async def retry_workflow(request: Request) -> Response:
     """``POST /v1/workflows/{id}/retry``: re-run only the failed or parked steps."""
     principal = _principal(request, Role.CLIENT, Role.ADMIN)
-    record = await _tether(request).commands.retry(principal, _workflow_id(request))
+    record = await _tether(request).commands.retry(
+        principal, _workflow_id(request), _tenant_hint(request)
+    )
     return _json(snapshot(record), 202)
 
 
@@ -183,7 +215,7 @@ async def report(request: Request) -> Response:
     principal = _principal(request, Role.SOURCE, Role.ADMIN)
     args = decode_json(await _body(request), ReportStateArgs)
     check_text(args.detail, "detail")
-    record = await _tether(request).commands.report(principal, args)
+    record = await _tether(request).commands.report(principal, args, _tenant_hint(request))
     return _json(snapshot(record), 202)
 
 
@@ -203,10 +235,7 @@ async def list_dlq(request: Request) -> Response:
 async def requeue_dlq(request: Request) -> Response:
     """``POST /v1/dlq/{id}/requeue`` (admin): re-run the dead-lettered work."""
     principal = _principal(request, Role.ADMIN)
-    try:
-        entry_id = int(request.path_params["id"])
-    except ValueError as exc:
-        raise NotFound(f"no dead letter {request.path_params['id']}") from exc
+    entry_id = _row_id(request, "dead letter")
     record = await _tether(request).commands.requeue(principal, entry_id)
     return _json(snapshot(record), 202)
 

@@ -79,7 +79,7 @@ class Hub:
         self.batch = batch
         self.origin = origin
         self.progress_interval = progress_interval
-        self._remote: dict[tuple[str, str], tuple[str, Progress]] = {}
+        self._remote: dict[tuple[str, str, str], tuple[str, Progress]] = {}
         self._local: dict[int, StoredEvent] = {}
         self._known_head = 0
         self._force_read = False
@@ -136,7 +136,7 @@ class Hub:
         """Hand ephemeral progress to the tenant's subscribers, here and elsewhere."""
         self._deliver_progress(tenant, progress)
         if self.store.multi_instance:
-            self._remote[(progress.workflow_id, progress.step)] = (tenant, progress)
+            self._remote[(tenant, progress.workflow_id, progress.step)] = (tenant, progress)
             if self._flusher is None or self._flusher.done():
                 self._flusher = asyncio.create_task(
                     self._flush_remote(), name="tether-hub-progress"

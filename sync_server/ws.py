@@ -33,6 +33,7 @@ from protocol import (
 )
 from sync_server.auth import Principal, bearer_token, verify_token
 from sync_server.session import ApplyPush, Command, LoadClient, ReadEvents, ServerSession
+from sync_server.store.rows import client_owned_message
 
 if TYPE_CHECKING:
     from sync_server.app import Tether
@@ -197,11 +198,9 @@ class SyncConnection:
             command = self._commands.pop(0)
             try:
                 if isinstance(command, LoadClient):
-                    found = await store.get_client(command.client_id)
-                    if found is not None and found[0] != self.tenant:
-                        raise Forbidden("this client id belongs to another tenant")
+                    last = await self._check_client(command.client_id)
                     head = await store.head(tenant=self.tenant)
-                    self.session.receive_client_state(found[1] if found else 0, head)
+                    self.session.receive_client_state(last, head)
                 elif isinstance(command, ApplyPush):
                     results = await self.tether.applier.push(
                         self.principal, command.client_id, command.mutations
@@ -222,6 +221,24 @@ class SyncConnection:
                 log.exception("command %s failed", type(command).__name__)
                 self.session.fail(TetherError(f"internal error: {type(exc).__name__}"))
             self._pump()
+
+    async def _check_client(self, client_id: str) -> int:
+        """The client's last applied mutation id (0 for a new id); a read only.
+
+        SPEC promise 6: a client id belongs to the (tenant, subject) that first used it
+        — its first push binds it (``Transaction.lock_client``), so only a push's event
+        can reveal it, and that push has bound it already.
+
+        Raises:
+            Forbidden: the client id belongs to another subject of the tenant.
+        """
+        found = await self.tether.store.get_client(self.tenant, client_id)
+        if found is None:
+            return 0
+        owner, last = found
+        if owner is not None and owner != self.principal.subject:
+            raise Forbidden(client_owned_message(client_id))
+        return last
 
     async def _write(self) -> None:
         try:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol import events as ev
+from sync_server.saga.machine import idempotency_key
 
 TERMINAL = {"completed", "compensated", "failed", "cancelled"}
 ENDED = TERMINAL | {"parked"}
@@ -176,12 +177,17 @@ def check(
     problems += [f"{key} has {n} effects" for key, n in effects.items() if n != 1]
     overlaps = job_stats.get("overlaps", [])
     problems += [f"overlapping live attempts of {key}" for key in overlaps]
-    known_keys = {f"{wid}:{step}" for wid in by_id for step in DEPENDS | {"reserve_credits": []}}
+    known_keys = {
+        idempotency_key(r.id, step, tenant=r.tenant)
+        for r in records
+        for step in DEPENDS | {"reserve_credits": []}
+    }
     for kind, keys in ledger.items():
         problems += [f"{kind} effect for unknown key {k}" for k in keys if k not in known_keys]
     for r in records:
         history = _step_statuses(per_workflow.get(r.id, []))
-        if "succeeded" in history.get("render", ()) and effects.get(f"{r.id}:render") != 1:
+        render_key = idempotency_key(r.id, "render", tenant=r.tenant)
+        if "succeeded" in history.get("render", ()) and effects.get(render_key) != 1:
             problems.append(f"{r.id}: render succeeded but the service has no effect for it")
         if r.status == "completed":
             for kind, step in (
@@ -189,7 +195,7 @@ def check(
                 ("store", "store"),
                 ("charge", "charge"),
             ):
-                if not ledger.get(kind, {}).get(f"{r.id}:{step}"):
+                if not ledger.get(kind, {}).get(idempotency_key(r.id, step, tenant=r.tenant)):
                     problems.append(f"completed {r.id}: no {kind} effect at the service")
     verdict.add(
         "one-effect-per-key",
@@ -225,7 +231,7 @@ def check(
                         problems.append(f"{r.id}: {dep} compensated before its dependent {step}")
             for step in compensated:
                 kind = COMPENSATED_BY[step]
-                if not ledger.get(kind, {}).get(f"{r.id}:{step}"):
+                if not ledger.get(kind, {}).get(idempotency_key(r.id, step, tenant=r.tenant)):
                     problems.append(f"{r.id}: {step} compensated but no {kind} at the service")
     verdict.add(
         "compensation-exact",

@@ -46,11 +46,11 @@ async def submit(
     return ids
 
 
-async def mutate(store: Store, workflow_id: str, fn: Any) -> None:
+async def mutate(store: Store, workflow_id: str, fn: Any, *, tenant: str = "t1") -> None:
     """Apply an intake function (cancel/retry) to a workflow in one transaction."""
 
     async def unit(tx: Transaction) -> None:
-        record = await tx.get_workflow(workflow_id, lock=True)
+        record = await tx.get_workflow(tenant, workflow_id, lock=True)
         assert record is not None
         fn(tx, record, time.time(), "test-client")
         await tx.update_workflow(record)
@@ -59,13 +59,18 @@ async def mutate(store: Store, workflow_id: str, fn: Any) -> None:
 
 
 async def wait_status(
-    store: Store, workflow_id: str, statuses: set[str] | str = TERMINAL, timeout: float = 20.0
+    store: Store,
+    workflow_id: str,
+    statuses: set[str] | str = TERMINAL,
+    timeout: float = 20.0,
+    *,
+    tenant: str = "t1",
 ) -> WorkflowRecord:
     """Wait until the workflow's status is one of ``statuses``."""
     wanted = {statuses} if isinstance(statuses, str) else statuses
 
     async def check() -> WorkflowRecord | None:
-        record = await store.get_workflow(workflow_id)
+        record = await store.get_workflow(tenant, workflow_id)
         return record if record is not None and record.status in wanted else None
 
     result: WorkflowRecord = await wait_for(
@@ -75,7 +80,12 @@ async def wait_status(
 
 
 async def wait_all(
-    store: Store, ids: list[str], statuses: set[str] | str = TERMINAL, timeout: float = 60.0
+    store: Store,
+    ids: list[str],
+    statuses: set[str] | str = TERMINAL,
+    timeout: float = 60.0,
+    *,
+    tenant: str = "t1",
 ) -> list[WorkflowRecord]:
     """Wait until every workflow of ``ids`` reached one of ``statuses``."""
     wanted = {statuses} if isinstance(statuses, str) else statuses
@@ -86,12 +96,14 @@ async def wait_all(
         return want <= {r.id for r in rows}
 
     await wait_for(check, timeout=timeout, interval=0.05, message=f"{len(ids)} workflows end")
-    return [r for r in [await store.get_workflow(i) for i in ids] if r is not None]
+    return [r for r in [await store.get_workflow(tenant, i) for i in ids] if r is not None]
 
 
-async def step_history(store: Store, workflow_id: str) -> list[tuple[str, str, int]]:
+async def step_history(
+    store: Store, workflow_id: str, *, tenant: str = "t1"
+) -> list[tuple[str, str, int]]:
     """(step, status, attempt) of every step.status event of a workflow, in order."""
-    events = await store.read_workflow_events(workflow_id)
+    events = await store.read_workflow_events(tenant, workflow_id)
     return [
         (e.data["step"], e.data["status"], e.data["attempt"])
         for e in events
@@ -99,6 +111,6 @@ async def step_history(store: Store, workflow_id: str) -> list[tuple[str, str, i
     ]
 
 
-async def event_types(store: Store, workflow_id: str) -> list[str]:
+async def event_types(store: Store, workflow_id: str, *, tenant: str = "t1") -> list[str]:
     """The types of a workflow's events, in order."""
-    return [e.type for e in await store.read_workflow_events(workflow_id)]
+    return [e.type for e in await store.read_workflow_events(tenant, workflow_id)]

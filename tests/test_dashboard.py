@@ -214,7 +214,7 @@ async def test_dashboard_progress_and_requeue(tmp_path: Path) -> None:
                 await page.screenshot(path=str(ARTIFACTS / "dashboard-after.png"), full_page=True)
             finally:
                 await context.close()
-        record = await app.state.tether.store.get_workflow(parked)
+        record = await app.state.tether.store.get_workflow("acme", parked)
         assert record is not None and record.status == "completed"
 
 

@@ -22,6 +22,7 @@ from sync_server.adapters.keyed import generation_id
 from sync_server.reconcile import Reconciler, ReconcileRules
 from sync_server.saga import RetryPolicy, Step, StepContext, Workflow, intake
 from sync_server.saga.alerts import AlertSink
+from sync_server.saga.machine import idempotency_key
 from sync_server.saga.runner import SagaRunner
 from sync_server.store import open_store
 from tests.conftest import wait_for
@@ -78,14 +79,14 @@ async def test_a_workflow_cancel_cancels_the_running_job(store, queue):
     try:
         [wid] = await submit(store, workflow)
         await wait_for(lambda: queue.books.starts, 10)
-        record = await store.get_workflow(wid)
+        record = await store.get_workflow("t1", wid)
         assert record is not None and record.state["steps"]["render"]["job"] == {
             "source": "job-queue",
             "adapter": "emp-job-queue",
         }
         await mutate(store, wid, intake.request_cancel)
         await wait_status(store, wid, {"cancelled", "compensated"})
-        job_id = generation_id(f"{wid}:render", 0)
+        job_id = generation_id(idempotency_key(wid, "render", tenant="t1"), 0)
         await wait_for(lambda: (queue.job(job_id) or {}).get("status") == "failed", 10)
     finally:
         await run.stop()
@@ -110,7 +111,7 @@ async def test_a_shutdown_leaves_the_job_and_the_next_instance_attaches(store, q
     finally:
         await first_emp.aclose()
         await second_emp.aclose()
-    job_id = generation_id(f"{wid}:render", 0)
+    job_id = generation_id(idempotency_key(wid, "render", tenant="t1"), 0)
     assert seen[0].stop_reason == "shutdown" and queue.books.cancels[job_id] == 0
     assert record.state["steps"]["render"]["result"]["job_id"] == job_id
     assert second_emp.stats["attached"] + second_emp.stats["taken"] >= 1
@@ -133,8 +134,8 @@ async def test_the_sweep_repairs_a_completion_lost_with_its_instance(store, queu
     [wid] = await submit(store, workflow)
     await wait_for(lambda: queue.books.starts, 10)
     # The attempt is lost (as with its instance); the 30 s lease stays in the database.
-    run._held.pop(wid).cancel("interrupted")
-    job_id = generation_id(f"{wid}:render", 0)
+    run._held.pop(("t1", wid)).cancel("interrupted")
+    job_id = generation_id(idempotency_key(wid, "render", tenant="t1"), 0)
     await wait_for(lambda: (queue.job(job_id) or {}).get("status") == "completed", 10)
     rules = ReconcileRules(interval=0.1, grace=0.2)
     reconciler = Reconciler(store, rules, [emp], alerts=AlertSink())
@@ -191,7 +192,7 @@ async def test_a_job_running_past_the_horizon_is_rerun_and_its_dead_worker_repla
     await run.start()
     [wid] = await submit(store, workflow)
     await wait_for(lambda: queue.books.dead, 10)
-    run._held.pop(wid).cancel("interrupted")  # the attempt is lost; only the sweep can see
+    run._held.pop(("t1", wid)).cancel("interrupted")  # the attempt is lost; only the sweep can see
     rules = ReconcileRules(grace=0.2, horizon=0.5)
     reconciler = Reconciler(store, rules, [emp], alerts=AlertSink())
     try:
@@ -200,7 +201,9 @@ async def test_a_job_running_past_the_horizon_is_rerun_and_its_dead_worker_repla
     finally:
         await run.stop()
         await emp.aclose()
-    assert record.state["steps"]["render"]["result"]["job_id"] == generation_id(f"{wid}:render", 1)
+    assert record.state["steps"]["render"]["result"]["job_id"] == generation_id(
+        idempotency_key(wid, "render", tenant="t1"), 1
+    )
     assert emp.stats["stuck"] == 1 and max(queue.books.starts.values()) == 1
 
 

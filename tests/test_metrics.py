@@ -145,7 +145,7 @@ async def push(http: httpx.AsyncClient, bearer: str, items: list[tuple[str, str,
 
 
 async def status_of(app: Any, workflow_id: str) -> str | None:
-    record = await app.state.tether.store.get_workflow(workflow_id)
+    record = await app.state.tether.store.get_workflow(TENANT, workflow_id)
     return None if record is None else record.status
 
 

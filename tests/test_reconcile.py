@@ -16,6 +16,7 @@ from protocol import Mutation, WorkflowStatus
 from sync_server import create_app
 from sync_server.auth import issue_token
 from sync_server.reconcile import ReconcileRules, decide
+from sync_server.saga.machine import idempotency_key
 from sync_server.store.base import WorkflowRecord
 from tests.conftest import wait_for
 from tests.servers import SECRET, running
@@ -133,7 +134,7 @@ async def submit(client: RawClient, mid: int, render: dict) -> str:
 
 async def final(store, wid, timeout=30):
     async def done():
-        rec = await store.get_workflow(wid)
+        rec = await store.get_workflow("acme", wid)
         return rec if rec and WorkflowStatus(rec.status).terminal else None
 
     return await wait_for(done, timeout=timeout, message=f"workflow {wid} ends")
@@ -141,7 +142,9 @@ async def final(store, wid, timeout=30):
 
 async def reconciled(store, wid):
     return [
-        e.data for e in await store.read_workflow_events(wid) if e.type == "workflow.reconciled"
+        e.data
+        for e in await store.read_workflow_events("acme", wid)
+        if e.type == "workflow.reconciled"
     ]
 
 
@@ -160,9 +163,10 @@ async def test_lost_completion_is_applied(database_url, job_service):
         assert repair["before"]["step_status"] == "running"
         assert repair["after"]["step_status"] == "succeeded"
         books = job_service.books
-        assert books.lost[f"{wid}:render"] == 1  # the fault really happened
-        assert books.effects[f"{wid}:render"] == 1
-        assert rec.state["steps"]["render"]["result"]["image"] == f"image-for-{wid}:render"
+        key = idempotency_key(wid, "render", tenant="acme")
+        assert books.lost[key] == 1  # the fault really happened
+        assert books.effects[key] == 1
+        assert rec.state["steps"]["render"]["result"]["image"] == f"image-for-{key}"
         metrics = srv.app.state.tether.metrics.render().decode()
         assert 'tether_reconciliation_repairs_total{kind="complete"}' in metrics
         await client.close()
@@ -177,7 +181,7 @@ async def test_lost_job_is_resubmitted_with_the_same_key(database_url, job_servi
         assert rec.status == "completed"
         repairs = await reconciled(store, wid)
         assert [r["repair"] for r in repairs] == ["resubmit"]
-        key = f"{wid}:render"
+        key = idempotency_key(wid, "render", tenant="acme")
         assert job_service.books.dropped[key] == 1
         assert job_service.books.attempts[key] == 2  # the same key, resubmitted once
         assert job_service.books.effects[key] == 1
@@ -228,7 +232,10 @@ async def test_conflicting_reports_end_canonical(database_url, job_service):
         client = await RawClient.open(srv.ws_url)
         # The render stalls a long time: the saga is mid-step when the reports come in.
         wid = await submit(client, 1, {"stall_first": 1, "stall": 60})
-        await wait_for(lambda: job_service.books.stalls[f"{wid}:render"] == 1, timeout=20)
+        await wait_for(
+            lambda: job_service.books.stalls[idempotency_key(wid, "render", tenant="acme")] == 1,
+            timeout=20,
+        )
         source = issue_token(SECRET, tenant="acme", subject="render-queue", role="source")
         now = time.time()
         async with httpx.AsyncClient(

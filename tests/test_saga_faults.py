@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from examples.job_service import running_job_service
+from sync_server.saga.machine import idempotency_key
 from sync_server.store import open_store
 from tests.conftest import wait_for
 from tests.saga_helpers import step_history, submit, wait_all, wait_status
@@ -120,10 +121,10 @@ async def test_sigkill_mid_step_then_restart_completes_once(sqlite_url, job_serv
         # so a second attempt never overlaps it at the service.
         first = workers(sqlite_url, job_service.url, "w1", lease=1.5)
         [wid] = await submit(store, wf, {"prompt": "cat", "render": {"duration": 0.8}})
-        key = f"{wid}:render"
+        key = idempotency_key(wid, "render", tenant="t1")
         await wait_for(lambda: job_service.books.active[key] >= 1, timeout=20)
         first.kill()  # SIGKILL mid-render: nothing is released
-        assert (await store.get_workflow(wid)).lease_owner == "w1"
+        assert (await store.get_workflow("t1", wid)).lease_owner == "w1"
         workers(sqlite_url, job_service.url, "w2", lease=1.5)
         record = await wait_status(store, wid, "completed", timeout=30)
         books = job_service.books
@@ -132,8 +133,8 @@ async def test_sigkill_mid_step_then_restart_completes_once(sqlite_url, job_serv
         # the service saw a single render request.
         assert books.attempts[key] == 1 and books.overlaps == []
         ledger = books.ledger
-        assert ledger["reserve"][f"{wid}:reserve_credits"] >= 1
-        assert ledger["charge"][f"{wid}:charge"] == 1
+        assert ledger["reserve"][idempotency_key(wid, "reserve_credits", tenant="t1")] >= 1
+        assert ledger["charge"][idempotency_key(wid, "charge", tenant="t1")] == 1
         assert record.result == {"charged": 1}
         history = await step_history(store, wid)
         assert ("render", "retrying", 1) in history  # taken over, same attempt re-run
@@ -165,7 +166,7 @@ async def test_two_instances_on_postgres_200_workflows_kill_one(pg_url, job_serv
         assert orphans, "the kill should have left work behind (sometimes assertion)"
         books = job_service.books
         assert books.overlaps == []  # no attempt of a key ever ran on both at once
-        assert all(books.effects[f"{wid}:call"] == 1 for wid in ids)
+        assert all(books.effects[idempotency_key(wid, "call", tenant="t1")] == 1 for wid in ids)
         assert b.proc.poll() is None
     finally:
         await store.close()
@@ -178,7 +179,7 @@ async def test_sigstop_past_lease_then_sigcont_refuses_stale_write(pg_url, job_s
         wf = job_workflow(job_service.url)
         a = workers(pg_url, job_service.url, "A", lease=1.0)
         [wid] = await submit(store, wf, {"render": {"duration": 0.8}})
-        key = f"{wid}:call"
+        key = idempotency_key(wid, "call", tenant="t1")
         await wait_for(lambda: job_service.books.active[key] >= 1, timeout=20)
         a.signal(signal.SIGSTOP)  # paused mid-step, holding its lease
         paused_at = time.monotonic()
@@ -193,7 +194,7 @@ async def test_sigstop_past_lease_then_sigcont_refuses_stale_write(pg_url, job_s
             lambda: "stale write refused" in a.log() or "lease of workflow" in a.log(),
             timeout=20,
         )
-        again = await store.get_workflow(wid)
+        again = await store.get_workflow("t1", wid)
         assert again.version == record.version and again.result == record.result
         history = await step_history(store, wid)
         assert [h for h in history if h[1] == "succeeded"] == [("call", "succeeded", 1)]

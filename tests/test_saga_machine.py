@@ -458,6 +458,10 @@ def test_workflow_result_of_several_leaves():
 def test_helpers():
     assert idempotency_key("w", "s") == "w:s"
     assert idempotency_key("w", "s", compensation=True) == "w:s:compensate"
+    # Per tenant (workflow ids are the tenant's own): a fixed-length tag of the tenant.
+    mine, theirs = idempotency_key("w", "s", tenant="a"), idempotency_key("w", "s", tenant="b")
+    assert mine != theirs and mine.endswith(".w:s") and len(mine) == len("t.w:s") + 16
+    assert idempotency_key("w", "s", compensation=True, tenant="a").endswith(".w:s:compensate")
     state = initial_state(linear())
     assert list(state["steps"]) == ["a", "b", "c"]
     m = SagaMachine(linear(), "w", "running", None)

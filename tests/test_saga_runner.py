@@ -11,6 +11,7 @@ import pytest
 from sync_server.saga import PermanentError, RetryPolicy, Step, Workflow, intake
 from sync_server.saga.alerts import RecordingAlerts
 from sync_server.saga.breaker import BreakerPolicy
+from sync_server.saga.machine import idempotency_key
 from sync_server.saga.runner import SagaRunner
 from sync_server.store import open_store
 from tests.conftest import wait_for
@@ -55,7 +56,8 @@ async def test_three_steps_complete_with_few_transactions(env):
     r = await runner([wf])
     [wid] = await submit(store, wf, {"x": 1})
     record = await wait_status(store, wid, "completed")
-    assert record.result == {"step": "s2", "key": f"{wid}:s2", "deps": ["s1"]}
+    key = idempotency_key(wid, "s2", tenant="t1")
+    assert record.result == {"step": "s2", "key": key, "deps": ["s1"]}
     assert record.progress == 1.0 and record.lease_owner is None and record.due_at is None
     assert await step_history(store, wid) == [
         ("s0", "running", 1),
@@ -65,7 +67,7 @@ async def test_three_steps_complete_with_few_transactions(env):
         ("s2", "running", 1),
         ("s2", "succeeded", 1),
     ]
-    events = await store.read_workflow_events(wid)
+    events = await store.read_workflow_events("t1", wid)
     assert [e.data["workflow"]["version"] for e in events] == list(range(1, len(events) + 1))
     assert events[-1].data["workflow"]["status"] == "completed"
     # the claim starts step 1; each later checkpoint records one step and starts the next
@@ -98,14 +100,15 @@ async def test_retry_same_key_backoff_persisted_then_success(env):
     [wid] = await submit(store, wf)
 
     async def retrying():
-        rec = await store.get_workflow(wid)
+        rec = await store.get_workflow("t1", wid)
         return rec if rec.state["steps"]["f"]["status"] == "retrying" else None
 
     rec = await wait_for(retrying, timeout=10)
     assert rec.due_at is not None and rec.lease_owner is None  # the schedule is in the store
     record = await wait_status(store, wid, "completed")
     assert record.state["steps"]["f"]["attempts"] == 3
-    assert keys == [(f"{wid}:f", 1), (f"{wid}:f", 2), (f"{wid}:f", 3)]
+    key = idempotency_key(wid, "f", tenant="t1")
+    assert keys == [(key, 1), (key, 2), (key, 3)]
     statuses = [s for _, s, _ in await step_history(store, wid)]
     assert statuses == ["running", "retrying", "running", "retrying", "running", "succeeded"]
 
@@ -125,7 +128,7 @@ async def test_timeout_is_a_failed_attempt(env):
     [wid] = await submit(store, wf)
     record = await wait_status(store, wid, "completed")
     assert record.result == "second"
-    events = await store.read_workflow_events(wid)
+    events = await store.read_workflow_events("t1", wid)
     errors = [e.data["error"] for e in events if e.data.get("status") == "retrying"]
     assert errors == ["timed out after 0.2 s"]
 
@@ -140,7 +143,9 @@ async def test_permanent_error_dead_letters_alerts_and_compensates_in_reverse(en
     async def undo(ctx):
         undone.append(ctx.step)
         assert ctx.results[ctx.step] == ctx.step and ctx.compensating
-        assert ctx.idempotency_key == f"{ctx.workflow_id}:{ctx.step}:compensate"
+        assert ctx.idempotency_key == idempotency_key(
+            ctx.workflow_id, ctx.step, compensation=True, tenant="t1"
+        )
 
     async def bad(ctx):
         raise PermanentError("no such prompt")
@@ -302,7 +307,7 @@ async def test_compensation_failure_fails_then_requeue_recovers(env):
 
     async def requeue(tx):
         entry = await tx.get_dlq(comp_entry.id)
-        rec = await tx.get_workflow(wid)
+        rec = await tx.get_workflow("t1", wid)
         intake.requeue_dlq(tx, entry, rec, 0.0 + rec.updated_at)
         await tx.update_dlq(entry)
         await tx.update_workflow(rec)
@@ -337,7 +342,7 @@ async def test_breaker_opens_defers_without_attempts_and_recovers(env):
     [deferred] = await submit(store, wf)
 
     async def is_deferred():
-        rec = await store.get_workflow(deferred)
+        rec = await store.get_workflow("t1", deferred)
         return rec if rec.state["steps"]["call"].get("deferred") == "svc" else None
 
     rec = await wait_for(is_deferred, timeout=10)
@@ -374,7 +379,7 @@ async def test_fencing_refuses_a_stale_owner(env):
     assert record.result == "fresh"
     release.set()
     await wait_for(lambda: a.stats["refused"] >= 1, timeout=10)
-    record = await store.get_workflow(wid)
+    record = await store.get_workflow("t1", wid)
     assert record.result == "fresh" and record.status == "completed"
     succeeded = [h for h in await step_history(store, wid) if h[1] == "succeeded"]
     assert len(succeeded) == 1  # one result recorded
@@ -395,12 +400,12 @@ async def test_stopped_runner_releases_and_another_resumes(env):
     [wid] = await submit(store, wf)
     await wait_for(lambda: a.held, timeout=10)
     await a.stop()
-    assert (await store.get_workflow(wid)).lease_owner is None
+    assert (await store.get_workflow("t1", wid)).lease_owner is None
     gate.set()
     await runner([wf], instance_id="B")
     record = await wait_status(store, wid, "completed")
     assert record.result == 1  # the same attempt, re-run (it was interrupted)
-    events = await store.read_workflow_events(wid)
+    events = await store.read_workflow_events("t1", wid)
     takeover = [e.data for e in events if e.data.get("status") == "retrying"]
     assert [(d["attempt"], d["error"]) for d in takeover] == [(1, "interrupted: lease taken over")]
 
@@ -438,7 +443,7 @@ async def test_unknown_workflow_is_left_for_others(env):
     [wid] = await submit(store, other)
     [ok] = await submit(store, wf)
     await wait_status(store, ok, "completed")
-    record = await store.get_workflow(wid)
+    record = await store.get_workflow("t1", wid)
     assert record.status == "running" and record.lease_owner is None
     assert record.due_at > record.updated_at
 
@@ -556,7 +561,7 @@ async def test_stop_lets_the_claim_in_flight_finish_and_releases_it(env):
     await wait_for(lambda: not r._running)
     gate.set()
     await asyncio.wait_for(stopping, 20)
-    record = await store.get_workflow(wid)
+    record = await store.get_workflow("t1", wid)
     assert record.lease_owner is None, "the lease claimed during stop() was kept"
     assert calls == []  # nothing launched by a stopping runner
     assert r.held == {}
@@ -583,7 +588,7 @@ async def test_stop_launches_nothing_from_the_checkpoints_it_drains(env):
     chain = Workflow("chain", [Step("a", a), Step("b", b, depends_on=["a"])])
     [w2] = await submit(store, chain)
     first = await runner([one, chain])
-    await wait_for(lambda: w2 in first.held)  # a is running
+    await wait_for(lambda: ("t1", w2) in first.held)  # a is running
     inside, gate = _hold_after_commit(
         store,
         lambda result: (
@@ -603,7 +608,7 @@ async def test_stop_launches_nothing_from_the_checkpoints_it_drains(env):
     await asyncio.wait_for(stopping, 20)
     assert b_calls == [], "a stopping runner started step b"
     for wid in (w1, w2):
-        assert (await store.get_workflow(wid)).lease_owner is None
+        assert (await store.get_workflow("t1", wid)).lease_owner is None
     await runner([one, chain])  # another instance finishes the work
     record = await wait_status(store, w2, "completed")
     assert record.state["steps"]["b"]["attempts"] == 1 and b_calls == [1]
@@ -632,7 +637,7 @@ async def test_unconfirmed_lease_stops_its_attempts_before_it_can_expire(env, mo
     r = await runner([wf], lease_seconds=1.0)
     [wid] = await submit(store, wf)
     await asyncio.wait_for(started.wait(), 10)
-    assert wid in r.held
+    assert ("t1", wid) in r.held
 
     async def down(*args, **kwargs):
         raise StorageError("PostgreSQL is restarting")
@@ -643,5 +648,5 @@ async def test_unconfirmed_lease_stops_its_attempts_before_it_can_expire(env, mo
     await asyncio.wait_for(cancelled.wait(), 10)
     # Stopped before the 1 s lease could have run out for another instance.
     assert loop.time() - lost_at < 1.0
-    assert wid not in r.held
+    assert ("t1", wid) not in r.held
     assert r.stats["lost_leases"] >= 1

@@ -325,7 +325,7 @@ async def test_cross_tenant_read_pull_subscribe_cancel_retry_report_and_dlq(serv
     first = await b.recv()  # catch-up from 0: the empty page of globex's events
     assert isinstance(first, Events) and first.events == []
     before = await fingerprint(server.database_url)
-    acme_version = (await server.app.state.tether.store.get_workflow(wf)).version
+    acme_version = (await server.app.state.tether.store.get_workflow("acme", wf)).version
     async with httpx.AsyncClient(base_url=server.http_url) as http:
         client, source, admin = (
             auth(token("globex", "b")),
@@ -349,10 +349,6 @@ async def test_cross_tenant_read_pull_subscribe_cancel_retry_report_and_dlq(serv
         assert dlq["entries"] == []
         r = await http.post(f"/v1/dlq/{dlq_id}/requeue", headers=admin)
         assert r.status_code == 404
-        # acme's client id cannot be borrowed by globex.
-        body = {"client_id": "ca", "mutations": [msgspec.to_builtins(submit(2))]}
-        r = await http.post("/v1/push", json=body, headers=client)
-        assert r.status_code == 403
     assert await fingerprint(server.database_url) == before
     # Through globex's own mutation queue: the workflow does not exist for it.
     result = await b.push(
@@ -360,28 +356,43 @@ async def test_cross_tenant_read_pull_subscribe_cancel_retry_report_and_dlq(serv
             Mutation(id=1, name="cancel_workflow", args={"workflow_id": wf}),
             Mutation(id=2, name="retry_workflow", args={"workflow_id": wf}),
             Mutation(id=3, name="report_state", args=report_body(wf, "mini-app")),
-            submit(4, wf),  # taking over acme's id
         ]
     )
-    assert [r.status for r in result.results] == ["rejected"] * 4, result
+    assert [r.status for r in result.results] == ["rejected"] * 3, result
     assert without_bookkeeping(await fingerprint(server.database_url)) == without_bookkeeping(
         before
     )
-    record = await server.app.state.tether.store.get_workflow(wf)
+    # acme's ids are not globex's: the same client id and workflow id are fresh for it.
+    async with httpx.AsyncClient(base_url=server.http_url) as http:
+        body = {"client_id": "ca", "mutations": [msgspec.to_builtins(submit(1, wf))]}
+        r = await http.post("/v1/push", json=body, headers=client)
+        assert r.status_code == 200 and r.json()["results"][0]["status"] == "applied", r.text
+    store = server.app.state.tether.store
+    record = await store.get_workflow("acme", wf)
     assert (record.tenant, record.version) == ("acme", acme_version)
-    assert await server.app.state.tether.store.get_client("ca") == ("acme", 1)
+    assert (await store.get_workflow("globex", wf)).tenant == "globex"
+    assert await store.get_client("acme", "ca") == ("a", 1)
+    assert await store.get_client("globex", "ca") == ("b", 1)
+    seen = await b.collect_until(1)  # globex's own submit of its "wf"
+    assert len(seen) == 1 and seen[0].workflow_id == wf
     # Subscribe: acme's new event is not delivered live to globex. globex's own event
     # comes after it in the log, so it would have arrived first had it leaked.
     await a.push([submit(2)])
     await a.collect_until(2)
-    await b.push([submit(5)])
-    seen = await b.collect_until(1)
-    assert len(seen) == 1 and seen[0].data["workflow"]["id"] not in (wf,)
-    assert seen[0].seq > a.events[-1].seq
+    assert (await b.push([submit(4)])).results[0].status == "applied"
+    seen = await b.collect_until(2)
+    assert len(seen) == 2 and seen[1].workflow_id != wf
+    assert seen[1].seq > a.events[-1].seq
     # A global admin (tenant "*") does see acme's workflow: the scope check is real.
     async with httpx.AsyncClient(base_url=server.http_url) as http:
+        r = await http.get(
+            f"/v1/workflows/{wf}",
+            params={"tenant": "acme"},
+            headers=auth(token("*", "root", "admin")),
+        )
+        assert r.status_code == 200 and r.json()["id"] == wf
         r = await http.get(f"/v1/workflows/{wf}", headers=auth(token("*", "root", "admin")))
-        assert r.status_code == 200
+        assert r.status_code == 400 and "several tenants" in r.json()["error"]["message"]
     await a.close()
     await b.close()
 
@@ -499,14 +510,15 @@ async def test_http_flood_gets_429_with_retry_after(database_url):
         r = await push(flooder, "f-rotated", 1)
         assert r.status_code == 429, "rotating client ids evades the rate limit"
         assert await fingerprint(database_url) == before
-        # Another tenant pushing under acme's client id cannot use up acme's budget.
+        # Another tenant pushing under acme's client id spends its own budget (the id is
+        # globex's own client there), never acme's.
         victim = token("acme", "victim")
         assert (await push(victim, "victim-device", 1)).status_code == 200
         refusals = [
-            (await push(token("globex", "mallory"), "victim-device", 2)).status_code
-            for _ in range(4)
+            (await push(token("globex", "mallory"), "victim-device", 1 + n)).status_code
+            for n in range(4)
         ]
-        assert refusals == [403, 403, 403, 429]
+        assert refusals == [200, 200, 200, 429]
         r = await push(victim, "victim-device", 2)
         assert r.status_code == 200, r.text
 
@@ -620,8 +632,8 @@ async def test_sql_shaped_input_is_stored_verbatim_or_refused(server):
             )
             assert r.status_code == 200, (crafted, r.status_code, r.text)
             assert r.json()["results"][0]["status"] == "applied", (crafted, r.text)
-            assert await store.get_client(crafted) == (crafted, 1)
-            record = await store.get_workflow(workflow_id)
+            assert await store.get_client(crafted, crafted) == (crafted, 1)
+            record = await store.get_workflow(crafted, workflow_id)
             assert (record.tenant, record.input) == (crafted, {crafted: crafted})
             detail = {"note": crafted, crafted: [crafted]}
             r = await http.post(
@@ -630,13 +642,13 @@ async def test_sql_shaped_input_is_stored_verbatim_or_refused(server):
                 headers=auth(token(crafted, f"src{i}", "source")),
             )
             assert r.status_code == 202, (crafted, r.text)
-            events = await store.read_workflow_events(workflow_id)
+            events = await store.read_workflow_events(crafted, workflow_id)
             assert events[-1].data["detail"] == detail
     after = await fingerprint(server.database_url)
     for table in TABLES:  # every table is still there, and only grew
         assert after[f"count:{table}"] >= before[f"count:{table}"]
     assert after["count:events"] > before["count:events"]
-    assert await store.get_client("seed-acme") == ("acme", 1)
+    assert await store.get_client("acme", "seed-acme") == ("seed-acme", 1)
 
 
 async def test_nul_characters_are_refused_alike_on_both_backends(server):

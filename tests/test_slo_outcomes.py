@@ -17,6 +17,7 @@ from examples.image_pipeline import build_pipeline
 from examples.job_service import running_job_service
 from sync_server import create_app
 from sync_server.saga import RetryPolicy
+from sync_server.saga.machine import idempotency_key
 from sync_server.slo import ALL
 from sync_server.slo_reader import current_slos
 from tests.conftest import wait_for
@@ -51,13 +52,23 @@ async def _push(http, tenant, client_id, renders):
     return ids
 
 
+async def _tenant(store, wid):
+    """The tenant of a workflow id (each id here is a fresh UUID: one tenant holds it)."""
+    [tenant] = await store.workflow_tenants(wid)
+    return tenant
+
+
+async def _record(store, wid):
+    return await store.get_workflow(await _tenant(store, wid), wid)
+
+
 async def _all_ended(store, ids):
     async def done():
-        records = [await store.get_workflow(wid) for wid in ids]
+        records = [await _record(store, wid) for wid in ids]
         return all(r is not None and r.status in ("completed", "compensated") for r in records)
 
     async def statuses():
-        return {wid: (await store.get_workflow(wid)).status for wid in ids}
+        return {wid: (await _record(store, wid)).status for wid in ids}
 
     try:
         await wait_for(done, timeout=60)
@@ -149,7 +160,7 @@ async def test_slos_of_a_known_mix_match_independent_counts(sqlite_url):
             # An outage of the job service: every render fails until it is back.
             await http.post(f"{jobs.url}/config", json={"fail_rate": 1.0})
             outage = await _push(http, "beta", "c5", [FAST, FAST])
-            keys = [f"{wid}:render" for wid in outage]
+            keys = [idempotency_key(wid, "render", tenant="beta") for wid in outage]
             await wait_for(lambda: all(jobs.books.failures[k] >= 2 for k in keys), timeout=30)
             await http.post(f"{jobs.url}/config", json={"fail_rate": 0.0})
             ids += outage
@@ -158,7 +169,9 @@ async def test_slos_of_a_known_mix_match_independent_counts(sqlite_url):
             now = time.time()
             slos = await current_slos(store, now, now - started + 1)
             overall = {v.name: v for v in slos if v.tenant == ALL and v.workflow == ALL}
-            history = {wid: await store.read_workflow_events(wid) for wid in ids}
+            history = {
+                wid: await store.read_workflow_events(await _tenant(store, wid), wid) for wid in ids
+            }
             counted = _count(history)
 
             # From the mix: 11 workflows, one compensated; c3 of five clients saw it.
@@ -169,7 +182,12 @@ async def test_slos_of_a_known_mix_match_independent_counts(sqlite_url):
             assert counted["client_failure_share"] == pytest.approx(1 / 5)
             # From the job service's books: renders with a 5th attempt or later; steps
             # that ran: 4 per completed workflow, reserve + render for the compensated.
-            render_attempts = {wid: jobs.books.attempts[f"{wid}:render"] for wid in ids}
+            render_attempts = {
+                wid: jobs.books.attempts[
+                    idempotency_key(wid, "render", tenant=await _tenant(store, wid))
+                ]
+                for wid in ids
+            }
             assert render_attempts[doomed[0]] == 8
             heavy = sum(1 for n in render_attempts.values() if n > 4)
             assert overall["retry_efficiency"].samples == counted["steps"] == 10 * 4 + 2

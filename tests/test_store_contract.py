@@ -25,6 +25,7 @@ from sync_server.store import (
     WorkflowRecord,
     open_store,
 )
+from sync_server.store.base import WorkflowKey
 from sync_server.store.postgres import parse_postgres_url
 from sync_server.store.sqlite import sqlite_path
 
@@ -64,7 +65,7 @@ def wf(id: str, tenant: str = "t1", *, due_at: float | None = None, **kw) -> Wor
     return WorkflowRecord(
         id=id,
         tenant=tenant,
-        name="generate_image",
+        name=kw.pop("name", "generate_image"),
         status="running",
         input={"prompt": "a cat"},
         created_at=kw.pop("created_at", 1.0),
@@ -82,9 +83,11 @@ async def create(store: Store, *records: WorkflowRecord) -> None:
     await store.run(fn)
 
 
-async def append(store: Store, workflow_id: str, n: int, *, type: str = "e") -> Transaction:
+async def append(
+    store: Store, workflow_id: str, n: int, *, type: str = "e", tenant: str = "t1"
+) -> Transaction:
     async def fn(tx: Transaction) -> Transaction:
-        current = await tx.get_workflow(workflow_id)
+        current = await tx.get_workflow(tenant, workflow_id)
         assert current is not None
         for i in range(n):
             tx.append(current, type, {"i": i}, 10.0 + i)
@@ -115,7 +118,7 @@ async def raw_execute(url: str, sql: str) -> None:
 async def test_append_read_order_and_tenant_filter(store):
     await create(store, wf("a", "t1"), wf("b", "t2"))
     await append(store, "a", 3)
-    await append(store, "b", 2)
+    await append(store, "b", 2, tenant="t2")
     await append(store, "a", 1)
 
     events = await store.read_events(0, 100)
@@ -135,12 +138,12 @@ async def test_wf_seq_numbering_and_workflow_events(store):
     await append(store, "a", 2)
     await append(store, "b", 1)
     await append(store, "a", 2)
-    a_events = await store.read_workflow_events("a")
+    a_events = await store.read_workflow_events("t1", "a")
     assert [e.wf_seq for e in a_events] == [1, 2, 3, 4]
     assert [e.seq for e in a_events] == [1, 2, 4, 5]
-    record = await store.get_workflow("a")
+    record = await store.get_workflow("t1", "a")
     assert record is not None and record.version == 4
-    assert await store.read_workflow_events("nope") == []
+    assert await store.read_workflow_events("t1", "nope") == []
 
 
 async def test_head_and_committed_events(store):
@@ -168,13 +171,13 @@ async def test_rollback_on_exception_writes_nothing(store):
     async def fn(tx: Transaction) -> None:
         captured.append(tx)
         assert await tx.insert_workflow(wf("b"))
-        current = await tx.get_workflow("a")
+        current = await tx.get_workflow("t1", "a")
         assert current is not None
         tx.append(current, "x", {}, 1.0)
         current.status = "failed"
         await tx.update_workflow(current)
-        await tx.lock_client("t1", "c1")
-        await tx.record_mutations("c1", [(1, "applied", None)], 1, 1.0)
+        await tx.lock_client("t1", "s1", "c1")
+        await tx.record_mutations("t1", "c1", [(1, "applied", None)], 1, 1.0)
         await tx.enqueue_outbox("hook", {"x": 1}, event_seq=None, max_retries=3, at=1.0)
         tx.notify("custom", "should not arrive")
         raise ValueError("boom")
@@ -185,10 +188,10 @@ async def test_rollback_on_exception_writes_nothing(store):
     assert await store.head() == 2
     assert len(await store.read_events(0, 100)) == 2
     assert captured[0].committed_events == []
-    assert await store.get_workflow("b") is None
-    a = await store.get_workflow("a")
+    assert await store.get_workflow("t1", "b") is None
+    a = await store.get_workflow("t1", "a")
     assert a is not None and a.status == "running" and a.version == 2
-    assert await store.get_client("c1") is None
+    assert await store.get_client("t1", "c1") is None
     assert await store.outbox_stats(5.0) == (0, 0.0)
     # A later commit works and notifications of the failed unit never show up.
     await append(store, "a", 1)
@@ -201,7 +204,7 @@ async def test_conflicting_wf_seq_is_storage_error_and_rolls_back(store):
     await append(store, "a", 2)
 
     async def stale(tx: Transaction) -> None:
-        current = await tx.get_workflow("a")
+        current = await tx.get_workflow("t1", "a")
         assert current is not None
         current.version = 0  # a stale writer reusing wf_seq 1
         tx.append(current, "dup", {}, 1.0)
@@ -210,7 +213,7 @@ async def test_conflicting_wf_seq_is_storage_error_and_rolls_back(store):
     with pytest.raises(StorageError):
         await store.run(stale)
     assert await store.head() == 2
-    a = await store.get_workflow("a")
+    a = await store.get_workflow("t1", "a")
     assert a is not None and a.version == 2
 
 
@@ -234,7 +237,7 @@ async def test_gapless_under_concurrent_writers(database_url):
                 start = sent
 
                 async def fn(tx: Transaction, size=size, pause=pause, start=start) -> None:
-                    current = await tx.get_workflow(f"w{n}")
+                    current = await tx.get_workflow(f"t{n % 2}", f"w{n}")
                     assert current is not None
                     current.progress = start / per_writer
                     await tx.update_workflow(current)
@@ -279,7 +282,7 @@ async def test_gapless_under_concurrent_writers(database_url):
             assert by_writer[w] == list(range(per_writer)), f"writer {w} out of order"
         assert await reader.head() == writers * per_writer
         for n in range(writers):
-            wf_seqs = [e.wf_seq for e in await reader.read_workflow_events(f"w{n}")]
+            wf_seqs = [e.wf_seq for e in await reader.read_workflow_events(f"t{n % 2}", f"w{n}")]
             assert wf_seqs == list(range(1, per_writer + 1))
     finally:
         await reader.close()
@@ -289,19 +292,21 @@ async def test_gapless_under_concurrent_writers(database_url):
 # -- clients ---------------------------------------------------------------------
 async def test_clients_and_mutation_results(store):
     async def first(tx: Transaction) -> int:
-        last = await tx.lock_client("t1", "c1")
-        assert await tx.mutation_results("c1", [1, 2]) == {}
-        await tx.record_mutations("c1", [(1, "applied", None), (2, "rejected", "bad")], 2, 5.0)
+        last = await tx.lock_client("t1", "s1", "c1")
+        assert await tx.mutation_results("t1", "c1", [1, 2]) == {}
+        await tx.record_mutations(
+            "t1", "c1", [(1, "applied", None), (2, "rejected", "bad")], 2, 5.0
+        )
         return last
 
     assert await store.run(first) == 0
-    assert await store.get_client("c1") == ("t1", 2)
-    assert await store.get_client("nobody") is None
+    assert await store.get_client("t1", "c1") == ("s1", 2)
+    assert await store.get_client("t1", "nobody") is None
 
     async def second(tx: Transaction) -> tuple[int, dict[int, tuple[str, str | None]]]:
-        last = await tx.lock_client("t1", "c1")
-        results = await tx.mutation_results("c1", [1, 2, 3])
-        await tx.record_mutations("c1", [], 2, 6.0)
+        last = await tx.lock_client("t1", "s1", "c1")
+        results = await tx.mutation_results("t1", "c1", [1, 2, 3])
+        await tx.record_mutations("t1", "c1", [], 2, 6.0)
         return last, results
 
     last, results = await store.run(second)
@@ -309,16 +314,31 @@ async def test_clients_and_mutation_results(store):
     assert results == {1: ("applied", None), 2: ("rejected", "bad")}
 
     async def empty_ids(tx: Transaction) -> dict[int, tuple[str, str | None]]:
-        return await tx.mutation_results("c1", [])
+        return await tx.mutation_results("t1", "c1", [])
 
     assert await store.run(empty_ids) == {}
 
+    # Client ids are namespaced by tenant: t2's "c1" is a fresh client of its own.
     async def other_tenant(tx: Transaction) -> int:
-        return await tx.lock_client("t2", "c1")
+        return await tx.lock_client("t2", "s1", "c1")
 
-    with pytest.raises(Forbidden):
-        await store.run(other_tenant)
-    assert await store.get_client("c1") == ("t1", 2)
+    assert await store.run(other_tenant) == 0
+    assert await store.get_client("t2", "c1") == ("s1", 0)
+    assert await store.get_client("t1", "c1") == ("s1", 2)
+
+    # Within a tenant, a client id belongs to the subject that first used it.
+    async def other_subject(tx: Transaction) -> int:
+        return await tx.lock_client("t1", "s2", "c1")
+
+    with pytest.raises(Forbidden, match="another subject"):
+        await store.run(other_subject)
+    assert await store.get_client("t1", "c1") == ("s1", 2)
+
+    # Mutation results are the tenant's own as well.
+    async def results_of_t2(tx: Transaction) -> dict[int, tuple[str, str | None]]:
+        return await tx.mutation_results("t2", "c1", [1, 2])
+
+    assert await store.run(results_of_t2) == {}
 
 
 # -- workflows -------------------------------------------------------------------
@@ -326,14 +346,23 @@ async def test_workflow_insert_update_get_list(store):
     await create(store, wf("a", created_at=1.0), wf("b", "t2", created_at=2.0))
 
     async def duplicate(tx: Transaction) -> bool:
-        return await tx.insert_workflow(wf("a", "t2"))
+        return await tx.insert_workflow(wf("a", "t1", name="other"))
+
+    async def same_id_other_tenant(tx: Transaction) -> bool:
+        return await tx.insert_workflow(wf("a", "t2", name="theirs"))
 
     assert await store.run(duplicate) is False
-    a = await store.get_workflow("a")
-    assert a is not None and a.tenant == "t1"
+    assert await store.run(same_id_other_tenant) is True
+    a = await store.get_workflow("t1", "a")
+    assert a is not None and a.tenant == "t1" and a.name != "other"
+    theirs = await store.get_workflow("t2", "a")
+    assert theirs is not None and theirs.name == "theirs"
+    assert await store.workflow_tenants("a") == ["t1", "t2"]
+    assert await store.workflow_tenants("a", limit=1) == ["t1"]
+    assert await store.workflow_tenants("zzz") == []
 
     async def update(tx: Transaction) -> None:
-        current = await tx.get_workflow("a", lock=True)
+        current = await tx.get_workflow("t1", "a", lock=True)
         assert current is not None
         current.status = "completed"
         current.state = {"steps": {"render": {"status": "succeeded", "attempts": 2}}}
@@ -345,15 +374,15 @@ async def test_workflow_insert_update_get_list(store):
         await tx.update_workflow(current)
 
     await store.run(update)
-    a = await store.get_workflow("a")
+    a = await store.get_workflow("t1", "a")
     assert a is not None
     assert a.status == "completed" and a.progress == 1.0 and a.updated_at == 3.5
     assert a.state["steps"]["render"]["attempts"] == 2
     assert a.result == {"url": "https://x/y.png"} and a.input == {"prompt": "a cat"}
-    assert await store.get_workflow("zzz") is None
+    assert await store.get_workflow("t1", "zzz") is None
 
     await create(store, wf("c", created_at=3.0))
-    assert [w.id for w in await store.list_workflows()] == ["c", "b", "a"]
+    assert [w.id for w in await store.list_workflows()] == ["c", "b", "a", "a"]
     assert [w.id for w in await store.list_workflows(tenant="t1")] == ["c", "a"]
     assert [w.id for w in await store.list_workflows(statuses=["completed"])] == ["a"]
     listed = await store.list_workflows(tenant="t1", statuses=["running", "failed"])
@@ -364,23 +393,25 @@ async def test_workflow_insert_update_get_list(store):
 async def test_insert_workflows_batch(store):
     await create(store, wf("old", "t1"))
 
-    async def batch(tx: Transaction) -> set[str]:
+    async def batch(tx: Transaction) -> set[WorkflowKey]:
         assert await tx.insert_workflows([]) == set()
         return await tx.insert_workflows(
-            [wf("n1", due_at=2.0), wf("old", "t2"), wf("n2", result={"k": [1]})]
+            [wf("n1", due_at=2.0), wf("old", "t2"), wf("old"), wf("n2", result={"k": [1]})]
         )
 
-    assert await store.run(batch) == {"n1", "n2"}
-    old = await store.get_workflow("old")
+    # "old" exists for t1 only: t2's "old" is a new workflow, t1's is skipped.
+    assert await store.run(batch) == {("t1", "n1"), ("t2", "old"), ("t1", "n2")}
+    old = await store.get_workflow("t1", "old")
     assert old is not None and old.tenant == "t1"
-    n1, n2 = await store.get_workflow("n1"), await store.get_workflow("n2")
+    assert (await store.get_workflow("t2", "old")) is not None
+    n1, n2 = await store.get_workflow("t1", "n1"), await store.get_workflow("t1", "n2")
     assert n1 is not None and n1.due_at == 2.0 and n1.input == {"prompt": "a cat"}
     assert n2 is not None and n2.result == {"k": [1]} and n2.due_at is None
 
-    async def single(tx: Transaction) -> set[str]:
+    async def single(tx: Transaction) -> set[WorkflowKey]:
         return await tx.insert_workflows([wf("n3")])
 
-    assert await store.run(single) == {"n3"}
+    assert await store.run(single) == {("t1", "n3")}
 
 
 # -- leases ----------------------------------------------------------------------
@@ -400,7 +431,7 @@ async def test_claim_respects_due_at_and_live_leases(store):
     # Expired at 21: B takes over with fence + 1.
     taken = await store.claim_due_workflows("B", now=21.0, lease_seconds=10.0, limit=1)
     assert [(w.id, w.lease_owner, w.fence) for w in taken] == [("due2", "B", 2)]
-    stored = await store.get_workflow("due2")
+    stored = await store.get_workflow("t1", "due2")
     assert stored is not None and (stored.lease_owner, stored.lease_until) == ("B", 31.0)
     later = await store.claim_due_workflows("C", now=60.0, lease_seconds=1.0, limit=10)
     assert {w.id for w in later} == {"due1", "due2", "later"}
@@ -409,27 +440,29 @@ async def test_claim_respects_due_at_and_live_leases(store):
 async def test_renew_and_release_are_fenced(store):
     await create(store, wf("a", due_at=0.0), wf("b", due_at=0.0))
     claimed = await store.claim_due_workflows("A", now=1.0, lease_seconds=5.0, limit=10)
-    leases = {w.id: w.fence for w in claimed}
-    assert leases == {"a": 1, "b": 1}
-    assert await store.renew_leases("A", leases, until=20.0) == {"a", "b"}
+    leases = {w.key: w.fence for w in claimed}
+    a_key, b_key = WorkflowKey("t1", "a"), WorkflowKey("t1", "b")
+    assert leases == {a_key: 1, b_key: 1}
+    assert await store.renew_leases("A", leases, until=20.0) == {a_key, b_key}
     assert await store.renew_leases("A", {}, until=20.0) == set()
-    # Another owner, or a stale fence, renews nothing.
+    # Another owner, a stale fence, or another tenant's key renews nothing.
     assert await store.renew_leases("B", leases, until=99.0) == set()
-    assert await store.renew_leases("A", {"a": 0}, until=99.0) == set()
-    a = await store.get_workflow("a")
+    assert await store.renew_leases("A", {a_key: 0}, until=99.0) == set()
+    assert await store.renew_leases("A", {WorkflowKey("t2", "a"): 1}, until=99.0) == set()
+    a = await store.get_workflow("t1", "a")
     assert a is not None and a.lease_until == 20.0
 
     # A's lease on "a" expires and B takes over; A (paused) wakes up with fence 1.
     taken = await store.claim_due_workflows("B", now=21.0, lease_seconds=5.0, limit=1)
     assert taken[0].id == "a" and taken[0].fence == 2
-    assert await store.renew_leases("A", leases, until=30.0) == {"b"}
+    assert await store.renew_leases("A", leases, until=30.0) == {b_key}
     await store.release_leases("A", leases)  # must not release B's lease on "a"
-    a = await store.get_workflow("a")
+    a = await store.get_workflow("t1", "a")
     assert a is not None and (a.lease_owner, a.fence) == ("B", 2)
-    b = await store.get_workflow("b")
+    b = await store.get_workflow("t1", "b")
     assert b is not None and (b.lease_owner, b.lease_until, b.fence) == (None, None, 1)
     await store.release_leases("B", {})
-    await store.release_leases("B", {"a": 2})
+    await store.release_leases("B", {a_key: 2})
     # Released rows are free at once, and the next claim fences again.
     again = await store.claim_due_workflows("C", now=22.0, lease_seconds=5.0, limit=10)
     assert sorted((w.id, w.fence) for w in again) == [("a", 3), ("b", 2)]
@@ -563,7 +596,7 @@ async def test_listen_and_notify(database_url):
         await create(sender, wf("a"))
 
         async def fn(tx: Transaction) -> None:
-            current = await tx.get_workflow("a")
+            current = await tx.get_workflow("t1", "a")
             assert current is not None
             tx.append(current, "e", {}, 1.0)
             await tx.update_workflow(current)
@@ -596,8 +629,8 @@ async def test_reopen_keeps_everything_and_migrations_are_idempotent(database_ur
     await append(store, "a", 5)
 
     async def client(tx: Transaction) -> None:
-        await tx.lock_client("t1", "c1")
-        await tx.record_mutations("c1", [(1, "applied", None)], 1, 1.0)
+        await tx.lock_client("t1", "s1", "c1")
+        await tx.record_mutations("t1", "c1", [(1, "applied", None)], 1, 1.0)
 
     await store.run(client)
     await store.close()
@@ -607,8 +640,8 @@ async def test_reopen_keeps_everything_and_migrations_are_idempotent(database_ur
     async with reopened:
         assert await reopened.head() == 5
         assert [e.seq for e in await reopened.read_events(0, 10)] == [1, 2, 3, 4, 5]
-        assert await reopened.get_client("c1") == ("t1", 1)
-        a = await reopened.get_workflow("a")
+        assert await reopened.get_client("t1", "c1") == ("s1", 1)
+        a = await reopened.get_workflow("t1", "a")
         assert a is not None and a.version == 5 and a.due_at == 3.0
         tx = await append(reopened, "a", 1)
         assert [e.seq for e in tx.committed_events] == [6]

@@ -13,6 +13,7 @@ from conftest import PG_DSN, wait_for
 
 from protocol import StorageError
 from sync_server.store import Transaction, WorkflowRecord, open_store
+from sync_server.store.migrations import POSTGRES_MIGRATIONS
 from sync_server.store.postgres import PostgresStore, parse_postgres_url
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(60)]
@@ -41,8 +42,8 @@ async def test_concurrent_first_open_of_a_fresh_schema(pg_url):
         dsn, options, _ = parse_postgres_url(pg_url)
         conn = await asyncpg.connect(dsn, server_settings={"search_path": options["schema"]})
         try:
-            versions = await conn.fetch("SELECT version FROM schema_migrations")
-            assert [row[0] for row in versions] == [1]
+            versions = await conn.fetch("SELECT version FROM schema_migrations ORDER BY 1")
+            assert [row[0] for row in versions] == sorted(v for v, _ in POSTGRES_MIGRATIONS)
             assert await conn.fetchval("SELECT seq FROM event_head") == 0
         finally:
             await conn.close()
@@ -101,11 +102,11 @@ async def test_deadlock_is_retried_in_a_fresh_transaction(pg_url):
         async def cross(name: str, first: str, second: str) -> None:
             async def fn(tx: Transaction) -> None:
                 attempts[name] += 1
-                row = await tx.get_workflow(first, lock=True)
+                row = await tx.get_workflow("t", first, lock=True)
                 assert row is not None
                 if attempts[name] == 1:
                     await both_hold_first.wait()
-                row2 = await tx.get_workflow(second, lock=True)
+                row2 = await tx.get_workflow("t", second, lock=True)
                 assert row2 is not None
                 row2.progress += 0.5
                 await tx.update_workflow(row2)
@@ -114,7 +115,7 @@ async def test_deadlock_is_retried_in_a_fresh_transaction(pg_url):
 
         await asyncio.gather(cross("x", "a", "b"), cross("y", "b", "a"))
         assert sorted(attempts.values()) == [1, 2]
-        a, b = await store.get_workflow("a"), await store.get_workflow("b")
+        a, b = await store.get_workflow("t", "a"), await store.get_workflow("t", "b")
         assert a is not None and b is not None and a.progress == b.progress == 0.5
     finally:
         await store.close()

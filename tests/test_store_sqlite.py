@@ -9,6 +9,7 @@ import pytest
 
 from protocol import StorageError
 from sync_server.store import Transaction, WorkflowRecord
+from sync_server.store.migrations import SQLITE_MIGRATIONS
 from sync_server.store.sqlite import SqliteStore, sqlite_path
 
 pytestmark = pytest.mark.timeout(30)
@@ -67,8 +68,8 @@ async def test_second_store_waits_without_blocking_the_loop(sqlite_url):
         await held
         assert await late is True
         await tick_task
-        assert await waiter.get_workflow("a") is not None
-        assert await holder.get_workflow("b") is not None
+        assert await waiter.get_workflow("t", "a") is not None
+        assert await holder.get_workflow("t", "b") is not None
     finally:
         await holder.close()
         await waiter.close()
@@ -80,6 +81,7 @@ async def test_schema_versions_recorded_once(sqlite_url):
             pass
     conn = sqlite3.connect(sqlite_path(sqlite_url))
     try:
-        assert conn.execute("SELECT version FROM schema_migrations").fetchall() == [(1,)]
+        found = conn.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
+        assert found == [(v,) for v in sorted(v for v, _ in SQLITE_MIGRATIONS)]
     finally:
         conn.close()

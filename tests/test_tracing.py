@@ -153,7 +153,7 @@ async def test_one_trace_from_offline_submit_through_sigkill_and_retry(
     store = open_store(db_url)
     await store.open()
     try:
-        mine = await store.read_workflow_events(handle.id)
+        mine = await store.read_workflow_events("acme", handle.id)
         assert mine and all(e.data["trace_id"] == trace for e in mine)
     finally:
         await store.close()

@@ -225,7 +225,7 @@ class EmpJobQueue:
     async def cancel_job(self, ctx: StepContext) -> None:
         """Cancel the live job of the step ``ctx`` compensates (or runs); a completed or
         failed job is left alone (the queue cannot cancel a completed job)."""
-        key = idempotency_key(ctx.workflow_id, ctx.step)
+        key = idempotency_key(ctx.workflow_id, ctx.step, tenant=ctx.tenant)
         for generation in range(64):
             job_id = generation_id(key, generation)
             view = await self._lookup(job_id)
@@ -475,7 +475,12 @@ class _Call:
         queue.alerts.alert(
             "job_stuck",
             message,
-            {"workflow_id": self.ctx.workflow_id, "step": self.ctx.step, "job_id": job_id},
+            {
+                "tenant": self.ctx.tenant,  # a tenant admin sees its own alerts (issue 11)
+                "workflow_id": self.ctx.workflow_id,
+                "step": self.ctx.step,
+                "job_id": job_id,
+            },
         )
 
     def _watch(self, job_id: str) -> _Watch:

@@ -42,7 +42,7 @@ from sync_server.reconcile.rules import (
 from sync_server.reconcile.sources import JobState, SourceAdapter
 from sync_server.saga.alerts import Alerts
 from sync_server.saga.machine import idempotency_key
-from sync_server.store.base import Store, Transaction, WorkflowRecord
+from sync_server.store.base import Store, Transaction, WorkflowKey, WorkflowRecord
 
 __all__ = ["Reconciler"]
 
@@ -82,8 +82,8 @@ class Reconciler:
         self.clock = clock
         self.repairs = 0
         self.sweeps = 0
-        self._since: dict[tuple[str, str, int, str], float] = {}
-        self._stuck: set[tuple[str, str, int, str]] = set()
+        self._since: dict[tuple[str, str, str, int, str], float] = {}
+        self._stuck: set[tuple[str, str, str, int, str]] = set()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -140,14 +140,14 @@ class Reconciler:
         """One pass over the running workflows; returns the repairs made."""
         self.sweeps += 1
         made = 0
-        seen: set[tuple[str, str, int, str]] = set()
+        seen: set[tuple[str, str, str, int, str]] = set()
         records = await self.store.list_workflows(
             statuses=[WorkflowStatus.RUNNING.value], limit=10_000
         )
         for record in records:
             for step, sources in self.job_steps(record):
                 state = record.state["steps"][step]
-                key = idempotency_key(record.id, step)
+                key = idempotency_key(record.id, step, tenant=record.tenant)
                 for source in sources:
                     try:
                         job = await source.job_status(record, step, key)
@@ -161,7 +161,7 @@ class Reconciler:
             del self._since[stale]
         return made
 
-    def _lasted(self, marker: tuple[str, str, int, str], now: float, seen: set[Any]) -> bool:
+    def _lasted(self, marker: tuple[str, str, str, int, str], now: float, seen: set[Any]) -> bool:
         """True once ``marker`` has been seen for longer than ``rules.grace``."""
         seen.add(marker)
         first = self._since.setdefault(marker, now)
@@ -177,7 +177,7 @@ class Reconciler:
         attempt: int,
         source: str,
         job: JobState,
-        seen: set[tuple[str, str, int, str]],
+        seen: set[tuple[str, str, str, int, str]],
     ) -> int:
         now = self.clock()
         running = record.state["steps"][step].get("status") == StepStatus.RUNNING
@@ -189,11 +189,11 @@ class Reconciler:
                 at=job.at or now,
                 detail={"step": step, "result": job.result, "observed_by": "sweep"},
             )
-            return await self._report(record.id, args)
+            return await self._report(record.key, args)
         if job.status == "failed" and running:
             # Honoured by the canonical rule (the job source outranks the saga record),
             # once it has lasted ``grace``: the attempt may be about to report it itself.
-            if not self._lasted((record.id, step, attempt, "failed"), now, seen):
+            if not self._lasted((record.tenant, record.id, step, attempt, "failed"), now, seen):
                 return 0
             args = ReportStateArgs(
                 workflow_id=record.id,
@@ -207,41 +207,41 @@ class Reconciler:
                     "observed_by": "sweep",
                 },
             )
-            return await self._report(record.id, args)
+            return await self._report(record.key, args)
         if job.status == "unknown" and running:
-            if not self._lasted((record.id, step, attempt, "unknown"), now, seen):
+            if not self._lasted((record.tenant, record.id, step, attempt, "unknown"), now, seen):
                 return 0
             why = "never heard of the job"
-            return await self._resubmit(record.id, step, attempt, source, why)
+            return await self._resubmit(record.key, step, attempt, source, why)
         if job.status == "running" and running and job.since is not None:
-            marker = (record.id, step, attempt, f"stuck:{job.since}")
+            marker = (record.tenant, record.id, step, attempt, f"stuck:{job.since}")
             if now - job.since <= self.rules.horizon or marker in self._stuck:
                 return 0
             self._stuck.add(marker)
             why = f"has run the job for {now - job.since:.0f} s (horizon {self.rules.horizon} s)"
-            return await self._resubmit(record.id, step, attempt, source, why)
+            return await self._resubmit(record.key, step, attempt, source, why)
         return 0
 
-    async def _report(self, workflow_id: str, args: ReportStateArgs) -> int:
+    async def _report(self, key: WorkflowKey, args: ReportStateArgs) -> int:
         now = self.clock()
 
         async def unit(tx: Transaction) -> Repair | None:
-            record = await tx.get_workflow(workflow_id, lock=True)
+            record = await tx.get_workflow(key.tenant, key.id, lock=True)
             if record is None:
                 return None
             repair = apply_report(tx, record, args, now, self.rules)
             await tx.update_workflow(record)
             return repair
 
-        return self._after(await self._run(unit), workflow_id)
+        return self._after(await self._run(unit), key)
 
     async def _resubmit(
-        self, workflow_id: str, step: str, attempt: int, source: str, why: str
+        self, key: WorkflowKey, step: str, attempt: int, source: str, why: str
     ) -> int:
         now = self.clock()
 
         async def unit(tx: Transaction) -> Repair | None:
-            record = await tx.get_workflow(workflow_id, lock=True)
+            record = await tx.get_workflow(key.tenant, key.id, lock=True)
             if record is None:
                 return None
             current = (record.state.get("steps") or {}).get(step) or {}
@@ -263,7 +263,7 @@ class Reconciler:
             await tx.update_workflow(record)
             return repair
 
-        return self._after(await self._run(unit), workflow_id)
+        return self._after(await self._run(unit), key)
 
     async def _run(self, unit: Callable[[Transaction], Awaitable[Repair | None]]) -> Repair | None:
         try:
@@ -272,14 +272,15 @@ class Reconciler:
             self.alerts.alert("reconciliation_failed", f"repair failed: {exc.message}", {})
             return None
 
-    def _after(self, repair: Repair | None, workflow_id: str) -> int:
+    def _after(self, repair: Repair | None, key: WorkflowKey) -> int:
+        workflow_id = key.id
         if repair is None or repair.kind == "none":
             return 0
         if repair.kind == "unappliable":
             self.alerts.alert(
                 "reconciliation_failed",
                 f"workflow {workflow_id}: {repair.reason}",
-                {"workflow_id": workflow_id, "source": repair.source},
+                {"tenant": key.tenant, "workflow_id": workflow_id, "source": repair.source},
             )
             return 0
         self.repairs += 1

@@ -42,7 +42,13 @@ from sync_server.saga.machine import (
     SagaMachine,
 )
 from sync_server.snapshots import append_event, snapshot_data
-from sync_server.store.base import BreakerRecord, DlqEntry, Transaction, WorkflowRecord
+from sync_server.store.base import (
+    BreakerRecord,
+    DlqEntry,
+    Transaction,
+    WorkflowKey,
+    WorkflowRecord,
+)
 
 __all__ = ["Applied", "Checkpointer", "Input"]
 
@@ -57,7 +63,8 @@ class Input:
     """One thing that happened to a workflow, waiting for its checkpoint.
 
     ``kind`` is ``step`` / ``comp`` (an attempt's outcome), ``progress``, ``job`` (the
-    attempt runs a job at a downstream source) or ``tick``.
+    attempt runs a job at a downstream source) or ``tick``; ``tenant`` and
+    ``workflow_id`` name the workflow (ids are per tenant).
     """
 
     kind: str
@@ -74,13 +81,19 @@ class Input:
     message: str | None = None
     breaker: str | None = None
     job: dict[str, str] | None = None
+    tenant: str = field(kw_only=True)
+
+    @property
+    def key(self) -> WorkflowKey:
+        """The workflow's ``(tenant, id)``."""
+        return WorkflowKey(self.tenant, self.workflow_id)
 
 
 @dataclass(slots=True)
 class Applied:
     """What a checkpoint decided, for the runner to act on after COMMIT."""
 
-    workflow_id: str
+    key: WorkflowKey
     record: WorkflowRecord | None
     refused: bool = False
     failed: bool = False
@@ -159,26 +172,26 @@ class Checkpointer:
     async def checkpoint(
         self,
         tx: Transaction,
-        batch: Mapping[str, tuple[int, list[Input]]],
+        batch: Mapping[WorkflowKey, tuple[int, list[Input]]],
         now: float,
         *,
         claimed: bool = False,
     ) -> list[Applied]:
-        """Record inputs of many workflows (id -> (fence, inputs)), in ``tx``.
+        """Record inputs of many workflows (key -> (fence, inputs)), in ``tx``.
 
-        Each row is read with its lock (ids in sorted order, so two instances never
+        Each row is read with its lock (keys in sorted order, so two instances never
         deadlock on each other) and fenced: if its owner or fence differs, the inputs
         are refused.
         """
-        ids = sorted(batch)
-        records = await tx.get_workflows(ids, lock=True)
+        keys = sorted(batch)
+        records = await tx.get_workflows(keys, lock=True)
         cache = _BreakerCache(tx)
         out: list[Applied] = []
-        for wid in ids:
-            fence, inputs = batch[wid]
-            record = records.get(wid)
+        for key in keys:
+            fence, inputs = batch[key]
+            record = records.get(key)
             if record is None or record.lease_owner != self.owner or record.fence != fence:
-                out.append(Applied(wid, record, refused=True))
+                out.append(Applied(key, record, refused=True))
                 continue
             out.append(await self.process(tx, record, inputs, now, cache, claimed=claimed))
         await cache.flush()
@@ -202,7 +215,7 @@ class Checkpointer:
             record.lease_until = None
             record.due_at = now + UNKNOWN_DEFINITION_DELAY
             cache.workflows.append(record)
-            return Applied(record.id, record)
+            return Applied(record.key, record)
         state = _copy_state(record.state)
         retry_requested = claimed and bool((state.get("requests") or {}).get("retry"))
         machine = SagaMachine(
@@ -214,6 +227,7 @@ class Checkpointer:
             result=record.result,
             error=record.error,
             delay=self.delay,
+            tenant=record.tenant,
         )
         try:
             # Compute everything first: nothing is written for a workflow that fails here.
@@ -225,7 +239,7 @@ class Checkpointer:
             effects = machine.effects_to_apply()
         except Exception:
             log.exception("saga machine failed on workflow %s; leaving it", record.id)
-            return Applied(record.id, record, failed=True)
+            return Applied(record.key, record, failed=True)
         for record_ in pending_breakers:
             cache.put(record_)
         record.status = machine.status.value
@@ -234,7 +248,7 @@ class Checkpointer:
         record.result = machine.result
         record.error = machine.error
         record.due_at = machine.due_at
-        applied = Applied(record.id, record)
+        applied = Applied(record.key, record)
         if retry_requested:
             await _resolve_dead_letters(tx, record, now)
         entry_id: int | None = None
@@ -341,7 +355,10 @@ class Checkpointer:
                 continue
             current = changed.get(guard) or await cache.get(guard)
             decision = breakers.allow(
-                current, self.breaker_policy(guard), now, f"{self.owner}/{machine.workflow_id}"
+                current,
+                self.breaker_policy(guard),
+                now,
+                f"{self.owner}/{machine.tenant}/{machine.workflow_id}",
             )
             self.breaker_seen[guard] = decision.record.state
             if decision.changed:

@@ -12,8 +12,9 @@ broken definition fails at import time rather than in the middle of a run:
 The definition is plain data plus the user's coroutines. The saga machine reads only the
 data (names, dependencies, attempt budgets, compensations, breaker names); the runner
 calls the coroutines with a ``StepContext``. SPEC promise 3: every attempt of a step gets
-the same ``idempotency_key`` (``"{workflow_id}:{step}"``), compensations get
-``"{workflow_id}:{step}:compensate"``.
+the same ``idempotency_key`` (``"t<tenant tag>.{workflow_id}:{step}"``, the tag a hash
+of the tenant since workflow ids are per tenant), compensations get
+``"t<tenant tag>.{workflow_id}:{step}:compensate"``.
 """
 
 from __future__ import annotations

@@ -20,18 +20,22 @@ together (SPEC promise 1). They are synchronous and free of I/O.
 
 from __future__ import annotations
 
+import msgspec
+
 from protocol import Conflict, StepStatus, WorkflowStatus, events
 from sync_server.saga.definitions import Workflow
 from sync_server.saga.machine import SagaMachine
 from sync_server.snapshots import append_event
-from sync_server.store.base import DlqEntry, Transaction, WorkflowRecord
+from sync_server.store.base import DlqEntry, Transaction, WorkflowKey, WorkflowRecord
 
 __all__ = [
     "WORK_CHANNEL",
+    "parse_revoke",
     "request_cancel",
     "request_reconcile",
     "request_retry",
     "requeue_dlq",
+    "revoke_payload",
     "start_workflow",
 ]
 
@@ -39,9 +43,28 @@ WORK_CHANNEL = "work"
 """Notification channel telling runners to look for due workflows.
 
 Payloads: ``""`` (look now), ``"due:<unix time>"`` (something becomes due then),
-``"revoke:<workflow id>"`` (the lease of that workflow was taken away),
-``"cancel:<workflow id>"`` (taken away because the workflow is cancelled).
+``"revoke:<JSON [tenant, workflow id]>"`` (the lease of that workflow was taken away),
+``"cancel:<JSON [tenant, workflow id]>"`` (taken away because the workflow is
+cancelled); see ``revoke_payload`` and ``parse_revoke``.
 """
+
+
+def revoke_payload(key: WorkflowKey, kind: str = "revoke") -> str:
+    """The ``WORK_CHANNEL`` payload saying the lease of ``key`` was taken away
+    (``kind`` ``revoke``, or ``cancel`` when the workflow is cancelled)."""
+    return f"{kind}:" + msgspec.json.encode([key.tenant, key.id]).decode()
+
+
+def parse_revoke(payload: str) -> tuple[str, WorkflowKey] | None:
+    """(kind, workflow key) of a ``revoke:`` or ``cancel:`` payload; None otherwise."""
+    kind, _, body = payload.partition(":")
+    if kind not in ("revoke", "cancel"):
+        return None
+    try:
+        tenant, workflow_id = msgspec.json.decode(body, type=tuple[str, str])
+    except msgspec.DecodeError:
+        return None
+    return kind, WorkflowKey(tenant, workflow_id)
 
 
 def start_workflow(
@@ -64,7 +87,7 @@ def start_workflow(
         trace: the traceparent every later span of the workflow descends from
             (``sync_server.tracing``); kept in ``state["trace"]``, "" when not traced.
     """
-    machine = SagaMachine(definition, record.id, WorkflowStatus.PENDING, {})
+    machine = SagaMachine(definition, record.id, WorkflowStatus.PENDING, {}, tenant=record.tenant)
     machine.receive_submit(now)
     record.status = machine.status.value
     record.state = machine.state
@@ -215,4 +238,4 @@ def _revoke_lease(
     record.fence += 1
     record.due_at = now
     kind = "cancel" if cancel else "revoke"
-    tx.notify(WORK_CHANNEL, f"{kind}:{record.id}" if holder else "")
+    tx.notify(WORK_CHANNEL, revoke_payload(record.key, kind) if holder else "")

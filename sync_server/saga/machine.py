@@ -45,6 +45,7 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -99,9 +100,20 @@ _WORKFLOW_STATUSES = {status.value: status for status in WorkflowStatus}
 _STEP_STATUSES = {status.value: status for status in StepStatus}
 
 
-def idempotency_key(workflow_id: str, step: str, *, compensation: bool = False) -> str:
-    """The key every attempt of a step (or of its compensation) carries."""
-    return f"{workflow_id}:{step}:compensate" if compensation else f"{workflow_id}:{step}"
+def idempotency_key(
+    workflow_id: str, step: str, *, compensation: bool = False, tenant: str = ""
+) -> str:
+    """The key every attempt of a step (or of its compensation) carries.
+
+    Workflow ids are the tenant's own (SPEC promise 6), so two tenants may run a
+    workflow with the same id; the key then starts with a fixed-length tag of the tenant
+    (``t<16 hex>.``) so that a downstream never mistakes one tenant's job for another's.
+    """
+    base = f"{workflow_id}:{step}:compensate" if compensation else f"{workflow_id}:{step}"
+    if not tenant:
+        return base
+    tag = hashlib.blake2b(tenant.encode(), digest_size=8, person=b"tether-tenant").hexdigest()
+    return f"t{tag}.{base}"
 
 
 def initial_state(workflow: Workflow) -> dict[str, JSON]:
@@ -148,9 +160,11 @@ class SagaMachine:
         result: JSON = None,
         error: str | None = None,
         delay: DelayPolicy = no_delay,
+        tenant: str = "",
     ) -> None:
         self.workflow = workflow
         self.workflow_id = workflow_id
+        self.tenant = tenant
         self.status = _WORKFLOW_STATUSES.get(status) or WorkflowStatus(status)
         self.state: dict[str, JSON] = state if state is not None else {}
         self.progress = progress
@@ -500,7 +514,9 @@ class SagaMachine:
             s.pop("due_at", None)
             s.pop("deferred", None)
             self._step_to(name, SI.START)
-            self._effects.append(RunStep(name, attempt, idempotency_key(self.workflow_id, name)))
+            self._effects.append(
+                RunStep(name, attempt, idempotency_key(self.workflow_id, name, tenant=self.tenant))
+            )
 
     def _advance_compensating(self, now: float) -> None:
         steps = self.steps
@@ -529,7 +545,11 @@ class SagaMachine:
                 self._step_to(name, SI.COMPENSATE)
                 self._effects.append(
                     RunCompensation(
-                        name, attempt, idempotency_key(self.workflow_id, name, compensation=True)
+                        name,
+                        attempt,
+                        idempotency_key(
+                            self.workflow_id, name, compensation=True, tenant=self.tenant
+                        ),
                     )
                 )
         if any(s.get("comp_running") for s in steps.values()):

@@ -71,7 +71,7 @@ class ProgressPublisher:
         self.clock = clock
         self.durable_interval = durable_interval
         self.live_interval = live_interval
-        self._slots: dict[tuple[str, str], _Slot] = {}
+        self._slots: dict[tuple[str, str, str], _Slot] = {}
         self._pending: set[asyncio.Task[Any]] = set()
         self.delivered = 0
 
@@ -79,7 +79,7 @@ class ProgressPublisher:
         self, tenant: str, workflow_id: str, fence: int, step: str, attempt: int
     ) -> ProgressReporter:
         """The ``StepContext.reporter`` of one attempt."""
-        key = (workflow_id, step)
+        key = (tenant, workflow_id, step)
         self._drop(key)
         slot = _Slot(tenant, fence, attempt)
         self._slots[key] = slot
@@ -90,11 +90,13 @@ class ProgressPublisher:
 
         return report
 
-    def _report(self, key: tuple[str, str], slot: _Slot, fraction: float, msg: str | None) -> None:
+    def _report(
+        self, key: tuple[str, str, str], slot: _Slot, fraction: float, msg: str | None
+    ) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
         slot.live = Progress(
-            workflow_id=key[0], step=key[1], fraction=fraction, message=msg, at=self.clock()
+            workflow_id=key[1], step=key[2], fraction=fraction, message=msg, at=self.clock()
         )
         if now - slot.last_live >= self.live_interval:
             self._flush_live(key, slot)
@@ -108,7 +110,7 @@ class ProgressPublisher:
             wait = self.durable_interval - (now - slot.last_durable)
             slot.durable_timer = loop.call_later(wait, self._flush_durable, key, slot)
 
-    def _flush_live(self, key: tuple[str, str], slot: _Slot) -> None:
+    def _flush_live(self, key: tuple[str, str, str], slot: _Slot) -> None:
         slot.live_timer = None
         progress, slot.live = slot.live, None
         if progress is None or self.on_progress is None:
@@ -124,7 +126,7 @@ class ProgressPublisher:
         except Exception:
             log.exception("on_progress callback failed")
 
-    def _flush_durable(self, key: tuple[str, str], slot: _Slot) -> None:
+    def _flush_durable(self, key: tuple[str, str, str], slot: _Slot) -> None:
         slot.durable_timer = None
         pending, slot.durable = slot.durable, None
         if pending is None or self._slots.get(key) is not slot:
@@ -134,18 +136,19 @@ class ProgressPublisher:
         self.queue_durable(
             Input(
                 "progress",
-                key[0],
-                slot.fence,
                 key[1],
+                slot.fence,
+                key[2],
                 slot.attempt,
                 fraction=fraction,
                 message=message,
+                tenant=key[0],
             )
         )
 
-    def finish(self, workflow_id: str, step: str) -> None:
+    def finish(self, tenant: str, workflow_id: str, step: str) -> None:
         """The attempt ended: deliver its last live value, forget the durable one."""
-        key = (workflow_id, step)
+        key = (tenant, workflow_id, step)
         slot = self._slots.get(key)
         if slot is None:
             return
@@ -153,7 +156,7 @@ class ProgressPublisher:
             self._flush_live(key, slot)
         self._drop(key)
 
-    def _drop(self, key: tuple[str, str]) -> None:
+    def _drop(self, key: tuple[str, str, str]) -> None:
         slot = self._slots.pop(key, None)
         if slot is None:
             return

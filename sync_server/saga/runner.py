@@ -59,10 +59,10 @@ from sync_server.saga.definitions import (
     StepContext,
     Workflow,
 )
-from sync_server.saga.intake import WORK_CHANNEL
+from sync_server.saga.intake import WORK_CHANNEL, parse_revoke
 from sync_server.saga.machine import RunCompensation, RunStep
 from sync_server.saga.progress import ProgressPublisher
-from sync_server.store.base import Store, Transaction, WorkflowRecord
+from sync_server.store.base import Store, Transaction, WorkflowKey, WorkflowRecord
 
 __all__ = ["ProgressCallback", "SagaMetrics", "SagaRunner"]
 
@@ -85,6 +85,10 @@ class _Held:
     valid_until: float = float("inf")
     """``time.monotonic()`` after which this instance can no longer be sure it holds the
     lease (its expiry as last confirmed, less a safety margin)."""
+
+    @property
+    def key(self) -> WorkflowKey:
+        return WorkflowKey(self.tenant, self.id)
 
     def cancel(self, reason: str = STOP_INTERRUPTED) -> None:
         """Stop every attempt, telling each why (``StepContext.stop_reason``)."""
@@ -180,7 +184,7 @@ class SagaRunner:
         )
         self._http = http
         self._own_http = http is None
-        self._held: dict[str, _Held] = {}
+        self._held: dict[WorkflowKey, _Held] = {}
         self._queue: list[Input] = []
         self._queued = asyncio.Event()
         self._wake = asyncio.Event()
@@ -255,7 +259,7 @@ class SagaRunner:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for held in self._held.values():
             held.cancel()  # ticks armed by the last checkpoints
-        leases = {wid: h.fence for wid, h in self._held.items()}
+        leases = {key: h.fence for key, h in self._held.items()}
         self._held.clear()
         if leases:
             try:
@@ -274,17 +278,19 @@ class SagaRunner:
             await asyncio.sleep(0.01)
 
     @property
-    def held(self) -> dict[str, int]:
-        """Workflow id -> fence of every lease this instance holds."""
-        return {wid: h.fence for wid, h in self._held.items()}
+    def held(self) -> dict[WorkflowKey, int]:
+        """Workflow key -> fence of every lease this instance holds."""
+        return {key: h.fence for key, h in self._held.items()}
 
     # ---------------------------------------------------------------- wake-ups
     def _on_work(self, payload: str) -> None:
-        if payload.startswith(("revoke:", "cancel:")):
-            held = self._held.pop(payload[7:], None)
+        revoked = parse_revoke(payload)
+        if revoked is not None:
+            kind, key = revoked
+            held = self._held.pop(key, None)
             if held is not None:
                 log.info("lease of %s revoked; stopping its attempts", held.id)
-                held.cancel(STOP_CANCELLED if payload[0] == "c" else STOP_INTERRUPTED)
+                held.cancel(STOP_CANCELLED if kind == "cancel" else STOP_INTERRUPTED)
         elif payload.startswith("due:"):
             with contextlib.suppress(ValueError):
                 self._arm(float(payload[4:]))
@@ -346,7 +352,7 @@ class SagaRunner:
         self.stats["claim_txns" if applied else "empty_claims"] += 1
         self.stats["claimed"] += len(applied)
         for item in applied:
-            stale = self._held.pop(item.workflow_id, None)
+            stale = self._held.pop(item.key, None)
             if stale is not None:
                 stale.cancel()  # our own older lease on it expired; its attempts are void
             self._after_commit(item, fence_hint=item.record.fence if item.record else 0)
@@ -359,7 +365,7 @@ class SagaRunner:
         self._queued.set()
 
     def _queue_progress(self, item: Input) -> None:
-        held = self._held.get(item.workflow_id)
+        held = self._held.get(item.key)
         if held is not None and held.fence == item.fence:
             self._enqueue(item)
 
@@ -384,14 +390,14 @@ class SagaRunner:
                     self._committing = False
 
     async def _commit(self, batch: list[Input]) -> None:
-        grouped: dict[str, tuple[int, list[Input]]] = {}
+        grouped: dict[WorkflowKey, tuple[int, list[Input]]] = {}
         for item in batch:
-            entry = grouped.get(item.workflow_id)
+            entry = grouped.get(item.key)
             if entry is None or entry[0] != item.fence:
                 if entry is not None and entry[0] > item.fence:
                     self.stats["refused"] += 1
                     continue  # an input of an older lease: fenced out
-                grouped[item.workflow_id] = (item.fence, [item])
+                grouped[item.key] = (item.fence, [item])
             else:
                 entry[1].append(item)
         ids = list(grouped)
@@ -417,7 +423,7 @@ class SagaRunner:
                         if held is not None:
                             held.cancel()
 
-    async def _commit_chunk(self, chunk: dict[str, tuple[int, list[Input]]]) -> None:
+    async def _commit_chunk(self, chunk: dict[WorkflowKey, tuple[int, list[Input]]]) -> None:
         now = self.clock()
 
         async def unit(tx: Transaction) -> list[Applied]:
@@ -430,12 +436,12 @@ class SagaRunner:
         self.stats["checkpoint_txns"] += 1
         self.stats["checkpoints"] += len(applied)
         for outcome in applied:
-            self._after_commit(outcome, fence_hint=chunk[outcome.workflow_id][0])
+            self._after_commit(outcome, fence_hint=chunk[outcome.key][0])
         self._after_checkpoints()
 
     # ---------------------------------------------------------------- after commit
     def _after_commit(self, applied: Applied, *, fence_hint: int) -> None:
-        wid = applied.workflow_id
+        wid = applied.key
         held = self._held.get(wid)
         if applied.refused:
             self.stats["refused"] += 1
@@ -473,7 +479,7 @@ class SagaRunner:
         if held is None or held.fence != record.fence:
             if held is not None:
                 held.cancel()
-            held = _Held(wid, record.tenant, record.fence)
+            held = _Held(record.id, record.tenant, record.fence)
             self._held[wid] = held
         if record.lease_until is not None:
             remaining = record.lease_until - self.clock()
@@ -518,7 +524,7 @@ class SagaRunner:
             # A sibling's retry falls due while other attempts still run: tick then.
             fence = held.fence
             held.tick = asyncio.get_running_loop().call_later(
-                due - now, lambda: self._enqueue(Input("tick", held.id, fence))
+                due - now, lambda: self._enqueue(Input("tick", held.id, fence, tenant=held.tenant))
             )
 
     def _launch(
@@ -583,9 +589,11 @@ class SagaRunner:
         """``ctx.record_job``: the step's state names the job's source (for the sweep)."""
 
         def record(source: str, adapter: str) -> None:
-            if self._held.get(held.id) is held:
+            if self._held.get(held.key) is held:
                 job = {"source": source, "adapter": adapter}
-                self._enqueue(Input("job", held.id, held.fence, step, attempt, job=job))
+                self._enqueue(
+                    Input("job", held.id, held.fence, step, attempt, job=job, tenant=held.tenant)
+                )
 
         return record
 
@@ -601,7 +609,15 @@ class SagaRunner:
     ) -> None:
         """Run one attempt and queue its outcome (never raises but CancelledError)."""
         kind = "comp" if ctx.compensating else "step"
-        item = Input(kind, ctx.workflow_id, held.fence, ctx.step, ctx.attempt, breaker=breaker)
+        item = Input(
+            kind,
+            ctx.workflow_id,
+            held.fence,
+            ctx.step,
+            ctx.attempt,
+            breaker=breaker,
+            tenant=held.tenant,
+        )
         try:
             async with asyncio.timeout(timeout) as scope:
                 result = await action(ctx)
@@ -636,8 +652,8 @@ class SagaRunner:
         tracing.end_span(
             span, error=item.error, attributes={"tether.permanent": item.permanent or None}
         )
-        self.progress.finish(ctx.workflow_id, ctx.step)
-        if self._held.get(held.id) is held:
+        self.progress.finish(held.tenant, ctx.workflow_id, ctx.step)
+        if self._held.get(held.key) is held:
             self._enqueue(item)
 
     # ---------------------------------------------------------------- heartbeat
@@ -663,7 +679,7 @@ class SagaRunner:
             if not leases:
                 continue
             started = time.monotonic()
-            renewed: set[str] | None = None
+            renewed: set[WorkflowKey] | None = None
             try:
                 renewed = await asyncio.wait_for(
                     self.store.renew_leases(

@@ -17,6 +17,7 @@ from sync_server.store.base import (
     Store,
     StoredEvent,
     Transaction,
+    WorkflowKey,
     WorkflowRecord,
 )
 
@@ -28,6 +29,7 @@ __all__ = [
     "Store",
     "StoredEvent",
     "Transaction",
+    "WorkflowKey",
     "WorkflowRecord",
     "open_store",
 ]

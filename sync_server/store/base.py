@@ -8,8 +8,14 @@ All state lives in a handful of tables (see ``schema`` in each backend):
   numbers the events of one workflow (1, 2, …); ``tenant`` scopes reads.
 * ``workflows`` — the projection: one row per workflow, its saga state as JSON, the
   schedule (``due_at``) and the lease (``lease_owner``, ``lease_until``, ``fence``).
-* ``clients`` and ``mutation_results`` — per-client last applied mutation id and the
-  outcome of every applied mutation (a resent mutation is answered from here).
+* ``clients`` and ``mutation_results`` — per-client last applied mutation id, the
+  subject the client id belongs to, and the outcome of every applied mutation (a
+  resent mutation is answered from here).
+
+Namespacing (SPEC promise 6): workflow ids and client ids are chosen by clients, so they
+are unique only *within a tenant*. Every table keys them by ``(tenant, id)`` and every
+lookup names the tenant (a ``WorkflowKey``); another tenant's use of the same id is
+simply another row, so nothing one tenant does with an id reveals or blocks another's.
 * ``outbox`` — messages for external consumers, relayed with retries.
 * ``dlq`` — the dead-letter queue. ``breakers`` — circuit breakers shared by instances.
 
@@ -33,7 +39,7 @@ import abc
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from protocol import Event
 
@@ -45,12 +51,20 @@ __all__ = [
     "Store",
     "StoredEvent",
     "Transaction",
+    "WorkflowKey",
     "WorkflowRecord",
 ]
 
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
 JSON = Any
+
+
+class WorkflowKey(NamedTuple):
+    """What identifies a workflow: its tenant and its (client-chosen) id."""
+
+    tenant: str
+    id: str
 
 
 @dataclass(slots=True)
@@ -79,6 +93,11 @@ class WorkflowRecord:
     lease_owner: str | None = None
     lease_until: float | None = None
     fence: int = 0
+
+    @property
+    def key(self) -> WorkflowKey:
+        """``(tenant, id)``: the workflow's identity in the store."""
+        return WorkflowKey(self.tenant, self.id)
 
 
 @dataclass(slots=True, frozen=True)
@@ -187,33 +206,37 @@ class Transaction(abc.ABC):
 
     # -- workflows ----------------------------------------------------------
     @abc.abstractmethod
-    async def get_workflow(self, workflow_id: str, *, lock: bool = True) -> WorkflowRecord | None:
-        """Read a workflow; with ``lock`` its row is locked until commit (PostgreSQL)."""
+    async def get_workflow(
+        self, tenant: str, workflow_id: str, *, lock: bool = True
+    ) -> WorkflowRecord | None:
+        """Read a tenant's workflow; with ``lock`` its row is locked until commit
+        (PostgreSQL)."""
 
     @abc.abstractmethod
     async def insert_workflow(self, workflow: WorkflowRecord) -> bool:
-        """Insert a new workflow; False (and nothing written) if the id exists."""
+        """Insert a new workflow; False (and nothing written) if the tenant already has
+        that id."""
 
     @abc.abstractmethod
     async def update_workflow(self, workflow: WorkflowRecord) -> None:
         """Write every column of an existing workflow."""
 
-    async def insert_workflows(self, workflows: list[WorkflowRecord]) -> set[str]:
-        """Insert several new workflows; returns the ids inserted (an existing id is
+    async def insert_workflows(self, workflows: list[WorkflowRecord]) -> set[WorkflowKey]:
+        """Insert several new workflows; returns the keys inserted (an existing key is
         skipped and left unchanged). PostgreSQL does it in one round trip (batch ingest)."""
-        return {w.id for w in workflows if await self.insert_workflow(w)}
+        return {w.key for w in workflows if await self.insert_workflow(w)}
 
     async def get_workflows(
-        self, workflow_ids: list[str], *, lock: bool = True
-    ) -> dict[str, WorkflowRecord]:
-        """Read several workflows (id -> record; missing ids are absent), locked like
+        self, keys: list[WorkflowKey], *, lock: bool = True
+    ) -> dict[WorkflowKey, WorkflowRecord]:
+        """Read several workflows (key -> record; missing keys are absent), locked like
         ``get_workflow``. Backends may override this with one round trip (saga group
         commit)."""
-        found: dict[str, WorkflowRecord] = {}
-        for workflow_id in workflow_ids:
-            record = await self.get_workflow(workflow_id, lock=lock)
+        found: dict[WorkflowKey, WorkflowRecord] = {}
+        for key in keys:
+            record = await self.get_workflow(key.tenant, key.id, lock=lock)
             if record is not None:
-                found[workflow_id] = record
+                found[key] = record
         return found
 
     async def update_workflows(self, workflows: list[WorkflowRecord]) -> None:
@@ -231,22 +254,30 @@ class Transaction(abc.ABC):
 
     # -- clients ------------------------------------------------------------
     @abc.abstractmethod
-    async def lock_client(self, tenant: str, client_id: str) -> int:
-        """Create-or-lock the client's row and return its last applied mutation id.
+    async def lock_client(self, tenant: str, subject: str, client_id: str) -> int:
+        """Create-or-lock the tenant's client row and return its last applied mutation id.
+
+        A new row is bound to ``subject`` (a row from before subjects were recorded is
+        bound to the first subject that uses it).
 
         Raises:
-            Forbidden: the client id is registered under another tenant.
+            Forbidden: the client id belongs to another subject of the tenant.
         """
 
     @abc.abstractmethod
     async def mutation_results(
-        self, client_id: str, ids: list[int]
+        self, tenant: str, client_id: str, ids: list[int]
     ) -> dict[int, tuple[str, str | None]]:
         """Recorded outcome (status, error) of the given mutation ids that exist."""
 
     @abc.abstractmethod
     async def record_mutations(
-        self, client_id: str, results: list[tuple[int, str, str | None]], last_id: int, at: float
+        self,
+        tenant: str,
+        client_id: str,
+        results: list[tuple[int, str, str | None]],
+        last_id: int,
+        at: float,
     ) -> None:
         """Record outcomes (id, status, error) and set the client's last applied id."""
 
@@ -328,8 +359,8 @@ class Store(abc.ABC):
         """Events with ``seq > after`` in seq order (of one tenant, or all)."""
 
     @abc.abstractmethod
-    async def read_workflow_events(self, workflow_id: str) -> list[StoredEvent]:
-        """Every event of one workflow, in order."""
+    async def read_workflow_events(self, tenant: str, workflow_id: str) -> list[StoredEvent]:
+        """Every event of one of the tenant's workflows, in order."""
 
     @abc.abstractmethod
     async def head(self, tenant: str | None = None) -> int:
@@ -337,8 +368,13 @@ class Store(abc.ABC):
         ``tenant`` is given (what a client may learn: not other tenants' activity)."""
 
     @abc.abstractmethod
-    async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
-        """Read one workflow without locking."""
+    async def get_workflow(self, tenant: str, workflow_id: str) -> WorkflowRecord | None:
+        """Read one of the tenant's workflows without locking."""
+
+    @abc.abstractmethod
+    async def workflow_tenants(self, workflow_id: str, limit: int = 10) -> list[str]:
+        """The tenants (at most ``limit``, sorted) holding a workflow with this id — for a
+        global admin, who names a workflow by id alone."""
 
     @abc.abstractmethod
     async def list_workflows(
@@ -351,8 +387,9 @@ class Store(abc.ABC):
         """Workflows, newest first, optionally of one tenant and some statuses."""
 
     @abc.abstractmethod
-    async def get_client(self, client_id: str) -> tuple[str, int] | None:
-        """(tenant, last applied mutation id) of a client, or None."""
+    async def get_client(self, tenant: str, client_id: str) -> tuple[str | None, int] | None:
+        """(subject, last applied mutation id) of the tenant's client, or None; the
+        subject is None for a row recorded before subjects were."""
 
     @abc.abstractmethod
     async def list_dlq(
@@ -378,12 +415,14 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def renew_leases(self, owner: str, leases: dict[str, int], until: float) -> set[str]:
-        """Extend leases (workflow id -> fence) still held; returns the ids renewed."""
+    async def renew_leases(
+        self, owner: str, leases: dict[WorkflowKey, int], until: float
+    ) -> set[WorkflowKey]:
+        """Extend leases (workflow key -> fence) still held; returns the keys renewed."""
 
     @abc.abstractmethod
-    async def release_leases(self, owner: str, leases: dict[str, int]) -> None:
-        """Give up leases (workflow id -> fence) so any instance may claim them."""
+    async def release_leases(self, owner: str, leases: dict[WorkflowKey, int]) -> None:
+        """Give up leases (workflow key -> fence) so any instance may claim them."""
 
     # -- outbox ---------------------------------------------------------------
     @abc.abstractmethod

@@ -15,7 +15,15 @@ so a crash mid-migration leaves the previous version intact:
 A database whose ``schema_migrations`` holds a version newer than this code knows is
 refused (``StorageError``): an older server must not write a newer schema.
 
-Evolve by appending a migration; never edit an applied one.
+Evolve by appending a migration; never edit an applied one. Missing migrations are
+applied in version order. A SQLite migration step may be a function of the connection
+(SQLite cannot change a primary key in place: ``_rebuild`` copies the table).
+
+Version 2 (issue 11, SPEC promise 6) namespaces client-chosen ids by tenant: workflows
+are keyed ``(id, tenant)``, clients ``(client_id, tenant)`` with the ``subject`` the
+client id belongs to, mutation results ``(client_id, tenant, mutation_id)``, and an
+event's ``wf_seq`` is unique per ``(workflow_id, tenant)``. The id comes first in each
+key so that a lookup by id alone (a global admin's) uses the same index.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from protocol import StorageError
@@ -34,13 +43,58 @@ if TYPE_CHECKING:
 __all__ = [
     "POSTGRES_MIGRATIONS",
     "SQLITE_MIGRATIONS",
+    "Migration",
+    "SqliteMigration",
     "migrate_postgres",
     "migrate_sqlite",
 ]
 
 Migration = tuple[int, tuple[str, ...]]
+SqliteStep = str | Callable[[sqlite3.Connection], None]
+SqliteMigration = tuple[int, tuple[SqliteStep, ...]]
 
-SQLITE_MIGRATIONS: list[Migration] = [
+
+def _rebuild(
+    table: str, key: str, *, without_rowid: bool = False
+) -> Callable[[sqlite3.Connection], None]:
+    """A step that rebuilds ``table`` with ``PRIMARY KEY (key)`` and no other table
+    constraint, keeping every current column (added by any migration) and every explicit
+    index; the old table's UNIQUE constraints are dropped (re-add them as indexes)."""
+
+    def step(conn: sqlite3.Connection) -> None:
+        columns = conn.execute(f"PRAGMA table_info({table})").fetchall()
+        indexes = [
+            row[0]
+            for row in conn.execute(
+                "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ? "
+                "AND sql IS NOT NULL",
+                (table,),
+            )
+        ]
+        defs = []
+        for _cid, name, type_, notnull, default, _pk in columns:
+            # The old INTEGER PRIMARY KEY AUTOINCREMENT is not among the rebuilt tables.
+            text = f"{name} {type_}"
+            if notnull:
+                text += " NOT NULL"
+            if default is not None:
+                text += f" DEFAULT {default}"
+            defs.append(text)
+        names = ", ".join(row[1] for row in columns)
+        suffix = " WITHOUT ROWID" if without_rowid else ""
+        conn.execute(
+            f"CREATE TABLE {table}_rebuilt ({', '.join(defs)}, PRIMARY KEY ({key})){suffix}"
+        )
+        conn.execute(f"INSERT INTO {table}_rebuilt ({names}) SELECT {names} FROM {table}")
+        conn.execute(f"DROP TABLE {table}")
+        conn.execute(f"ALTER TABLE {table}_rebuilt RENAME TO {table}")
+        for sql in indexes:
+            conn.execute(sql)
+
+    return step
+
+
+SQLITE_MIGRATIONS: list[SqliteMigration] = [
     (
         1,
         (
@@ -127,6 +181,35 @@ SQLITE_MIGRATIONS: list[Migration] = [
                 probe_owner TEXT,
                 probe_until REAL
             )""",
+        ),
+    ),
+    (
+        2,
+        (
+            # events: seq stays the rowid (INTEGER PRIMARY KEY); wf_seq is unique per
+            # (workflow_id, tenant) instead of per workflow_id.
+            """CREATE TABLE events_rebuilt (
+                seq INTEGER PRIMARY KEY,
+                tenant TEXT NOT NULL,
+                workflow_id TEXT NOT NULL,
+                wf_seq INTEGER NOT NULL,
+                type TEXT NOT NULL,
+                data TEXT NOT NULL,
+                at REAL NOT NULL
+            )""",
+            "INSERT INTO events_rebuilt SELECT seq, tenant, workflow_id, wf_seq, type, data, at "
+            "FROM events",
+            "DROP TABLE events",
+            "ALTER TABLE events_rebuilt RENAME TO events",
+            "CREATE INDEX events_tenant_seq ON events (tenant, seq)",
+            "CREATE UNIQUE INDEX events_workflow ON events (workflow_id, tenant, wf_seq)",
+            _rebuild("workflows", "id, tenant"),
+            "ALTER TABLE clients ADD COLUMN subject TEXT",
+            _rebuild("clients", "client_id, tenant"),
+            "ALTER TABLE mutation_results ADD COLUMN tenant TEXT NOT NULL DEFAULT ''",
+            "UPDATE mutation_results SET tenant = coalesce((SELECT c.tenant FROM clients c "
+            "WHERE c.client_id = mutation_results.client_id), '')",
+            _rebuild("mutation_results", "client_id, tenant, mutation_id", without_rowid=True),
         ),
     ),
 ]
@@ -226,6 +309,23 @@ POSTGRES_MIGRATIONS: list[Migration] = [
             )""",
         ),
     ),
+    (
+        2,
+        (
+            "ALTER TABLE workflows DROP CONSTRAINT workflows_pkey, ADD PRIMARY KEY (id, tenant)",
+            "ALTER TABLE events DROP CONSTRAINT events_workflow_id_wf_seq_key, "
+            "ADD CONSTRAINT events_workflow UNIQUE (workflow_id, tenant, wf_seq)",
+            "ALTER TABLE clients ADD COLUMN subject text, DROP CONSTRAINT clients_pkey, "
+            "ADD PRIMARY KEY (client_id, tenant)",
+            "ALTER TABLE mutation_results ADD COLUMN tenant text",
+            "UPDATE mutation_results AS m SET tenant = c.tenant FROM clients AS c "
+            "WHERE c.client_id = m.client_id",
+            "DELETE FROM mutation_results WHERE tenant IS NULL",
+            "ALTER TABLE mutation_results ALTER COLUMN tenant SET NOT NULL, "
+            "DROP CONSTRAINT mutation_results_pkey, "
+            "ADD PRIMARY KEY (client_id, tenant, mutation_id)",
+        ),
+    ),
 ]
 
 _SQLITE_VERSIONS = """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -234,7 +334,7 @@ _PG_VERSIONS = """CREATE TABLE IF NOT EXISTS schema_migrations (
     version integer PRIMARY KEY, applied_at double precision NOT NULL)"""
 
 
-def _check_known(applied: set[int], known: list[Migration], where: str) -> None:
+def _check_known(applied: set[int], known: Sequence[tuple[int, object]], where: str) -> None:
     newest = max(version for version, _ in known)
     if applied and max(applied) > newest:
         raise StorageError(
@@ -262,11 +362,14 @@ def migrate_sqlite(conn: sqlite3.Connection, where: str = "database") -> list[in
         applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
         _check_known(applied, SQLITE_MIGRATIONS, where)
         done: list[int] = []
-        for version, statements in SQLITE_MIGRATIONS:
+        for version, steps in sorted(SQLITE_MIGRATIONS, key=lambda m: m[0]):
             if version in applied:
                 continue
-            for statement in statements:
-                conn.execute(statement)
+            for step in steps:
+                if isinstance(step, str):
+                    conn.execute(step)
+                else:
+                    step(conn)
             conn.execute(
                 "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
                 (version, time.time()),
@@ -309,7 +412,7 @@ async def migrate_postgres(
         applied = {row[0] for row in rows}
         _check_known(applied, POSTGRES_MIGRATIONS, f"schema {schema!r}")
         done: list[int] = []
-        for version, statements in POSTGRES_MIGRATIONS:
+        for version, statements in sorted(POSTGRES_MIGRATIONS, key=lambda m: m[0]):
             if version in applied:
                 continue
             for statement in statements:

@@ -29,6 +29,7 @@ from sync_server.store.base import (
     DlqEntry,
     StoredEvent,
     Transaction,
+    WorkflowKey,
     WorkflowRecord,
 )
 
@@ -55,20 +56,21 @@ _BR = rows.BREAKER_COLUMNS
 
 _INSERT_WORKFLOW = (
     f"INSERT INTO workflows ({_WF}) VALUES "
-    f"({', '.join(f'${i}' for i in range(1, 18))}) ON CONFLICT (id) DO NOTHING"
+    f"({', '.join(f'${i}' for i in range(1, 18))}) ON CONFLICT (id, tenant) DO NOTHING"
 )
 # One statement for a batch of new workflows: the columns travel as arrays.
 _INSERT_WORKFLOWS = (
     f"INSERT INTO workflows ({_WF}) SELECT * FROM unnest($1::text[], $2::text[], "
     "$3::text[], $4::text[], $5::text[], $6::text[], $7::float8[], $8::text[], $9::text[], "
     "$10::bigint[], $11::float8[], $12::float8[], $13::text[], $14::float8[], $15::text[], "
-    "$16::float8[], $17::bigint[]) ON CONFLICT (id) DO NOTHING RETURNING id"
+    "$16::float8[], $17::bigint[]) ON CONFLICT (id, tenant) DO NOTHING RETURNING id, tenant"
 )
 _UPDATE_WORKFLOW = (
     "UPDATE workflows SET "
-    + ", ".join(f"{col.strip()} = ${i}" for i, col in enumerate(_WF.split(",")[1:], start=2))
-    + " WHERE id = $1"
+    + ", ".join(f"{col.strip()} = ${i}" for i, col in enumerate(_WF.split(",")[2:], start=3))
+    + " WHERE id = $1 AND tenant = $2"
 )
+_WF_W = ", ".join(f"w.{col.strip()}" for col in _WF.split(","))
 
 # The position assignment (see the module docstring). $1 = number of events,
 # $2..$7 = event columns as arrays, $8 = the NOTIFY channel, $9 = queued payloads.
@@ -90,24 +92,31 @@ _NOTIFY = "SELECT count(pg_notify($1, n)) FROM unnest($2::text[]) AS n"
 
 # Saga claim: due rows no live owner holds, locked with SKIP LOCKED, leased (fence + 1).
 CLAIM_DUE_WORKFLOWS = (
-    "WITH due AS MATERIALIZED (SELECT id FROM workflows WHERE due_at <= $3 "
+    "WITH due AS MATERIALIZED (SELECT id, tenant FROM workflows WHERE due_at <= $3 "
     "AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until < $3) "
     "ORDER BY due_at LIMIT $4 FOR UPDATE SKIP LOCKED) "
     "UPDATE workflows AS w SET lease_owner = $1, lease_until = $2, fence = w.fence + 1 "
-    "FROM due WHERE w.id = due.id RETURNING "
+    "FROM due WHERE w.id = due.id AND w.tenant = due.tenant RETURNING "
     + ", ".join(f"w.{col.strip()}" for col in _WF.split(","))
 )
 
 _RECORD_MUTATIONS = """
 WITH r AS (
-    INSERT INTO mutation_results (client_id, mutation_id, status, error, at)
-    SELECT $1, u.id, u.status, u.error, $6
+    INSERT INTO mutation_results (client_id, tenant, mutation_id, status, error, at)
+    SELECT $1, $7, u.id, u.status, u.error, $6
     FROM unnest($2::bigint[], $3::text[], $4::text[]) AS u(id, status, error)
-    ON CONFLICT (client_id, mutation_id)
+    ON CONFLICT (client_id, tenant, mutation_id)
     DO UPDATE SET status = excluded.status, error = excluded.error, at = excluded.at
 )
-UPDATE clients SET last_mutation_id = $5, updated_at = $6 WHERE client_id = $1
+UPDATE clients SET last_mutation_id = $5, updated_at = $6 WHERE client_id = $1 AND tenant = $7
 """
+
+# Several workflows by key: a join against the keys, so the plan is an index lookup
+# per key whatever the table holds (LESSONS: generic plans). $3 adds FOR UPDATE.
+_GET_WORKFLOWS = (
+    f"SELECT {_WF_W} FROM unnest($1::text[], $2::text[]) AS k(id, tenant) "
+    "JOIN workflows AS w ON w.id = k.id AND w.tenant = k.tenant"
+)
 
 
 class PgSql:
@@ -159,24 +168,28 @@ class PostgresTransaction(PgSql, Transaction):
     def _executor(self) -> PgConnection:
         return self._conn
 
-    async def get_workflow(self, workflow_id: str, *, lock: bool = True) -> WorkflowRecord | None:
-        """Read a workflow; with ``lock`` its row stays locked (FOR UPDATE) until commit."""
+    async def get_workflow(
+        self, tenant: str, workflow_id: str, *, lock: bool = True
+    ) -> WorkflowRecord | None:
+        """Read a tenant's workflow; with ``lock`` its row stays locked (FOR UPDATE)."""
         suffix = " FOR UPDATE" if lock else ""
         row = await self._fetchrow(
-            f"SELECT {_WF} FROM workflows WHERE id = $1{suffix}", workflow_id
+            f"SELECT {_WF} FROM workflows WHERE id = $1 AND tenant = $2{suffix}",
+            workflow_id,
+            tenant,
         )
         return None if row is None else rows.workflow_from_row(row)
 
     async def get_workflows(
-        self, workflow_ids: list[str], *, lock: bool = True
-    ) -> dict[str, WorkflowRecord]:
-        """Read several workflows in one round trip, locked in id order (no deadlock)."""
-        suffix = " ORDER BY id FOR UPDATE" if lock else ""
+        self, keys: list[WorkflowKey], *, lock: bool = True
+    ) -> dict[WorkflowKey, WorkflowRecord]:
+        """Read several workflows in one round trip, locked in key order (no deadlock)."""
+        suffix = " ORDER BY w.id, w.tenant FOR UPDATE OF w" if lock else ""
         found = await self._fetch(
-            f"SELECT {_WF} FROM workflows WHERE id = ANY($1::text[]){suffix}", workflow_ids
+            _GET_WORKFLOWS + suffix, [k.id for k in keys], [k.tenant for k in keys]
         )
         records = [rows.workflow_from_row(row) for row in found]
-        return {record.id: record for record in records}
+        return {record.key: record for record in records}
 
     async def claim_due_workflows(
         self, owner: str, now: float, lease_seconds: float, limit: int
@@ -192,13 +205,13 @@ class PostgresTransaction(PgSql, Transaction):
         status = await self._execute(_INSERT_WORKFLOW, *rows.workflow_params(workflow))
         return status == "INSERT 0 1"
 
-    async def insert_workflows(self, workflows: list[WorkflowRecord]) -> set[str]:
-        """Insert several new workflows in one statement; returns the ids inserted."""
+    async def insert_workflows(self, workflows: list[WorkflowRecord]) -> set[WorkflowKey]:
+        """Insert several new workflows in one statement; returns the keys inserted."""
         if len(workflows) <= 1:
-            return {w.id for w in workflows if await self.insert_workflow(w)}
+            return {w.key for w in workflows if await self.insert_workflow(w)}
         columns = [list(c) for c in zip(*(rows.workflow_params(w) for w in workflows), strict=True)]
         found = await self._fetch(_INSERT_WORKFLOWS, *columns)
-        return {row[0] for row in found}
+        return {WorkflowKey(row[1], row[0]) for row in found}
 
     async def update_workflow(self, workflow: WorkflowRecord) -> None:
         """Write every column of an existing workflow."""
@@ -216,44 +229,61 @@ class PostgresTransaction(PgSql, Transaction):
             except PG_ERRORS as exc:
                 raise StorageError(f"PostgreSQL failed: {exc}") from exc
 
-    async def lock_client(self, tenant: str, client_id: str) -> int:
-        """Create-or-lock the client's row; returns its last applied mutation id.
+    async def lock_client(self, tenant: str, subject: str, client_id: str) -> int:
+        """Create-or-lock the tenant's client row; returns its last applied mutation id.
 
         Raises:
-            Forbidden: the client id is registered under another tenant.
+            Forbidden: the client id belongs to another subject of the tenant.
         """
         await self._execute(
-            "INSERT INTO clients (client_id, tenant, last_mutation_id, updated_at) "
-            "VALUES ($1, $2, 0, $3) ON CONFLICT (client_id) DO NOTHING",
+            "INSERT INTO clients (client_id, tenant, subject, last_mutation_id, updated_at) "
+            "VALUES ($1, $2, $3, 0, $4) ON CONFLICT (client_id, tenant) DO NOTHING",
             client_id,
             tenant,
+            subject,
             time.time(),
         )
         row = await self._fetchrow(
-            "SELECT tenant, last_mutation_id FROM clients WHERE client_id = $1 FOR UPDATE",
+            "SELECT subject, last_mutation_id FROM clients "
+            "WHERE client_id = $1 AND tenant = $2 FOR UPDATE",
             client_id,
+            tenant,
         )
         assert row is not None
-        if row[0] != tenant:
-            raise Forbidden(f"client id {client_id!r} is registered under another tenant")
+        if row[0] is None:  # recorded before subjects were: the first user binds it
+            await self._execute(
+                "UPDATE clients SET subject = $3 WHERE client_id = $1 AND tenant = $2",
+                client_id,
+                tenant,
+                subject,
+            )
+        elif row[0] != subject:
+            raise Forbidden(rows.client_owned_message(client_id))
         return int(row[1])
 
     async def mutation_results(
-        self, client_id: str, ids: list[int]
+        self, tenant: str, client_id: str, ids: list[int]
     ) -> dict[int, tuple[str, str | None]]:
         """Recorded outcome (status, error) of the given mutation ids that exist."""
         if not ids:
             return {}
         found = await self._fetch(
-            "SELECT mutation_id, status, error FROM mutation_results "
-            "WHERE client_id = $1 AND mutation_id = ANY($2::bigint[])",
+            "SELECT m.mutation_id, m.status, m.error FROM unnest($3::bigint[]) AS u(id) "
+            "JOIN mutation_results AS m ON m.client_id = $1 AND m.tenant = $2 "
+            "AND m.mutation_id = u.id",
             client_id,
+            tenant,
             ids,
         )
         return {row[0]: (row[1], row[2]) for row in found}
 
     async def record_mutations(
-        self, client_id: str, results: list[tuple[int, str, str | None]], last_id: int, at: float
+        self,
+        tenant: str,
+        client_id: str,
+        results: list[tuple[int, str, str | None]],
+        last_id: int,
+        at: float,
     ) -> None:
         """Record outcomes (id, status, error) and set the client's last applied id."""
         await self._execute(
@@ -264,6 +294,7 @@ class PostgresTransaction(PgSql, Transaction):
             [r[2] for r in results],
             last_id,
             at,
+            tenant,
         )
 
     async def enqueue_outbox(

@@ -51,6 +51,7 @@ from sync_server.store.base import (
     Store,
     StoredEvent,
     Transaction,
+    WorkflowKey,
     WorkflowRecord,
 )
 from sync_server.store.migrations import migrate_postgres
@@ -350,10 +351,12 @@ class PostgresStore(PgSql, Store):
             )
         return [rows.event_from_row(row) for row in found]
 
-    async def read_workflow_events(self, workflow_id: str) -> list[StoredEvent]:
-        """Every event of one workflow, in order."""
+    async def read_workflow_events(self, tenant: str, workflow_id: str) -> list[StoredEvent]:
+        """Every event of one of the tenant's workflows, in order."""
         found = await self._fetch(
-            f"SELECT {_EV} FROM events WHERE workflow_id = $1 ORDER BY wf_seq", workflow_id
+            f"SELECT {_EV} FROM events WHERE workflow_id = $1 AND tenant = $2 ORDER BY wf_seq",
+            workflow_id,
+            tenant,
         )
         return [rows.event_from_row(row) for row in found]
 
@@ -367,10 +370,21 @@ class PostgresStore(PgSql, Store):
             )
         return int(await self._fetchval("SELECT seq FROM event_head WHERE id = 1"))
 
-    async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
-        """Read one workflow without locking."""
-        row = await self._fetchrow(f"SELECT {_WF} FROM workflows WHERE id = $1", workflow_id)
+    async def get_workflow(self, tenant: str, workflow_id: str) -> WorkflowRecord | None:
+        """Read one of the tenant's workflows without locking."""
+        row = await self._fetchrow(
+            f"SELECT {_WF} FROM workflows WHERE id = $1 AND tenant = $2", workflow_id, tenant
+        )
         return None if row is None else rows.workflow_from_row(row)
+
+    async def workflow_tenants(self, workflow_id: str, limit: int = 10) -> list[str]:
+        """The tenants (at most ``limit``, sorted) holding a workflow with this id."""
+        found = await self._fetch(
+            "SELECT tenant FROM workflows WHERE id = $1 ORDER BY tenant LIMIT $2",
+            workflow_id,
+            limit,
+        )
+        return [row[0] for row in found]
 
     async def list_workflows(
         self,
@@ -391,10 +405,12 @@ class PostgresStore(PgSql, Store):
         )
         return [rows.workflow_from_row(row) for row in found]
 
-    async def get_client(self, client_id: str) -> tuple[str, int] | None:
-        """(tenant, last applied mutation id) of a client, or None."""
+    async def get_client(self, tenant: str, client_id: str) -> tuple[str | None, int] | None:
+        """(subject, last applied mutation id) of the tenant's client, or None."""
         row = await self._fetchrow(
-            "SELECT tenant, last_mutation_id FROM clients WHERE client_id = $1", client_id
+            "SELECT subject, last_mutation_id FROM clients WHERE client_id = $1 AND tenant = $2",
+            client_id,
+            tenant,
         )
         return None if row is None else (row[0], row[1])
 
@@ -427,31 +443,37 @@ class PostgresStore(PgSql, Store):
         claimed.sort(key=lambda wf: (wf.due_at or 0.0, wf.id))
         return claimed
 
-    async def renew_leases(self, owner: str, leases: dict[str, int], until: float) -> set[str]:
-        """Extend leases (id -> fence) still held with the same fence; returns those ids."""
+    async def renew_leases(
+        self, owner: str, leases: dict[WorkflowKey, int], until: float
+    ) -> set[WorkflowKey]:
+        """Extend leases (key -> fence) still held with the same fence; returns those keys."""
         if not leases:
             return set()
         found = await self._fetch(
-            "UPDATE workflows AS w SET lease_until = $4 "
-            "FROM unnest($2::text[], $3::bigint[]) AS l(id, fence) "
-            "WHERE w.id = l.id AND w.fence = l.fence AND w.lease_owner = $1 RETURNING w.id",
+            "UPDATE workflows AS w SET lease_until = $5 "
+            "FROM unnest($2::text[], $3::text[], $4::bigint[]) AS l(id, tenant, fence) "
+            "WHERE w.id = l.id AND w.tenant = l.tenant AND w.fence = l.fence "
+            "AND w.lease_owner = $1 RETURNING w.tenant, w.id",
             owner,
-            list(leases),
+            [k.id for k in leases],
+            [k.tenant for k in leases],
             list(leases.values()),
             until,
         )
-        return {row[0] for row in found}
+        return {WorkflowKey(row[0], row[1]) for row in found}
 
-    async def release_leases(self, owner: str, leases: dict[str, int]) -> None:
-        """Give up leases (id -> fence) still held with the same fence."""
+    async def release_leases(self, owner: str, leases: dict[WorkflowKey, int]) -> None:
+        """Give up leases (key -> fence) still held with the same fence."""
         if not leases:
             return
         await self._execute(
             "UPDATE workflows AS w SET lease_owner = NULL, lease_until = NULL "
-            "FROM unnest($2::text[], $3::bigint[]) AS l(id, fence) "
-            "WHERE w.id = l.id AND w.fence = l.fence AND w.lease_owner = $1",
+            "FROM unnest($2::text[], $3::text[], $4::bigint[]) AS l(id, tenant, fence) "
+            "WHERE w.id = l.id AND w.tenant = l.tenant AND w.fence = l.fence "
+            "AND w.lease_owner = $1",
             owner,
-            list(leases),
+            [k.id for k in leases],
+            [k.tenant for k in leases],
             list(leases.values()),
         )
 

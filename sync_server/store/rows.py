@@ -27,6 +27,7 @@ __all__ = [
     "WORKFLOW_COLUMNS",
     "Row",
     "breaker_from_row",
+    "client_owned_message",
     "dlq_from_row",
     "dumps",
     "event_from_row",
@@ -59,6 +60,14 @@ DLQ_COLUMNS = (
     "id, tenant, workflow_id, step, reason, attempts, last_error, created_at, status, resolved_at"
 )
 BREAKER_COLUMNS = "name, state, failures, opened_at, updated_at, probe_owner, probe_until"
+
+
+def client_owned_message(client_id: str) -> str:
+    """The ``Forbidden`` message for a client id another subject of the tenant owns."""
+    return (
+        f"client id {client_id!r} belongs to another subject of this tenant; "
+        "each device or user needs its own client id"
+    )
 
 
 def dumps(value: Any) -> str:

@@ -41,6 +41,7 @@ from sync_server.store.base import (
     Store,
     StoredEvent,
     Transaction,
+    WorkflowKey,
     WorkflowRecord,
 )
 from sync_server.store.migrations import migrate_sqlite
@@ -234,10 +235,11 @@ class SqliteStore(SqliteSql, Store):
             )
         return [rows.event_from_row(row) for row in found]
 
-    async def read_workflow_events(self, workflow_id: str) -> list[StoredEvent]:
-        """Every event of one workflow, in order."""
+    async def read_workflow_events(self, tenant: str, workflow_id: str) -> list[StoredEvent]:
+        """Every event of one of the tenant's workflows, in order."""
         found = self._all(
-            f"SELECT {_EV} FROM events WHERE workflow_id = ? ORDER BY wf_seq", (workflow_id,)
+            f"SELECT {_EV} FROM events WHERE workflow_id = ? AND tenant = ? ORDER BY wf_seq",
+            (workflow_id, tenant),
         )
         return [rows.event_from_row(row) for row in found]
 
@@ -249,10 +251,20 @@ class SqliteStore(SqliteSql, Store):
             )
         return int(self._one("SELECT COALESCE(MAX(seq), 0) FROM events")[0])
 
-    async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
-        """Read one workflow."""
-        row = self._one(f"SELECT {_WF} FROM workflows WHERE id = ?", (workflow_id,))
+    async def get_workflow(self, tenant: str, workflow_id: str) -> WorkflowRecord | None:
+        """Read one of the tenant's workflows."""
+        row = self._one(
+            f"SELECT {_WF} FROM workflows WHERE id = ? AND tenant = ?", (workflow_id, tenant)
+        )
         return None if row is None else rows.workflow_from_row(row)
+
+    async def workflow_tenants(self, workflow_id: str, limit: int = 10) -> list[str]:
+        """The tenants (at most ``limit``, sorted) holding a workflow with this id."""
+        found = self._all(
+            "SELECT tenant FROM workflows WHERE id = ? ORDER BY tenant LIMIT ?",
+            (workflow_id, limit),
+        )
+        return [row[0] for row in found]
 
     async def list_workflows(
         self,
@@ -277,10 +289,11 @@ class SqliteStore(SqliteSql, Store):
         )
         return [rows.workflow_from_row(row) for row in found]
 
-    async def get_client(self, client_id: str) -> tuple[str, int] | None:
-        """(tenant, last applied mutation id) of a client, or None."""
+    async def get_client(self, tenant: str, client_id: str) -> tuple[str | None, int] | None:
+        """(subject, last applied mutation id) of the tenant's client, or None."""
         row = self._one(
-            "SELECT tenant, last_mutation_id FROM clients WHERE client_id = ?", (client_id,)
+            "SELECT subject, last_mutation_id FROM clients WHERE client_id = ? AND tenant = ?",
+            (client_id, tenant),
         )
         return None if row is None else (row[0], row[1])
 
@@ -315,35 +328,37 @@ class SqliteStore(SqliteSql, Store):
 
         return await self.run(work)
 
-    async def renew_leases(self, owner: str, leases: dict[str, int], until: float) -> set[str]:
-        """Extend leases (id -> fence) still held with the same fence; returns those ids."""
+    async def renew_leases(
+        self, owner: str, leases: dict[WorkflowKey, int], until: float
+    ) -> set[WorkflowKey]:
+        """Extend leases (key -> fence) still held with the same fence; returns those keys."""
         if not leases:
             return set()
 
-        def work(tx: SqliteTransaction) -> set[str]:
-            renewed: set[str] = set()
-            for workflow_id, fence in leases.items():
+        def work(tx: SqliteTransaction) -> set[WorkflowKey]:
+            renewed: set[WorkflowKey] = set()
+            for key, fence in leases.items():
                 cur = tx._execute(
                     "UPDATE workflows SET lease_until = ? "
-                    "WHERE id = ? AND lease_owner = ? AND fence = ?",
-                    (until, workflow_id, owner, fence),
+                    "WHERE id = ? AND tenant = ? AND lease_owner = ? AND fence = ?",
+                    (until, key.id, key.tenant, owner, fence),
                 )
                 if cur.rowcount:
-                    renewed.add(workflow_id)
+                    renewed.add(key)
             return renewed
 
         return await self._write(work)
 
-    async def release_leases(self, owner: str, leases: dict[str, int]) -> None:
-        """Give up leases (id -> fence) still held with the same fence."""
+    async def release_leases(self, owner: str, leases: dict[WorkflowKey, int]) -> None:
+        """Give up leases (key -> fence) still held with the same fence."""
         if not leases:
             return
 
         def work(tx: SqliteTransaction) -> None:
             tx._executemany(
                 "UPDATE workflows SET lease_owner = NULL, lease_until = NULL "
-                "WHERE id = ? AND lease_owner = ? AND fence = ?",
-                [(workflow_id, owner, fence) for workflow_id, fence in leases.items()],
+                "WHERE id = ? AND tenant = ? AND lease_owner = ? AND fence = ?",
+                [(key.id, key.tenant, owner, fence) for key, fence in leases.items()],
             )
 
         await self._write(work)

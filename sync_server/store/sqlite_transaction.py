@@ -25,8 +25,10 @@ from sync_server.store.base import (
     DlqEntry,
     StoredEvent,
     Transaction,
+    WorkflowKey,
     WorkflowRecord,
 )
+from sync_server.store.rows import client_owned_message
 
 __all__ = ["SqliteSql", "SqliteTransaction"]
 
@@ -83,55 +85,61 @@ class SqliteTransaction(SqliteSql, Transaction):
     def _sql_conn(self) -> sqlite3.Connection:
         return self._conn
 
-    async def get_workflow(self, workflow_id: str, *, lock: bool = True) -> WorkflowRecord | None:
-        """Read a workflow (the whole database is already write-locked)."""
-        row = self._one(f"SELECT {_WF} FROM workflows WHERE id = ?", (workflow_id,))
+    async def get_workflow(
+        self, tenant: str, workflow_id: str, *, lock: bool = True
+    ) -> WorkflowRecord | None:
+        """Read a tenant's workflow (the whole database is already write-locked)."""
+        row = self._one(
+            f"SELECT {_WF} FROM workflows WHERE id = ? AND tenant = ?", (workflow_id, tenant)
+        )
         return None if row is None else rows.workflow_from_row(row)
 
     async def get_workflows(
-        self, workflow_ids: list[str], *, lock: bool = True
-    ) -> dict[str, WorkflowRecord]:
-        """Read several workflows with one ``IN`` query per 500 ids."""
-        found: dict[str, WorkflowRecord] = {}
-        for start in range(0, len(workflow_ids), 500):
-            chunk = workflow_ids[start : start + 500]
-            for row in self._all(
-                f"SELECT {_WF} FROM workflows WHERE id IN ({_marks(len(chunk))})", chunk
-            ):
-                record = rows.workflow_from_row(row)
-                found[record.id] = record
+        self, keys: list[WorkflowKey], *, lock: bool = True
+    ) -> dict[WorkflowKey, WorkflowRecord]:
+        """Read several workflows, one query per 500 keys (a join on the primary key)."""
+        return {record.key: record for record in self._find_workflows(keys)}
+
+    def _find_workflows(self, keys: list[WorkflowKey]) -> list[WorkflowRecord]:
+        found: list[WorkflowRecord] = []
+        for start in range(0, len(keys), 500):
+            chunk = [[k.id, k.tenant] for k in keys[start : start + 500]]
+            found.extend(
+                rows.workflow_from_row(row)
+                for row in self._all(
+                    f"SELECT {_WF_W} FROM json_each(?) AS k CROSS JOIN workflows AS w "
+                    "ON w.id = k.value ->> 0 AND w.tenant = k.value ->> 1",
+                    (rows.dumps(chunk),),
+                )
+            )
         return found
 
     async def insert_workflow(self, workflow: WorkflowRecord) -> bool:
-        """Insert a new workflow; False (and nothing written) if the id exists."""
+        """Insert a new workflow; False (and nothing written) if the key exists."""
         cur = self._execute(
-            f"INSERT INTO workflows ({_WF}) VALUES ({_marks(17)}) ON CONFLICT (id) DO NOTHING",
+            f"INSERT INTO workflows ({_WF}) VALUES ({_marks(17)}) "
+            "ON CONFLICT (id, tenant) DO NOTHING",
             rows.workflow_params(workflow),
         )
         return cur.rowcount == 1
 
-    async def insert_workflows(self, workflows: list[WorkflowRecord]) -> set[str]:
-        """Insert several new workflows with one ``executemany``; existing ids are skipped
-        (the write lock is held, so the existence check cannot race)."""
+    async def insert_workflows(self, workflows: list[WorkflowRecord]) -> set[WorkflowKey]:
+        """Insert several new workflows with one ``executemany``; existing keys are
+        skipped (the write lock is held, so the existence check cannot race)."""
         if not workflows:
             return set()
-        ids = [w.id for w in workflows]
-        existing: set[str] = set()
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            found = self._all(f"SELECT id FROM workflows WHERE id IN ({_marks(len(chunk))})", chunk)
-            existing.update(row[0] for row in found)
-        fresh = [w for w in workflows if w.id not in existing]
+        existing = {r.key for r in self._find_workflows([w.key for w in workflows])}
+        fresh = [w for w in workflows if w.key not in existing]
         self._executemany(
             f"INSERT INTO workflows ({_WF}) VALUES ({_marks(17)})",
             [rows.workflow_params(w) for w in fresh],
         )
-        return {w.id for w in fresh}
+        return {w.key for w in fresh}
 
     async def update_workflow(self, workflow: WorkflowRecord) -> None:
         """Write every column of an existing workflow."""
         params = rows.workflow_params(workflow)
-        self._execute(_UPDATE_WORKFLOW, (*params[1:], params[0]))
+        self._execute(_UPDATE_WORKFLOW, (*params[2:], params[0], params[1]))
 
     async def claim_due_workflows(
         self, owner: str, now: float, lease_seconds: float, limit: int
@@ -139,7 +147,7 @@ class SqliteTransaction(SqliteSql, Transaction):
         """Lease up to ``limit`` due workflows that no live owner holds (fence + 1)."""
         found = self._all(
             "UPDATE workflows SET lease_owner = ?, lease_until = ?, fence = fence + 1 "
-            "WHERE id IN (SELECT id FROM workflows WHERE due_at <= ? AND "
+            "WHERE rowid IN (SELECT rowid FROM workflows WHERE due_at <= ? AND "
             "(lease_owner IS NULL OR lease_until IS NULL OR lease_until < ?) "
             f"ORDER BY due_at LIMIT ?) RETURNING {_WF}",
             (owner, now + lease_seconds, now, now, limit),
@@ -148,51 +156,63 @@ class SqliteTransaction(SqliteSql, Transaction):
         claimed.sort(key=lambda wf: (wf.due_at or 0.0, wf.id))
         return claimed
 
-    async def lock_client(self, tenant: str, client_id: str) -> int:
-        """Create-or-read the client's row; returns its last applied mutation id.
+    async def lock_client(self, tenant: str, subject: str, client_id: str) -> int:
+        """Create-or-read the tenant's client row; returns its last applied mutation id.
 
         Raises:
-            Forbidden: the client id is registered under another tenant.
+            Forbidden: the client id belongs to another subject of the tenant.
         """
         self._execute(
-            "INSERT INTO clients (client_id, tenant, last_mutation_id, updated_at) "
-            "VALUES (?, ?, 0, ?) ON CONFLICT (client_id) DO NOTHING",
-            (client_id, tenant, time.time()),
+            "INSERT INTO clients (client_id, tenant, subject, last_mutation_id, updated_at) "
+            "VALUES (?, ?, ?, 0, ?) ON CONFLICT (client_id, tenant) DO NOTHING",
+            (client_id, tenant, subject, time.time()),
         )
-        stored_tenant, last_id = self._one(
-            "SELECT tenant, last_mutation_id FROM clients WHERE client_id = ?", (client_id,)
+        owner, last_id = self._one(
+            "SELECT subject, last_mutation_id FROM clients WHERE client_id = ? AND tenant = ?",
+            (client_id, tenant),
         )
-        if stored_tenant != tenant:
-            raise Forbidden(f"client id {client_id!r} is registered under another tenant")
+        if owner is None:  # recorded before subjects were: the first user binds it
+            self._execute(
+                "UPDATE clients SET subject = ? WHERE client_id = ? AND tenant = ?",
+                (subject, client_id, tenant),
+            )
+        elif owner != subject:
+            raise Forbidden(client_owned_message(client_id))
         return int(last_id)
 
     async def mutation_results(
-        self, client_id: str, ids: list[int]
+        self, tenant: str, client_id: str, ids: list[int]
     ) -> dict[int, tuple[str, str | None]]:
         """Recorded outcome (status, error) of the given mutation ids that exist."""
         if not ids:
             return {}
         found = self._all(
             "SELECT mutation_id, status, error FROM mutation_results WHERE client_id = ? "
-            "AND mutation_id IN (SELECT value FROM json_each(?))",
-            (client_id, rows.dumps(ids)),
+            "AND tenant = ? AND mutation_id IN (SELECT value FROM json_each(?))",
+            (client_id, tenant, rows.dumps(ids)),
         )
         return {row[0]: (row[1], row[2]) for row in found}
 
     async def record_mutations(
-        self, client_id: str, results: list[tuple[int, str, str | None]], last_id: int, at: float
+        self,
+        tenant: str,
+        client_id: str,
+        results: list[tuple[int, str, str | None]],
+        last_id: int,
+        at: float,
     ) -> None:
         """Record outcomes (id, status, error) and set the client's last applied id."""
         if results:
             self._executemany(
-                "INSERT INTO mutation_results (client_id, mutation_id, status, error, at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (client_id, mutation_id) DO UPDATE "
-                "SET status = excluded.status, error = excluded.error, at = excluded.at",
-                [(client_id, mid, status, error, at) for mid, status, error in results],
+                "INSERT INTO mutation_results (client_id, tenant, mutation_id, status, error, "
+                "at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (client_id, tenant, mutation_id) "
+                "DO UPDATE SET status = excluded.status, error = excluded.error, at = excluded.at",
+                [(client_id, tenant, mid, status, error, at) for mid, status, error in results],
             )
         self._execute(
-            "UPDATE clients SET last_mutation_id = ?, updated_at = ? WHERE client_id = ?",
-            (last_id, at, client_id),
+            "UPDATE clients SET last_mutation_id = ?, updated_at = ? "
+            "WHERE client_id = ? AND tenant = ?",
+            (last_id, at, client_id, tenant),
         )
 
     async def enqueue_outbox(
@@ -269,6 +289,7 @@ def _marks(n: int) -> str:
 
 _UPDATE_WORKFLOW = (
     "UPDATE workflows SET "
-    + ", ".join(f"{col.strip()} = ?" for col in _WF.split(",")[1:])
-    + " WHERE id = ?"
+    + ", ".join(f"{col.strip()} = ?" for col in _WF.split(",")[2:])
+    + " WHERE id = ? AND tenant = ?"
 )
+_WF_W = ", ".join(f"w.{col.strip()}" for col in _WF.split(","))
