@@ -122,7 +122,7 @@ class Tether:
             self.alerts.alert(
                 "reconciliation_failed",
                 f"workflow {record.id}: {repair.reason}",
-                {"workflow_id": record.id, "source": repair.source},
+                {"tenant": record.tenant, "workflow_id": record.id, "source": repair.source},
             )
 
     def _repaired(self, repair: Repair, workflow_id: str) -> None:

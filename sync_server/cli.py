@@ -196,7 +196,8 @@ def _cmd_workflows(args: argparse.Namespace) -> int:
     if args.action == "show":
         if not args.id:
             raise UsageError("workflows show needs a workflow ID")
-        view = _call(args, "GET", f"/v1/workflows/{args.id}")
+        params = {"tenant": args.tenant} if args.tenant else None
+        view = _call(args, "GET", f"/v1/workflows/{args.id}", params=params)
         rows = [
             [name, step["status"], step["attempts"], f"{step['progress']:.0%}", step["error"]]
             for name, step in view["steps"].items()
@@ -410,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     workflows.add_argument("action", choices=["list", "show"])
     workflows.add_argument("id", nargs="?", help="workflow id (for show)")
     workflows.add_argument("--status", help="only workflows with this status (for list)")
+    workflows.add_argument("--tenant", help="the workflow's tenant (for show; ids are per tenant)")
     workflows.add_argument("--url", default=default_url, help=url_help)
     workflows.set_defaults(func=_cmd_workflows)
 

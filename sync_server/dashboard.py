@@ -12,6 +12,12 @@ forgery: the requeue button is ``POST /v1/dlq/{id}/requeue`` with that header.
 ``*`` every tenant) answers the page's poll: workflow counts by status, the live and
 recent workflows with their steps, open dead letters, breakers, this instance's key
 metrics and latest alerts.
+
+Tenant admins see only their tenant (SPEC promise 6, issue 11): the log head is their
+tenant's, alerts are those whose ``details["tenant"]`` is theirs (instance-wide alerts —
+DLQ growth, delays, breakers, the outbox — carry no tenant and go to the global admin
+only), breakers show their state without failure counts, and the instance-wide metrics
+(clients, attempts, lags, alert totals) are left out.
 """
 
 from __future__ import annotations
@@ -83,20 +89,40 @@ async def overview(request: Request) -> Response:
         shown.setdefault(record.id, record)
     dlq = await store.list_dlq(tenant=scope, status="open", limit=200)
     breakers = await store.list_breakers()
-    metrics = tether.metrics
     monitor = tether.monitor
-    body = {
+    alerts = [
+        {"kind": a.kind, "message": a.message, "at": a.at}
+        for a in reversed(getattr(tether.alerts, "recent", ()))
+        if scope is None or a.details.get("tenant") == scope
+    ][:20]
+    body: dict[str, Any] = {
         "server_id": tether.config.server_id,
-        "head": await store.head(),
+        "head": await store.head(tenant=scope),
         "counts": dict(counts),
         "total": len(everything),
         "workflows": [snapshot(record) for record in shown.values()],
         "dlq": [dataclasses.asdict(entry) for entry in dlq],
-        "breakers": [
+        "slos": [
+            v.as_json()
+            for v in scope_values(
+                monitor.slos if monitor is not None else [],
+                monitor.slo_window if monitor is not None else SLO_WINDOW,
+                scope or ALL,
+            )
+        ],
+        "alerts": alerts,
+    }
+    if scope is not None:
+        body["breakers"] = [{"name": b.name, "state": b.state} for b in breakers]
+        body["metrics"] = {"dlq_depth": len(dlq), "alerts": len(alerts)}
+        return Response(encode_json(body), media_type="application/json")
+    metrics = tether.metrics
+    body.update(
+        breakers=[
             {"name": b.name, "state": b.state, "failures": b.failures, "opened_at": b.opened_at}
             for b in breakers
         ],
-        "metrics": {
+        metrics={
             "connected_clients": metrics.value("tether_connected_clients"),
             "workflows_started": metrics.total("tether_workflows_started_total"),
             "workflows_finished": metrics.total("tether_workflows_finished_total"),
@@ -109,19 +135,7 @@ async def overview(request: Request) -> Response:
             "saga_lag_seconds": metrics.value("tether_saga_lag_seconds"),
             "alerts": metrics.total("tether_alerts_total"),
         },
-        "slos": [
-            v.as_json()
-            for v in scope_values(
-                monitor.slos if monitor is not None else [],
-                monitor.slo_window if monitor is not None else SLO_WINDOW,
-                scope or ALL,
-            )
-        ],
-        "alerts": [
-            {"kind": a.kind, "message": a.message, "at": a.at}
-            for a in reversed(getattr(tether.alerts, "recent", ()))
-        ][:20],
-    }
+    )
     return Response(encode_json(body), media_type="application/json")
 
 

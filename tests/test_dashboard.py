@@ -259,3 +259,68 @@ async def test_dashboard_refuses_a_bad_token_and_overview_needs_admin(tmp_path: 
         slos = answer.json()["slos"]
         assert [s["name"] for s in slos][:2] == ["completion_24h", "mttr"] and len(slos) == 6
         assert all(s["tenant"] == "other" and s["budget_left"] == 1.0 for s in slos)
+
+
+async def _leak(ctx: StepContext) -> dict[str, Any]:
+    raise PermanentError(f"render refused prompt {ctx.input['prompt']!r}")
+
+
+async def test_tenant_admin_overview_shows_only_its_tenant(tmp_path: Path) -> None:
+    """Issue 11 finding 4: a tenant admin's overview listed every tenant's alerts (with
+    step error text quoting the other tenant's input), the instance-wide log head and
+    DLQ growth counts. Now it holds its own tenant's figures only."""
+    leaky = Workflow("leaky", [Step("render", _leak)], on_failure="park")
+    app = create_app(
+        f"sqlite:///{tmp_path / 'sync.db'}",
+        workflows=[leaky],
+        auth_secret=SECRET,
+    )
+    app.state.tether.monitor_interval = 0.05
+    async with running(app) as srv, httpx.AsyncClient(base_url=srv.http_url) as http:
+        for tenant, prompt in (("globex", "globex-own-prompt"), ("acme", "acme-secret-prompt")):
+            body = {
+                "client_id": f"{tenant}-app",
+                "mutations": [
+                    {
+                        "id": 1,
+                        "name": "submit_workflow",
+                        "args": {
+                            "workflow_id": str(uuid.uuid4()),
+                            "name": "leaky",
+                            "input": {"prompt": prompt},
+                        },
+                    }
+                ],
+            }
+            r = await http.post("/v1/push", json=body, headers=_auth(token(tenant, "app")))
+            assert r.status_code == 200, r.text
+
+        async def overview(bearer: str) -> dict[str, Any]:
+            answer = await http.get("/v1/admin/overview", headers=_auth(bearer))
+            assert answer.status_code == 200, answer.text
+            body: dict[str, Any] = answer.json()
+            return body
+
+        root = issue_token(SECRET, tenant=GLOBAL_TENANT, subject="ops", role="admin")
+        globex = issue_token(SECRET, tenant="globex", subject="ops", role="admin")
+
+        async def both_alerted() -> bool:
+            kinds = [a["kind"] for a in (await overview(root))["alerts"]]
+            return kinds.count("step_failed") == 2 and "dlq_growing" in kinds
+
+        await wait_for(both_alerted, 20, 0.05)
+        everything = await overview(root)
+        mine = await overview(globex)
+        text = str(mine)
+        assert "acme-secret-prompt" not in text and "globex-own-prompt" in text
+        assert [a["kind"] for a in mine["alerts"]] == ["step_failed"]
+        assert [e["tenant"] for e in mine["dlq"]] == ["globex"]
+        # The log head is globex's own; the instance's is larger (acme's events too).
+        assert 0 < mine["head"] < everything["head"]
+        assert mine["metrics"] == {"dlq_depth": 1, "alerts": 1}
+        assert "connected_clients" in everything["metrics"]
+        assert all(set(b) == {"name", "state"} for b in mine["breakers"])
+
+
+def _auth(bearer: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {bearer}"}

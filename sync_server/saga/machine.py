@@ -650,7 +650,13 @@ class SagaMachine:
             self._effects.append(Alert("step_failed", message, self._details(step)))
 
     def _details(self, step: str) -> dict[str, JSON]:
-        return {"workflow_id": self.workflow_id, "workflow": self.workflow.name, "step": step}
+        # The tenant rides with every alert so a tenant admin sees only its own (issue 11).
+        return {
+            "tenant": self.tenant,
+            "workflow_id": self.workflow_id,
+            "workflow": self.workflow.name,
+            "step": step,
+        }
 
     def _workflow_to(self, event: WorkflowInput, reason: str, *, emit: bool = True) -> None:
         self.status = next_workflow_status(self.status, event)

@@ -74,6 +74,10 @@ async function api(method, path) {
   return body;
 }
 
+function seconds(value) {
+  return value === undefined ? undefined : value.toFixed(1) + " s";
+}
+
 function renderMetrics(data) {
   const m = data.metrics;
   const counts = data.counts;
@@ -89,10 +93,10 @@ function renderMetrics(data) {
     ["step attempts", m.step_attempts],
     ["retries", m.step_retries],
     ["clients", m.connected_clients],
-    ["outbox lag", m.outbox_lag_seconds.toFixed(1) + " s"],
-    ["saga lag", m.saga_lag_seconds.toFixed(1) + " s"],
+    ["outbox lag", seconds(m.outbox_lag_seconds)],
+    ["saga lag", seconds(m.saga_lag_seconds)],
     ["alerts", m.alerts],
-  ];
+  ].filter(([, value]) => value !== undefined);  // a tenant admin gets no instance figures
   $("metrics").replaceChildren(...cards.map(([label, value]) =>
     el("div", { class: "metric", "data-metric": label },
       el("div", { class: "value" }, value), el("div", { class: "label" }, label))));
@@ -158,7 +162,7 @@ function renderDlq(data) {
 function renderBreakers(data) {
   const rows = data.breakers.map((b) =>
     el("tr", { "data-breaker": b.name },
-      el("td", {}, b.name), el("td", {}, badge(b.state)), el("td", {}, b.failures)));
+      el("td", {}, b.name), el("td", {}, badge(b.state)), el("td", {}, b.failures ?? "")));
   if (!rows.length) rows.push(el("tr", {}, el("td", { colSpan: 3, class: "muted" }, "none yet")));
   $("breakers").tBodies[0].replaceChildren(...rows);
   const alerts = data.alerts.map((a) =>
