@@ -47,6 +47,7 @@ from protocol.codec import MutationArgs
 from sync_server import tracing
 from sync_server.auth import Principal
 from sync_server.saga import intake
+from sync_server.saga.storable import refused_by_database, storable_text
 from sync_server.store.base import Store, Transaction, WorkflowKey, WorkflowRecord
 
 __all__ = ["MAX_INPUT_BYTES", "MutationApplier", "WorkflowCommands"]
@@ -113,6 +114,31 @@ class MutationApplier:
             StorageError: the database failed; nothing was applied.
         """
         principal.require(Role.CLIENT)
+        try:
+            return await self._push_once(principal, client_id, mutations, None)
+        except (StorageError, ValueError) as exc:
+            # No poison batch (issue 11): the store refused the *data* of some mutation
+            # (an outage is re-raised). Apply them one by one, so the others commit and
+            # the one refused is answered ``rejected`` with the reason, never resent.
+            if not refused_by_database(exc):
+                raise
+            if len(mutations) == 1:
+                reason = storable_text(f"refused by the store: {exc}")[:500]
+                return await self._push_once(principal, client_id, mutations, reason)
+            results: list[MutationResult] = []
+            for mutation in mutations:
+                results.extend(await self.push(principal, client_id, [mutation]))
+            return results
+
+    async def _push_once(
+        self,
+        principal: Principal,
+        client_id: str,
+        mutations: list[Mutation],
+        refuse: str | None,
+    ) -> list[MutationResult]:
+        """One transaction for the batch; with ``refuse``, each new mutation is recorded
+        as rejected with that reason instead of applied."""
         tenant = principal.tenant
         now = self.clock()
         spans = tracing.start_push_spans(mutations, client_id) if tracing.enabled() else None
@@ -163,6 +189,8 @@ class MutationApplier:
                     args = parsed[mutation.id]
                     if isinstance(args, TetherError):
                         raise args
+                    if refuse is not None:
+                        raise ValidationError(refuse)
                     trace = tracing.traceparent(spans.get(mutation.id)) if spans else ""
                     await self._apply(tx, principal, client_id, args, batch, now, trace)
                 except (StorageError, AssertionError):

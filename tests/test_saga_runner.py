@@ -650,3 +650,91 @@ async def test_unconfirmed_lease_stops_its_attempts_before_it_can_expire(env, mo
     assert loop.time() - lost_at < 1.0
     assert ("t1", wid) not in r.held
     assert r.stats["lost_leases"] >= 1
+
+
+# ------------------------------------------------- issue 11: no poison batch
+
+
+async def test_unstorable_step_text_ends_its_workflow_and_spares_the_batch(env):
+    """Finding 12: a step error with U+0000 made PostgreSQL refuse the checkpoint, which
+    was retried forever together with every workflow batched with it. The text is made
+    storable where it enters the saga, on both backends alike."""
+    store, runner = env
+
+    async def bad_error(ctx):
+        raise PermanentError("downstream said \x00 and \ud800 then stopped")
+
+    async def bad_result(ctx):
+        return {"text": "nul \x00 here", "lone \udfff key": ["\ud800"]}
+
+    async def fine(ctx):
+        return {"ok": ctx.step}
+
+    poison = Workflow("poison", [Step("s", bad_error)])
+    odd = Workflow("odd", [Step("s", bad_result)])
+    good = Workflow("good", [Step("a", fine), Step("b", fine, depends_on=["a"])])
+    [p] = await submit(store, poison)
+    [o] = await submit(store, odd)
+    goods = await submit(store, good, count=12)  # claimed and checkpointed with p and o
+    r = await runner([poison, odd, good], max_batch=64)
+    ended = await wait_all(store, [p, o, *goods], timeout=30)
+    status = {rec.id: rec for rec in ended}
+    assert all(status[g].status == "completed" for g in goods)
+    assert status[p].status == "compensated"
+    assert "downstream said \ufffd and \ufffd then stopped" in status[p].error
+    step = status[p].state["steps"]["s"]
+    assert step["status"] == "failed" and "\x00" not in step["error"]
+    [letter] = [e for e in await store.list_dlq(status=None) if e.workflow_id == p]
+    assert letter.last_error == "PermanentError: downstream said \ufffd and \ufffd then stopped"
+    assert status[o].status == "completed"
+    assert status[o].result == {"text": "nul \ufffd here", "lone \ufffd key": ["\ufffd"]}
+    assert r.stats["quarantined"] == 0  # sanitised at the door: nothing was refused
+
+
+async def test_a_checkpoint_the_store_refuses_ends_only_its_workflow(env, monkeypatch):
+    """No poison batch: when the database refuses one workflow's checkpoint (a data
+    error, not an outage), the others of its batch commit and that one ends clearly —
+    its step fails permanently with the reason and the workflow parks — instead of the
+    batch being retried forever."""
+    from protocol import StorageError
+
+    store, runner = env
+    tx_class = type(await store.run(lambda tx: _current(tx)))
+    real = tx_class.update_workflows
+    refusals = Counter()
+
+    async def picky(self, workflows):
+        for record in workflows:
+            steps = (record.state or {}).get("steps") or {}
+            if (steps.get("s") or {}).get("result") == "refused-by-db":
+                refusals[record.id] += 1
+                raise StorageError("value refused") from ValueError("simulated data error")
+        return await real(self, workflows)
+
+    monkeypatch.setattr(tx_class, "update_workflows", picky)
+
+    async def refused(ctx):
+        return "refused-by-db"
+
+    async def fine(ctx):
+        return "ok"
+
+    bad = Workflow("bad", [Step("s", refused)], on_failure="park")
+    good = Workflow("good", [Step("s", fine)])
+    [b] = await submit(store, bad)
+    goods = await submit(store, good, count=8)
+    r = await runner([bad, good], max_batch=64)
+    ended = await wait_all(store, [b, *goods], timeout=30)
+    status = {rec.id: rec for rec in ended}
+    assert all(status[g].status == "completed" for g in goods)
+    assert status[b].status == "parked"
+    assert "checkpoint refused by the store: StorageError: value refused" in status[b].error
+    [letter] = await store.list_dlq(status=None)
+    assert letter.workflow_id == b and "value refused" in letter.last_error
+    assert r.stats["quarantined"] == 1
+    # Refused once in the batch, once on its own, then ended: never retried forever.
+    assert refusals[b] == 2
+
+
+async def _current(tx):
+    return tx

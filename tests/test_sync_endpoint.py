@@ -342,3 +342,43 @@ async def test_welcome_head_reveals_only_the_tenants_own_log(server):
         assert "head" not in (await http.get("/readyz")).json()
     for client in (a, b, again):
         await client.close()
+
+
+async def test_a_mutation_the_store_refuses_is_rejected_and_the_batch_commits(server, monkeypatch):
+    """No poison batch (issue 11): when the database refuses one mutation's data (not an
+    outage), the others of its push commit and that one is answered ``rejected`` with the
+    reason — instead of a retryable storage error that the client resends forever."""
+    from protocol import StorageError
+
+    store = server.app.state.tether.store
+    tx_class = type(await store.run(_tx_itself))
+    real = tx_class.insert_workflows
+
+    async def picky(self, workflows):
+        if any(w.input.get("poison") for w in workflows):
+            raise StorageError("PostgreSQL failed: value refused") from ValueError("bad data")
+        return await real(self, workflows)
+
+    monkeypatch.setattr(tx_class, "insert_workflows", picky)
+    good1, bad, good2 = (str(uuid.uuid4()) for _ in range(3))
+    poison = Mutation(
+        id=2,
+        name="submit_workflow",
+        args={"workflow_id": bad, "name": "noop", "input": {"poison": True}},
+    )
+    client = await RawClient.open(server.ws_url, client_id="poisoned")
+    result = await client.push([submit(1, good1), poison, submit(3, good2)])
+    assert [r.status for r in result.results] == ["applied", "rejected", "applied"]
+    assert "refused by the store" in result.results[1].error
+    assert await store.get_workflow("acme", good1) is not None
+    assert await store.get_workflow("acme", good2) is not None
+    assert await store.get_workflow("acme", bad) is None
+    # The refusal is recorded: a resend is a duplicate carrying the same reason.
+    again = await client.push([poison])
+    assert again.results[0].status == "duplicate"
+    assert "refused by the store" in again.results[0].error
+    await client.close()
+
+
+async def _tx_itself(tx):
+    return tx

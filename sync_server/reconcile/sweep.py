@@ -42,6 +42,7 @@ from sync_server.reconcile.rules import (
 from sync_server.reconcile.sources import JobState, SourceAdapter
 from sync_server.saga.alerts import Alerts
 from sync_server.saga.machine import idempotency_key
+from sync_server.saga.storable import storable_json
 from sync_server.store.base import Store, Transaction, WorkflowKey, WorkflowRecord
 
 __all__ = ["Reconciler"]
@@ -187,7 +188,8 @@ class Reconciler:
                 source=Source(source),
                 status=WorkflowStatus.COMPLETED,
                 at=job.at or now,
-                detail={"step": step, "result": job.result, "observed_by": "sweep"},
+                # A downstream's text must be storable on every backend (issue 11).
+                detail={"step": step, "result": storable_json(job.result), "observed_by": "sweep"},
             )
             return await self._report(record.key, args)
         if job.status == "failed" and running:

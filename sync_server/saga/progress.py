@@ -28,6 +28,7 @@ from typing import Any
 from protocol import Progress
 from sync_server.saga.checkpoint import Input
 from sync_server.saga.definitions import ProgressReporter
+from sync_server.saga.storable import storable_text
 
 __all__ = ["ProgressPublisher"]
 
@@ -86,7 +87,9 @@ class ProgressPublisher:
 
         def report(fraction: float, message: str | None) -> None:
             if self._slots.get(key) is slot:
-                self._report(key, slot, fraction, message)
+                # A step's text must be storable on every backend (issue 11, finding 12).
+                text = None if message is None else storable_text(message)
+                self._report(key, slot, fraction, text)
 
         return report
 

@@ -62,6 +62,7 @@ from sync_server.saga.definitions import (
 from sync_server.saga.intake import WORK_CHANNEL, parse_revoke
 from sync_server.saga.machine import RunCompensation, RunStep
 from sync_server.saga.progress import ProgressPublisher
+from sync_server.saga.storable import refused_by_database, storable_json, storable_text
 from sync_server.store.base import Store, Transaction, WorkflowKey, WorkflowRecord
 
 __all__ = ["ProgressCallback", "SagaMetrics", "SagaRunner"]
@@ -201,6 +202,7 @@ class SagaRunner:
             "checkpoints": 0,
             "refused": 0,
             "lost_leases": 0,
+            "quarantined": 0,
             "attempts": 0,
             "ended": 0,
         }
@@ -400,28 +402,78 @@ class SagaRunner:
                 grouped[item.key] = (item.fence, [item])
             else:
                 entry[1].append(item)
-        ids = list(grouped)
-        for start in range(0, len(ids), self.max_batch):
-            chunk = {wid: grouped[wid] for wid in ids[start : start + self.max_batch]}
+        keys = list(grouped)
+        for start in range(0, len(keys), self.max_batch):
+            chunk = {key: grouped[key] for key in keys[start : start + self.max_batch]}
             try:
                 await self._commit_chunk(chunk)
-            except StorageError:
-                raise
+            except StorageError as exc:
+                if not refused_by_database(exc):
+                    raise  # the database is down or busy: the writer retries the batch
+                log.warning("checkpoint of %d workflows refused (%s); one by one", len(chunk), exc)
+                await self._commit_each(chunk)
             except Exception:
-                # A bug, not the database: isolate the workflow that triggers it, so the
-                # others still commit; the culprit is dropped (its lease then lapses and
-                # a takeover retries it, counted by MAX_INTERRUPTS).
+                # A bug, not the database: isolate the workflow that triggers it.
                 log.exception("checkpoint of %d workflows failed; retrying one by one", len(chunk))
-                for wid, entry in chunk.items():
-                    try:
-                        await self._commit_chunk({wid: entry})
-                    except StorageError:
-                        raise
-                    except Exception:
-                        log.exception("checkpoint of workflow %s failed; dropping it", wid)
-                        held = self._held.pop(wid, None)
-                        if held is not None:
-                            held.cancel()
+                await self._commit_each(chunk)
+
+    async def _commit_each(self, chunk: dict[WorkflowKey, tuple[int, list[Input]]]) -> None:
+        """No poison batch (issue 11): commit each workflow of a failed chunk on its own,
+        so the others commit; the one that fails is quarantined (``_quarantine``)."""
+        for key, entry in chunk.items():
+            try:
+                await self._commit_chunk({key: entry})
+            except StorageError as exc:
+                if not refused_by_database(exc):
+                    raise
+                await self._quarantine(key, entry, exc)
+            except Exception as exc:
+                log.exception("checkpoint of workflow %s failed", key.id)
+                await self._quarantine(key, entry, exc)
+
+    async def _quarantine(
+        self, key: WorkflowKey, entry: tuple[int, list[Input]], exc: BaseException
+    ) -> None:
+        """End a workflow whose checkpoint the database refuses, instead of retrying it
+        forever: its step outcomes become permanent failures that carry the reason (no
+        result, no free text but the reason), so the machine fails the step at once and
+        the workflow compensates or parks by its ``on_failure``. If even that cannot be
+        written, the workflow is dropped here and its lease lapses (a takeover retries
+        it, bounded by ``MAX_INTERRUPTS``)."""
+        fence, inputs = entry
+        reason = storable_text(f"checkpoint refused by the store: {_describe(exc)}")[:500]
+        safe: list[Input] = []
+        for item in inputs:
+            if item.kind == "step":
+                failed = Input(
+                    "step", item.workflow_id, fence, item.step, item.attempt, tenant=key.tenant
+                )
+                failed.error, failed.permanent = reason, True
+                safe.append(failed)
+            elif item.kind == "comp":
+                failed = Input(
+                    "comp", item.workflow_id, fence, item.step, item.attempt, tenant=key.tenant
+                )
+                failed.error = reason
+                safe.append(failed)
+            elif item.kind == "tick":
+                safe.append(item)
+            # progress: dropped (ephemeral; its message may be what was refused)
+        self.stats["quarantined"] += 1
+        try:
+            await self._commit_chunk({key: (fence, safe)})
+        except StorageError as again:
+            if not refused_by_database(again):
+                raise
+            self._drop(key, again)
+        except Exception as again:
+            self._drop(key, again)
+
+    def _drop(self, key: WorkflowKey, exc: BaseException) -> None:
+        log.error("checkpoint of workflow %s cannot be written (%s); dropping it", key.id, exc)
+        held = self._held.pop(key, None)
+        if held is not None:
+            held.cancel()
 
     async def _commit_chunk(self, chunk: dict[WorkflowKey, tuple[int, list[Input]]]) -> None:
         now = self.clock()
@@ -727,18 +779,28 @@ class SagaMetrics(Protocol):
 
 
 def _json_result(result: JSON) -> JSON:
-    """The result as plain JSON data.
+    """The result as plain JSON data whose text every backend can store (U+0000 and lone
+    surrogates become U+FFFD: ``sync_server.saga.storable``).
 
     Raises:
         PermanentError: the result cannot be stored (not JSON-serialisable).
     """
     try:
-        return msgspec.json.decode(msgspec.json.encode(result))
-    except (TypeError, msgspec.EncodeError) as exc:
+        try:
+            encoded = msgspec.json.encode(result)
+        except UnicodeEncodeError:  # a lone surrogate somewhere in a string or key
+            encoded = msgspec.json.encode(storable_json(result))
+    except (TypeError, ValueError, msgspec.EncodeError) as exc:
         raise PermanentError(f"step result is not JSON-serialisable: {exc}") from exc
+    decoded = msgspec.json.decode(encoded)
+    return storable_json(decoded) if b"\\u0000" in encoded else decoded
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
+    """An attempt's error as storable text (``storable_text``), at most 2,000 characters."""
+    try:
+        text = str(exc)
+    except Exception:  # a user exception whose __str__ itself fails
+        text = ""
     name = type(exc).__name__
-    return f"{name}: {text}"[:2000] if text else name
+    return storable_text(f"{name}: {text}"[:2000] if text else name)
