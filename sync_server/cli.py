@@ -55,9 +55,15 @@ def load_workflows(spec: str | None) -> list[Any]:
 
 def serve_config(args: argparse.Namespace) -> dict[str, Any]:
     """uvicorn settings for ``serve``."""
+    from sync_server.httpguard import header_deadline_protocol
+
+    if not args.header_timeout > 0:
+        raise UsageError(f"--header-timeout must be positive, got {args.header_timeout}")
     return {
         "host": args.host,
         "port": args.port,
+        # Half-open connections are cut (issue 11): uvicorn has no header timeout.
+        "http": header_deadline_protocol(args.header_timeout),
         "ws": "websockets-sansio",
         "ws_max_size": WS_MAX_SIZE,
         "ws_per_message_deflate": False,
@@ -374,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["text", "json"],
         help="json: one JSON object per line, with workflow_id, step, attempt and trace_id "
         "where known (default text)",
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client has to send complete request headers (default 10)",
     )
     serve.set_defaults(func=_cmd_serve)
 
