@@ -169,6 +169,17 @@ _WORKFLOW_ID = {
     "schema": {"type": "string", "minLength": 1},
 }
 
+_TENANT_HINT = {
+    "name": "tenant",
+    "in": "query",
+    "required": False,
+    "description": (
+        "For a global admin: the workflow's tenant (ids are per tenant; needed when "
+        "several tenants hold the id). Ignored for a tenant's own token."
+    ),
+    "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+}
+
 _AUTH = (401,)
 
 
@@ -222,30 +233,31 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "operationId": "getWorkflow",
                 "summary": "The canonical state of one workflow.",
-                "parameters": [_WORKFLOW_ID],
-                "responses": _responses(200, "WorkflowSnapshot", *_AUTH, 404, 503),
+                "parameters": [_WORKFLOW_ID, _TENANT_HINT],
+                "responses": _responses(200, "WorkflowSnapshot", 400, *_AUTH, 404, 503),
             }
         },
         "/v1/workflows/{id}/cancel": {
             "post": {
                 "operationId": "cancelWorkflow",
                 "summary": "Cancel a workflow, compensating its completed steps (role client).",
-                "parameters": [_WORKFLOW_ID],
-                "responses": _responses(202, "WorkflowSnapshot", *_AUTH, 403, 404, 409, 503),
+                "parameters": [_WORKFLOW_ID, _TENANT_HINT],
+                "responses": _responses(202, "WorkflowSnapshot", 400, *_AUTH, 403, 404, 409, 503),
             }
         },
         "/v1/workflows/{id}/retry": {
             "post": {
                 "operationId": "retryWorkflow",
                 "summary": "Re-run only the failed or parked steps (role client).",
-                "parameters": [_WORKFLOW_ID],
-                "responses": _responses(202, "WorkflowSnapshot", *_AUTH, 403, 404, 409, 503),
+                "parameters": [_WORKFLOW_ID, _TENANT_HINT],
+                "responses": _responses(202, "WorkflowSnapshot", 400, *_AUTH, 403, 404, 409, 503),
             }
         },
         "/v1/reports": {
             "post": {
                 "operationId": "report",
                 "summary": "A source's state report (role source or admin).",
+                "parameters": [_TENANT_HINT],
                 "requestBody": {"required": True, "content": _json_content("ReportStateArgs")},
                 "responses": _responses(
                     202, "WorkflowSnapshot", 400, *_AUTH, 403, 404, 409, 413, 422, 503
