@@ -141,9 +141,10 @@ async def test_hot_lookups_keep_index_plans_under_generic_plans_on_postgres(pg_u
     async with store:
 
         async def fill(tx: Transaction) -> None:
-            await tx.insert_workflows(
-                [WorkflowRecord(f"w{i}", f"t{i % 7}", "noop", "running") for i in range(3000)]
-            )
+            records = [WorkflowRecord(f"w{i}", f"t{i % 7}", "noop", "running") for i in range(3000)]
+            for record in records:
+                tx.append(record, "workflow.submitted", {}, 1.0)
+            await tx.insert_workflows(records)
             for c in range(30):
                 await tx.lock_client("t", "s", f"c{c}")
                 results = [(m, "applied", None) for m in range(1, 101)]
@@ -162,6 +163,17 @@ async def test_hot_lookups_keep_index_plans_under_generic_plans_on_postgres(pg_u
                 "JOIN workflows AS w ON w.id = k.id AND w.tenant = k.tenant",
                 "ARRAY['w1','w2'], ARRAY['t1','t2']",
             ),
+            "events": (
+                "SELECT seq FROM events WHERE workflow_id = $1 AND tenant = $2 ORDER BY wf_seq",
+                "'w1', 't1'",
+            ),
+            "renew": (
+                "UPDATE workflows AS w SET lease_until = $5 "
+                "FROM unnest($2::text[], $3::text[], $4::bigint[]) AS l(id, tenant, fence) "
+                "WHERE w.id = l.id AND w.tenant = l.tenant AND w.fence = l.fence "
+                "AND w.lease_owner = $1 RETURNING w.id",
+                "'o', ARRAY['w1'], ARRAY['t1'], ARRAY[0]::bigint[], 1.0",
+            ),
             "results": (
                 "SELECT m.mutation_id FROM unnest($3::bigint[]) AS u(id) "
                 "JOIN mutation_results AS m ON m.client_id = $1 AND m.tenant = $2 "
@@ -175,6 +187,7 @@ async def test_hot_lookups_keep_index_plans_under_generic_plans_on_postgres(pg_u
                 row[0] for row in await conn.fetch(f"EXPLAIN EXECUTE p_{name}({args})")
             )
             assert "Seq Scan on workflows" not in plan, (name, plan)
+            assert "Seq Scan on events" not in plan, (name, plan)
             assert "Seq Scan on mutation_results" not in plan, (name, plan)
     finally:
         await conn.close()
