@@ -55,11 +55,12 @@ SqliteMigration = tuple[int, tuple[SqliteStep, ...]]
 
 
 def _rebuild(
-    table: str, key: str, *, without_rowid: bool = False
+    table: str, key: str | None, *, without_rowid: bool = False
 ) -> Callable[[sqlite3.Connection], None]:
     """A step that rebuilds ``table`` with ``PRIMARY KEY (key)`` and no other table
     constraint, keeping every current column (added by any migration) and every explicit
-    index; the old table's UNIQUE constraints are dropped (re-add them as indexes)."""
+    index; the old table's UNIQUE constraints are dropped (re-add them as indexes).
+    With ``key=None`` the table keeps its ``INTEGER PRIMARY KEY`` column (the rowid)."""
 
     def step(conn: sqlite3.Connection) -> None:
         columns = conn.execute(f"PRAGMA table_info({table})").fetchall()
@@ -71,20 +72,25 @@ def _rebuild(
                 (table,),
             )
         ]
+        keys = {part.strip() for part in (key or "").split(",")}
         defs = []
-        for _cid, name, type_, notnull, default, _pk in columns:
-            # The old INTEGER PRIMARY KEY AUTOINCREMENT is not among the rebuilt tables.
+        for _cid, name, type_, notnull, default, pk in columns:
+            # No rebuilt table has AUTOINCREMENT; an INTEGER PRIMARY KEY stays the rowid.
+            if key is None and pk:
+                defs.append(f"{name} INTEGER PRIMARY KEY")
+                continue
             text = f"{name} {type_}"
-            if notnull:
+            # SQLite lets a rowid table's non-integer PRIMARY KEY hold NULL: forbid it.
+            if notnull or (key is not None and name in keys):
                 text += " NOT NULL"
             if default is not None:
                 text += f" DEFAULT {default}"
             defs.append(text)
+        if key is not None:
+            defs.append(f"PRIMARY KEY ({key})")
         names = ", ".join(row[1] for row in columns)
         suffix = " WITHOUT ROWID" if without_rowid else ""
-        conn.execute(
-            f"CREATE TABLE {table}_rebuilt ({', '.join(defs)}, PRIMARY KEY ({key})){suffix}"
-        )
+        conn.execute(f"CREATE TABLE {table}_rebuilt ({', '.join(defs)}){suffix}")
         conn.execute(f"INSERT INTO {table}_rebuilt ({names}) SELECT {names} FROM {table}")
         conn.execute(f"DROP TABLE {table}")
         conn.execute(f"ALTER TABLE {table}_rebuilt RENAME TO {table}")
@@ -188,20 +194,7 @@ SQLITE_MIGRATIONS: list[SqliteMigration] = [
         (
             # events: seq stays the rowid (INTEGER PRIMARY KEY); wf_seq is unique per
             # (workflow_id, tenant) instead of per workflow_id.
-            """CREATE TABLE events_rebuilt (
-                seq INTEGER PRIMARY KEY,
-                tenant TEXT NOT NULL,
-                workflow_id TEXT NOT NULL,
-                wf_seq INTEGER NOT NULL,
-                type TEXT NOT NULL,
-                data TEXT NOT NULL,
-                at REAL NOT NULL
-            )""",
-            "INSERT INTO events_rebuilt SELECT seq, tenant, workflow_id, wf_seq, type, data, at "
-            "FROM events",
-            "DROP TABLE events",
-            "ALTER TABLE events_rebuilt RENAME TO events",
-            "CREATE INDEX events_tenant_seq ON events (tenant, seq)",
+            _rebuild("events", None),
             "CREATE UNIQUE INDEX events_workflow ON events (workflow_id, tenant, wf_seq)",
             _rebuild("workflows", "id, tenant"),
             "ALTER TABLE clients ADD COLUMN subject TEXT",
