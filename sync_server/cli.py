@@ -114,6 +114,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         configure_logging(args.log_level)
         config["log_config"] = None  # uvicorn's loggers propagate to the JSON handler
+    from sync_server.httpguard import raise_fd_limit
+
+    raise_fd_limit()  # each connection, half-open or not, holds a descriptor
     uvicorn.run(app, **config)
     return 0
 

@@ -28,12 +28,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-__all__ = ["DEFAULT_HEADER_TIMEOUT", "HeaderDeadlineProtocol", "header_deadline_protocol"]
+__all__ = [
+    "DEFAULT_HEADER_TIMEOUT",
+    "HeaderDeadlineProtocol",
+    "header_deadline_protocol",
+    "raise_fd_limit",
+]
 
 log = logging.getLogger("tether.http")
 
@@ -129,3 +135,23 @@ def header_deadline_protocol(seconds: float) -> type[HeaderDeadlineProtocol]:
         (HeaderDeadlineProtocol,),
         {"header_timeout": float(seconds), "cut": 0},
     )
+
+
+def raise_fd_limit(wanted: int = 65536) -> int:
+    """Raise this process's soft file-descriptor limit towards ``wanted`` (at most the
+    hard limit): every connection, half-open ones included, holds a descriptor, and a
+    soft limit of 1,024 would stop ``accept`` long before 2,000 of them.
+
+    Returns:
+        The soft limit now in force.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the file-descriptor limit to %d: %s", target, exc)
+            return soft
+        return target
+    return soft

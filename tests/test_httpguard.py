@@ -26,6 +26,7 @@ from sync_server.httpguard import (
     DEFAULT_HEADER_TIMEOUT,
     HeaderDeadlineProtocol,
     header_deadline_protocol,
+    raise_fd_limit,
 )
 from tests.conftest import scaled
 from tests.servers import SECRET
@@ -182,6 +183,18 @@ def _header(head: bytes, name: bytes) -> bytes:
         if key.strip().lower() == name:
             return value.strip()
     raise AssertionError(f"no {name!r} header in {head!r}")
+
+
+def test_raise_fd_limit_lifts_the_soft_limit_up_to_the_hard_one():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, soft), hard))
+        wanted = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
+        assert raise_fd_limit(4096) == wanted
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == wanted
+        assert raise_fd_limit(100) == wanted  # never lowered
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_the_deadline_must_be_positive_and_defaults_to_ten_seconds():
