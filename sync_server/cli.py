@@ -98,6 +98,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from sync_server.app import create_app
 
+    config = serve_config(args)  # checks the options before anything starts
     url = args.database or os.environ.get("SYNC_DATABASE_URL") or DEFAULT_DATABASE_URL
     workflows = load_workflows(args.workflows)
     settings: dict[str, Any] = {}
@@ -108,7 +109,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     sources, job_steps = load_sources(args.sources, args.job_step, default=not args.workflows)
     app = create_app(url, workflows=workflows, sources=sources, job_steps=job_steps, **settings)
     check_database(url)
-    config = serve_config(args)
     if args.log_format == "json":
         from sync_server.logs import configure_logging
 

@@ -237,3 +237,17 @@ def test_serve_sources_and_job_steps_parse():
         load_sources("no_such_module:x", None, default=False)
     with pytest.raises(UsageError, match="not a list of source adapters"):
         load_sources("examples.image_pipeline:workflows", None, default=False)
+
+
+def test_serve_cuts_half_open_connections_with_the_header_timeout(capsys):
+    """Issue 11 finding 6: ``serve`` runs uvicorn with the header-deadline protocol."""
+    from sync_server.cli import build_parser, serve_config
+    from sync_server.httpguard import HeaderDeadlineProtocol
+
+    config = serve_config(build_parser().parse_args(["serve"]))
+    assert issubclass(config["http"], HeaderDeadlineProtocol)
+    assert config["http"].header_timeout == 10.0
+    args = build_parser().parse_args(["serve", "--header-timeout", "2.5"])
+    assert serve_config(args)["http"].header_timeout == 2.5
+    assert main(["serve", "--header-timeout", "0"]) == 2
+    assert "--header-timeout must be positive" in capsys.readouterr().err
