@@ -191,3 +191,29 @@ async def test_hot_lookups_keep_index_plans_under_generic_plans_on_postgres(pg_u
             assert "Seq Scan on mutation_results" not in plan, (name, plan)
     finally:
         await conn.close()
+
+
+async def test_sqlite_rebuild_keeps_columns_and_indexes_other_migrations_added(sqlite_url):
+    """Another engineer's later migration may have been applied before this one on an
+    existing file: the rebuild keeps its columns and indexes, whatever they are."""
+    await build_v1(sqlite_url)
+    conn = sqlite3.connect(sqlite_path(sqlite_url), isolation_level=None)
+    try:
+        conn.execute("ALTER TABLE workflows ADD COLUMN extra TEXT NOT NULL DEFAULT 'x'")
+        conn.execute("CREATE INDEX workflows_extra ON workflows (extra)")
+        conn.execute("ALTER TABLE events ADD COLUMN size INTEGER")
+    finally:
+        conn.close()
+    async with open_store(sqlite_url) as store:
+        assert (await store.get_workflow("acme", "w1")) is not None
+    conn = sqlite3.connect(sqlite_path(sqlite_url))
+    try:
+        assert conn.execute("SELECT extra FROM workflows").fetchall() == [("x",)]
+        assert conn.execute("SELECT count(size) FROM events").fetchone() == (0,)
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        assert {"workflows_extra", "workflows_due", "events_tenant_seq"} <= names
+        # seq is still the rowid (INTEGER PRIMARY KEY), not a separate column.
+        sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'events'").fetchone()[0]
+        assert "seq INTEGER PRIMARY KEY" in sql
+    finally:
+        conn.close()
