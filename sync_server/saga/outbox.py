@@ -32,6 +32,7 @@ from sync_server import tracing
 from sync_server.saga.alerts import Alerts, AlertSink
 from sync_server.saga.backoff import exponential_delay
 from sync_server.saga.definitions import RetryPolicy
+from sync_server.saga.storable import storable_text
 from sync_server.store.base import OutboxItem, Store
 
 __all__ = ["OutboxRelay"]
@@ -137,7 +138,8 @@ class OutboxRelay:
             response = await self._http.post(item.destination, json=item.payload, headers=headers)
             error = None if response.is_success else f"HTTP {response.status_code}"
         except httpx.HTTPError as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            # A consumer's bytes can reach the message: keep it storable (issue 11).
+            error = storable_text(f"{type(exc).__name__}: {exc}")[:2000]
         tracing.end_span(span, error=error)
         now = self.clock()
         if error is None:
