@@ -108,6 +108,7 @@ async def _wait_attempts(
 async def _one(ctx: Context, url: str, jobs_url: str, clients: int) -> dict[str, Any]:
     from client_sdk import SyncClient
     from sync_server.auth import issue_token
+    from sync_server.saga.machine import idempotency_key
 
     lease = ["--run-sagas", "--lease", str(LEASE)]
     async with (
@@ -118,7 +119,7 @@ async def _one(ctx: Context, url: str, jobs_url: str, clients: int) -> dict[str,
         mutation = submit(1, "job", url=f"{jobs_url}/work", duration=60.0)
         await writer.push([mutation])
         await writer.close()
-        key = f"{mutation.args['workflow_id']}:call"
+        key = idempotency_key(mutation.args["workflow_id"], "call", tenant="bench-b7")
         await _wait_attempts(http, jobs_url, key, 1, 30)
         async with child("tether", ["--database", url, *lease], logdir=ctx.workdir) as b:
             balancer = Balancer([a.port, b.port])
