@@ -42,7 +42,7 @@ from sync_server.reconcile.rules import (
 from sync_server.reconcile.sources import JobState, SourceAdapter
 from sync_server.saga.alerts import Alerts
 from sync_server.saga.machine import idempotency_key
-from sync_server.saga.storable import storable_json
+from sync_server.saga.storable import storable_json, storable_text
 from sync_server.store.base import Store, Transaction, WorkflowKey, WorkflowRecord
 
 __all__ = ["Reconciler"]
@@ -205,7 +205,7 @@ class Reconciler:
                 detail={
                     "step": step,
                     "attempt": attempt,
-                    "error": job.error or "failed",
+                    "error": storable_text(job.error or "failed"),
                     "observed_by": "sweep",
                 },
             )
