@@ -230,11 +230,14 @@ async def test_the_example_generation_compensates_with_cleanup_jobs(store, queue
     assert [steps[s]["result"]["step"] for s in ("prompt", "render", "upscale")] == [1, 2, 3]
     assert undone.state["steps"]["upscale"]["status"] == "failed"
     for step in ("prompt", "render"):
-        cleanup = generation_id(f"{bad}:{step}:compensate", 0)
+        key = idempotency_key(bad, step, compensation=True, tenant="t1")
+        cleanup = generation_id(key, 0)
         job = queue.job(cleanup)
         produced = undone.state["steps"][step]["result"]["job_id"]
         assert job is not None and job["status"] == "completed"
         assert job["payload"] == {"job_id": produced}
-    upscale_jobs = [generation_id(f"{bad}:upscale", n) for n in range(3)]
+    upscale_jobs = [
+        generation_id(idempotency_key(bad, "upscale", tenant="t1"), n) for n in range(3)
+    ]
     assert all(queue.books.starts[j] == 1 for j in upscale_jobs)  # 3 attempts, 3 ids
     assert max(queue.books.starts.values()) == 1

@@ -29,6 +29,7 @@ from client_sdk import tracing as client_tracing
 from examples.job_service import running_job_service
 from protocol.tracecontext import trace_id_of, tracing_requested, valid_traceparent
 from sync_server.auth import issue_token
+from sync_server.saga.machine import idempotency_key
 from sync_server.store import open_store
 from tests.conftest import wait_for
 from tests.servers import SECRET, free_port, server_process
@@ -88,7 +89,7 @@ async def test_one_trace_from_offline_submit_through_sigkill_and_retry(
                 [(stored,)] = conn.execute("SELECT traceparent FROM mutations").fetchall()
             assert trace_id_of(stored) == trace and stored[36:52] == submit.span_id
 
-            key = f"{handle.id}:render"
+            key = idempotency_key(handle.id, "render", tenant="acme")
             env_a = _server_env(receiver, "tether-a", jobs.url)
             with server_process(db_url, port=port, env=env_a, args=serve_args) as (proc_a, _):
                 # Attempt 1 fails (503), attempt 2 (the retry) is running: kill -9 now.
