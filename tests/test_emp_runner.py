@@ -119,11 +119,15 @@ async def test_a_shutdown_leaves_the_job_and_the_next_instance_attaches(store, q
 
 
 async def sweep_until(reconciler: Reconciler, kind: str, timeout: float = 15.0) -> None:
+    kinds: list[str] = []
+    reconciler.on_repair = lambda repair, workflow_id: kinds.append(repair.kind)
+
     async def repaired() -> bool:
         await reconciler.sweep_once()
-        return reconciler.repairs > 0
+        return bool(kinds)
 
     await wait_for(repaired, timeout, 0.1, f"a {kind} repair")
+    assert kinds == [kind]
 
 
 async def test_the_sweep_repairs_a_completion_lost_with_its_instance(store, queue):
@@ -197,7 +201,10 @@ async def test_a_job_running_past_the_horizon_is_rerun_and_its_dead_worker_repla
     reconciler = Reconciler(store, rules, [emp], alerts=AlertSink())
     try:
         await sweep_until(reconciler, "resubmit")
+        assert reconciler._stuck  # the stuck job is re-run once, not on every sweep
         record = await wait_status(store, wid, "completed")
+        await reconciler.sweep_once()
+        assert not reconciler._stuck  # forgotten with its workflow: bounded memory
     finally:
         await run.stop()
         await emp.aclose()

@@ -85,6 +85,8 @@ class Reconciler:
         self.sweeps = 0
         self._since: dict[tuple[str, str, str, int, str], float] = {}
         self._stuck: set[tuple[str, str, str, int, str]] = set()
+        """Stuck jobs already re-run (one repair per job); forgotten once the workflow
+        is no longer running, so the set is bounded by the running workflows."""
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -160,6 +162,8 @@ class Reconciler:
         # Forget the timers of attempts that are no longer seen.
         for stale in set(self._since) - seen:
             del self._since[stale]
+        running = {(record.tenant, record.id) for record in records}
+        self._stuck = {marker for marker in self._stuck if marker[:2] in running}
         return made
 
     def _lasted(self, marker: tuple[str, str, str, int, str], now: float, seen: set[Any]) -> bool:
