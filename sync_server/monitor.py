@@ -123,7 +123,10 @@ class AlertMachine:
     def receive_slos(self, values: list[SloValue], now: float) -> None:
         """SLO values over the short burn window; ``slo_burn`` fires once per objective
         and scope when its budget burns faster than the window allows, and re-arms
-        when it no longer does (``sync_server.slo.burning``)."""
+        when it no longer does (``sync_server.slo.burning``). A scope absent from
+        ``values`` (no samples in the window) no longer burns: forgotten, so the set
+        holds only the scopes of the last reading."""
+        self._burning &= {(v.name, v.tenant, v.workflow) for v in values}
         for value in values:
             key = (value.name, value.tenant, value.workflow)
             if not burning(value):

@@ -157,6 +157,11 @@ def test_slo_burn_alert_fires_once_and_rearms():
     machine.receive_slos([calm], 3.0)
     machine.receive_slos([fast], 4.0)
     assert [a.kind for a in machine.alerts_to_send()] == ["slo_burn"]
+    # A scope gone from the window (no samples) re-arms too, and is forgotten.
+    machine.receive_slos([], 5.0)
+    assert not machine._burning
+    machine.receive_slos([fast], 6.0)
+    assert [a.kind for a in machine.alerts_to_send()] == ["slo_burn"]
 
 
 def test_windows_parse_and_format():
