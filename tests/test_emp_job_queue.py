@@ -16,6 +16,7 @@ import pytest
 
 from sync_server.adapters.emp_job_queue import EmpJobQueue, JobFailed
 from sync_server.adapters.emp_seen import SeenJobs
+from sync_server.adapters.emp_socket import EmpSocket
 from sync_server.adapters.keyed import JobView, generation_id
 from sync_server.saga.definitions import (
     STOP_CANCELLED,
@@ -234,6 +235,30 @@ async def test_a_workflow_cancel_cancels_the_job_a_lost_lease_does_not(queue, ht
         await adapter.aclose()
         await other.aclose()
     assert ran_once(queue)
+
+
+async def test_aclose_ends_what_it_started(queue, http):
+    adapter = make_queue(queue)
+    call = Ctx(http)
+    task = asyncio.create_task(adapter.run_job(call.ctx, "svc", {"duration": 5}))
+    await wait_for(lambda: queue.books.starts, 5)
+    call.ctx.stop_reason = STOP_CANCELLED
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert adapter._background  # the job's cancel is on its way
+    await adapter.aclose()
+    assert not adapter._background and adapter.socket._task is None
+
+
+async def test_closing_the_socket_never_swallows_the_closers_cancellation():
+    socket = EmpSocket("ws://127.0.0.1:9", "c", None, lambda message: None)
+    socket.start()
+    closer = asyncio.create_task(socket.close())
+    await asyncio.sleep(0)  # the closer now waits for the connect loop to end
+    closer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closer
 
 
 async def test_cancel_job_from_a_compensation_cancels_the_live_job(queue, http):

@@ -67,3 +67,15 @@ async def test_failures_map_to_retryable_and_permanent_errors(service):
         bad.idempotency_key = ""
         with pytest.raises(PermanentError):
             await jobs.run_job(bad, {})  # no key: the service answers 400
+
+
+async def test_a_cancelled_attempt_leaves_no_request_running(service):
+    async with httpx.AsyncClient() as http:
+        jobs = JobService(service.url, poll=0.02, http=http)
+        attempt = asyncio.create_task(jobs.run_job(ctx_for(http, []), {"duration": 5}))
+        await wait_for(lambda: service.books.progress.get("w1:render", 0) > 0, 5)
+        attempt.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await attempt
+        # The POST /work it held was ended with it, not left to finish on its own.
+        assert [t for t in asyncio.all_tasks() if not t.done()] == [asyncio.current_task()]

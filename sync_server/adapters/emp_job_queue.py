@@ -268,9 +268,13 @@ class EmpJobQueue:
 
     async def aclose(self) -> None:
         """Close the WebSocket and the HTTP client."""
-        await self.socket.close()
-        for task in list(self._background):
+        pending = list(self._background)
+        for task in pending:
             task.cancel()
+        if pending:
+            # Ended before the socket closes: a send still running would reopen it.
+            await asyncio.wait(pending)
+        await self.socket.close()
         if self._own_http:
             await self._http.aclose()
 

@@ -72,11 +72,13 @@ class EmpSocket:
 
     async def close(self) -> None:
         """Stop reconnecting and close the connection."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            # wait() neither raises the task's CancelledError nor swallows our own.
+            await asyncio.wait([task])
+            if not task.cancelled() and task.exception() is not None:
+                log.warning("emp-job-queue connection loop failed: %s", task.exception())
         self._connected.clear()
 
     @property

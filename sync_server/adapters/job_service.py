@@ -64,7 +64,7 @@ class JobService:
             outcome = await run_keyed(call, ctx.idempotency_key, naming=_key, generations=1)
         finally:
             if call.request is not None:
-                call.request.cancel()
+                await _settle(call.request)
         view = outcome.view
         if view.status == "completed":
             await ctx.progress(1.0, "done")
@@ -94,6 +94,15 @@ class JobService:
 
 def _key(key: str, generation: int) -> str:
     return key
+
+
+async def _settle(request: asyncio.Task[httpx.Response]) -> None:
+    """Cancel the ``POST /work`` still open (if any) and wait until it has ended, so no
+    request outlives its attempt; a failure it ended with was already reported."""
+    request.cancel()
+    await asyncio.wait([request])  # raises our own CancelledError, never the request's
+    if not request.cancelled():
+        request.exception()  # retrieved: the attempt already saw it (or never needed it)
 
 
 class _Call:
