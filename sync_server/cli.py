@@ -258,7 +258,7 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
 def _cmd_slo(args: argparse.Namespace) -> int:
     import json
 
-    from sync_server.slo import parse_window
+    from sync_server.slo import JSON_FIELDS, parse_window
 
     try:
         parse_window(args.window)
@@ -271,7 +271,7 @@ def _cmd_slo(args: argparse.Namespace) -> int:
         params["workflow"] = args.workflow
     slos = _call(args, "GET", "/v1/slo", params=params)["slos"]
     if args.json:
-        print(json.dumps(slos, indent=2))
+        print(json.dumps([{key: slo[key] for key in JSON_FIELDS} for slo in slos], indent=2))
         return 0
 
     def shown(value: float | None, unit: str) -> str:

@@ -48,6 +48,7 @@ from typing import Any
 
 __all__ = [
     "ALL",
+    "JSON_FIELDS",
     "OBJECTIVES",
     "Objective",
     "SloRow",
@@ -63,6 +64,10 @@ __all__ = [
 
 ALL = "*"
 """The tenant / workflow label of an aggregate over every tenant or workflow name."""
+
+JSON_FIELDS = ("name", "objective", "value", "budget_left", "window")
+"""The keys of one SLO in ``sync-server slo --json`` (SPEC, Observability); the HTTP
+answer adds the scope (``tenant``, ``workflow``) and ``samples``."""
 
 DAY = 86_400.0
 _FAILED_ENDS = frozenset({"compensated", "failed"})
@@ -350,9 +355,10 @@ def parse_window(text: str) -> float:
 
 
 def format_window(seconds: float) -> str:
-    """The shortest exact spelling of a window: ``24h``, ``15m``, ``90s``."""
+    """The shortest exact spelling of a window: ``24h``, ``15m``, ``90s`` — in days only
+    from two days on (``7d``), so the default window reads ``24h`` as SPEC spells it."""
     for unit in ("d", "h", "m"):
         size = _UNITS[unit]
-        if seconds >= size and seconds % size == 0:
+        if seconds >= (2 * size if unit == "d" else size) and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     return f"{seconds:g}s"

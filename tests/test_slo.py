@@ -171,7 +171,8 @@ def test_windows_parse_and_format():
     for bad in ("", "0s", "-1h", "abc", "1w", "100d", "nan", "inf"):
         with pytest.raises(ValueError):
             parse_window(bad)
-    assert format_window(86_400.0) == "1d" and format_window(3600.0) == "1h"
+    assert format_window(86_400.0) == "24h" and format_window(3600.0) == "1h"
+    assert format_window(7 * 86_400.0) == "7d" and format_window(36 * 3600.0) == "36h"
     assert format_window(900.0) == "15m" and format_window(90.0) == "90s"
     assert format_window(1.5) == "1.5s"
 
