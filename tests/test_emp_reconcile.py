@@ -58,6 +58,10 @@ def test_the_fail_repair_counts_as_a_failed_attempt_and_retries():
     assert step["status"] == "retrying" and "SIGTERM" in step["error"]
     assert step["attempts"] == 1
     assert not machine.receive_job_failed("render", "again", 1.0)  # not running: no-op
+    machine.advance(2.0)
+    assert machine.steps["render"]["status"] == "running"
+    assert machine.receive_job_failed("render", "x" * 1_000_000, 2.0)  # a source's text
+    assert len(machine.steps["render"]["error"]) < 2100  # bounded in the state
 
 
 def test_a_recorded_job_is_kept_only_for_the_current_attempt():

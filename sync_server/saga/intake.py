@@ -24,7 +24,7 @@ import msgspec
 
 from protocol import Conflict, StepStatus, WorkflowStatus, events
 from sync_server.saga.definitions import Workflow
-from sync_server.saga.machine import SagaMachine
+from sync_server.saga.machine import MAX_JOB_ERROR, SagaMachine
 from sync_server.snapshots import append_event
 from sync_server.store.base import DlqEntry, Transaction, WorkflowKey, WorkflowRecord
 
@@ -188,7 +188,9 @@ def request_reconcile(
         requests.setdefault("resubmit", []).append(step)
         after = StepStatus.RUNNING.value
     elif repair == "fail":
-        requests.setdefault("fail", []).append({"step": step, "error": str(result or "failed")})
+        requests.setdefault("fail", []).append(
+            {"step": step, "error": str(result or "failed")[:MAX_JOB_ERROR]}
+        )
         after = StepStatus.RETRYING.value
     else:
         raise ValueError(f"unknown repair {repair!r}")

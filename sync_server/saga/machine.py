@@ -93,6 +93,8 @@ SI = StepInput
 
 MAX_INTERRUPTS = 3
 """Lease takeovers of one attempt tolerated before the attempt counts as failed."""
+MAX_JOB_ERROR = 2000
+"""Longest error a job source's failure report writes into a step (bounded state)."""
 
 
 # Enum lookups by value through a dict: ``Enum(value)`` is slow on the hot path.
@@ -289,7 +291,7 @@ class SagaMachine:
         s = self.steps.get(step)
         if s is None or self.status != W.RUNNING or s["status"] != S.RUNNING:
             return False
-        self._attempt_failed(step, f"job failed at its source: {error}", now)
+        self._attempt_failed(step, f"job failed at its source: {error[:MAX_JOB_ERROR]}", now)
         return True
 
     def _make_due(self, step: str) -> None:
