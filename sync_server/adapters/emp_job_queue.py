@@ -50,7 +50,7 @@ import httpx
 
 from sync_server.adapters.emp_seen import SeenJobs, unix_time
 from sync_server.adapters.emp_socket import EmpSocket
-from sync_server.adapters.keyed import JobView, generation_id, run_keyed
+from sync_server.adapters.keyed import MAX_GENERATIONS, JobView, generation_id, run_keyed
 from sync_server.reconcile.sources import JobState
 from sync_server.saga.alerts import Alerts, AlertSink
 from sync_server.saga.definitions import STOP_CANCELLED, PermanentError, StepContext
@@ -226,7 +226,7 @@ class EmpJobQueue:
         """Cancel the live job of the step ``ctx`` compensates (or runs); a completed or
         failed job is left alone (the queue cannot cancel a completed job)."""
         key = idempotency_key(ctx.workflow_id, ctx.step, tenant=ctx.tenant)
-        for generation in range(64):
+        for generation in range(MAX_GENERATIONS):
             job_id = generation_id(key, generation)
             view = await self._lookup(job_id)
             if view.status == "absent":
@@ -245,7 +245,7 @@ class EmpJobQueue:
         now = time.time()
         last: JobView | None = None
         async with asyncio.timeout(self.lookup_timeout):
-            for generation in range(64):
+            for generation in range(MAX_GENERATIONS):
                 view = await self._lookup(generation_id(key, generation))
                 if view.status == "absent":
                     break
