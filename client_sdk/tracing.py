@@ -14,15 +14,13 @@ hours later — after a restart of the app even — still joins its trace on the
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from protocol.tracecontext import tracing_requested
+from protocol.tracecontext import TracerSlot, format_traceparent
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import Tracer, TracerProvider
+    from opentelemetry.trace import TracerProvider
 
 __all__ = ["configure_from_env", "enabled", "install", "start_submit"]
 
@@ -31,65 +29,24 @@ log = logging.getLogger("client_sdk.tracing")
 SERVICE_NAME = "tether-client"
 """``service.name`` when ``OTEL_SERVICE_NAME`` does not set one."""
 
-_tracer: Tracer | None = None
-_configured = False
-_lock = threading.Lock()
+
+_slot = TracerSlot("tether.client_sdk", SERVICE_NAME)
 
 
 def enabled() -> bool:
     """True while spans are recorded."""
-    return _tracer is not None
+    return _slot.tracer is not None
 
 
 def install(provider: TracerProvider | None) -> None:
     """Use ``provider``'s tracer from now on (None: tracing off)."""
-    global _tracer
-    if provider is None:
-        _tracer = None
-        return
-    _tracer = provider.get_tracer("tether.client_sdk")
+    _slot.install(provider)
 
 
 def configure_from_env(environ: Mapping[str, str] | None = None) -> bool:
-    """Set tracing up once from the ``OTEL_*`` variables; returns whether it is on.
-
-    An application that already set a global OpenTelemetry tracer provider keeps it
-    (its spans and ours then share one pipeline); otherwise an SDK provider with a
-    batching OTLP/HTTP exporter (configured by ``OTEL_EXPORTER_OTLP_*``) is installed.
-    """
-    global _configured
-    with _lock:
-        if _configured or _tracer is not None:
-            return enabled()
-        _configured = True
-        if not tracing_requested(os.environ if environ is None else environ):
-            return False
-        install(sdk_provider(SERVICE_NAME))
-        return True
-
-
-def sdk_provider(default_service: str) -> TracerProvider:
-    """The global provider if the application set one, else a new SDK provider."""
-    from opentelemetry import trace
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider as SdkProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-
-    current = trace.get_tracer_provider()
-    if isinstance(current, SdkProvider):
-        return current
-    attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": default_service}
-    provider = SdkProvider(resource=Resource.create(attributes))
-    exporter: Any
-    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "console":
-        exporter = ConsoleSpanExporter()
-    else:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        exporter = OTLPSpanExporter()
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
-    return provider
+    """Set tracing up once from the ``OTEL_*`` variables; returns whether it is on
+    (``TracerSlot.configure_from_env``)."""
+    return _slot.configure_from_env(environ)
 
 
 def start_submit(name: str, workflow_id: str) -> tuple[Any, str]:
@@ -97,7 +54,7 @@ def start_submit(name: str, workflow_id: str) -> tuple[Any, str]:
 
     Returns ``(None, "")`` when tracing is off. The caller ends the span.
     """
-    tracer = _tracer
+    tracer = _slot.tracer
     if tracer is None:
         return None, ""
     from opentelemetry.trace import SpanKind
@@ -108,7 +65,5 @@ def start_submit(name: str, workflow_id: str) -> tuple[Any, str]:
         attributes={"tether.workflow.name": name, "tether.workflow.id": workflow_id},
     )
     context = span.get_span_context()
-    traceparent = (
-        f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
-    )
+    traceparent = format_traceparent(context.trace_id, context.span_id, context.trace_flags)
     return span, traceparent

@@ -1,4 +1,6 @@
-"""W3C Trace Context on the wire, and when OpenTelemetry tracing is asked for. No I/O.
+"""W3C Trace Context on the wire, when OpenTelemetry tracing is asked for, and the tracer
+slot the SDK and the server each keep (``TracerSlot``). OpenTelemetry is imported only
+once tracing is configured on.
 
 A ``traceparent`` (W3C Trace Context, level 1) is ``00-<trace id>-<parent id>-<flags>``:
 32 and 16 lower-case hex digits, neither all zeros, and two hex digits of flags. The SDK
@@ -13,10 +15,24 @@ Tracing is *off* unless the standard OpenTelemetry environment asks for it
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["TRACEPARENT_LENGTH", "trace_id_of", "tracing_requested", "valid_traceparent"]
+if TYPE_CHECKING:
+    from opentelemetry.trace import Tracer, TracerProvider
+
+__all__ = [
+    "TRACEPARENT_LENGTH",
+    "TracerSlot",
+    "format_traceparent",
+    "sdk_provider",
+    "trace_id_of",
+    "tracing_requested",
+    "valid_traceparent",
+]
 
 TRACEPARENT_LENGTH = 55
 """Length of a version-00 traceparent (the wire bound of ``Mutation.traceparent``)."""
@@ -32,6 +48,12 @@ def valid_traceparent(value: object) -> bool:
         return False
     match = _TRACEPARENT.fullmatch(value)
     return match is not None and match[1] != _ZERO_TRACE and match[2] != _ZERO_SPAN
+
+
+def format_traceparent(trace_id: int, span_id: int, flags: int) -> str:
+    """The version-00 traceparent of a span's ids and trace flags (as OpenTelemetry's
+    ``SpanContext`` holds them: integers)."""
+    return f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"
 
 
 def trace_id_of(traceparent: object) -> str | None:
@@ -58,3 +80,68 @@ def tracing_requested(environ: Mapping[str, str]) -> bool:
         environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
         or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
     )
+
+
+class TracerSlot:
+    """One component's tracer: None (tracing off) until installed or configured.
+
+    The SDK and the server each keep one (``_slot``); reading ``tracer`` is the whole
+    cost of tracing while it is off.
+
+    Args:
+        scope: the instrumentation scope of its spans.
+        service: ``service.name`` when ``OTEL_SERVICE_NAME`` does not set one.
+    """
+
+    def __init__(self, scope: str, service: str) -> None:
+        self.scope = scope
+        self.service = service
+        self.tracer: Tracer | None = None
+        self.provider: TracerProvider | None = None
+        self._configured = False
+        self._lock = threading.Lock()
+
+    def install(self, provider: TracerProvider | None) -> None:
+        """Use ``provider``'s tracer from now on (None: tracing off)."""
+        self.provider = provider
+        self.tracer = None if provider is None else provider.get_tracer(self.scope)
+
+    def configure_from_env(self, environ: Mapping[str, str] | None = None) -> bool:
+        """Set tracing up once from the ``OTEL_*`` variables; returns whether it is on.
+
+        An application that already set a global OpenTelemetry tracer provider keeps it
+        (its spans and ours then share one pipeline); otherwise an SDK provider with a
+        batching OTLP/HTTP exporter (configured by ``OTEL_EXPORTER_OTLP_*``) is installed.
+        """
+        with self._lock:
+            if self._configured or self.tracer is not None:
+                return self.tracer is not None
+            self._configured = True
+            if not tracing_requested(os.environ if environ is None else environ):
+                return False
+            self.install(sdk_provider(self.service))
+            return True
+
+
+def sdk_provider(default_service: str) -> TracerProvider:
+    """The global provider if the application set one, else a new SDK provider."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider as SdkProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    current = trace.get_tracer_provider()
+    if isinstance(current, SdkProvider):
+        return current
+    attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": default_service}
+    provider = SdkProvider(resource=Resource.create(attributes))
+    exporter: Any
+    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "console":
+        exporter = ConsoleSpanExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return provider

@@ -28,17 +28,15 @@ does a submit pushed hours after it was made offline. Events carry ``trace_id`` 
 from __future__ import annotations
 
 import contextvars
-import os
-import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from protocol.tracecontext import tracing_requested, valid_traceparent
+from protocol.tracecontext import TracerSlot, format_traceparent, valid_traceparent
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import Span, Tracer, TracerProvider
+    from opentelemetry.trace import Span, TracerProvider
 
 __all__ = [
     "configure_from_env",
@@ -55,42 +53,27 @@ __all__ = [
 SERVICE_NAME = "tether-sync-server"
 """``service.name`` when ``OTEL_SERVICE_NAME`` does not set one."""
 
-_tracer: Tracer | None = None
-_provider: TracerProvider | None = None
-_configured = False
-_lock = threading.Lock()
+_slot = TracerSlot("tether.sync_server", SERVICE_NAME)
 
 
 def enabled() -> bool:
     """True while spans are recorded."""
-    return _tracer is not None
+    return _slot.tracer is not None
 
 
 def install(provider: TracerProvider | None) -> None:
     """Use ``provider``'s tracer from now on (None: tracing off)."""
-    global _tracer, _provider
-    _provider = provider
-    _tracer = None if provider is None else provider.get_tracer("tether.sync_server")
+    _slot.install(provider)
 
 
 def configure_from_env(environ: Mapping[str, str] | None = None) -> bool:
     """Set tracing up once from the ``OTEL_*`` variables; returns whether it is on."""
-    global _configured
-    with _lock:
-        if _configured or _tracer is not None:
-            return enabled()
-        _configured = True
-        if not tracing_requested(os.environ if environ is None else environ):
-            return False
-        from client_sdk.tracing import sdk_provider
-
-        install(sdk_provider(SERVICE_NAME))
-        return True
+    return _slot.configure_from_env(environ)
 
 
 def flush(timeout_millis: int = 5000) -> None:
     """Export the spans still buffered (at shutdown)."""
-    provider = _provider
+    provider = _slot.provider
     flush_spans = getattr(provider, "force_flush", None)
     if flush_spans is not None:
         flush_spans(timeout_millis)
@@ -117,7 +100,7 @@ def start_span(
     ``kind`` is ``internal``, ``server``, ``client``, ``producer`` or ``consumer``;
     ``start`` a unix time (default now). Returns None when tracing is off.
     """
-    tracer = _tracer
+    tracer = _slot.tracer
     if tracer is None:
         return None
     from opentelemetry.trace import SpanKind
@@ -162,7 +145,7 @@ def record_span(
     error: str | None = None,
 ) -> None:
     """Write a span that already happened (a dead letter, a whole workflow)."""
-    if _tracer is None:
+    if _slot.tracer is None:
         return
     end_span(start_span(name, parent, attributes, start=start), error=error, end=end)
 
@@ -172,7 +155,7 @@ def traceparent(span: Span | None) -> str:
     if span is None:
         return ""
     context = span.get_span_context()
-    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+    return format_traceparent(context.trace_id, context.span_id, context.trace_flags)
 
 
 def span_context(span: Span) -> contextvars.Context:
@@ -188,7 +171,7 @@ def span_context(span: Span) -> contextvars.Context:
 
 async def inject_traceparent(request: httpx.Request) -> None:
     """httpx request hook: send the active span's ``traceparent`` (W3C) downstream."""
-    if _tracer is None or "traceparent" in request.headers:
+    if _slot.tracer is None or "traceparent" in request.headers:
         return
     from opentelemetry import trace
 
@@ -235,7 +218,7 @@ def end_push_spans(spans: Mapping[int, Span], results: list[Any]) -> None:
 
 def current_trace_id() -> str | None:
     """The trace id (32 hex digits) of the active span, if tracing is on and one is."""
-    if _tracer is None:
+    if _slot.tracer is None:
         return None
     from opentelemetry import trace
 
