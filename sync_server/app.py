@@ -194,14 +194,16 @@ class Tether:
             connection.close(1012, "server restarting; reconnect")
         if self.reconciler is not None:
             await self.reconciler.stop()
-        for source in self.sources:
-            close = getattr(source, "aclose", None)
-            if close is not None:
-                await close()
         if self.monitor is not None:
             await self.monitor.stop()
         if self.runner is not None:
             await self.runner.stop()
+        # Only once no step can use them: a step whose adapter closed under it would
+        # fail its attempt instead of being stopped for another instance to resume.
+        for source in self.sources:
+            close = getattr(source, "aclose", None)
+            if close is not None:
+                await close()
         if self.outbox is not None:
             await self.outbox.stop()
         await self.hub.stop()

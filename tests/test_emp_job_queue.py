@@ -356,6 +356,56 @@ async def test_served_stuck_jobs_are_counted_on_metrics_and_alerted(queue, sqlit
     assert [a.kind for a in tether.alerts.recent] == ["job_stuck"]
 
 
+async def test_a_served_instance_stops_its_steps_before_closing_their_adapter(queue, sqlite_url):
+    from sync_server import create_app
+    from sync_server.saga import Step, Workflow
+    from sync_server.saga.machine import idempotency_key
+    from sync_server.store import open_store
+    from tests.saga_helpers import submit
+    from tests.servers import SECRET, running
+
+    emp, seen = make_queue(queue, poll=(0.01, 0.01)), []
+
+    async def render(ctx: StepContext) -> Any:
+        seen.append(ctx)
+        return await emp.run_job(ctx, "svc", {"duration": 30})
+
+    class Probe:
+        """A second source: sees, when the instance closes it, whether steps still run."""
+
+        source = "job-queue"
+        running_steps = -1
+
+        async def job_status(self, workflow: Any, step: str, key: str) -> Any:
+            raise NotImplementedError
+
+        async def aclose(self) -> None:
+            held = tether.runner._held.values() if tether.runner is not None else ()
+            self.running_steps = sum(len(h.tasks) for h in held)
+
+    probe = Probe()
+    workflow = Workflow("one", [Step("render", render)])
+    app = create_app(sqlite_url, workflows=[workflow], sources=[emp, probe], auth_secret=SECRET)
+    tether = app.state.tether
+    async with running(app):
+        [wid] = await submit(tether.store, workflow)
+        await wait_for(lambda: queue.books.starts, 10)
+    # A shutdown, not a failure: the job is left to the next instance, the step still runs.
+    assert seen[0].stop_reason == "shutdown" and probe.running_steps == 0
+    store = open_store(sqlite_url)
+    await store.open()
+    try:
+        record = await store.get_workflow("t1", wid)
+    finally:
+        await store.close()
+    assert record is not None
+    step = record.state["steps"]["render"]
+    assert (step["status"], step["attempts"], step.get("error")) == ("running", 1, None)
+    job_id = generation_id(idempotency_key(wid, "render", tenant="t1"), 0)
+    assert queue.job(job_id) is not None and queue.books.cancels[job_id] == 0  # left running
+    assert emp.socket._task is None
+
+
 async def test_the_sweep_gets_no_news_while_the_queue_api_is_down(queue):
     adapter = make_queue(queue)
     adapter.lookup_timeout = 0.3
