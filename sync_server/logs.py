@@ -27,6 +27,7 @@ class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON line."""
 
     def format(self, record: logging.LogRecord) -> str:
+        """One JSON object (no newline) for ``record``; see the module docstring."""
         message = record.getMessage()
         if record.exc_info:
             message = f"{message}\n{self.formatException(record.exc_info)}"

@@ -133,6 +133,8 @@ class SloValue:
     samples: int = 0
 
     def as_json(self) -> dict[str, Any]:
+        """The item of ``GET /v1/slo``: SPEC's keys (``JSON_FIELDS``), then the scope and
+        the number of samples; ``window`` spelled as ``format_window`` does."""
         return {
             "name": self.name,
             "objective": self.objective,

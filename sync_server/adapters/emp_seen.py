@@ -28,6 +28,8 @@ class SeenJobs:
         self._items: OrderedDict[str, tuple[JobView, int]] = OrderedDict()
 
     def put(self, job_id: str, view: JobView) -> None:
+        """Remember ``view`` as the end of ``job_id``, dropping the oldest entries past
+        ``max_items`` or ``max_bytes`` (the size of a view is its JSON result's)."""
         size = len(json.dumps(view.result, default=str)) + len(view.error or "") + 64
         old = self._items.pop(job_id, None)
         if old is not None:
@@ -39,6 +41,7 @@ class SeenJobs:
             self.bytes -= dropped
 
     def get(self, job_id: str) -> JobView | None:
+        """The end seen for ``job_id``, or None if none was (or it was dropped)."""
         item = self._items.get(job_id)
         return item[0] if item else None
 

@@ -83,6 +83,7 @@ class EmpSocket:
 
     @property
     def connected(self) -> bool:
+        """True while a connection to the queue is open."""
         return self._connected.is_set()
 
     async def send(self, message: dict[str, Any], timeout: float) -> None:
