@@ -354,6 +354,7 @@ async def test_served_stuck_jobs_are_counted_on_metrics_and_alerted(queue, sqlit
             metrics = (await client.get(f"{server.http_url}/metrics")).text
     assert 'tether_alerts_total{kind="job_stuck"} 1.0' in metrics
     assert [a.kind for a in tether.alerts.recent] == ["job_stuck"]
+    assert tether.alerts.recent[0].details["tenant"] == "t1"  # the dashboard scopes by it
 
 
 async def test_a_served_instance_stops_its_steps_before_closing_their_adapter(queue, sqlite_url):
