@@ -324,3 +324,18 @@ async def test_compensation_dlq_and_outbox_spans_join_the_pushed_trace(sqlite_ur
     # The other workflow got a trace of its own, rooted at its push span.
     [root] = [s for s in spans if s.name.startswith("tether.push") and s is not push]
     assert root.parent is None and root.context.trace_id != trace
+
+
+async def test_tracing_off_adds_nothing_to_the_steps_http_calls(sqlite_url):
+    from sync_server.saga.alerts import AlertSink
+    from sync_server.saga.runner import SagaRunner
+
+    store = open_store(sqlite_url)
+    await store.open()
+    runner = SagaRunner(store, [], instance_id="r1", alerts=AlertSink())
+    await runner.start()
+    try:
+        assert runner._http is not None and runner._http.event_hooks["request"] == []
+    finally:
+        await runner.stop()
+        await store.close()

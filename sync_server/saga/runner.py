@@ -216,7 +216,7 @@ class SagaRunner:
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=httpx.Timeout(30.0))
         hooks = self._http.event_hooks.setdefault("request", [])
-        if tracing.inject_traceparent not in hooks:
+        if tracing.enabled() and tracing.inject_traceparent not in hooks:
             hooks.append(tracing.inject_traceparent)  # ctx.http sends traceparent
         self.store.listen(WORK_CHANNEL, self._on_work)
         self.store.on_reconnect(self._wake.set)
