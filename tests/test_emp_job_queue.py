@@ -322,6 +322,17 @@ async def test_bad_input_and_a_bad_token_get_clear_errors_and_submit_nothing(htt
             await good.aclose()
 
 
+def test_events_that_name_no_job_are_ignored():
+    adapter = EmpJobQueue("http://127.0.0.1:9")
+    for message in (
+        {"type": "job_failed", "error": "?"},
+        {"type": "complete_job", "job_id": 7, "result": {"status": "success"}},
+    ):
+        adapter._on_message(message)
+    assert adapter._seen.get("") is None and adapter._seen.get("7") is None
+    assert adapter.stats["duplicate_events"] == 0
+
+
 def test_seen_results_are_bounded_in_count_and_bytes():
     seen = SeenJobs(max_items=3, max_bytes=10_000)
     for i in range(5):

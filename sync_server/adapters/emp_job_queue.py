@@ -281,7 +281,9 @@ class EmpJobQueue:
     # ---------------------------------------------------------------- internals
     def _on_message(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
-        job_id = str(message.get("job_id") or "")
+        job_id = message.get("job_id")
+        if not isinstance(job_id, str) or not job_id:
+            return  # not about a job (a welcome, ``subscribed``...)
         watch = self._watches.get(job_id)
         if kind == "update_job_progress":
             progress = message.get("progress")
