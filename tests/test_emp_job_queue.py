@@ -298,6 +298,10 @@ async def test_job_status_maps_the_queue_onto_the_sweep(queue, http):
             await adapter.run_job(Ctx(http, "wf-y:s").ctx, "svc", {"duration": 0.05})
         failed = await adapter.job_status(None, "s", "wf-y:s")  # type: ignore[arg-type]
         assert failed.status == "failed" and "SIGTERM" in (failed.error or "")
+        # A job this instance gave up itself (stuck) is being replaced, not a failure.
+        adapter._abandoned[generation_id("wf-y:s", 0)] = None
+        replaced = await adapter.job_status(None, "s", "wf-y:s")  # type: ignore[arg-type]
+        assert replaced.status == "running"
     finally:
         await adapter.aclose()
 

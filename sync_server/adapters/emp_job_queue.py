@@ -244,16 +244,22 @@ class EmpJobQueue:
         """
         now = time.time()
         last: JobView | None = None
+        last_id = ""
         async with asyncio.timeout(self.lookup_timeout):
             for generation in range(MAX_GENERATIONS):
-                view = await self._lookup(generation_id(key, generation))
+                job_id = generation_id(key, generation)
+                view = await self._lookup(job_id)
                 if view.status == "absent":
                     break
-                last = view
+                last, last_id = view, job_id
                 if view.status != "failed":
                     break
         if last is None:
             return JobState("unknown", at=now)
+        if last.status == "failed" and last_id in self._abandoned:
+            # Cancelled by us (a dead worker): its replacement is on its way, and the
+            # cancel's failure must not fail the attempt through the sweep either.
+            return JobState("running", at=now)
         if last.status == "failed":
             return JobState("failed", error=last.error, at=now)
         if last.status == "completed" and last.result is not None:
