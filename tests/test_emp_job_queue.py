@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from sync_server.adapters.emp_job_queue import EmpJobQueue, JobFailed
-from sync_server.adapters.emp_seen import SeenJobs
+from sync_server.adapters.emp_seen import SeenJobs, attested_view, ended_view
 from sync_server.adapters.emp_socket import EmpSocket
 from sync_server.adapters.keyed import JobView, generation_id
 from sync_server.saga.definitions import (
@@ -335,6 +335,21 @@ def test_events_that_name_no_job_are_ignored():
         adapter._on_message(message)
     assert adapter._seen.get("") is None and adapter._seen.get("7") is None
     assert adapter.stats["duplicate_events"] == 0
+
+
+def test_the_queues_end_events_and_attestations_read_as_views():
+    ok = {"type": "complete_job", "job_id": "j", "result": {"status": "success", "data": 1}}
+    also_ok = {"type": "complete_job", "job_id": "j", "result": {"success": True}}
+    failed = {"type": "complete_job", "job_id": "j", "result": {"status": "failed", "error": "e"}}
+    assert ended_view(ok) == JobView("completed", result=1)
+    assert ended_view(also_ok) == JobView("completed", result={})
+    assert ended_view(failed) == JobView("failed", error="e")
+    assert ended_view({"type": "job_failed", "job_id": "j"}) == JobView("failed", error="failed")
+    for other in ({"type": "complete_job", "result": "?"}, {"type": "update_job_progress"}):
+        assert ended_view(other) is None
+    assert attested_view({"status": "completed", "result": {"data": {"x": 1}}}).result == {"x": 1}
+    assert attested_view({"status": "completed"}).result == {}
+    assert attested_view({"status": "failed", "error": "boom"}) == JobView("failed", error="boom")
 
 
 def test_seen_results_are_bounded_in_count_and_bytes():

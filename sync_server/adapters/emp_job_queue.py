@@ -48,7 +48,7 @@ from typing import Any
 
 import httpx
 
-from sync_server.adapters.emp_seen import SeenJobs, unix_time
+from sync_server.adapters.emp_seen import SeenJobs, attested_view, ended_view, unix_time
 from sync_server.adapters.emp_socket import EmpSocket
 from sync_server.adapters.keyed import MAX_GENERATIONS, JobView, generation_id, run_keyed
 from sync_server.reconcile.sources import JobState
@@ -297,17 +297,7 @@ class EmpJobQueue:
                 fraction = min(1.0, max(0.0, float(progress) / 100.0))
                 watch.ctx.reporter(fraction, "queue job running")
             return
-        view: JobView | None = None
-        if kind == "complete_job":
-            result = message.get("result") if isinstance(message.get("result"), dict) else {}
-            assert isinstance(result, dict)
-            if result.get("status") == "success" or result.get("success") is True:
-                data = result.get("data")
-                view = JobView("completed", result={} if data is None else data)
-            elif result.get("status") == "failed" or result.get("success") is False:
-                view = JobView("failed", error=str(result.get("error") or "failed"))
-        elif kind == "job_failed":
-            view = JobView("failed", error=str(message.get("error") or "failed"))
+        view = ended_view(message)
         if view is None:
             return
         if self._seen.get(job_id) is not None:
@@ -376,15 +366,7 @@ class EmpJobQueue:
             return None
         for record in response.json().get("attestations") or ():
             if isinstance(record, dict) and record.get("job_id") == job_id:
-                result = record.get("result")
-                if isinstance(result, dict) and "data" in result:
-                    result = result["data"]
-                if result is None:
-                    result = {}  # None means "not known", never "no data"
-                if record.get("status") == "completed":
-                    view = JobView("completed", result=result)
-                else:
-                    view = JobView("failed", error=str(record.get("error") or "failed"))
+                view = attested_view(record)
                 self._seen.put(job_id, view)
                 return view
         return None

@@ -1,7 +1,10 @@
-"""What the emp-job-queue adapter remembers of jobs it saw finish, bounded.
+"""What the emp-job-queue adapter learns of jobs that ended, and remembers, bounded.
 
-The queue's status answer carries neither result nor error, and a completion event is
-sent once, to one connection: what the adapter saw is kept so a later lookup (another
+The queue's status answer carries neither result nor error: the end of a job is read
+from its events (``ended_view``: success comes as two ``complete_job`` shapes, failure
+as a failed ``complete_job`` and ``job_failed``) or its attestation record
+(``attested_view``) — pure functions. A completion event is sent once, to one
+connection: what the adapter saw is kept (``SeenJobs``) so a later lookup (another
 attempt, the reconciliation sweep) can still answer. Bounded in count and in bytes;
 the oldest entries go first (they can still be found in the attestation records).
 """
@@ -15,7 +18,7 @@ from typing import Any
 
 from sync_server.adapters.keyed import JobView
 
-__all__ = ["SeenJobs", "unix_time"]
+__all__ = ["SeenJobs", "attested_view", "ended_view", "unix_time"]
 
 
 class SeenJobs:
@@ -56,3 +59,30 @@ def unix_time(value: Any) -> float | None:
         except ValueError:
             return None
     return None
+
+
+def ended_view(message: dict[str, Any]) -> JobView | None:
+    """The end a ``complete_job`` or ``job_failed`` event reports (None: not an end)."""
+    kind = message.get("type")
+    if kind == "job_failed":
+        return JobView("failed", error=str(message.get("error") or "failed"))
+    result = message.get("result")
+    if kind != "complete_job" or not isinstance(result, dict):
+        return None
+    if result.get("status") == "success" or result.get("success") is True:
+        data = result.get("data")
+        return JobView("completed", result={} if data is None else data)
+    if result.get("status") == "failed" or result.get("success") is False:
+        return JobView("failed", error=str(result.get("error") or "failed"))
+    return None
+
+
+def attested_view(record: dict[str, Any]) -> JobView:
+    """The end an attestation record reports (``result.data`` or ``result``)."""
+    result = record.get("result")
+    if isinstance(result, dict) and "data" in result:
+        result = result["data"]
+    if record.get("status") == "completed":
+        # None means "not known" to the adapter, never "no data".
+        return JobView("completed", result={} if result is None else result)
+    return JobView("failed", error=str(record.get("error") or "failed"))
