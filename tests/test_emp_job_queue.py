@@ -173,7 +173,8 @@ async def test_lost_events_dropped_connections_and_an_api_restart_cost_only_late
     adapter = make_queue(queue)
     try:
         queue.drop_events(1000)
-        one = await adapter.run_job(Ctx(http, "wf-a:s").ctx, "svc", {"duration": 0.05})
+        blind = Ctx(http, "wf-a:s")
+        one = await adapter.run_job(blind.ctx, "svc", {"duration": 0.05})
         queue.drop_events(-1000)
         task = asyncio.create_task(
             adapter.run_job(Ctx(http, "wf-b:s").ctx, "svc", {"duration": 0.8})
@@ -186,6 +187,7 @@ async def test_lost_events_dropped_connections_and_an_api_restart_cost_only_late
     finally:
         await adapter.aclose()
     assert one["echo"] is None and one["job_id"] == generation_id("wf-a:s", 0)
+    assert blind.progress == [1.0]  # no progress event arrived; done is still 100 %
     assert two["job_id"] == generation_id("wf-b:s", 0)
     assert queue.books.events_lost > 0 and ran_once(queue)
 

@@ -216,6 +216,9 @@ class EmpJobQueue:
                 self._watches.pop(call.current, None)
         view = outcome.view
         if view.status == "completed":
+            # Done is 100 %, even if the last progress event was lost or is still on its
+            # way (the poll can see the end first).
+            await ctx.progress(1.0, "queue job completed")
             return view.result
         error = view.error or "job failed at emp-job-queue"
         if self.permanent(error):
