@@ -87,6 +87,8 @@ async def test_run_job_returns_the_data_names_the_job_by_key_and_feeds_progress(
         data = await adapter.run_job(
             call.ctx, "comfyui", {"prompt": "cat", "duration": 0.3}, current_step=1, total_steps=2
         )
+        # The poll may see the end before the two completion events arrive: wait for them.
+        await wait_for(lambda: adapter.stats["duplicate_events"] >= 1, 5)
     finally:
         await adapter.aclose()
     job_id = generation_id("wf-1:render", 0)
