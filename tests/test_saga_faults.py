@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -182,10 +181,16 @@ async def test_sigstop_past_lease_then_sigcont_refuses_stale_write(pg_url, job_s
         key = idempotency_key(wid, "call", tenant="t1")
         await wait_for(lambda: job_service.books.active[key] >= 1, timeout=20)
         a.signal(signal.SIGSTOP)  # paused mid-step, holding its lease
-        paused_at = time.monotonic()
+        paused = await store.get_workflow("t1", wid)
+        assert paused is not None and paused.lease_until is not None
+        before = {e.seq for e in await store.read_workflow_events("t1", wid)}
         workers(pg_url, job_service.url, "B", lease=5.0)
         record = await wait_status(store, wid, "completed", timeout=30)
-        assert time.monotonic() - paused_at >= 1.0  # B took over only after A's lease
+        # B took over only after A's lease: everything written since the pause is B's,
+        # and none of it before the lease A last renewed ran out. (Not "1 s after the
+        # pause": A renewed before it, and B attaches to the render A left running.)
+        since = [e.at for e in await store.read_workflow_events("t1", wid) if e.seq not in before]
+        assert since and min(since) >= paused.lease_until
         a.signal(signal.SIGCONT)
         # A wakes up: either its outcome reaches the store first and is refused (fencing),
         # or its heartbeat first learns that the lease is gone and drops the attempt.
