@@ -98,7 +98,9 @@ class SyncClient:
         )
         self._session: SyncSession | None = None
         self._conn: SyncConnection | None = None
-        self._settling = 0
+        # The overlay mirrors the file's pending rows: a mutation leaves it only after
+        # its verdict committed, so it (not the session's in-memory count, which drops
+        # a mutation as soon as the PushResult is read) says what is still pending.
         self._overlay = Overlay()
         self._live: dict[str, dict[str, Progress]] = {}
         self._watchers: dict[str, list[asyncio.Queue[WorkflowView]]] = {}
@@ -172,8 +174,9 @@ class SyncClient:
 
     @property
     def pending_count(self) -> int:
-        """Mutations queued locally and not yet settled by the server."""
-        return self._live_session().pending_count + self._settling
+        """Mutations queued locally whose verdict from the server is not yet recorded."""
+        self._live_session()
+        return len(self._overlay)
 
     @property
     def oldest_pending_age(self) -> float:
@@ -415,14 +418,18 @@ class SyncClient:
     async def flush(self, timeout: float | None = None) -> None:
         """Return when every queued mutation is settled by the server (and recorded).
 
+        "Recorded" means the verdict has committed to the file: a PushResult the
+        applier has not written yet (it may still be busy with an earlier page) does
+        not count, so a process killed right after ``flush`` returns resends nothing.
+
         Raises:
             TimeoutError: mutations are still pending after ``timeout`` seconds.
             SyncStopped: syncing stopped for good; the mutations stay queued.
         """
-        session = self._live_session()
+        self._live_session()
 
         async def settled() -> None:
-            while session.pending_count or self._settling:
+            while len(self._overlay):
                 self._raise_if_stopped()
                 if self._closed:
                     raise ClientClosed("client closed during flush")
@@ -490,12 +497,8 @@ class SyncClient:
 
     async def settle(self, results: list[tuple[int, bool, str | None]]) -> None:
         """Durably record the server's verdicts (called by the applier)."""
-        self._settling += len(results)
-        try:
-            changed = await self._store.settle([Settlement(*r) for r in results])
-            changed |= self._overlay.remove(r[0] for r in results)
-        finally:
-            self._settling -= len(results)
+        changed = await self._store.settle([Settlement(*r) for r in results])
+        changed |= self._overlay.remove(r[0] for r in results)
         for mid, applied, error in results:
             if not applied:
                 log.warning("mutation %d rejected by the server: %s", mid, error)

@@ -252,6 +252,49 @@ async def test_garbage_and_stalling_servers_reconnect(tmp_path: Path, caplog: An
             assert not client.connected and client.session.state != "failed"
 
 
+async def test_flush_waits_for_results_to_be_durable(tmp_path: Path, monkeypatch: Any) -> None:
+    """flush() returns only when every verdict is in the file, even if the applier is
+    still busy with an earlier page when the PushResult arrives (a wake-up in that gap,
+    such as live progress or a reconnect, once let flush return with rows pending)."""
+    url = f"sqlite:///{tmp_path / 'sync.db'}"
+    async with (
+        running(make_app(url)) as server,
+        fast_client(server.ws_url, tmp_path / "a.db") as client,
+        fast_client(server.ws_url, tmp_path / "b.db") as other,
+    ):
+        await wait_until(lambda: client.connected, 20, "client connected")
+        gate = asyncio.Event()
+        blocked = asyncio.Event()
+        apply = client.store.apply_events
+
+        async def slow_apply(events: Any, cursor: int) -> set[str]:
+            blocked.set()
+            await gate.wait()
+            return await apply(events, cursor)
+
+        monkeypatch.setattr(client.store, "apply_events", slow_apply)
+        # Another client's workflow sends a page: the applier blocks on it.
+        await other.submit_workflow("noop")
+        await asyncio.wait_for(blocked.wait(), scaled(20))
+        # Our submit's PushResult arrives; its Settle queues behind that page.
+        await client.submit_workflow("noop")
+        await wait_until(lambda: client.session.pending_count == 0, 20, "push answered")
+        assert client.store.pending_count() == 1  # the verdict is not in the file yet
+
+        async def flush_then_count() -> int:
+            await client.flush(timeout=scaled(20))
+            return client.store.pending_count()
+
+        flushing = asyncio.create_task(flush_then_count())
+        client.state_changed()  # a wake-up in the gap (progress, reconnect, ...)
+        for _ in range(20):
+            await asyncio.sleep(0)  # let the woken flush run; no time passes
+        assert not flushing.done(), "flush returned before the verdict was durable"
+        gate.set()
+        assert await flushing == 0
+        assert client.pending_count == 0
+
+
 async def test_second_client_on_the_same_file_is_refused(tmp_path: Path) -> None:
     from client_sdk import LocalStoreError
 
