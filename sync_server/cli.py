@@ -1,8 +1,9 @@
 """``sync-server``: serve, demo, token, and the operator commands (workflows, dlq, slo).
 
-The operator commands talk to a running server over HTTP with a short-lived global
-admin token minted from ``SYNC_AUTH_SECRET`` — so a requeue wakes the instances at once,
-whatever the backend.
+The operator commands talk to a running server over HTTP — so a requeue wakes the
+instances at once, whatever the backend — with ``--token`` (or ``SYNC_TOKEN``), else a
+short-lived global admin token minted from ``SYNC_AUTH_SECRET``. A tenant admin's token
+is held to its tenant by the server.
 
 Settings come from flags, then the environment (``SYNC_DATABASE_URL``,
 ``SYNC_AUTH_SECRET``), then defaults. Errors print one clear line and exit non-zero.
@@ -421,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.set_defaults(func=_cmd_token)
 
     url_help = "server URL (default http://127.0.0.1:8700; env SYNC_SERVER_URL)"
+    token_help = "admin token (env SYNC_TOKEN; default: minted from SYNC_AUTH_SECRET)"
     default_url = os.environ.get("SYNC_SERVER_URL", "http://127.0.0.1:8700")
     workflows = commands.add_parser("workflows", help="list workflows or show one")
     workflows.add_argument("action", choices=["list", "show"])
@@ -428,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     workflows.add_argument("--status", help="only workflows with this status (for list)")
     workflows.add_argument("--tenant", help="the workflow's tenant (for show; ids are per tenant)")
     workflows.add_argument("--url", default=default_url, help=url_help)
+    workflows.add_argument("--token", help=token_help)
     workflows.set_defaults(func=_cmd_workflows)
 
     dlq = commands.add_parser("dlq", help="list dead letters or requeue one")
@@ -435,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     dlq.add_argument("id", nargs="?", help="dead-letter id (for requeue)")
     dlq.add_argument("--status", default="open", help="open (default), requeued or all")
     dlq.add_argument("--url", default=default_url, help=url_help)
+    dlq.add_argument("--token", help=token_help)
     dlq.set_defaults(func=_cmd_dlq)
 
     slo = commands.add_parser("slo", help="the success metrics as SLOs, with error budgets")
@@ -443,9 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     slo.add_argument("--workflow", help="one workflow name (default: all)")
     slo.add_argument("--json", action="store_true", help="a JSON list instead of a table")
     slo.add_argument("--url", default=default_url, help=url_help)
-    slo.add_argument(
-        "--token", help="admin token (env SYNC_TOKEN; default: minted from SYNC_AUTH_SECRET)"
-    )
+    slo.add_argument("--token", help=token_help)
     slo.set_defaults(func=_cmd_slo)
     return parser
 

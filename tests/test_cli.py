@@ -54,8 +54,8 @@ def secret(monkeypatch: pytest.MonkeyPatch) -> str:
         (["serve"], ["--host", "--port", "--database", "--workflows", "SYNC_DATABASE_URL"]),
         (["demo"], ["--workflows", "--clients", "--seconds", "--seed", "--no-faults", "--quiet"]),
         (["token"], ["--tenant", "--subject", "--role", "--ttl"]),
-        (["workflows"], ["list", "show", "--status", "--url"]),
-        (["dlq"], ["list", "requeue", "--status", "--url"]),
+        (["workflows"], ["list", "show", "--status", "--url", "--token", "SYNC_TOKEN"]),
+        (["dlq"], ["list", "requeue", "--status", "--url", "--token", "SYNC_TOKEN"]),
     ],
 )
 def test_help(capsys: pytest.CaptureFixture[str], command: list[str], expected: list[str]) -> None:
@@ -222,6 +222,84 @@ def test_operator_commands_against_a_running_server(
         code, _, err = run(capsys, "workflows", "show", str(uuid.uuid4()), "--url", url)
         assert code != 0
         assert "404" in one_error_line(err)
+
+
+def test_operator_commands_with_a_tenant_admin_token(
+    capsys: pytest.CaptureFixture[str],
+    secret: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``workflows`` and ``dlq`` take ``--token`` (and ``SYNC_TOKEN``): a tenant admin's
+    token sees and acts on its own tenant only; without one, the minted global admin
+    token sees every tenant."""
+    monkeypatch.delenv("SYNC_TOKEN", raising=False)
+    with server_process(
+        f"sqlite:///{tmp_path / 'sync.db'}", workflows="tests.cli_workflows:workflows"
+    ) as (_, port):
+        url = f"http://127.0.0.1:{port}"
+        ours, theirs = str(uuid.uuid4()), str(uuid.uuid4())
+        for tenant, workflow_id in (("acme", ours), ("globex", theirs)):
+            mutation = {
+                "id": 1,
+                "name": "submit_workflow",
+                "args": {
+                    "workflow_id": workflow_id,
+                    "name": "gated",
+                    "input": {"unlock": str(tmp_path / "never")},
+                },
+            }
+            pushed = httpx.post(
+                f"{url}/v1/push",
+                json={"client_id": f"cli-{tenant}", "mutations": [mutation]},
+                headers={"Authorization": f"Bearer {token(tenant, 'app')}"},
+            )
+            assert pushed.status_code == 200, pushed.text
+
+        def open_letters(tenant: str) -> list[dict[str, Any]]:
+            admin = {"Authorization": f"Bearer {token(tenant, 'op', 'admin')}"}
+            entries = httpx.get(f"{url}/v1/dlq", headers=admin).json()["entries"]
+            return list(entries)
+
+        _wait(lambda: open_letters("acme") and open_letters("globex"))
+        theirs_entry = open_letters("globex")[0]["id"]
+        acme_admin = token("acme", "op", "admin")
+
+        code, out, _ = run(capsys, "workflows", "list", "--url", url, "--token", acme_admin)
+        assert code == 0
+        assert "1 workflows" in out and ours in out and theirs not in out
+        code, out, _ = run(capsys, "dlq", "list", "--url", url, "--token", acme_admin)
+        assert code == 0
+        assert "1 dead letters" in out and ours in out and theirs not in out
+        # Another tenant's dead letter cannot be requeued, and stays open.
+        code, _, err = run(
+            capsys, "dlq", "requeue", str(theirs_entry), "--url", url, "--token", acme_admin
+        )
+        assert code != 0
+        assert "404" in one_error_line(err) or "403" in one_error_line(err)
+        assert [e["id"] for e in open_letters("globex")] == [theirs_entry]
+        code, _, err = run(capsys, "workflows", "show", theirs, "--url", url, "--token", acme_admin)
+        assert code != 0
+        assert "404" in one_error_line(err) or "403" in one_error_line(err)
+
+        # SYNC_TOKEN applies when --token is not given; --token wins over it.
+        monkeypatch.setenv("SYNC_TOKEN", token("globex", "op", "admin"))
+        code, out, _ = run(capsys, "dlq", "list", "--url", url)
+        assert code == 0
+        assert "1 dead letters" in out and theirs in out and ours not in out
+        code, out, _ = run(capsys, "workflows", "list", "--url", url, "--token", acme_admin)
+        assert code == 0
+        assert ours in out and theirs not in out
+        # A bad token is refused with one line.
+        code, _, err = run(capsys, "workflows", "list", "--url", url, "--token", "not-a-token")
+        assert code != 0
+        assert "401" in one_error_line(err)
+
+        # No token at all: the global admin token minted from SYNC_AUTH_SECRET sees both.
+        monkeypatch.delenv("SYNC_TOKEN")
+        code, out, _ = run(capsys, "dlq", "list", "--url", url)
+        assert code == 0
+        assert "2 dead letters" in out and ours in out and theirs in out
 
 
 def test_serve_sources_and_job_steps_parse():
