@@ -47,6 +47,7 @@ __all__ = [
     "JobBooks",
     "JobServiceSource",
     "JobServiceThread",
+    "Stopping",
     "create_job_service",
     "main",
     "running_job_service",
@@ -91,9 +92,59 @@ class JobBooks:
         }
 
 
-def create_job_service(books: JobBooks | None = None) -> Starlette:
-    """The Starlette app of the job service; its books are ``app.state.books``."""
+class Stopping:
+    """Wakes the service's deliberately long waits (stalls, lost jobs) when it stops.
+
+    uvicorn gives in-flight requests ``timeout_graceful_shutdown`` seconds, then cancels
+    them and logs each ``CancelledError`` as an "Exception in ASGI application"
+    traceback. A stall lasts up to ``stall_seconds`` (30 s), so ``stop()`` cuts the
+    waits short instead: each answers at once and shutdown has nothing to cancel. A
+    real cancellation of a request still propagates.
+    """
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Name the loop the service runs on (``set`` must reach it thread-safely)."""
+        with self._lock:
+            self._loop = loop
+            if self._stopped:
+                loop.call_soon_threadsafe(self._event.set)
+
+    def set(self) -> None:
+        """The service is stopping: end every current and future wait (any thread)."""
+        with self._lock:
+            self._stopped = True
+            loop = self._loop
+        if loop is None:
+            return  # not serving: nothing waits, and bind() sets the event
+        with contextlib.suppress(RuntimeError):  # the loop already closed
+            loop.call_soon_threadsafe(self._event.set)
+
+    async def sleep(self, seconds: float) -> bool:
+        """Wait ``seconds``; True if cut short because the service is stopping."""
+        try:
+            await asyncio.wait_for(self._event.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+
+def create_job_service(
+    books: JobBooks | None = None, stopping: Stopping | None = None
+) -> Starlette:
+    """The Starlette app of the job service; its books are ``app.state.books``.
+
+    Args:
+        books: the books to keep (a fresh ``JobBooks`` if None).
+        stopping: set it to end the long waits before shutting the server down.
+    """
     state = books or JobBooks()
+    stop = stopping or Stopping()
 
     async def work(request: Request) -> JSONResponse:
         key = request.headers.get("idempotency-key")
@@ -108,7 +159,7 @@ def create_job_service(books: JobBooks | None = None) -> Starlette:
         if attempt <= int(body.get("drop_first", 0)):
             # The queue loses the job: never registered, the caller waits in vain.
             state.dropped[key] += 1
-            await asyncio.sleep(float(body.get("stall", state.stall_seconds)))
+            await stop.sleep(float(body.get("stall", state.stall_seconds)))
             return JSONResponse({"error": "job lost"}, status_code=504)
         if key in state.results:
             state.duplicates[key] += 1
@@ -120,7 +171,8 @@ def create_job_service(books: JobBooks | None = None) -> Starlette:
             stall = float(body.get("stall", state.stall_seconds))
             if attempt <= int(body.get("stall_first", 0)) or state.rng.random() < state.stall_rate:
                 state.stalls[key] += 1
-                await asyncio.sleep(stall)
+                if await stop.sleep(stall):
+                    return JSONResponse({"error": "job service stopping"}, status_code=503)
             if (
                 body.get("fail_always")
                 or attempt <= int(body.get("fail_first", 0))
@@ -140,7 +192,7 @@ def create_job_service(books: JobBooks | None = None) -> Starlette:
             if attempt <= int(body.get("lose_first", 0)):
                 # Done, but the completion never reaches the caller (a lost callback).
                 state.lost[key] += 1
-                await asyncio.sleep(float(body.get("stall", state.stall_seconds)))
+                await stop.sleep(float(body.get("stall", state.stall_seconds)))
             return JSONResponse(state.results[key])
         finally:
             state.active[key] -= 1
@@ -184,6 +236,7 @@ def create_job_service(books: JobBooks | None = None) -> Starlette:
         ]
     )
     app.state.books = state
+    app.state.stopping = stop
     return app
 
 
@@ -197,8 +250,9 @@ class JobServiceThread:
 
     def __init__(self, books: JobBooks | None = None, port: int = 0) -> None:
         self.books = books or JobBooks()
+        self._stopping = Stopping()
         config = uvicorn.Config(
-            create_job_service(self.books),
+            create_job_service(self.books, self._stopping),
             host="127.0.0.1",
             port=port,
             log_level="warning",
@@ -206,7 +260,7 @@ class JobServiceThread:
             timeout_graceful_shutdown=1,
         )
         self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self.server.run, daemon=True, name="job-service")
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="job-service")
         self.port = 0
 
     @property
@@ -229,8 +283,16 @@ class JobServiceThread:
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
         return self
 
+    def _serve(self) -> None:
+        async def serve() -> None:
+            self._stopping.bind(asyncio.get_running_loop())
+            await self.server.serve()
+
+        asyncio.run(serve())
+
     def stop(self) -> None:
-        """Stop serving and join the thread."""
+        """Stop serving and join the thread; stalled requests answer at once (503/504)."""
+        self._stopping.set()
         self.server.should_exit = True
         self._thread.join(timeout=5)
 
