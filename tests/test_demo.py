@@ -13,8 +13,12 @@ import re
 import subprocess
 import sys
 
+import httpx
 import pytest
 
+from examples.job_service import create_job_service
+from sync_server.demo.client import plan
+from sync_server.demo.pipeline import DOOMED_FAILURES, RENDER_ATTEMPTS
 from sync_server.demo.report import ClientFile, Evidence, build_report
 
 pytestmark = pytest.mark.timeout(180)
@@ -64,6 +68,48 @@ def test_demo_with_faults() -> None:
     assert report["job_failures"] > 0
     assert report["retries"] > 0
     assert report["dead_letters"] > 0
+    # Shutting down with renders still stalled in the job service is clean.
+    assert "Traceback" not in output and "CancelledError" not in output, output
+
+
+@pytest.mark.parametrize("clients", [1, 2, 3])
+def test_every_run_with_faults_plans_a_doomed_render(clients: int) -> None:
+    """The dead letter the demo reports needs a doomed render in every faulty run, whatever
+    the seed and size; a run without faults has none."""
+    for seed in range(40):
+        for workflows in range(clients, clients + 6):
+            base, extra = divmod(workflows, clients)
+            counts = [base + (1 if i < extra else 0) for i in range(clients)]
+
+            def fail_first(faults: bool, seed: int = seed, counts: list[int] = counts) -> set[int]:
+                return {
+                    item.input["render"].get("fail_first", 0)
+                    for i, count in enumerate(counts)
+                    for item in plan("run", i, count, seed, faults)
+                }
+
+            assert DOOMED_FAILURES in fail_first(True), (seed, workflows)
+            assert fail_first(False) == {0}, (seed, workflows)
+
+
+async def test_a_doomed_render_is_dead_lettered_even_if_an_attempt_is_interrupted() -> None:
+    """The real job service against a doomed render: a first run whose attempt was cut off
+    by the server's SIGKILL (it reached the service, then ran again under the same attempt
+    number) still fails all its RENDER_ATTEMPTS; the operator's requeue then succeeds."""
+    app = create_job_service()
+    body = {"duration": 0.0, "fail_first": DOOMED_FAILURES}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://job") as http:
+
+        async def attempt() -> int:
+            headers = {"Idempotency-Key": "w:render"}
+            return (await http.post("/work", json=body, headers=headers)).status_code
+
+        interrupted = await attempt()  # the saga never saw its answer
+        first_run = [await attempt() for _ in range(RENDER_ATTEMPTS)]
+        assert interrupted == 503 and first_run == [503] * RENDER_ATTEMPTS  # dead-lettered
+        requeued = [await attempt() for _ in range(RENDER_ATTEMPTS)]
+        assert 200 in requeued, requeued  # the requeue succeeds within its attempts
 
 
 def test_demo_without_faults_completes_everything() -> None:

@@ -34,8 +34,14 @@ RENDER_TIMEOUT = 2.0
 """Seconds a render attempt may take; a stalled job times out and is retried."""
 RENDER_ATTEMPTS = 4
 """Attempts of a render before it is dead-lettered."""
-DOOMED_FAILURES = RENDER_ATTEMPTS
-"""``fail_first`` that exhausts every attempt of a first run (a requeue then succeeds)."""
+DOOMED_FAILURES = RENDER_ATTEMPTS + 2
+"""``fail_first`` that exhausts every attempt of a first run (a requeue then succeeds).
+
+The job service counts the requests it saw, the saga counts attempts: an attempt cut
+off by the demo's server SIGKILL (or a lease taken over) runs again under the same
+attempt number, so the job service sees one request more than the saga counted.
+Two spare failures keep the dead letter certain across such interruptions; a requeue
+still succeeds within its ``RENDER_ATTEMPTS``."""
 BREAKERS = {
     "render-service": BreakerPolicy(
         failure_threshold=4, reset_timeout=1.5, probe_timeout=5.0, recheck=0.25
