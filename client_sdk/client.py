@@ -27,12 +27,14 @@ from client_sdk import tracing
 from client_sdk.backoff import Backoff, CircuitBreaker
 from client_sdk.connection import SyncConnection
 from client_sdk.errors import ClientClosed, SyncStopped
+from client_sdk.flags import ClientFlags, DirectCall, DirectHandle
 from client_sdk.localstore import Durability, LocalStore, Settlement
 from client_sdk.session import SessionState, SyncSession
 from client_sdk.views import Overlay, WorkflowHandle, WorkflowView, build_view
 from protocol import (
     MUTATION_ARGS,
     Event,
+    Flags,
     Mutation,
     Progress,
     TetherError,
@@ -107,6 +109,8 @@ class SyncClient:
         self._callbacks: list[ChangeCallback] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._closed = False
+        self._flags = ClientFlags(token)
+        self._flag_writes: set[asyncio.Task[None]] = set()
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> SyncClient:
@@ -119,6 +123,7 @@ class SyncClient:
             return self
         tracing.configure_from_env()
         opened = await asyncio.to_thread(self._store.open)
+        self._flags.load(await asyncio.to_thread(self._store.load_flags))
         self._session = SyncSession(
             opened.client_id,
             cursor=opened.cursor,
@@ -147,6 +152,8 @@ class SyncClient:
         self._closed = True
         if self._conn is not None:
             await self._conn.close()
+        if self._flag_writes:
+            await asyncio.gather(*self._flag_writes, return_exceptions=True)
         await asyncio.to_thread(self._store.close)
         for queues in self._watchers.values():
             for q in queues:
@@ -221,14 +228,24 @@ class SyncClient:
 
     # ----------------------------------------------------------------- mutations
     async def submit_workflow(
-        self, name: str, input: JSONInput | None = None, *, workflow_id: str | None = None
+        self,
+        name: str,
+        input: JSONInput | None = None,
+        *,
+        workflow_id: str | None = None,
+        key: str | None = None,
     ) -> WorkflowHandle:
         """Queue a new workflow; durable when this returns; works offline.
+
+        If a direct path is registered for ``name`` (``register_direct``) and
+        ``tether.route.<name>`` puts ``key`` outside the rollout, the direct call is
+        made instead and its result comes back in a ``DirectHandle`` (terminal at once).
 
         Args:
             name: the workflow definition's name.
             input: its JSON input.
             workflow_id: a UUID string; the same id submitted again is not queued twice.
+            key: the targeting key of the route flag (default: the token's subject).
 
         Returns:
             A handle; ``get_workflow(handle.id)`` shows it at once as ``pending``.
@@ -237,8 +254,20 @@ class SyncClient:
             ValidationError: bad name, id or input (nothing is queued).
             LocalStoreError: the write failed (nothing is queued).
             ClientClosed: the client is not started.
+            Exception: whatever the direct call raised (direct path only).
         """
         workflow_id = workflow_id or str(uuid.uuid4())
+        direct = self._flags.direct_path(name, key)
+        if direct is not None:
+            self._live_session()
+            self._flags.count(name, "direct")
+            try:
+                result = await direct(dict(input or {}))
+            except Exception:
+                self._flags.direct_failed(name)
+                raise
+            return DirectHandle(self, workflow_id, name, result)
+        self._flags.count(name, "tether")
         args = {"workflow_id": workflow_id, "name": name, "input": input or {}}
         span, traceparent = tracing.start_submit(name, workflow_id)
         try:
@@ -249,6 +278,35 @@ class SyncClient:
             if span is not None:
                 span.end()
         return WorkflowHandle(self, workflow_id)
+
+    # --------------------------------------------------------------------- flags
+    def flag(self, name: str, default: Any, key: str | None = None) -> Any:
+        """Evaluate a flag locally with the last known set (works offline).
+
+        Args:
+            name: the flag.
+            default: the value if the flag is unknown.
+            key: the targeting key (default: the token's subject).
+
+        Returns:
+            The flag's value for this tenant and key.
+        """
+        return self._flags.value(name, default, key)
+
+    def register_direct(self, name: str, call: DirectCall) -> None:
+        """Register the direct path of workflow ``name``: ``await call(input)`` is what
+        the application does without Tether; ``tether.route.<name>`` decides per subject.
+
+        Raises:
+            ValidationError: ``call`` is not callable.
+        """
+        self._flags.register_direct(name, call)
+
+    @property
+    def flags(self) -> ClientFlags:
+        """The flag state (compiled set, path counts ``counts``, ``registry`` of
+        ``tether_client_*`` metrics)."""
+        return self._flags
 
     async def cancel_workflow(self, workflow_id: str) -> WorkflowHandle:
         """Queue a cancellation (durable when this returns).
@@ -512,6 +570,19 @@ class SyncClient:
         """Ephemeral live progress from the server."""
         self._live.setdefault(progress.workflow_id, {})[progress.step] = progress
         self._changed({progress.workflow_id})
+
+    def apply_flags(self, flags: Flags) -> None:
+        """The tenant's flag set from the server: used at once, then stored."""
+        self._flags.receive(flags)
+        task = asyncio.create_task(self._save_flags(flags))
+        self._flag_writes.add(task)
+        task.add_done_callback(self._flag_writes.discard)
+
+    async def _save_flags(self, flags: Flags) -> None:
+        try:
+            await self._store.save_flags(flags)
+        except TetherError as exc:  # the in-memory set is current; the next one retries
+            log.warning("could not store the flag set: %s", exc.message)
 
     def state_changed(self) -> None:
         """Connection or session state changed."""

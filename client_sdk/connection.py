@@ -33,6 +33,7 @@ from client_sdk.backoff import Backoff, CircuitBreaker
 from client_sdk.httppoll import run_http
 from client_sdk.session import (
     ApplyEvents,
+    ApplyFlags,
     Close,
     Command,
     FetchSnapshots,
@@ -44,6 +45,7 @@ from client_sdk.session import (
 from protocol import (
     MAX_FRAME_BYTES,
     Event,
+    Flags,
     Progress,
     ProtocolError,
     TetherError,
@@ -63,6 +65,7 @@ class SyncHandler(Protocol):
     async def settle(self, results: list[tuple[int, bool, str | None]]) -> None: ...
     async def apply_snapshots(self, snapshots: list[dict[str, Any]]) -> None: ...
     def show_progress(self, progress: Progress) -> None: ...
+    def apply_flags(self, flags: Flags) -> None: ...
     def state_changed(self) -> None: ...
 
 
@@ -190,6 +193,8 @@ class SyncConnection:
         for command in self.session.commands_to_run():
             if isinstance(command, ShowProgress):
                 self.handler.show_progress(command.progress)
+            elif isinstance(command, ApplyFlags):
+                self.handler.apply_flags(command.flags)
             elif isinstance(command, Close):
                 log.warning("closing the connection: %s", command.error.message)
                 self._close_ws(command.error.close_code, command.error.message)

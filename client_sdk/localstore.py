@@ -17,6 +17,9 @@ Tables (schema version ``SCHEMA_VERSION``, stamped with ``PRAGMA application_id`
   server confirmed but whose snapshot has not arrived; plus the last rejection.
 * ``events(seq, workflow_id, type, version, at)`` — the log of applied events: its
   primary key makes a duplicate impossible and its seq list lets tests check gaps.
+* ``flags(name, definition)`` — the tenant's last known flag set (``meta`` keeps its
+  ``flags_revision``), replaced whole on every ``Flags`` message; created on open in
+  files made before it existed (an additive table: the schema version stays 1).
 
 Invariants (SPEC promises 1, 4, 5):
 
@@ -50,7 +53,8 @@ import msgspec
 from client_sdk.errors import LocalStoreError
 from client_sdk.queue import CommitQueue, convert_sqlite_error
 from client_sdk.views import WorkflowRow
-from protocol import Event, Mutation, WorkflowSnapshot
+from protocol import Event, Flags, Mutation, WorkflowSnapshot
+from protocol.flags import FlagDef
 
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "Durability", "LocalStore", "Settlement"]
 
@@ -74,6 +78,11 @@ CREATE TABLE events(
 """
 
 _ADD_TRACEPARENT = "ALTER TABLE mutations ADD COLUMN traceparent TEXT NOT NULL DEFAULT ''"
+_FLAGS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS flags(name TEXT PRIMARY KEY, definition TEXT NOT NULL) "
+    "WITHOUT ROWID"
+)
+_flag_decoder = msgspec.json.Decoder(FlagDef)
 
 _UPSERT_SNAPSHOT = """
 INSERT INTO workflows(id, name, status, version, snapshot, created_at) VALUES (?, ?, ?, ?, ?, ?)
@@ -241,6 +250,7 @@ class LocalStore:
                     f"{self.path} has schema version {version}, newer than this SDK's "
                     f"{SCHEMA_VERSION}; upgrade the SDK"
                 )
+            conn.execute(_FLAGS_TABLE)
             check = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
             if check != "ok":
                 raise LocalStoreError(f"{self.path} is corrupt: {check}")
@@ -450,6 +460,23 @@ class LocalStore:
         )
         return set(newest)
 
+    async def save_flags(self, flags: Flags) -> None:
+        """Replace the stored flag set with ``flags`` (one transaction)."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM flags")
+            conn.executemany(
+                "INSERT INTO flags(name, definition) VALUES (?, ?)",
+                [(flag.name, _json.encode(flag).decode()) for flag in flags.flags],
+            )
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('flags_revision', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (flags.revision,),
+            )
+
+        await self._queue.run(op)
+
     # ------------------------------------------------------------------- reads
     def _read(self) -> sqlite3.Connection:
         if self._reader is None:
@@ -474,6 +501,14 @@ class LocalStore:
     def pending_count(self) -> int:
         """How many mutations wait for the server's verdict."""
         return int(self._query("SELECT count(*) FROM mutations WHERE status = 'pending'")[0][0])
+
+    def load_flags(self) -> Flags | None:
+        """The last flag set stored, or None if the server never sent one."""
+        revision = self._query("SELECT value FROM meta WHERE key = 'flags_revision'")
+        if not revision:
+            return None
+        rows = self._query("SELECT definition FROM flags ORDER BY name")
+        return Flags(flags=[_flag_decoder.decode(r[0]) for r in rows], revision=int(revision[0][0]))
 
     def event_seqs(self) -> list[int]:
         """Every applied event's seq, in order (for gap and duplicate checks)."""

@@ -57,6 +57,7 @@ from protocol import (
     Error,
     Event,
     Events,
+    Flags,
     Hello,
     Mutation,
     MutationResult,
@@ -73,6 +74,7 @@ from protocol import (
 
 __all__ = [
     "ApplyEvents",
+    "ApplyFlags",
     "Close",
     "Command",
     "Disposition",
@@ -130,6 +132,13 @@ class ShowProgress:
 
 
 @dataclass(frozen=True, slots=True)
+class ApplyFlags:
+    """The tenant's current flag set (issue 15): use it at once, keep it durably."""
+
+    flags: Flags
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     """Close the connection (protocol violation or stall); reconnect with backoff."""
 
@@ -143,7 +152,7 @@ class Stop:
     error: TetherError
 
 
-Command = ApplyEvents | Settle | FetchSnapshots | ShowProgress | Close | Stop
+Command = ApplyEvents | Settle | FetchSnapshots | ShowProgress | Close | Stop | ApplyFlags
 
 
 # --------------------------------------------------------------------- session
@@ -265,6 +274,7 @@ class SyncSession:
                     protocol_version=PROTOCOL_VERSION,
                     cursor=self.received_cursor,
                     last_mutation_id=self._last_confirmed(),
+                    flags=True,
                 )
             )
         else:
@@ -307,6 +317,11 @@ class SyncSession:
             self._receive_push_result(message.results)
         elif isinstance(message, Progress):
             self._commands.append(ShowProgress(message))
+        elif isinstance(message, Flags):
+            if self.state is SessionState.HANDSHAKE:
+                self._violation("Flags before Welcome")
+                return
+            self._commands.append(ApplyFlags(message))
         elif isinstance(message, Error):
             self.server_error = message
             self.error = error_from_code(message.code, message.message)

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from protocol.flags import FlagDef
 from protocol.status import MutationStatus, Source, WorkflowStatus
 from protocol.tracecontext import TRACEPARENT_LENGTH
 
@@ -31,6 +32,7 @@ __all__ = [
     "Error",
     "Event",
     "Events",
+    "Flags",
     "Hello",
     "JSONObject",
     "Mutation",
@@ -191,6 +193,8 @@ class Hello(Message, frozen=True):
     protocol_version: int
     cursor: Seq = 0
     last_mutation_id: Annotated[int, msgspec.Meta(ge=0)] = 0
+    flags: bool = False
+    """The client understands ``Flags`` messages (older clients never get one)."""
 
 
 class Push(Message, frozen=True):
@@ -251,7 +255,16 @@ class Error(Message, frozen=True):
     retryable: bool = False
 
 
-ServerMessage = Welcome | PushResult | Events | Progress | Error
+class Flags(Message, frozen=True):
+    """The tenant's whole flag set (its own flags over the global ones), sent right
+    after Welcome and again after every change; ``revision`` rises with each change, so
+    a client keeps the highest it has seen."""
+
+    flags: list[FlagDef]
+    revision: int = 0
+
+
+ServerMessage = Welcome | PushResult | Events | Progress | Error | Flags
 
 # ------------------------------------------------------------- HTTP bodies
 

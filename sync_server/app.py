@@ -22,11 +22,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
-from protocol import RateLimited, ReportStateArgs, TetherError, UsageError
+from protocol import Flags, RateLimited, ReportStateArgs, TetherError, UsageError
 from sync_server import tracing
 from sync_server.config import ServerConfig
 from sync_server.dashboard import routes as dashboard_routes
 from sync_server.domain import MutationApplier, WorkflowCommands
+from sync_server.flags.http import routes as flag_routes
+from sync_server.flags.service import FlagService
 from sync_server.http_api import error_response, routes
 from sync_server.hub import Hub
 from sync_server.metrics import MeteredApplier, MeteredHub, Metrics
@@ -86,6 +88,9 @@ class Tether:
         self.applier: MutationApplier = MeteredApplier(
             self.store, self.workflows, metrics=self.metrics, on_report=self._on_report
         )
+        self.flags = FlagService(self.store, registry=self.metrics.registry)
+        self.flags.listeners.append(self._broadcast_flags)
+        self.applier.flags = self.flags
         self.commands = WorkflowCommands(self.applier)
         self.push_buckets = TokenBuckets(config.push_rate, config.push_burst)
         self.alerts = AlertLog(AlertSink(config.alert_webhook), self.metrics)
@@ -128,6 +133,13 @@ class Tether:
     def _repaired(self, repair: Repair, workflow_id: str) -> None:
         self.repairs.labels(repair.kind).inc()
 
+    def _broadcast_flags(self, messages: dict[str, Flags]) -> None:
+        # One pass over this instance's connections per change (issue 15).
+        for connection in list(self._connections):
+            message = messages.get(connection.tenant)
+            if message is not None:
+                connection.on_flags(message)
+
     def metrics_slow_consumer(self) -> None:
         self.metrics.slow_consumers.inc()
 
@@ -154,6 +166,7 @@ class Tether:
                 bind(self.alerts)
         await self.store.open()
         await self.hub.start()
+        self.hub.subscribe(self.flags)  # audit events of the flag log, from any instance
         if self.workflows and self.config.run_sagas:
             self.runner = SagaRunner(
                 self.store,
@@ -206,6 +219,7 @@ class Tether:
                 await close()
         if self.outbox is not None:
             await self.outbox.stop()
+        self.hub.unsubscribe(self.flags)
         await self.hub.stop()
         await self.alerts.aclose()
         await self.store.close()
@@ -271,6 +285,7 @@ def create_app(
         routes=[
             WebSocketRoute("/v1/sync", sync_endpoint),
             *routes,
+            *flag_routes,
             *dashboard_routes,
             *slo_routes,
             Route("/metrics", metrics, methods=["GET"]),

@@ -449,6 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     slo.add_argument("--url", default=default_url, help=url_help)
     slo.add_argument("--token", help=token_help)
     slo.set_defaults(func=_cmd_slo)
+
+    from sync_server.flags.cli import add_parser as add_flags_parser
+
+    token_help = "admin token (env SYNC_TOKEN; default: minted from SYNC_AUTH_SECRET)"
+    add_flags_parser(commands, default_url, url_help, token_help)
     return parser
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -50,6 +50,10 @@ from sync_server.saga import intake
 from sync_server.saga.storable import refused_by_database, storable_text
 from sync_server.store.base import Store, Transaction, WorkflowKey, WorkflowRecord
 
+if TYPE_CHECKING:
+    from protocol.flags import FlagBook
+    from sync_server.flags.service import FlagService
+
 __all__ = ["MAX_INPUT_BYTES", "MutationApplier", "WorkflowCommands"]
 
 MAX_INPUT_BYTES = 64 * 1024
@@ -62,8 +66,9 @@ ReportHandler = Callable[[Transaction, WorkflowRecord, ReportStateArgs, float], 
 class _Batch:
     """The workflows one push batch reads and writes, kept in memory until the end."""
 
-    def __init__(self, records: dict[str, WorkflowRecord]) -> None:
+    def __init__(self, records: dict[str, WorkflowRecord], flags: FlagBook | None = None) -> None:
         self.records = records
+        self.flags = flags  # the tenant's flags, for the kill switch
         self.new: set[str] = set()
         self.dirty: set[str] = set()
 
@@ -102,6 +107,8 @@ class MutationApplier:
         self.workflows = workflows
         self.on_report = on_report
         self.clock = clock
+        self.flags: FlagService | None = None
+        """Set by the app: ``tether.accept.W`` false refuses new submits (kill switch)."""
 
     async def push(
         self, principal: Principal, client_id: str, mutations: list[Mutation]
@@ -141,6 +148,7 @@ class MutationApplier:
         as rejected with that reason instead of applied."""
         tenant = principal.tenant
         now = self.clock()
+        book = await self.flags.book(principal.tenant) if self.flags is not None else None
         spans = tracing.start_push_spans(mutations, client_id) if tracing.enabled() else None
 
         async def unit(tx: Transaction) -> list[MutationResult]:
@@ -165,7 +173,7 @@ class MutationApplier:
                 }
             )
             found = await tx.get_workflows(keys, lock=True) if keys else {}
-            batch = _Batch({key.id: record for key, record in found.items()})
+            batch = _Batch({key.id: record for key, record in found.items()}, book)
             results: list[MutationResult] = []
             recorded: list[tuple[int, str, str | None]] = []
             expected = last + 1
@@ -263,6 +271,11 @@ class MutationApplier:
             raise ValidationError(
                 f"workflow id {args.workflow_id} is already used by your {existing.name!r} workflow"
             )
+        if batch.flags is not None and not batch.flags.accepts(
+            args.name, tenant=principal.tenant, key=principal.subject
+        ):
+            assert self.flags is not None
+            raise self.flags.refuse(args.name)
         record = WorkflowRecord(
             id=args.workflow_id,
             tenant=principal.tenant,

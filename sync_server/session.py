@@ -40,6 +40,7 @@ from protocol import (
     Error,
     Event,
     Events,
+    Flags,
     Hello,
     Mutation,
     MutationResult,
@@ -109,6 +110,7 @@ class ServerSession:
 
     __slots__ = (
         "_commands",
+        "_flags_revision",
         "_heard",
         "_messages",
         "_page_ends",
@@ -121,6 +123,7 @@ class ServerSession:
         "page_size",
         "server_id",
         "state",
+        "wants_flags",
         "window",
     )
 
@@ -134,6 +137,8 @@ class ServerSession:
         self.acked = 0  # highest seq the client acknowledged
         self.close_code: int | None = None
         self.close_reason = ""
+        self.wants_flags = False  # the client said it understands Flags
+        self._flags_revision = -1  # revision of the last Flags sent
         self._heard = 0  # highest live seq announced while catching up
         self._reading = False  # a ReadEvents is outstanding
         self._page_ends: list[int] = []  # cursors of unacknowledged catch-up pages
@@ -187,6 +192,7 @@ class ServerSession:
             self.fail(BadMessage("client_id contains a NUL character (U+0000)"))
             return
         self.client_id = hello.client_id
+        self.wants_flags = hello.flags
         self.cursor = self.acked = hello.cursor
         self.state = SessionState.WELCOMING
         self._commands.append(LoadClient(hello.client_id))
@@ -255,6 +261,15 @@ class ServerSession:
         if fresh:
             self.cursor = fresh[-1].seq
             self._messages.append(Events(events=fresh, cursor=self.cursor, has_more=False))
+
+    def receive_flags(self, flags: Flags) -> None:
+        """The tenant's flag set: sent once Welcome is out (never before it) to a client
+        that asked for flags, unless a newer revision was already sent."""
+        if not self.wants_flags or flags.revision <= self._flags_revision:
+            return
+        if self.state in (SessionState.CATCHING_UP, SessionState.LIVE):
+            self._flags_revision = flags.revision
+            self._messages.append(flags)
 
     def receive_progress(self, progress: Progress) -> None:
         """Ephemeral progress: forwarded only while live (it is not part of the log)."""

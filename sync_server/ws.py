@@ -20,6 +20,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from protocol import (
     BadMessage,
     Event,
+    Flags,
     Forbidden,
     Progress,
     Push,
@@ -136,6 +137,11 @@ class SyncConnection:
         self.session.receive_live(events)
         self._pump()
 
+    def on_flags(self, flags: Flags) -> None:
+        """The tenant's flag set changed (``FlagService``)."""
+        self.session.receive_flags(flags)
+        self._pump()
+
     def on_progress(self, progress: Progress) -> None:
         """The hub's live progress for this tenant (``Subscriber``)."""
         self.session.receive_progress(progress)
@@ -200,7 +206,10 @@ class SyncConnection:
                 if isinstance(command, LoadClient):
                     last = await self._check_client(command.client_id)
                     head = await store.head(tenant=self.tenant)
+                    flags = await self.tether.flags.book(self.tenant)
                     self.session.receive_client_state(last, head)
+                    # The current flags right after Welcome, before any push is answered.
+                    self.session.receive_flags(self.tether.flags.message(flags))
                 elif isinstance(command, ApplyPush):
                     results = await self.tether.applier.push(
                         self.principal, command.client_id, command.mutations

@@ -205,6 +205,23 @@ SQLITE_MIGRATIONS: list[SqliteMigration] = [
             _rebuild("mutation_results", "client_id, tenant, mutation_id", without_rowid=True),
         ),
     ),
+    (
+        4,
+        (
+            # Feature flags (issue 15): scope is a tenant, or '*' for every tenant.
+            # definition is the FlagDef as JSON; version numbers its changes, and each
+            # change's audit event in the log (tenant 'tether.flags') carries it.
+            """CREATE TABLE flags (
+                scope TEXT NOT NULL,
+                name TEXT NOT NULL,
+                definition TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                updated_at REAL NOT NULL,
+                updated_by TEXT NOT NULL,
+                PRIMARY KEY (scope, name)
+            )""",
+        ),
+    ),
 ]
 
 POSTGRES_MIGRATIONS: list[Migration] = [
@@ -317,6 +334,20 @@ POSTGRES_MIGRATIONS: list[Migration] = [
             "ALTER TABLE mutation_results ALTER COLUMN tenant SET NOT NULL, "
             "DROP CONSTRAINT mutation_results_pkey, "
             "ADD PRIMARY KEY (client_id, tenant, mutation_id)",
+        ),
+    ),
+    (
+        4,
+        (
+            """CREATE TABLE flags (
+                scope text NOT NULL,
+                name text NOT NULL,
+                definition text NOT NULL,
+                version bigint NOT NULL,
+                updated_at double precision NOT NULL,
+                updated_by text NOT NULL,
+                PRIMARY KEY (scope, name)
+            )""",
         ),
     ),
 ]

@@ -1,0 +1,1 @@
+"""Feature flags on the server: storage, cache and propagation, admin routes."""

@@ -1,0 +1,139 @@
+"""HTTP admin routes of feature flags (``sync-server flags`` talks to these).
+
+``?tenant=T`` picks the scope; without it a global admin acts on the flags of every
+tenant (scope ``*``) and a tenant admin on its own tenant's. A tenant admin asking for
+another tenant gets 403; bad input gets 400/422 and changes nothing.
+
+* ``GET  /v1/flags`` → ``{"flags": [...]}``
+* ``GET  /v1/flags/{name}`` → the flag
+* ``PUT  /v1/flags/{name}`` body ``{"value": V, "rules": [...]?}`` → ``{"before", "after"}``
+* ``POST /v1/flags/{name}/rollout`` body ``{"percentage": P}`` → ``{"before", "after"}``
+* ``GET  /v1/flags/{name}/history`` → ``{"history": [...]}`` (audit trail, oldest first)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from protocol import BadMessage, NotFound, Role, encode_json
+from protocol.flags import MAX_FLAG_BYTES, MAX_FLAG_NAME, FlagRule
+from sync_server.auth import Principal, bearer_token, verify_token
+from sync_server.flags.service import FlagChange
+
+if TYPE_CHECKING:
+    from sync_server.app import Tether
+    from sync_server.flags.service import FlagService
+
+__all__ = ["routes"]
+
+
+class SetBody(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``PUT /v1/flags/{name}``."""
+
+    value: Any
+    rules: list[FlagRule] | None = None
+
+
+class RolloutBody(msgspec.Struct, forbid_unknown_fields=True):
+    """Body of ``POST /v1/flags/{name}/rollout``."""
+
+    percentage: float
+
+
+def _service(request: Request) -> tuple[FlagService, Principal]:
+    tether: Tether = request.app.state.tether
+    principal = verify_token(
+        tether.config.auth_secret, bearer_token(request.headers.get("authorization"))
+    )
+    principal.require(Role.ADMIN)
+    return tether.flags, principal
+
+
+def _tenant(request: Request) -> str | None:
+    tenant = request.query_params.get("tenant")
+    if tenant is not None and (not tenant or "\x00" in tenant or len(tenant) > 128):
+        raise BadMessage("query parameter tenant must be 1..128 characters without NUL")
+    return tenant
+
+
+def _name(request: Request) -> str:
+    name: str = request.path_params["name"]
+    if not name or len(name) > MAX_FLAG_NAME or "\x00" in name or name != name.strip():
+        raise NotFound(f"no flag {name[:MAX_FLAG_NAME]!r}")
+    return name
+
+
+async def _decode(request: Request, kind: type[msgspec.Struct]) -> Any:
+    body = await request.body()
+    if len(body) > 2 * MAX_FLAG_BYTES:
+        raise BadMessage(f"body exceeds {2 * MAX_FLAG_BYTES} bytes")
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.DecodeError as exc:
+        raise BadMessage(f"invalid body: {exc}") from exc
+
+
+def _json(value: Any) -> Response:
+    return Response(encode_json(value), media_type="application/json")
+
+
+def _change(change: FlagChange) -> Response:
+    return _json(
+        {
+            "scope": change.scope,
+            "by": change.by,
+            "at": change.at,
+            "before": msgspec.to_builtins(change.before),
+            "after": msgspec.to_builtins(change.after),
+        }
+    )
+
+
+async def list_flags(request: Request) -> Response:
+    """``GET /v1/flags?tenant=``."""
+    flags, principal = _service(request)
+    return _json({"flags": await flags.list_flags(principal, _tenant(request))})
+
+
+async def show_flag(request: Request) -> Response:
+    """``GET /v1/flags/{name}?tenant=``."""
+    flags, principal = _service(request)
+    return _json(await flags.show(principal, _tenant(request), _name(request)))
+
+
+async def flag_history(request: Request) -> Response:
+    """``GET /v1/flags/{name}/history?tenant=``."""
+    flags, principal = _service(request)
+    return _json({"history": await flags.history(principal, _tenant(request), _name(request))})
+
+
+async def set_flag(request: Request) -> Response:
+    """``PUT /v1/flags/{name}?tenant=`` body ``{"value", "rules"?}``."""
+    flags, principal = _service(request)
+    tenant, name = _tenant(request), _name(request)
+    scope = flags.scope_for(principal, tenant)  # refuse before reading the body
+    body: SetBody = await _decode(request, SetBody)
+    return _change(await flags.set_value(principal, scope, name, body.value, body.rules))
+
+
+async def rollout_flag(request: Request) -> Response:
+    """``POST /v1/flags/{name}/rollout?tenant=`` body ``{"percentage"}``."""
+    flags, principal = _service(request)
+    tenant, name = _tenant(request), _name(request)
+    scope = flags.scope_for(principal, tenant)
+    body: RolloutBody = await _decode(request, RolloutBody)
+    return _change(await flags.rollout(principal, scope, name, body.percentage))
+
+
+routes = [
+    Route("/v1/flags", list_flags, methods=["GET"]),
+    Route("/v1/flags/{name}", show_flag, methods=["GET"]),
+    Route("/v1/flags/{name}", set_flag, methods=["PUT"]),
+    Route("/v1/flags/{name}/rollout", rollout_flag, methods=["POST"]),
+    Route("/v1/flags/{name}/history", flag_history, methods=["GET"]),
+]
