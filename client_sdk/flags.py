@@ -71,6 +71,8 @@ class ClientFlags:
         self.book = FlagBook()
         self.received = 0
         """How many ``Flags`` messages arrived in this run (tests, diagnostics)."""
+        self.listeners: list[Callable[[], None]] = []
+        """Called after a new set from the server is in use (the OpenFeature provider)."""
         self._direct: dict[str, DirectCall] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         self._submits = Counter(
@@ -97,6 +99,11 @@ class ClientFlags:
         """A new set from the server: used from now on."""
         self.book = FlagBook(flags.flags, flags.revision)
         self.received += 1
+        for listener in list(self.listeners):
+            try:
+                listener()
+            except Exception:  # a broken listener must not stop syncing
+                log.exception("flag listener failed")
 
     def value(self, name: str, default: Any, key: str | None = None, **context: Any) -> Any:
         """Evaluate ``name`` for ``key`` (default: the token's subject)."""
