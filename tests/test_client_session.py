@@ -144,7 +144,7 @@ def test_hello_carries_cursor_and_last_confirmed_id() -> None:
     assert s.state is SessionState.IDLE
     [hello] = connect(s)
     assert hello == Hello(
-        client_id="c1", protocol_version=PROTOCOL_VERSION, cursor=7, last_mutation_id=3
+        client_id="c1", protocol_version=PROTOCOL_VERSION, cursor=7, last_mutation_id=3, flags=True
     )
     assert s.state is SessionState.HANDSHAKE and s.expecting_reply
 

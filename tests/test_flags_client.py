@@ -34,7 +34,8 @@ async def test_client_syncs_flags_and_evaluates_offline_with_the_last_set(databa
     path = tmp_path / "app.db"
     async with (
         running(make_app(database_url, run_sagas=False)) as srv,
-        httpx.AsyncClient(base_url=srv.http_url) as http,fast_client(srv.ws_url, path) as client
+        httpx.AsyncClient(base_url=srv.http_url) as http,
+        fast_client(srv.ws_url, path) as client,
     ):
         await wait_for(lambda: client.flags.received >= 1, message="initial flag set")
         assert client.flag("color", "grey") == "grey"

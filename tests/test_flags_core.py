@@ -139,3 +139,52 @@ def test_evaluation_costs_microseconds():
         book.evaluate("f", False, tenant="acme", key="user-1")
     per_call = (time.perf_counter() - started) / n
     assert per_call < 20e-6, per_call  # the bench holds the 5 µs target; this is a guard
+
+
+# ------------------------------------------------------------ session cores
+
+
+def test_server_session_sends_flags_after_welcome_only_to_clients_that_asked():
+    from protocol import PROTOCOL_VERSION, Hello, Welcome
+    from sync_server.session import ServerSession
+
+    flags = Flags(flags=[FlagDef("f", True, version=1)], revision=1)
+    old = ServerSession(server_id="s")
+    old.receive_message(Hello(client_id="c", protocol_version=PROTOCOL_VERSION))
+    old.receive_client_state(0, 0)
+    old.receive_flags(flags)
+    assert not any(isinstance(m, Flags) for m in old.messages_to_send())
+
+    s = ServerSession(server_id="s")
+    s.receive_message(Hello(client_id="c", protocol_version=PROTOCOL_VERSION, flags=True))
+    s.receive_flags(flags)  # before Welcome: dropped (the Welcome path sends the set)
+    assert s.messages_to_send() == []
+    s.receive_client_state(0, 0)
+    s.receive_flags(flags)
+    first, second = s.messages_to_send()[:2]
+    assert isinstance(first, Welcome) and second == flags
+    s.receive_flags(Flags(flags=[], revision=0))  # stale: never sent after a newer one
+    s.receive_flags(flags)  # the same revision again: nothing new
+    assert s.messages_to_send() == []
+    newer = Flags(flags=[FlagDef("f", False, version=2)], revision=2)
+    s.receive_flags(newer)
+    assert s.messages_to_send() == [newer]
+
+
+def test_client_session_turns_flags_into_a_command_and_refuses_them_before_welcome():
+    from client_sdk.session import ApplyFlags, Close, SyncSession
+    from protocol import Welcome
+
+    flags = Flags(flags=[FlagDef("f", 1, version=1)], revision=1)
+    s = SyncSession("c1")
+    s.connection_made()
+    assert s.messages_to_send()[0].flags is True
+    s.receive_message(Welcome(server_id="s", protocol_version=1, last_mutation_id=0, head=0))
+    s.receive_message(flags)
+    assert ApplyFlags(flags) in s.commands_to_run()
+
+    early = SyncSession("c2")
+    early.connection_made()
+    early.messages_to_send()
+    early.receive_message(flags)
+    assert any(isinstance(c, Close) for c in early.commands_to_run())
