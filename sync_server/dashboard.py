@@ -198,9 +198,17 @@ def _page(error: str | None = None) -> str:
       <ul id="alerts"></ul>
     </section>
   </div>
+  <section class="card">
+    <h2>Flags</h2>
+    <p id="flags-message" class="muted"></p>
+    <table id="flags"><thead><tr>
+      <th>flag</th><th>scope</th><th>value</th><th>rules</th><th>version</th><th>changed by</th>
+    </tr></thead><tbody></tbody></table>
+  </section>
 </div>
 </main>
 <script src="/dashboard/static/dashboard.js"></script>
+<script src="/dashboard/static/flags.js"></script>
 </body>
 </html>
 """
@@ -230,7 +238,7 @@ async def static(request: Request) -> Response:
     """``GET /dashboard/static/{name}``: the page's script and stylesheet."""
     name = request.path_params["name"]
     path = STATIC / name
-    if name not in {"dashboard.js", "dashboard.css"} or not path.is_file():
+    if name not in {"dashboard.js", "dashboard.css", "flags.js"} or not path.is_file():
         return Response("not found", status_code=404, media_type="text/plain")
     return Response(
         path.read_bytes(),
