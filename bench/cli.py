@@ -30,6 +30,7 @@ def _load_figures() -> None:
     import bench.client
     import bench.connections
     import bench.fanout
+    import bench.flags
     import bench.ingest
     import bench.recovery
     import bench.resilience

@@ -225,7 +225,21 @@ class FlagBook:
         Returns:
             The first matching rule's value, else the flag's default.
         """
-        return self.resolve(name, default, tenant=tenant, key=key, workflow=workflow)[0]
+        compiled = self._compiled.get(name)
+        if compiled is None:
+            return default
+        flag_default, rules = compiled
+        for rule in rules:  # (``resolve`` without its bookkeeping: the hot path)
+            if rule.tenants is not None and tenant not in rule.tenants:
+                continue
+            if rule.subjects is not None and key not in rule.subjects:
+                continue
+            if rule.workflows is not None and workflow not in rule.workflows:
+                continue
+            if rule.percentage is not None and not self._in(name, key, rule.percentage):
+                continue
+            return rule.value
+        return flag_default
 
     def resolve(
         self,

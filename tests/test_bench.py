@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import PG_DSN, need_pg
 
-FIGURES = ["B1", "B1g", "B2", "B3", "B3x", "B4", "B5", "B5l", "B6", "B7", "B8", "B12"]
+FIGURES = ["B1", "B1g", "B2", "B3", "B3x", "B4", "B5", "B5l", "B6", "B7", "B8", "B11", "B12"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
