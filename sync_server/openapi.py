@@ -29,6 +29,8 @@ from protocol import (
     WorkflowSnapshot,
     WorkflowStatus,
 )
+from sync_server.flags.http import openapi_paths as flag_paths
+from sync_server.flags.http import openapi_schemas as flag_schemas
 from sync_server.store.base import DlqEntry
 
 __all__ = ["build_document", "openapi_json"]
@@ -459,6 +461,7 @@ def build_document() -> dict[str, Any]:
             ErrorBody,
             Health,
             Ready,
+            *flag_schemas(),
         ],
         ref_template="#/components/schemas/{name}",
     )
@@ -469,7 +472,7 @@ def build_document() -> dict[str, Any]:
             "version": str(PROTOCOL_VERSION),
             "description": _DESCRIPTION,
         },
-        "paths": _paths(),
+        "paths": {**_paths(), **flag_paths(_responses)},
         "components": {
             "schemas": components,
             "securitySchemes": {

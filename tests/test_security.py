@@ -823,7 +823,7 @@ def _run_schemathesis(base_url: str, tokens: dict[str, str], examples: int) -> C
     for result in schema.get_all_operations():
         operation = result.ok()
         role = {"/v1/reports": "source"}.get(operation.path, "client")
-        if "/dlq" in operation.path:
+        if "/dlq" in operation.path or "/flags" in operation.path:
             role = "admin"
         header = {"Authorization": f"Bearer {tokens[role]}"}
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):

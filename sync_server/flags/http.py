@@ -13,6 +13,7 @@ another tenant gets 403; bad input gets 400/422 and changes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -21,7 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from protocol import BadMessage, NotFound, Role, encode_json
-from protocol.flags import MAX_FLAG_BYTES, MAX_FLAG_NAME, FlagRule
+from protocol.flags import MAX_FLAG_BYTES, MAX_FLAG_NAME, FlagDef, FlagRule
 from sync_server.auth import Principal, bearer_token, verify_token
 from sync_server.flags.service import FlagChange
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from sync_server.app import Tether
     from sync_server.flags.service import FlagService
 
-__all__ = ["routes"]
+__all__ = ["openapi_paths", "openapi_schemas", "routes"]
 
 
 class SetBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -43,6 +44,125 @@ class RolloutBody(msgspec.Struct, forbid_unknown_fields=True):
     """Body of ``POST /v1/flags/{name}/rollout``."""
 
     percentage: float
+
+
+class FlagView(msgspec.Struct, frozen=True):
+    """One stored flag (``GET /v1/flags``, ``GET /v1/flags/{name}``)."""
+
+    scope: str
+    name: str
+    default: Any
+    rules: list[FlagRule]
+    version: int
+    updated_at: float
+    updated_by: str
+    overridden: bool = False
+
+
+class FlagList(msgspec.Struct, frozen=True):
+    """Answer of ``GET /v1/flags``."""
+
+    flags: list[FlagView]
+
+
+class FlagChangeView(msgspec.Struct, frozen=True):
+    """Answer of a change: the scope, who, when, and the definitions before and after."""
+
+    scope: str
+    by: str
+    at: float
+    before: FlagDef | None
+    after: FlagDef
+
+
+class FlagAudit(msgspec.Struct, frozen=True):
+    """One ``flag.changed`` audit event."""
+
+    seq: int
+    version: int
+    scope: str
+    name: str
+    by: str
+    at: float
+    before: FlagDef | None
+    after: FlagDef
+
+
+class FlagHistory(msgspec.Struct, frozen=True):
+    """Answer of ``GET /v1/flags/{name}/history`` (oldest first)."""
+
+    history: list[FlagAudit]
+
+
+def openapi_schemas() -> list[type[msgspec.Struct]]:
+    """The bodies of the flag routes, for ``sync_server.openapi``."""
+    return [SetBody, RolloutBody, FlagList, FlagView, FlagChangeView, FlagHistory]
+
+
+def openapi_paths(responses: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """The flag routes' entries of the OpenAPI document (``responses(ok, body, *errors)``
+    builds a responses object as ``sync_server.openapi`` does)."""
+    tenant = {
+        "name": "tenant",
+        "in": "query",
+        "required": False,
+        "description": "The tenant whose flags (default: every tenant's, or a tenant admin's own).",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+    }
+    name = {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_FLAG_NAME},
+    }
+
+    def body(schema: str) -> dict[str, Any]:
+        ref = {"$ref": f"#/components/schemas/{schema}"}
+        return {"required": True, "content": {"application/json": {"schema": ref}}}
+
+    return {
+        "/v1/flags": {
+            "get": {
+                "operationId": "listFlags",
+                "summary": "Flags of a scope (role admin).",
+                "parameters": [tenant],
+                "responses": responses(200, "FlagList", 400, 401, 403, 503),
+            }
+        },
+        "/v1/flags/{name}": {
+            "get": {
+                "operationId": "showFlag",
+                "summary": "One flag (role admin).",
+                "parameters": [name, tenant],
+                "responses": responses(200, "FlagView", 400, 401, 403, 404, 503),
+            },
+            "put": {
+                "operationId": "setFlag",
+                "summary": "Set a flag's value (and rules) for its scope; audited (role admin).",
+                "parameters": [name, tenant],
+                "requestBody": body("SetBody"),
+                "responses": responses(200, "FlagChangeView", 400, 401, 403, 404, 422, 503),
+            },
+        },
+        "/v1/flags/{name}/rollout": {
+            "post": {
+                "operationId": "rolloutFlag",
+                "summary": "Roll a flag out to a percentage of targeting keys; audited "
+                "(role admin).",
+                "parameters": [name, tenant],
+                "requestBody": body("RolloutBody"),
+                "responses": responses(200, "FlagChangeView", 400, 401, 403, 404, 422, 503),
+            }
+        },
+        "/v1/flags/{name}/history": {
+            "get": {
+                "operationId": "flagHistory",
+                "summary": "The audit trail of a flag (role admin).",
+                "parameters": [name, tenant],
+                "responses": responses(200, "FlagHistory", 400, 401, 403, 404, 503),
+            }
+        },
+    }
 
 
 def _service(request: Request) -> tuple[FlagService, Principal]:
