@@ -220,6 +220,7 @@ class Tether:
         if self.outbox is not None:
             await self.outbox.stop()
         self.hub.unsubscribe(self.flags)
+        await self.flags.stop()
         await self.hub.stop()
         await self.alerts.aclose()
         await self.store.close()

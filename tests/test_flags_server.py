@@ -288,3 +288,45 @@ async def test_kill_switch_refuses_on_both_instances_within_a_second(pg_url):
 async def test_kill_switch_on_sqlite(sqlite_url):
     # SQLite serves one instance: two clients on it.
     await kill_switch_scenario(sqlite_url, 1, Gate())
+
+
+async def test_change_via_a_reaches_clients_on_b_within_a_second(pg_url):
+    async with (
+        running(make_app(pg_url, run_sagas=False)) as a,
+        running(make_app(pg_url, run_sagas=False)) as b,
+        httpx.AsyncClient(base_url=a.http_url) as http,
+    ):
+        on_b = await flag_client(b.ws_url)
+        await next_flags(on_b)
+        latencies = []
+        for i in range(1, 6):
+            started = time.monotonic()
+            r = await http.put("/v1/flags/f?tenant=acme", json={"value": i}, headers=GLOBAL_ADMIN)
+            assert r.status_code == 200
+            got = await next_flags(on_b, timeout=1.0)
+            latencies.append(time.monotonic() - started)
+            assert [(f.name, f.default) for f in got.flags] == [("f", i)]
+        assert max(latencies) < 1.0, latencies
+        await on_b.close()
+
+
+async def test_a_tenant_dropped_from_the_cache_still_gets_its_changes(sqlite_url, monkeypatch):
+    import sync_server.flags.service as service
+
+    monkeypatch.setattr(service, "MAX_CACHED_TENANTS", 1)
+    async with (
+        running(make_app(sqlite_url, run_sagas=False)) as srv,
+        httpx.AsyncClient(base_url=srv.http_url) as http,
+    ):
+        acme = await flag_client(srv.ws_url)
+        await next_flags(acme)
+        globex = await flag_client(srv.ws_url, tenant="globex", client_id="g1")
+        await next_flags(globex)
+        flags = srv.app.state.tether.flags
+        assert "acme" not in flags._books  # dropped to make room for globex
+        r = await http.put("/v1/flags/f", json={"value": 1}, headers=ACME_ADMIN)
+        assert r.status_code == 200
+        got = await next_flags(acme)
+        assert [(f.name, f.default) for f in got.flags] == [("f", 1)]
+        await acme.close()
+        await globex.close()

@@ -30,6 +30,7 @@ Sizes are bounded: ``MAX_FLAGS`` per scope, ``MAX_FLAG_BYTES`` per definition,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -63,6 +64,9 @@ GLOBAL_SCOPE = GLOBAL_TENANT
 """The scope of flags that apply to every tenant."""
 MAX_HISTORY = 200
 """Most audit entries ``history`` returns (the newest)."""
+MAX_CACHED_TENANTS = 10_000
+"""Tenants whose flags one instance keeps compiled; the oldest is dropped beyond it
+(and reloaded on its next use or change)."""
 
 _def_decoder = msgspec.json.Decoder(FlagDef)
 _to_builtins = msgspec.to_builtins
@@ -102,6 +106,7 @@ class FlagService:
         self._scopes: dict[str, dict[str, FlagDef]] = {}
         self._loading: dict[str, tuple[list[FlagDef], asyncio.Event]] = {}
         self._books: dict[str, FlagBook] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self.listeners: list[Callable[[dict[str, Flags]], None]] = []
         """Called with tenant -> new ``Flags`` after a change (the app broadcasts)."""
         self.disabled = Counter(
@@ -156,7 +161,37 @@ class FlagService:
             f.version for f in own.values()
         )
         book = self._books[tenant] = FlagBook(merged.values(), revision)
+        while len(self._books) > MAX_CACHED_TENANTS:
+            oldest = next(iter(self._books))
+            del self._books[oldest]
+            if oldest != GLOBAL_SCOPE:
+                self._scopes.pop(oldest, None)
         return book
+
+    async def stop(self) -> None:
+        """Cancel reloads in progress; idempotent."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _refresh(self, tenant: str) -> None:
+        # A change of a tenant whose flags are not cached (never used here, or dropped):
+        # load them (the change is committed, so the read has it) and tell its clients.
+        try:
+            book = await self.book(tenant)
+        except Exception as exc:  # the next change or connection loads them again
+            log.warning("could not load the flags of tenant %r: %s", tenant, exc)
+            return
+        self._notify({tenant: self.message(book)})
+
+    def _notify(self, messages: dict[str, Flags]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(messages)
+            except Exception:
+                log.exception("a flag listener failed")
 
     # ------------------------------------------------------ hub subscriber
     def on_events(self, events: list[Event]) -> None:
@@ -176,17 +211,20 @@ class FlagService:
             if scope in self._scopes:
                 _apply(self._scopes[scope], after)
                 touched.add(scope)
+            elif scope != GLOBAL_SCOPE and scope not in self._loading:
+                task = asyncio.get_running_loop().create_task(self._refresh(scope))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         if not touched:
             return
         tenants = list(self._books) if GLOBAL_SCOPE in touched else list(touched)
-        messages = {
-            tenant: self.message(self._build(tenant)) for tenant in tenants if tenant in self._books
-        }
-        for listener in self.listeners:
-            try:
-                listener(messages)
-            except Exception:
-                log.exception("a flag listener failed")
+        self._notify(
+            {
+                tenant: self.message(self._build(tenant))
+                for tenant in tenants
+                if tenant in self._books
+            }
+        )
 
     def on_progress(self, progress: Progress) -> None:
         """Not used (the flag log has no workflows)."""
