@@ -50,12 +50,13 @@ def secret(monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.mark.parametrize(
     ("command", "expected"),
     [
-        ([], ["serve", "demo", "token", "workflows", "dlq"]),
+        ([], ["serve", "demo", "token", "workflows", "dlq", "flags"]),
         (["serve"], ["--host", "--port", "--database", "--workflows", "SYNC_DATABASE_URL"]),
         (["demo"], ["--workflows", "--clients", "--seconds", "--seed", "--no-faults", "--quiet"]),
         (["token"], ["--tenant", "--subject", "--role", "--ttl"]),
         (["workflows"], ["list", "show", "--status", "--url", "--token", "SYNC_TOKEN"]),
         (["dlq"], ["list", "requeue", "--status", "--url", "--token", "SYNC_TOKEN"]),
+        (["flags"], ["list", "show", "set", "rollout", "history", "--tenant", "--token"]),
     ],
 )
 def test_help(capsys: pytest.CaptureFixture[str], command: list[str], expected: list[str]) -> None:
@@ -125,7 +126,14 @@ def test_missing_auth_secret(
 
 @pytest.mark.parametrize(
     "argv",
-    [["workflows", "list"], ["workflows", "show", "x"], ["dlq", "list"], ["dlq", "requeue", "1"]],
+    [
+        ["workflows", "list"],
+        ["workflows", "show", "x"],
+        ["dlq", "list"],
+        ["dlq", "requeue", "1"],
+        ["flags", "list"],
+        ["flags", "set", "f", "true"],
+    ],
 )
 def test_unreachable_server(
     capsys: pytest.CaptureFixture[str], secret: str, argv: list[str]

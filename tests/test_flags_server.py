@@ -254,6 +254,14 @@ async def kill_switch_scenario(url: str, instances: int, gate: Gate) -> None:
 
         await asyncio.wait_for(asyncio.gather(refused_on("a", ca), refused_on("b", cb)), 5)
         assert max(refused.values()) < 1.0, refused
+        refusals = sum(
+            inst.app.state.tether.metrics.registry.get_sample_value(
+                "tether_submits_disabled_total", {"workflow": "slow"}
+            )
+            or 0
+            for inst in {id(a): a, id(b): b}.values()
+        )
+        assert refusals >= 2
         # other workflows are unaffected; the same refusal stays (not a flap)
         assert (await send("b", cb, "noop")).status is MutationStatus.APPLIED
         assert (await send("a", ca, "slow")).status is MutationStatus.REJECTED
