@@ -192,3 +192,20 @@ async def test_openfeature_client_returns_what_client_flag_returns(sqlite_url, t
                 assert of.get_boolean_value("new-ui", False) == client.flag("new-ui", False)
             finally:
                 api.shutdown()
+
+
+async def test_kill_switch_reaches_the_sdk_as_a_rejection_with_its_reason(database_url, tmp_path):
+    async with (
+        running(make_app(database_url)) as srv,
+        httpx.AsyncClient(base_url=srv.http_url) as http,
+    ):
+        async with fast_client(srv.ws_url, tmp_path / "a.db") as client:
+            before = await client.submit_workflow("noop", {})
+            assert (await client.wait(before.id, timeout=20)).status == "completed"
+            await put(http, "tether.accept.noop", False)
+            await wait_for(lambda: client.flag("tether.accept.noop", True) is False)
+            refused = await client.submit_workflow("noop", {})
+            await client.flush(timeout=20)
+            view = client.get_workflow(refused.id)
+            assert view is not None and not view.pending
+            assert view.error is not None and view.error.startswith("disabled"), view
