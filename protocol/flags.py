@@ -100,8 +100,8 @@ def check_flag(flag: FlagDef) -> FlagDef:
         The same definition.
 
     Raises:
-        ValueError: a non-finite number, a NUL character, too deep a value, or over
-            ``MAX_FLAG_BYTES``.
+        ValueError: a non-finite number, a NUL character, too deep a value, over
+            ``MAX_FLAG_BYTES``, or a built-in flag with a value it cannot take.
     """
     _check_json(flag.default)
     for rule in flag.rules:
@@ -110,12 +110,23 @@ def check_flag(flag: FlagDef) -> FlagDef:
             for text in values or ():
                 if "\x00" in text:
                     raise ValueError("a rule condition contains a NUL character")
+    values = [flag.default, *(rule.value for rule in flag.rules)]
+    if flag.name.startswith(ACCEPT_PREFIX) and not all(isinstance(v, bool) for v in values):
+        raise ValueError(f"{flag.name} takes true or false")
+    if flag.name.startswith(ROUTE_PREFIX) and not all(_is_route(v) for v in values):
+        raise ValueError(f"{flag.name} takes a percentage from 0 to 100, or true/false")
     size = len(_encoder.encode(flag))
     if size > MAX_FLAG_BYTES:
         raise ValueError(
             f"flag {flag.name!r} is {size} bytes encoded; the limit is {MAX_FLAG_BYTES}"
         )
     return flag
+
+
+def _is_route(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    return isinstance(value, int | float) and 0 <= value <= 100
 
 
 def _check_json(value: Any, depth: int = 0) -> None:

@@ -90,7 +90,6 @@ def test_builtin_flags_defaults_and_values():
     assert empty.accepts("render") and empty.routes_through_tether("render", key="u")
     off = FlagBook([FlagDef("tether.accept.render", False)])
     assert not off.accepts("render") and off.accepts("other")
-    assert FlagBook([FlagDef("tether.accept.render", "yes")]).accepts("render")
     half = FlagBook([FlagDef("tether.route.render", 50)])
     through = sum(half.routes_through_tether("render", key=k) for k in KEYS)
     assert 4800 <= through <= 5200
@@ -111,6 +110,13 @@ def test_bad_definitions_are_refused():
         check_flag(FlagDef("f", "a\x00b"))
     with pytest.raises(ValueError, match="bytes"):
         check_flag(FlagDef("f", "x" * MAX_FLAG_BYTES))
+    with pytest.raises(ValueError, match="true or false"):
+        check_flag(FlagDef("tether.accept.render", "no"))
+    with pytest.raises(ValueError, match="percentage"):
+        check_flag(FlagDef("tether.route.render", 150))
+    with pytest.raises(ValueError, match="percentage"):
+        check_flag(FlagDef("tether.route.render", 5, [FlagRule("all")]))
+    assert check_flag(FlagDef("tether.route.render", True, [FlagRule(12.5)]))
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"name": "has space", "default": 1}, FlagDef)
     with pytest.raises(msgspec.ValidationError):

@@ -162,6 +162,8 @@ async def test_tenant_admin_is_held_to_its_tenant(database_url):
         ("/v1/flags/f", b'{"value": 1, "rules": [{"value": 1, "percentage": 101}]}', 400),
         ("/v1/flags/f", b'{"value": "' + b"x" * 3000 + b'"}', 422),
         ("/v1/flags/f", b'{"value": "' + b"x" * 5000 + b'"}', 400),
+        ("/v1/flags/tether.accept.noop", b'{"value": "no"}', 422),
+        ("/v1/flags/tether.route.noop", b'{"value": 101}', 422),
         ("/v1/flags/f/rollout", b'{"percentage": -1}', 422),
         ("/v1/flags/f/rollout", b'{"percentage": "ten"}', 400),
     ],
