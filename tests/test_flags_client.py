@@ -198,14 +198,14 @@ async def test_kill_switch_reaches_the_sdk_as_a_rejection_with_its_reason(databa
     async with (
         running(make_app(database_url)) as srv,
         httpx.AsyncClient(base_url=srv.http_url) as http,
+        fast_client(srv.ws_url, tmp_path / "a.db") as client,
     ):
-        async with fast_client(srv.ws_url, tmp_path / "a.db") as client:
-            before = await client.submit_workflow("noop", {})
-            assert (await client.wait(before.id, timeout=20)).status == "completed"
-            await put(http, "tether.accept.noop", False)
-            await wait_for(lambda: client.flag("tether.accept.noop", True) is False)
-            refused = await client.submit_workflow("noop", {})
-            await client.flush(timeout=20)
-            view = client.get_workflow(refused.id)
-            assert view is not None and not view.pending
-            assert view.error is not None and view.error.startswith("disabled"), view
+        before = await client.submit_workflow("noop", {})
+        assert (await client.wait(before.id, timeout=20)).status == "completed"
+        await put(http, "tether.accept.noop", False)
+        await wait_for(lambda: client.flag("tether.accept.noop", True) is False)
+        refused = await client.submit_workflow("noop", {})
+        await client.flush(timeout=20)
+        view = client.get_workflow(refused.id)
+        assert view is not None and not view.pending
+        assert view.error is not None and view.error.startswith("disabled"), view
