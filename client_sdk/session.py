@@ -36,6 +36,8 @@ Invariants:
 * **Progressive sync**: when Welcome's ``head`` is more than ``snapshot_threshold``
   events ahead, the session asks the shell to fetch current snapshots first, so every
   workflow's newest state shows before the backlog is paged through.
+* **Flags**: Hello says the client understands ``Flags``; each one (after Welcome only)
+  becomes an ``ApplyFlags`` command, which the shell applies at once.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ skipping anything at or below the cursor. If a newer ``seq`` was heard while pag
 more page is read first. Because the hub only announces committed events, and the store
 assigns positions in commit order, the pages plus live batches cover every event once.
 
+Flags (issue 15): a client whose Hello sets ``flags`` gets its tenant's flag set
+(``receive_flags``) right after Welcome — before any PushResult — and again on every
+change; a set older than the last one sent is dropped.
+
 Flow control: at most ``window`` catch-up pages are outstanding beyond the client's
 last ``Ack``; the next page is read only when the client has acknowledged enough, so a
 100,000-event backlog never sits in memory at once.
