@@ -133,10 +133,17 @@ class Tether:
     def _repaired(self, repair: Repair, workflow_id: str) -> None:
         self.repairs.labels(repair.kind).inc()
 
-    def _broadcast_flags(self, messages: dict[str, Flags]) -> None:
-        # One pass over this instance's connections per change (issue 15).
+    def _broadcast_flags(self, tenants: set[str] | None) -> None:
+        # One pass over this instance's connections per change (issue 15); a tenant's
+        # set is compiled once, and only for tenants connected here.
+        messages: dict[str, Flags | None] = {}
         for connection in list(self._connections):
-            message = messages.get(connection.tenant)
+            tenant = connection.tenant
+            if tenants is not None and tenant not in tenants:
+                continue
+            if tenant not in messages:
+                messages[tenant] = self.flags.current(tenant)
+            message = messages[tenant]
             if message is not None:
                 connection.on_flags(message)
 

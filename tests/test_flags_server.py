@@ -340,3 +340,52 @@ async def test_a_tenant_dropped_from_the_cache_still_gets_its_changes(sqlite_url
         assert [(f.name, f.default) for f in got.flags] == [("f", 1)]
         await acme.close()
         await globex.close()
+
+
+async def test_a_global_change_recompiles_only_the_tenants_connected_here(sqlite_url):
+    async with (
+        running(make_app(sqlite_url, run_sagas=False)) as srv,
+        httpx.AsyncClient(base_url=srv.http_url) as http,
+    ):
+        for tenant in ("t1", "t2", "t3"):  # pushes compile each tenant's set (kill switch)
+            r = await http.post(
+                "/v1/push",
+                json={
+                    "client_id": f"c-{tenant}",
+                    "mutations": [
+                        {
+                            "id": 1,
+                            "name": "submit_workflow",
+                            "args": {"workflow_id": str(uuid.uuid4()), "name": "noop", "input": {}},
+                        }
+                    ],
+                },
+                headers={"Authorization": f"Bearer {token(tenant, 'app')}"},
+            )
+            assert r.status_code == 200, r.text
+        flags = srv.app.state.tether.flags
+        assert {"t1", "t2", "t3"} <= set(flags._books)
+        acme = await flag_client(srv.ws_url)
+        await next_flags(acme)
+        r = await http.put("/v1/flags/g", json={"value": True}, headers=GLOBAL_ADMIN)
+        assert r.status_code == 200
+        got = await next_flags(acme)
+        assert [(f.name, f.default) for f in got.flags] == [("g", True)]
+        assert set(flags._books) == {"acme"}  # the others recompile when next used
+        r = await http.post(
+            "/v1/push",
+            json={
+                "client_id": "c-t1",
+                "mutations": [
+                    {
+                        "id": 2,
+                        "name": "submit_workflow",
+                        "args": {"workflow_id": str(uuid.uuid4()), "name": "noop", "input": {}},
+                    }
+                ],
+            },
+            headers={"Authorization": f"Bearer {token('t1', 'app')}"},
+        )
+        assert r.json()["results"][0]["status"] == "applied"
+        assert "g" in flags._books["t1"]
+        await acme.close()

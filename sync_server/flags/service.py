@@ -106,9 +106,10 @@ class FlagService:
         self._scopes: dict[str, dict[str, FlagDef]] = {}
         self._loading: dict[str, tuple[list[FlagDef], asyncio.Event]] = {}
         self._books: dict[str, FlagBook] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.listeners: list[Callable[[dict[str, Flags]], None]] = []
-        """Called with tenant -> new ``Flags`` after a change (the app broadcasts)."""
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.listeners: list[Callable[[set[str] | None], None]] = []
+        """Called after a change with the tenants whose set changed (None: every tenant);
+        the app then sends ``current(tenant)`` to their connections."""
         self.disabled = Counter(
             "tether_submits_disabled_total",
             "Submits refused because tether.accept.W is false (kill switch)",
@@ -135,6 +136,20 @@ class FlagService:
         """The ``Flags`` message of a compiled set."""
         return Flags(flags=list(book.definitions.values()), revision=book.revision)
 
+    def current(self, tenant: str) -> Flags | None:
+        """The tenant's current set, compiled on demand from the cached scopes; None if
+        they are not cached — then they are loaded in the background and the listeners
+        are told about ``tenant`` once they are in."""
+        book = self._books.get(tenant)
+        if book is None:
+            if GLOBAL_SCOPE not in self._scopes or (
+                tenant != GLOBAL_SCOPE and tenant not in self._scopes
+            ):
+                self._refresh_later(tenant)
+                return None
+            book = self._build(tenant)
+        return self.message(book)
+
     async def _load(self, scope: str) -> None:
         loading = self._loading.get(scope)
         if loading is not None:  # another task is loading it: wait for that one
@@ -152,6 +167,13 @@ class FlagService:
         finally:
             del self._loading[scope]
             done.set()
+        if heard:  # clients connected meanwhile may have been sent the older set
+            if scope == GLOBAL_SCOPE:
+                self._books.clear()
+                self._notify(None)
+            else:
+                self._books.pop(scope, None)
+                self._notify({scope})
 
     def _build(self, tenant: str) -> FlagBook:
         merged = dict(self._scopes.get(GLOBAL_SCOPE, {}))
@@ -170,26 +192,35 @@ class FlagService:
 
     async def stop(self) -> None:
         """Cancel reloads in progress; idempotent."""
-        for task in list(self._tasks):
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        for task in list(self._tasks):
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    def _refresh_later(self, tenant: str) -> None:
+        if tenant in self._tasks:
+            return
+        task = asyncio.get_running_loop().create_task(self._refresh(tenant))
+        self._tasks[tenant] = task
+        task.add_done_callback(lambda _: self._tasks.pop(tenant, None))
+
     async def _refresh(self, tenant: str) -> None:
-        # A change of a tenant whose flags are not cached (never used here, or dropped):
-        # load them (the change is committed, so the read has it) and tell its clients.
+        # The flags of a tenant with clients here are not cached (never loaded, or
+        # dropped): load them — a change that led here is committed, so the read has
+        # it — and tell the listeners, who then find them cached.
         try:
-            book = await self.book(tenant)
+            await self.book(tenant)
         except Exception as exc:  # the next change or connection loads them again
             log.warning("could not load the flags of tenant %r: %s", tenant, exc)
             return
-        self._notify({tenant: self.message(book)})
+        self._notify({tenant})
 
-    def _notify(self, messages: dict[str, Flags]) -> None:
+    def _notify(self, tenants: set[str] | None) -> None:
         for listener in self.listeners:
             try:
-                listener(messages)
+                listener(tenants)
             except Exception:
                 log.exception("a flag listener failed")
 
@@ -210,21 +241,17 @@ class FlagService:
                 self._loading[scope][0].append(after)
             if scope in self._scopes:
                 _apply(self._scopes[scope], after)
-                touched.add(scope)
-            elif scope != GLOBAL_SCOPE and scope not in self._loading:
-                task = asyncio.get_running_loop().create_task(self._refresh(scope))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            touched.add(scope)  # (a scope not cached here is loaded when a client needs it)
         if not touched:
             return
-        tenants = list(self._books) if GLOBAL_SCOPE in touched else list(touched)
-        self._notify(
-            {
-                tenant: self.message(self._build(tenant))
-                for tenant in tenants
-                if tenant in self._books
-            }
-        )
+        if GLOBAL_SCOPE in touched:
+            # Every tenant's set changed: recompile lazily, for connected tenants first.
+            self._books.clear()
+            self._notify(None)
+            return
+        for scope in touched:
+            self._books.pop(scope, None)
+        self._notify(touched)
 
     def on_progress(self, progress: Progress) -> None:
         """Not used (the flag log has no workflows)."""
