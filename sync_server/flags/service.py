@@ -18,13 +18,16 @@ tenant ``tether.flags``, and the hub hands it every committed audit event, in or
 without gaps, whichever instance wrote it (PostgreSQL: LISTEN/NOTIFY plus a re-read of
 the log after a lost link). The event's ``after`` updates the cached scope at once —
 only if its version is newer, so a load racing with a change can never roll the cache
-back — and every connected flag-aware client of the tenants concerned gets the new set
-(a ``Flags`` message). A kill switch therefore stops new submits on every instance as
-fast as an event reaches it (milliseconds), and a reconnecting client gets the current
-set right after ``Welcome``, before anything it pushes is answered.
+back — and the compiled sets of the tenants concerned are dropped; every connected
+flag-aware client of those tenants gets the new set (a ``Flags`` message, compiled once
+per tenant connected here; other tenants' sets are compiled when next used). A kill
+switch therefore stops new submits on every instance as fast as an event reaches it
+(milliseconds), and a reconnecting client gets the current set right after
+``Welcome``, before anything it pushes is answered.
 
 Sizes are bounded: ``MAX_FLAGS`` per scope, ``MAX_FLAG_BYTES`` per definition,
-``MAX_RULES`` per flag (``protocol.flags``).
+``MAX_RULES`` per flag (``protocol.flags``), ``MAX_CACHED_TENANTS`` compiled sets per
+instance.
 """
 
 from __future__ import annotations
