@@ -108,6 +108,15 @@ def test_bad_definitions_are_refused():
         check_flag(FlagDef("f", False, [FlagRule([1, {"a": math.inf}])]))
     with pytest.raises(ValueError, match="NUL"):
         check_flag(FlagDef("f", "a\x00b"))
+    deep: list = []
+    for _ in range(40):
+        deep = [deep]
+    with pytest.raises(ValueError, match="deeply"):
+        check_flag(FlagDef("f", deep))
+    with pytest.raises(ValueError, match="NUL"):
+        check_flag(FlagDef("f", 1, [FlagRule(2, subjects=["a\x00"])]))
+    with pytest.raises(ValueError, match="NUL"):
+        check_flag(FlagDef("f", {"k\x00": 1}))
     with pytest.raises(ValueError, match="bytes"):
         check_flag(FlagDef("f", "x" * MAX_FLAG_BYTES))
     with pytest.raises(ValueError, match="true or false"):
