@@ -13,10 +13,21 @@ import jwt
 
 from protocol import Forbidden, Role, Unauthorized
 
-__all__ = ["GLOBAL_TENANT", "Principal", "bearer_token", "issue_token", "verify_token"]
+__all__ = [
+    "GLOBAL_TENANT",
+    "RESERVED_TENANTS",
+    "Principal",
+    "bearer_token",
+    "issue_token",
+    "verify_token",
+]
 
 GLOBAL_TENANT = "*"
 """The tenant claim of an operator's admin token that reaches every tenant."""
+
+RESERVED_TENANTS = frozenset({"tether.flags"})
+"""Log tenants the server writes for itself (``sync_server.flags``): no token may hold
+one, so no client can read their events."""
 
 _ALGORITHM = "HS256"
 
@@ -109,6 +120,8 @@ def verify_token(secret: str, token: str | None) -> Principal:
     # NUL is refused: PostgreSQL cannot store it, so the claim could never match a row.
     if not isinstance(tenant, str) or not tenant or len(tenant) > 128 or "\x00" in tenant:
         raise Unauthorized("invalid token: bad tenant claim")
+    if tenant in RESERVED_TENANTS:  # a log namespace of the server itself (flag audit)
+        raise Unauthorized(f"invalid token: tenant {tenant!r} is reserved")
     if not isinstance(subject, str) or not subject or len(subject) > 128 or "\x00" in subject:
         raise Unauthorized("invalid token: bad sub claim")
     try:

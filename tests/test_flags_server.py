@@ -389,3 +389,15 @@ async def test_a_global_change_recompiles_only_the_tenants_connected_here(sqlite
         assert r.json()["results"][0]["status"] == "applied"
         assert "g" in flags._books["t1"]
         await acme.close()
+
+
+async def test_no_token_may_hold_the_flag_log_tenant(sqlite_url):
+    async with (
+        running(make_app(sqlite_url, run_sagas=False)) as srv,
+        httpx.AsyncClient(base_url=srv.http_url) as http,
+    ):
+        r = await http.put("/v1/flags/f", json={"value": 1}, headers=GLOBAL_ADMIN)
+        assert r.status_code == 200
+        spy = {"Authorization": f"Bearer {token(FLAG_LOG_TENANT, 'spy')}"}
+        r = await http.get("/v1/pull", params={"cursor": 0}, headers=spy)
+        assert r.status_code == 401 and "reserved" in r.text

@@ -45,7 +45,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from protocol import Event, Flags, Forbidden, NotFound, Progress, Role, ValidationError
 from protocol.flags import MAX_FLAGS, FlagBook, FlagDef, FlagRule, check_flag
-from sync_server.auth import GLOBAL_TENANT, Principal
+from sync_server.auth import GLOBAL_TENANT, RESERVED_TENANTS, Principal
 from sync_server.flags.store import FlagRecord, count_scope, read_flag, read_scope, write_flag
 from sync_server.store.base import NewEvent, Store, Transaction
 
@@ -61,8 +61,9 @@ __all__ = [
 log = logging.getLogger("tether.flags")
 
 FLAG_LOG_TENANT = "tether.flags"
-"""The log tenant of flag audit events (no client token of it is ever issued)."""
+"""The log tenant of flag audit events (reserved: ``auth`` refuses tokens of it)."""
 FLAG_CHANGED = "flag.changed"
+assert FLAG_LOG_TENANT in RESERVED_TENANTS
 GLOBAL_SCOPE = GLOBAL_TENANT
 """The scope of flags that apply to every tenant."""
 MAX_HISTORY = 200
