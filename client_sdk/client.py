@@ -261,11 +261,14 @@ class SyncClient:
         if direct is not None:
             self._live_session()
             self._flags.count(name, "direct")
+            started = time.perf_counter()
             try:
                 result = await direct(dict(input or {}))
             except Exception:
                 self._flags.direct_failed(name)
                 raise
+            finally:
+                self._flags.direct_seconds.labels(name).observe(time.perf_counter() - started)
             return DirectHandle(self, workflow_id, name, result)
         self._flags.count(name, "tether")
         args = {"workflow_id": workflow_id, "name": name, "input": input or {}}

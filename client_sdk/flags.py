@@ -17,7 +17,8 @@ to the direct path never drops or re-routes it.
 
 Counts per workflow and path are kept in a ``prometheus_client`` registry of this
 client (``tether_client_submits_total{workflow, path}``, ``path`` = ``tether`` or
-``direct``; ``tether_client_direct_errors_total{workflow}``) and as a plain dict.
+``direct``; ``tether_client_direct_errors_total{workflow}``;
+``tether_client_direct_seconds{workflow}``) and as a plain dict.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import jwt
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from client_sdk.views import WorkflowHandle, WorkflowView
 from protocol import Flags, ValidationError
@@ -84,6 +85,12 @@ class ClientFlags:
         self._direct_errors = Counter(
             "tether_client_direct_errors",
             "Direct-path calls that raised",
+            ["workflow"],
+            registry=self.registry,
+        )
+        self.direct_seconds = Histogram(
+            "tether_client_direct_seconds",
+            "Duration of direct-path calls (compare with the Tether path's completion time)",
             ["workflow"],
             registry=self.registry,
         )

@@ -142,6 +142,10 @@ async def test_partial_route_splits_by_subject(sqlite_url, tmp_path):
                 "tether_client_submits_total", {"workflow": "noop", "path": "direct"}
             )
             assert sample == len(keys) - tether_count
+            timed = client.flags.registry.get_sample_value(
+                "tether_client_direct_seconds_count", {"workflow": "noop"}
+            )
+            assert timed == len(keys) - tether_count
 
 
 async def test_openfeature_client_returns_what_client_flag_returns(sqlite_url, tmp_path):
