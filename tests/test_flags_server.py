@@ -401,3 +401,41 @@ async def test_no_token_may_hold_the_flag_log_tenant(sqlite_url):
         spy = {"Authorization": f"Bearer {token(FLAG_LOG_TENANT, 'spy')}"}
         r = await http.get("/v1/pull", params={"cursor": 0}, headers=spy)
         assert r.status_code == 401 and "reserved" in r.text
+
+
+async def test_a_change_made_while_b_lost_its_listener_still_reaches_b(pg_url):
+    import asyncpg
+
+    from tests.conftest import PG_DSN
+
+    async with (
+        running(make_app(pg_url, run_sagas=False)) as a,
+        running(make_app(pg_url, run_sagas=False)) as b,
+        httpx.AsyncClient(base_url=a.http_url) as http,
+    ):
+        on_b = await flag_client(b.ws_url)
+        await next_flags(on_b)
+        reconnected = asyncio.Event()
+        b.app.state.tether.store.on_reconnect(reconnected.set)
+        schema = pg_url.rsplit("schema=", 1)[1]
+        admin = await asyncpg.connect(PG_DSN)
+        try:
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = $1",
+                f"tether-listen:{schema}",
+            )
+        finally:
+            await admin.close()
+        assert killed >= 1  # the fault really happened
+        # Written while B's listener may be down: its notification may be gone for good.
+        r = await http.put(
+            "/v1/flags/tether.accept.noop", json={"value": False}, headers=GLOBAL_ADMIN
+        )
+        assert r.status_code == 200
+        await asyncio.wait_for(reconnected.wait(), 30)
+        got = await next_flags(on_b, timeout=30)
+        assert [(f.name, f.default) for f in got.flags] == [("tether.accept.noop", False)]
+        book = await b.app.state.tether.flags.book("acme")
+        assert not book.accepts("noop")
+        await on_b.close()
