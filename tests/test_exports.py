@@ -8,6 +8,7 @@ import pytest
 
 SPEC_NAMES = {
     "client_sdk": {"SyncClient", "WorkflowHandle", "WorkflowView", "StepView"},
+    "client_sdk.openfeature": {"TetherProvider"},
     "sync_server": {
         "Workflow",
         "Step",
