@@ -439,3 +439,19 @@ async def test_a_change_made_while_b_lost_its_listener_still_reaches_b(pg_url):
         book = await b.app.state.tether.flags.book("acme")
         assert not book.accepts("noop")
         await on_b.close()
+
+
+async def test_concurrent_changes_of_one_flag_are_serialised(database_url):
+    async with (
+        running(make_app(database_url, run_sagas=False)) as srv,
+        httpx.AsyncClient(base_url=srv.http_url) as http,
+    ):
+        answers = await asyncio.gather(
+            *(http.put("/v1/flags/race", json={"value": i}, headers=GLOBAL_ADMIN) for i in range(8))
+        )
+        assert [r.status_code for r in answers] == [200] * 8, [r.text for r in answers]
+        versions = sorted(r.json()["after"]["version"] for r in answers)
+        assert versions == list(range(1, 9))
+        history = (await http.get("/v1/flags/race/history", headers=GLOBAL_ADMIN)).json()
+        assert [h["version"] for h in history["history"]] == list(range(1, 9))
+        assert [h["before"] is None for h in history["history"]].count(True) == 1

@@ -46,7 +46,14 @@ from prometheus_client import CollectorRegistry, Counter
 from protocol import Event, Flags, Forbidden, NotFound, Progress, Role, ValidationError
 from protocol.flags import MAX_FLAGS, FlagBook, FlagDef, FlagRule, check_flag
 from sync_server.auth import GLOBAL_TENANT, RESERVED_TENANTS, Principal
-from sync_server.flags.store import FlagRecord, count_scope, read_flag, read_scope, write_flag
+from sync_server.flags.store import (
+    FlagRecord,
+    count_scope,
+    lock_scope,
+    read_flag,
+    read_scope,
+    write_flag,
+)
 from sync_server.store.base import NewEvent, Store, Transaction
 
 __all__ = [
@@ -348,6 +355,7 @@ class FlagService:
 
         async def unit(tx: Transaction) -> FlagChange:
             now = self.clock()
+            await lock_scope(tx, scope)
             current = await read_flag(tx, scope, name)
             before = current.flag if current is not None else None
             if before is None and await count_scope(tx, scope) >= MAX_FLAGS:

@@ -17,7 +17,7 @@ from sync_server.store.base import Transaction
 from sync_server.store.pg_transaction import PostgresTransaction
 from sync_server.store.sqlite_transaction import SqliteTransaction
 
-__all__ = ["FlagRecord", "count_scope", "read_flag", "read_scope", "write_flag"]
+__all__ = ["FlagRecord", "count_scope", "lock_scope", "read_flag", "read_scope", "write_flag"]
 
 _decoder = msgspec.json.Decoder(FlagDef)
 _encoder = msgspec.json.Encoder()
@@ -35,6 +35,17 @@ class FlagRecord:
 
 def _record(scope: str, definition: str, updated_at: float, updated_by: str) -> FlagRecord:
     return FlagRecord(scope, _decoder.decode(definition), float(updated_at), updated_by)
+
+
+async def lock_scope(tx: Transaction, scope: str) -> None:
+    """Serialise changes of one scope until commit, creations included (a row lock
+    cannot cover a row that does not exist yet, and the per-scope count must hold).
+    PostgreSQL: a transaction-level advisory lock; SQLite's unit of work already holds
+    the database write lock."""
+    if isinstance(tx, PostgresTransaction):
+        await tx._execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"tether-flags:{scope}"
+        )
 
 
 async def read_scope(tx: Transaction, scope: str) -> list[FlagRecord]:
