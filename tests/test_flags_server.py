@@ -272,7 +272,7 @@ async def kill_switch_scenario(url: str, instances: int, gate: Gate) -> None:
         store = a.app.state.tether.store
 
         async def finished() -> bool:
-            record = await store.get_workflow(in_flight)
+            record = await store.get_workflow("acme", in_flight)
             return record is not None and record.status == "completed"
 
         await wait_for(finished, timeout=20)
