@@ -27,6 +27,8 @@ DEFAULT_JSON = Path(__file__).parent / "results" / "latest.json"
 
 def _load_figures() -> None:
     """Import every figure module (they register themselves)."""
+    import bench.aging
+    import bench.bounded
     import bench.client
     import bench.connections
     import bench.fanout

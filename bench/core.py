@@ -166,7 +166,23 @@ class Row:
 FigureFn = Callable[["Context"], Awaitable[list[Row]]]
 RawFn = Callable[["Context"], Awaitable[Any]]
 
-FIGURE_ORDER = ["B1", "B1g", "B2", "B3", "B3x", "B4", "B5", "B5l", "B6", "B7", "B8", "B11", "B12"]
+FIGURE_ORDER = [
+    "B1",
+    "B1g",
+    "B2",
+    "B3",
+    "B3x",
+    "B4",
+    "B5",
+    "B5l",
+    "B6",
+    "B7",
+    "B8",
+    "B9",
+    "B10",
+    "B11",
+    "B12",
+]
 """Every figure of BENCH.md, in report order."""
 
 FIGURES: dict[str, FigureFn] = {}

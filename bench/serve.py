@@ -57,6 +57,8 @@ def serve_tether(args: argparse.Namespace) -> None:
     from sync_server import create_app
 
     settings: dict[str, Any] = {"run_sagas": args.run_sagas, "lease_seconds": args.lease}
+    if args.retention_interval:
+        settings["retention_interval"] = args.retention_interval
     if args.server_id:
         settings["server_id"] = args.server_id
     app = create_app(args.database, workflows=ALL, auth_secret=SECRET, **settings)
@@ -141,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-sagas", action="store_true")
     parser.add_argument("--lease", type=float, default=10.0)
     parser.add_argument("--server-id", default="")
+    parser.add_argument("--retention-interval", type=float, default=0.0)
     args = parser.parse_args(argv)
     raise_fd_limit()
     if args.kind == "tether":

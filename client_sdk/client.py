@@ -25,6 +25,7 @@ import msgspec
 
 from client_sdk import tracing
 from client_sdk.backoff import Backoff, CircuitBreaker
+from client_sdk.compaction import CompactionPolicy
 from client_sdk.connection import SyncConnection
 from client_sdk.errors import ClientClosed, SyncStopped
 from client_sdk.flags import ClientFlags, DirectCall, DirectHandle
@@ -41,7 +42,7 @@ from protocol import (
     ValidationError,
 )
 
-__all__ = ["ChangeCallback", "SyncClient"]
+__all__ = ["ChangeCallback", "ResetCallback", "SyncClient"]
 
 log = logging.getLogger("client_sdk")
 
@@ -52,6 +53,13 @@ class ChangeCallback(Protocol):
     """Called with the new view of a workflow after every committed change."""
 
     def __call__(self, view: WorkflowView) -> None: ...
+
+
+class ResetCallback(Protocol):
+    """Called after a reset: the client's cursor was behind the server's retention
+    horizon, so its views were rebuilt from current snapshots (SPEC promise 8)."""
+
+    def __call__(self, horizon: int) -> None: ...
 
 
 class SyncClient:
@@ -69,6 +77,8 @@ class SyncClient:
         stall_timeout: seconds of silence, while a reply is owed, before reconnecting.
         backoff: reconnect backoff policy (injected RNG for tests).
         breaker: circuit breaker around connecting.
+        compaction: what the file keeps (event log length, how long finished
+            workflows stay); the default keeps 100,000 events and 30 days.
         connection_options: more ``SyncConnection`` keyword arguments.
     """
 
@@ -85,6 +95,7 @@ class SyncClient:
         stall_timeout: float = 15.0,
         backoff: Backoff | None = None,
         breaker: CircuitBreaker | None = None,
+        compaction: CompactionPolicy | None = None,
         **connection_options: Any,
     ) -> None:
         self.url = url
@@ -107,6 +118,11 @@ class SyncClient:
         self._live: dict[str, dict[str, Progress]] = {}
         self._watchers: dict[str, list[asyncio.Queue[WorkflowView]]] = {}
         self._callbacks: list[ChangeCallback] = []
+        self._reset_callbacks: list[ResetCallback] = []
+        self.compaction = compaction or CompactionPolicy()
+        self._applied_since_compaction = 0
+        self.resets = 0
+        """Resets done since start (the cursor fell behind the retention horizon)."""
         self._waiters: list[asyncio.Future[None]] = []
         self._closed = False
         self._flags = ClientFlags(token)
@@ -131,6 +147,7 @@ class SyncClient:
             pending=opened.pending,
         )
         self._overlay = Overlay(opened.pending)
+        await self.compact()
         if self._connect:
             self._conn = SyncConnection(
                 self.url, self._token, self._session, self, **self._conn_args
@@ -476,6 +493,19 @@ class SyncClient:
         self._callbacks.append(callback)
         return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
 
+    def on_reset(self, callback: ResetCallback) -> Callable[[], None]:
+        """Call ``callback(horizon)`` after each reset from current snapshots (the
+        server had pruned events this client had not seen; ``on_change`` also fires for
+        every workflow the reset changed).
+
+        Returns:
+            A function that unregisters the callback.
+        """
+        self._reset_callbacks.append(callback)
+        return lambda: (
+            self._reset_callbacks.remove(callback) if callback in self._reset_callbacks else None
+        )
+
     async def flush(self, timeout: float | None = None) -> None:
         """Return when every queued mutation is settled by the server (and recorded).
 
@@ -534,6 +564,19 @@ class SyncClient:
                     log.exception("on_change callback failed")
 
     # ------------------------------------------------------- SyncHandler (shell)
+    async def compact(self) -> tuple[int, int]:
+        """Compact the file now by ``self.compaction`` (also done at start and after
+        every ``compaction.every`` applied events).
+
+        Returns:
+            (events deleted, finished workflows deleted).
+        """
+        self._applied_since_compaction = 0
+        deleted = await self._store.compact(self.compaction, time.time())
+        if any(deleted):
+            log.info("compacted %s: %d events, %d finished workflows", self._store.path, *deleted)
+        return deleted
+
     async def apply_events(self, events: list[Event], cursor: int) -> None:
         """Durably apply a page (called by the connection's applier)."""
         changed = await self._store.apply_events(events, cursor)
@@ -548,6 +591,9 @@ class SyncClient:
                         event.type,
                         event.data["trace_id"],
                     )
+        self._applied_since_compaction += len(events)
+        if self._applied_since_compaction >= self.compaction.every:
+            await self.compact()
         for workflow_id in changed:
             live = self._live.get(workflow_id)
             if live is not None:
@@ -568,6 +614,16 @@ class SyncClient:
     async def apply_snapshots(self, snapshots: list[dict[str, Any]]) -> None:
         """Store current snapshots (progressive sync)."""
         self._changed(await self._store.apply_snapshots(snapshots))
+
+    async def reset(self, snapshots: list[dict[str, Any]], *, horizon: int, complete: bool) -> None:
+        """Rebuild the views from current snapshots (called by the applier on a reset)."""
+        self._changed(await self._store.reset(snapshots, complete=complete))
+        self.resets += 1
+        for callback in list(self._reset_callbacks):
+            try:
+                callback(horizon)
+            except Exception:  # a broken callback must not stop syncing
+                log.exception("on_reset callback failed")
 
     def show_progress(self, progress: Progress) -> None:
         """Ephemeral live progress from the server."""

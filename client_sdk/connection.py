@@ -57,6 +57,9 @@ __all__ = ["SyncConnection", "SyncHandler"]
 
 log = logging.getLogger("client_sdk")
 
+SNAPSHOT_LIMIT = 10_000
+"""Snapshots a progressive sync or a reset fetches at most (newest first)."""
+
 
 class SyncHandler(Protocol):
     """What the shell asks of its owner (the ``SyncClient``): durable work and news."""
@@ -64,6 +67,9 @@ class SyncHandler(Protocol):
     async def apply_events(self, events: list[Event], cursor: int) -> None: ...
     async def settle(self, results: list[tuple[int, bool, str | None]]) -> None: ...
     async def apply_snapshots(self, snapshots: list[dict[str, Any]]) -> None: ...
+    async def reset(
+        self, snapshots: list[dict[str, Any]], *, horizon: int, complete: bool
+    ) -> None: ...
     def show_progress(self, progress: Progress) -> None: ...
     def apply_flags(self, flags: Flags) -> None: ...
     def state_changed(self) -> None: ...
@@ -230,7 +236,7 @@ class SyncConnection:
                 elif isinstance(command, Settle):
                     await self.handler.settle(command.results)
                 elif isinstance(command, FetchSnapshots):
-                    await self._fetch_snapshots()
+                    await self._fetch_snapshots(command)
             except asyncio.CancelledError:
                 raise
             except TetherError as exc:
@@ -246,17 +252,49 @@ class SyncConnection:
             self.pump()
             self.handler.state_changed()
 
-    async def _fetch_snapshots(self) -> None:
+    async def _fetch_snapshots(self, command: FetchSnapshots) -> None:
         try:
-            response = await self.http_client().get("/v1/workflows", params={"limit": 10_000})
+            response = await self.http_client().get(
+                "/v1/workflows", params={"limit": SNAPSHOT_LIMIT}
+            )
             response.raise_for_status()
             body = msgspec.json.decode(response.content)
         except (httpx.HTTPError, msgspec.DecodeError) as exc:
-            log.info("snapshot prefetch failed (%s); the backlog will still converge", exc)
+            if command.reset:
+                log.warning("reset fetch failed (%s); reconnecting to try again", exc)
+                self._abort_reset()
+            else:
+                log.info("snapshot prefetch failed (%s); the backlog will still converge", exc)
             return
-        snapshots = body.get("workflows", []) if isinstance(body, dict) else []
-        log.info("progressive sync: %d current snapshots fetched", len(snapshots))
-        await self.handler.apply_snapshots([s for s in snapshots if isinstance(s, dict)])
+        found = body.get("workflows", []) if isinstance(body, dict) else []
+        snapshots = [s for s in found if isinstance(s, dict)]
+        if not command.reset:
+            log.info("progressive sync: %d current snapshots fetched", len(snapshots))
+            await self.handler.apply_snapshots(snapshots)
+            return
+        log.warning(
+            "cursor %d is behind the server's retention horizon %d (older events were "
+            "pruned): reset from %d current snapshots, pending mutations kept",
+            self.session.cursor,
+            command.horizon,
+            len(snapshots),
+        )
+        await self.handler.reset(
+            snapshots, horizon=command.horizon, complete=len(found) < SNAPSHOT_LIMIT
+        )
+
+    def _abort_reset(self) -> None:
+        """A reset could not fetch its snapshots: drop the pages queued behind it (they
+        must not move the cursor past the pruned events) and reconnect."""
+        kept: list[Command] = []
+        while not self._work.empty():
+            command = self._work.get_nowait()
+            if not isinstance(command, ApplyEvents):
+                kept.append(command)
+        for command in kept:
+            self._work.put_nowait(command)
+        self.session.reset_failed()
+        self._close_ws(1011, "reset failed; reconnecting")
 
     def http_client(self) -> httpx.AsyncClient:
         if self._http is None:

@@ -83,6 +83,7 @@ async def run_http(conn: SyncConnection) -> None:
                     "syncing over HTTP with %s (cursor %d)", conn.http_url, conn.session.cursor
                 )
                 conn.mark_connected()
+            conn.session.receive_horizon(page.horizon)
             conn.session.receive_message(
                 Events(events=page.events, cursor=page.cursor, has_more=page.has_more)
             )

@@ -50,6 +50,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from client_sdk import compaction
 from client_sdk.errors import LocalStoreError
 from client_sdk.queue import CommitQueue, convert_sqlite_error
 from client_sdk.views import WorkflowRow
@@ -61,6 +62,8 @@ __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "Durability", "LocalStore", "Sett
 APPLICATION_ID = 0x54455448  # "TETH"
 SCHEMA_VERSION = 1
 Durability = Literal["full", "normal"]
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+"""Bytes the WAL file is truncated to after a checkpoint."""
 
 _SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value ANY) WITHOUT ROWID;
@@ -221,8 +224,12 @@ class LocalStore:
     def _connect_writer(self) -> sqlite3.Connection:
         conn = self._connect()
         try:
+            # Takes effect on a new file only (before its first table): lets compaction
+            # give free pages back (``client_sdk.compaction``).
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {self.durability.upper()}")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         except sqlite3.Error as exc:
             conn.close()
             raise LocalStoreError(f"{self.path} is not a usable SQLite database: {exc}") from exc
@@ -436,6 +443,32 @@ class LocalStore:
         items = list(snapshots)
         return await self._queue.run(lambda conn: self._upsert(conn, items))
 
+    async def reset(self, snapshots: Iterable[dict[str, Any]], *, complete: bool) -> set[str]:
+        """Apply a reset's snapshots; with ``complete`` (the server sent all of them),
+        confirmed workflows it no longer has (pruned by its retention) leave the file —
+        except those a pending mutation still refers to.
+
+        Returns:
+            The ids of the workflows whose view may have changed or disappeared.
+        """
+        items = list(snapshots)
+
+        def op(conn: sqlite3.Connection) -> set[str]:
+            changed = self._upsert(conn, items)
+            if complete:
+                keep = _json.encode([s.get("id") for s in items]).decode()
+                gone = conn.execute(
+                    "DELETE FROM workflows WHERE snapshot IS NOT NULL "
+                    "AND id NOT IN (SELECT value FROM json_each(?)) "
+                    "AND id NOT IN (SELECT workflow_id FROM mutations WHERE status = 'pending') "
+                    "RETURNING id",
+                    (keep,),
+                ).fetchall()
+                changed.update(r[0] for r in gone)
+            return changed
+
+        return await self._queue.run(op)
+
     def _upsert(self, conn: sqlite3.Connection, snapshots: Iterable[Any]) -> set[str]:
         newest: dict[str, dict[str, Any]] = {}
         for snap in snapshots:
@@ -476,6 +509,27 @@ class LocalStore:
             )
 
         await self._queue.run(op)
+
+    async def compact(self, policy: compaction.CompactionPolicy, now: float) -> tuple[int, int]:
+        """Drop old events and old finished workflows, then free the pages.
+
+        Returns:
+            (events deleted, finished workflows deleted).
+
+        Raises:
+            LocalStoreError: the write failed; nothing was deleted.
+        """
+        deleted = await self._queue.run(lambda conn: compaction.compact(conn, policy, now))
+        if any(deleted):
+            try:
+                await asyncio.to_thread(compaction.vacuum, self.path)
+            except sqlite3.Error as exc:
+                raise convert_sqlite_error(exc, self.path) from exc
+        return deleted
+
+    def file_bytes(self) -> int:
+        """Bytes on disk of the file and its WAL."""
+        return compaction.file_bytes(self.path)
 
     # ------------------------------------------------------------------- reads
     def _read(self) -> sqlite3.Connection:

@@ -38,6 +38,13 @@ Invariants:
   workflow's newest state shows before the backlog is paged through.
 * **Flags**: Hello says the client understands ``Flags``; each one (after Welcome only)
   becomes an ``ApplyFlags`` command, which the shell applies at once.
+* **Reset behind the retention horizon** (SPEC promise 8): when the server says it
+  pruned events above the cursor (``Welcome.horizon`` / a pull's ``horizon``), the
+  missed events are gone; the session asks for a *reset* — the tenant's current
+  snapshots, newest first, applied before any further page — then pages what is still
+  retained from the cursor as usual, so nothing retained is skipped. Pending mutations
+  are untouched (they stay queued and are laid over the new snapshots). A reset is
+  asked once per horizon; ``reset_failed`` re-arms it.
 """
 
 from __future__ import annotations
@@ -123,7 +130,12 @@ class Settle:
 
 @dataclass(frozen=True, slots=True)
 class FetchSnapshots:
-    """Fetch the current snapshots of every workflow (progressive sync)."""
+    """Fetch the current snapshots of every workflow (progressive sync); with ``reset``,
+    the cursor fell behind the server's retention ``horizon``: the fetch must succeed
+    before any later page is applied (else the shell calls ``reset_failed``)."""
+
+    reset: bool = False
+    horizon: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +180,7 @@ class _Counters:
     duplicates_dropped: int = 0
     reconnects: int = 0
     conflicts: int = 0
+    resets: int = 0
 
 
 class SyncSession:
@@ -214,6 +227,8 @@ class SyncSession:
         self.server_error: Error | None = None
         self.server_id: str | None = None
         self.head = 0
+        self.reset_horizon = 0
+        """The horizon of the last reset asked for (0: none)."""
         self.counters = _Counters()
         self._outgoing: list[ClientMessage] = []
         self._commands: list[Command] = []
@@ -349,6 +364,21 @@ class SyncSession:
         self.last_mutation_id = max(self.last_mutation_id, mutation.id)
         self._push()
 
+    def receive_horizon(self, horizon: int) -> None:
+        """The server pruned the tenant's events up to ``horizon``: a cursor below it
+        (not already being reset for it) asks for a reset from current snapshots."""
+        if horizon > self.received_cursor and horizon > self.reset_horizon:
+            self.reset_horizon = horizon
+            self.counters.resets += 1
+            self._commands.append(FetchSnapshots(reset=True, horizon=horizon))
+
+    def reset_failed(self) -> None:
+        """The shell could not fetch the snapshots of a reset: forget the pages handed
+        over since (they must not advance the cursor past the missed events) and ask
+        again on the next Welcome."""
+        self.reset_horizon = 0
+        self.received_cursor = self.cursor
+
     def fail(self, error: TetherError) -> None:
         """Stop for good (e.g. the shell found the token refused over HTTP)."""
         if self.state is not SessionState.FAILED:
@@ -408,7 +438,9 @@ class SyncSession:
         self.state = (
             SessionState.CATCHING_UP if welcome.head > self.received_cursor else SessionState.LIVE
         )
-        if welcome.head - self.received_cursor > self.snapshot_threshold:
+        if welcome.horizon > self.received_cursor:
+            self.receive_horizon(welcome.horizon)
+        elif welcome.head - self.received_cursor > self.snapshot_threshold:
             self._commands.append(FetchSnapshots())
         self._push()
 

@@ -221,6 +221,9 @@ class Welcome(Message, frozen=True):
     protocol_version: int
     last_mutation_id: int
     head: int
+    horizon: int = 0
+    """The tenant's retention horizon: the highest pruned ``seq`` of its events. A
+    client whose cursor is below it resets from current snapshots (SPEC promise 8)."""
 
 
 class PushResult(Message, frozen=True):
@@ -288,3 +291,5 @@ class PullResponse(_Base, frozen=True):
     events: list[Event]
     cursor: int
     has_more: bool
+    horizon: int = 0
+    """As ``Welcome.horizon``: the HTTP fallback's reset signal."""

@@ -42,6 +42,7 @@ from sync_server.reconcile import (
     SourceAdapter,
     apply_report,
 )
+from sync_server.retention import Pruner, policy_from_config
 from sync_server.saga.alerts import AlertSink
 from sync_server.saga.outbox import OutboxRelay
 from sync_server.saga.runner import SagaRunner
@@ -84,6 +85,19 @@ class Tether:
             horizon=config.reconcile_horizon,
         )
         self.sources = list(sources)
+        self.pruned = Counter(
+            "tether_pruned_rows_total",
+            "Rows deleted by retention, by kind",
+            ["kind"],
+            registry=self.metrics.registry,
+        )
+        self.pruner = Pruner(
+            self.store,
+            policy_from_config(config),
+            interval=config.retention_interval,
+            on_pruned=lambda kind, n: self.pruned.labels(kind).inc(n),
+            reclaim_every=10 * config.retention_interval,
+        )
         self.reconciler: Reconciler | None = None
         self.applier: MutationApplier = MeteredApplier(
             self.store, self.workflows, metrics=self.metrics, on_report=self._on_report
@@ -196,6 +210,7 @@ class Tether:
             delay_threshold=self.delay_threshold,
         )
         await self.monitor.start()
+        await self.pruner.start()
         if self.config.run_sagas:
             self.outbox = OutboxRelay(self.store, alerts=self.alerts)
             await self.outbox.start()
@@ -214,6 +229,7 @@ class Tether:
             connection.close(1012, "server restarting; reconnect")
         if self.reconciler is not None:
             await self.reconciler.stop()
+        await self.pruner.stop()
         if self.monitor is not None:
             await self.monitor.stop()
         if self.runner is not None:

@@ -3,15 +3,48 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
 from dataclasses import dataclass, field
 
 from protocol import MAX_FRAME_BYTES, UsageError
 
-__all__ = ["DEFAULT_DATABASE_URL", "ServerConfig"]
+__all__ = ["DEFAULT_DATABASE_URL", "RETENTION_DEFAULTS", "ServerConfig", "parse_duration"]
 
 DEFAULT_DATABASE_URL = "sqlite:///./sync.db"
+_DAY = 86_400.0
+RETENTION_DEFAULTS = {
+    "retention_events": 7 * _DAY,
+    "retention_workflows": 30 * _DAY,
+    "retention_results": 30 * _DAY,
+    "retention_outbox": 7 * _DAY,
+    "retention_dead_letters": 30 * _DAY,
+}
+"""Retention windows in seconds (``0`` keeps forever); env ``SYNC_RETENTION_*``."""
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": _DAY}
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
+
+
+def parse_duration(text: str, *, name: str = "duration") -> float:
+    """Seconds in ``90s``, ``15m``, ``12h``, ``7d`` or a plain number of seconds.
+
+    Args:
+        text: the duration.
+        name: what it configures, for the error message.
+
+    Returns:
+        The duration in seconds (``0`` for ``"0"``).
+
+    Raises:
+        UsageError: not a non-negative duration in one of those forms.
+    """
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise UsageError(
+            f"{name}: {text!r} is not a duration; use e.g. 90s, 15m, 12h, 7d (0 keeps forever)"
+        )
+    return float(match.group(1)) * _UNITS[match.group(2)]
 
 
 def _default_server_id() -> str:
@@ -45,6 +78,18 @@ class ServerConfig:
         reconcile_horizon: seconds a job may run at its source before its step is re-run.
         run_sagas: run workflows on this instance (False: a sync-only instance that
             accepts and serves workflows while other instances execute them).
+        retention_events: seconds after a workflow ended that its events are pruned
+            (env ``SYNC_RETENTION_EVENTS``; default 7 d; ``0`` keeps them forever).
+        retention_workflows: seconds after it ended that a workflow row is deleted (env
+            ``SYNC_RETENTION_WORKFLOWS``; default 30 d).
+        retention_results: seconds a mutation's result is kept for answering resends
+            (env ``SYNC_RETENTION_RESULTS``; default 30 d); each client's last applied
+            id is kept forever, so exactly-once holds regardless.
+        retention_outbox: seconds a delivered outbox item is kept (env
+            ``SYNC_RETENTION_OUTBOX``; default 7 d).
+        retention_dead_letters: seconds a resolved or requeued dead letter is kept (env
+            ``SYNC_RETENTION_DEAD_LETTERS``; default 30 d).
+        retention_interval: seconds between pruning rounds once caught up.
     """
 
     database_url: str = DEFAULT_DATABASE_URL
@@ -66,6 +111,12 @@ class ServerConfig:
     reconcile_grace: float = 2.0
     reconcile_horizon: float = 900.0
     run_sagas: bool = True
+    retention_events: float | None = None
+    retention_workflows: float | None = None
+    retention_results: float | None = None
+    retention_outbox: float | None = None
+    retention_dead_letters: float | None = None
+    retention_interval: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.auth_secret:
@@ -80,8 +131,22 @@ class ServerConfig:
 
             text = os.environ.get("SYNC_SOURCE_PRIORITY")
             self.source_priority = ReconcileRules.parse_priority(text) if text else DEFAULT_PRIORITY
+        for name, default in RETENTION_DEFAULTS.items():
+            value = getattr(self, name)
+            if value is None:
+                text = os.environ.get(f"SYNC_{name.upper()}")
+                value = default if text is None else parse_duration(text, name=name)
+            if not value >= 0 or value == float("inf"):  # NaN fails ">= 0"
+                raise UsageError(f"{name} must be a finite number of seconds >= 0, got {value}")
+            setattr(self, name, float(value))
         if len(self.auth_secret.encode()) < 32:
             raise UsageError("the auth secret must be at least 32 bytes (RFC 7518 for HS256)")
+
+    def retention(self, name: str) -> float:
+        """A retention window in seconds (0 keeps forever), e.g. ``retention("events")``."""
+        value = getattr(self, f"retention_{name}")
+        assert isinstance(value, float)
+        return value
 
     def origin_allowed(self, origin: str) -> bool:
         """Whether a browser ``Origin`` may open a WebSocket."""

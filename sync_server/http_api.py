@@ -156,11 +156,16 @@ async def pull(request: Request) -> Response:
     principal = _principal(request)
     cursor = _int_param(request, "cursor", 0, 0, 2**63 - 1)
     limit = _int_param(request, "limit", 500, 1, MAX_EVENTS_PAGE)
-    rows = await _tether(request).store.read_events(cursor, limit + 1, tenant=principal.scope)
+    store = _tether(request).store
+    rows = await store.read_events(cursor, limit + 1, tenant=principal.scope)
     page = [row.to_wire() for row in rows[:limit]]
+    horizon = await store.horizon(principal.scope) if principal.scope is not None else 0
     return _json(
         PullResponse(
-            events=page, cursor=page[-1].seq if page else cursor, has_more=len(rows) > limit
+            events=page,
+            cursor=page[-1].seq if page else cursor,
+            has_more=len(rows) > limit,
+            horizon=horizon,
         )
     )
 

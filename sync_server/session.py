@@ -210,8 +210,12 @@ class ServerSession:
             self._page_ends.pop(0)
         self._maybe_read()
 
-    def receive_client_state(self, last_mutation_id: int, head: int) -> None:
-        """The store's answer to ``LoadClient``: send Welcome and start catching up."""
+    def receive_client_state(self, last_mutation_id: int, head: int, horizon: int = 0) -> None:
+        """The store's answer to ``LoadClient``: send Welcome and start catching up.
+
+        ``horizon`` (the tenant's highest pruned seq) goes into the Welcome: a client
+        below it resets from snapshots and then pages what is retained, as usual.
+        """
         if self.state is not SessionState.WELCOMING:
             return
         if self.cursor > head:
@@ -223,6 +227,7 @@ class ServerSession:
                 protocol_version=PROTOCOL_VERSION,
                 last_mutation_id=last_mutation_id,
                 head=head,
+                horizon=horizon,
             )
         )
         self.state = SessionState.CATCHING_UP

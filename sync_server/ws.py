@@ -207,7 +207,8 @@ class SyncConnection:
                     last = await self._check_client(command.client_id)
                     head = await store.head(tenant=self.tenant)
                     flags = await self.tether.flags.book(self.tenant)
-                    self.session.receive_client_state(last, head)
+                    horizon = await store.horizon(self.tenant)
+                    self.session.receive_client_state(last, head, horizon)
                     # The current flags right after Welcome, before any push is answered.
                     self.session.receive_flags(self.tether.flags.message(flags))
                 elif isinstance(command, ApplyPush):

@@ -16,12 +16,28 @@ import pytest
 
 from tests.conftest import PG_DSN, need_pg
 
-FIGURES = ["B1", "B1g", "B2", "B3", "B3x", "B4", "B5", "B5l", "B6", "B7", "B8", "B11", "B12"]
+FIGURES = [
+    "B1",
+    "B1g",
+    "B2",
+    "B3",
+    "B3x",
+    "B4",
+    "B5",
+    "B5l",
+    "B6",
+    "B7",
+    "B8",
+    "B9",
+    "B10",
+    "B11",
+    "B12",
+]
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.postgres
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(700)
 def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
     need_pg()
     report_path = tmp_path / "quick.json"
@@ -31,7 +47,7 @@ def test_quick_run_produces_every_figure(tmp_path: Path) -> None:
         env={**os.environ, "TETHER_PG_DSN": PG_DSN},
         capture_output=True,
         text=True,
-        timeout=380,
+        timeout=680,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(report_path.read_text())

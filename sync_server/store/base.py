@@ -386,6 +386,14 @@ class Store(abc.ABC):
     ) -> list[WorkflowRecord]:
         """Workflows, newest first, optionally of one tenant and some statuses."""
 
+    async def status_counts(self, *, tenant: str | None = None, limit: int) -> dict[str, int]:
+        """Workflows by status among the newest ``limit`` (of one tenant, or all) —
+        bounded work whatever the table size. Backends answer from an index."""
+        counts: dict[str, int] = {}
+        for record in await self.list_workflows(tenant=tenant, limit=limit):
+            counts[record.status] = counts.get(record.status, 0) + 1
+        return counts
+
     @abc.abstractmethod
     async def get_client(self, tenant: str, client_id: str) -> tuple[str | None, int] | None:
         """(subject, last applied mutation id) of the tenant's client, or None; the
@@ -443,6 +451,56 @@ class Store(abc.ABC):
     async def backlog_stats(self, now: float) -> tuple[int, float]:
         """(open dead letters, seconds the most overdue unleased running or compensating
         workflow has waited past its ``due_at``) — one cheap query each."""
+
+    # -- retention (``sync_server.retention``) ----------------------------------
+    @abc.abstractmethod
+    async def horizon(self, tenant: str) -> int:
+        """The tenant's retention horizon: the highest ``seq`` of its pruned events (0
+        when nothing was pruned). A client whose cursor is below it may have missed
+        events and must reset from current snapshots (SPEC promise 8)."""
+
+    @abc.abstractmethod
+    async def prune_events(self, cutoff: float, limit: int) -> tuple[int, int]:
+        """Delete the events of the next ``limit`` workflows that ended before ``cutoff``
+        (walking ``workflows_ended`` from a stored mark), in one short transaction.
+
+        Returns:
+            (workflows examined, events deleted); fewer than ``limit`` examined means
+            the pruner has caught up.
+        """
+
+    @abc.abstractmethod
+    async def prune_workflows(
+        self, cutoff: float, limit: int, *, with_events: bool
+    ) -> tuple[int, int]:
+        """Delete up to ``limit`` workflow rows that ended before ``cutoff`` (and, with
+        ``with_events``, whatever events of theirs are left).
+
+        Returns:
+            (workflows deleted, events deleted).
+        """
+
+    async def reclaim(self) -> None:
+        """Make the space of pruned rows reusable now (PostgreSQL: a plain VACUUM of the
+        pruned tables; SQLite reuses freed pages by itself). Never blocks writers.
+
+        Raises:
+            StorageError: the database failed.
+        """
+        return None
+
+    @abc.abstractmethod
+    async def prune_rows(self, kind: str, cutoff: float, limit: int) -> int:
+        """Delete up to ``limit`` rows of ``kind`` older than ``cutoff``: ``results``
+        (mutation results; each client's last applied id stays in ``clients``),
+        ``outbox`` (delivered items) or ``dead_letters`` (resolved or requeued).
+
+        Returns:
+            The rows deleted.
+
+        Raises:
+            UsageError: an unknown kind.
+        """
 
     # -- notifications --------------------------------------------------------
     async def notify(self, channel: str, payload: str = "") -> None:

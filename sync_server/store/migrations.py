@@ -222,6 +222,37 @@ SQLITE_MIGRATIONS: list[SqliteMigration] = [
             )""",
         ),
     ),
+    (
+        7,
+        (
+            # Flat cost with age (SPEC promise 8): every hot statement finds its rows by
+            # an index whatever the table size. Tenant leads every composite index.
+            "CREATE INDEX workflows_tenant_created ON workflows (tenant, created_at, id)",
+            "CREATE INDEX workflows_tenant_status_created "
+            "ON workflows (tenant, status, created_at, id)",
+            "DROP INDEX workflows_tenant_status",
+            "CREATE INDEX workflows_created ON workflows (created_at, id)",
+            "CREATE INDEX workflows_status_created ON workflows (status, created_at, id)",
+            # Retention: finished workflows in the order they ended.
+            "CREATE INDEX workflows_ended ON workflows (updated_at, id) "
+            "WHERE status IN ('completed', 'compensated', 'failed', 'cancelled')",
+            "CREATE INDEX mutation_results_at ON mutation_results (at)",
+            "CREATE INDEX outbox_published ON outbox (published_at) WHERE status = 'published'",
+            "CREATE INDEX dlq_resolved ON dlq (resolved_at) WHERE status <> 'open'",
+            "CREATE INDEX dlq_tenant_status ON dlq (tenant, status, id)",
+            # How far the event pruner got through the ended workflows (updated_at, id).
+            """CREATE TABLE retention_marks (
+                name TEXT PRIMARY KEY,
+                at REAL NOT NULL,
+                id TEXT NOT NULL
+            )""",
+            # Per tenant, the highest seq ever pruned: a cursor below it missed events.
+            """CREATE TABLE tenant_horizons (
+                tenant TEXT PRIMARY KEY,
+                seq INTEGER NOT NULL
+            )""",
+        ),
+    ),
 ]
 
 POSTGRES_MIGRATIONS: list[Migration] = [
@@ -347,6 +378,34 @@ POSTGRES_MIGRATIONS: list[Migration] = [
                 updated_at double precision NOT NULL,
                 updated_by text NOT NULL,
                 PRIMARY KEY (scope, name)
+            )""",
+        ),
+    ),
+    (
+        7,
+        (
+            # See the SQLite migration 7. Plain CREATE INDEX (not CONCURRENTLY): migrations
+            # run in one transaction; on a large live table build them ahead by hand.
+            "CREATE INDEX workflows_tenant_created ON workflows (tenant, created_at, id)",
+            "CREATE INDEX workflows_tenant_status_created "
+            "ON workflows (tenant, status, created_at, id)",
+            "DROP INDEX workflows_tenant_status",
+            "CREATE INDEX workflows_created ON workflows (created_at, id)",
+            "CREATE INDEX workflows_status_created ON workflows (status, created_at, id)",
+            "CREATE INDEX workflows_ended ON workflows (updated_at, id) "
+            "WHERE status IN ('completed', 'compensated', 'failed', 'cancelled')",
+            "CREATE INDEX mutation_results_at ON mutation_results (at)",
+            "CREATE INDEX outbox_published ON outbox (published_at) WHERE status = 'published'",
+            "CREATE INDEX dlq_resolved ON dlq (resolved_at) WHERE status <> 'open'",
+            "CREATE INDEX dlq_tenant_status ON dlq (tenant, status, id)",
+            """CREATE TABLE retention_marks (
+                name text PRIMARY KEY,
+                at double precision NOT NULL,
+                id text NOT NULL
+            )""",
+            """CREATE TABLE tenant_horizons (
+                tenant text PRIMARY KEY,
+                seq bigint NOT NULL
             )""",
         ),
     ),

@@ -23,7 +23,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from protocol import Forbidden, StorageError
-from sync_server.store import rows
+from sync_server.store import rows, statements
 from sync_server.store.base import (
     BreakerRecord,
     DlqEntry,
@@ -91,14 +91,7 @@ FROM head
 _NOTIFY = "SELECT count(pg_notify($1, n)) FROM unnest($2::text[]) AS n"
 
 # Saga claim: due rows no live owner holds, locked with SKIP LOCKED, leased (fence + 1).
-CLAIM_DUE_WORKFLOWS = (
-    "WITH due AS MATERIALIZED (SELECT id, tenant FROM workflows WHERE due_at <= $3 "
-    "AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until < $3) "
-    "ORDER BY due_at LIMIT $4 FOR UPDATE SKIP LOCKED) "
-    "UPDATE workflows AS w SET lease_owner = $1, lease_until = $2, fence = w.fence + 1 "
-    "FROM due WHERE w.id = due.id AND w.tenant = due.tenant RETURNING "
-    + ", ".join(f"w.{col.strip()}" for col in _WF.split(","))
-)
+CLAIM_DUE_WORKFLOWS = statements.PG_CLAIM_DUE_WORKFLOWS
 
 _RECORD_MUTATIONS = """
 WITH r AS (
@@ -113,10 +106,6 @@ UPDATE clients SET last_mutation_id = $5, updated_at = $6 WHERE client_id = $1 A
 
 # Several workflows by key: a join against the keys, so the plan is an index lookup
 # per key whatever the table holds (LESSONS: generic plans). $3 adds FOR UPDATE.
-_GET_WORKFLOWS = (
-    f"SELECT {_WF_W} FROM unnest($1::text[], $2::text[]) AS k(id, tenant) "
-    "JOIN workflows AS w ON w.id = k.id AND w.tenant = k.tenant"
-)
 
 
 class PgSql:
@@ -184,10 +173,10 @@ class PostgresTransaction(PgSql, Transaction):
         self, keys: list[WorkflowKey], *, lock: bool = True
     ) -> dict[WorkflowKey, WorkflowRecord]:
         """Read several workflows in one round trip, locked in key order (no deadlock)."""
-        suffix = " ORDER BY w.id, w.tenant FOR UPDATE OF w" if lock else ""
-        found = await self._fetch(
-            _GET_WORKFLOWS + suffix, [k.id for k in keys], [k.tenant for k in keys]
-        )
+        # A join against unnest (not "= ANY($1)"): its generic plan stays an index
+        # lookup per key (LESSONS "prepared statements and generic plans").
+        sql = statements.PG_GET_WORKFLOWS_FOR_UPDATE if lock else statements.PG_GET_WORKFLOWS
+        found = await self._fetch(sql, [k.id for k in keys], [k.tenant for k in keys])
         records = [rows.workflow_from_row(row) for row in found]
         return {record.key: record for record in records}
 
@@ -267,14 +256,7 @@ class PostgresTransaction(PgSql, Transaction):
         """Recorded outcome (status, error) of the given mutation ids that exist."""
         if not ids:
             return {}
-        found = await self._fetch(
-            "SELECT m.mutation_id, m.status, m.error FROM unnest($3::bigint[]) AS u(id) "
-            "JOIN mutation_results AS m ON m.client_id = $1 AND m.tenant = $2 "
-            "AND m.mutation_id = u.id",
-            client_id,
-            tenant,
-            ids,
-        )
+        found = await self._fetch(statements.PG_MUTATION_RESULTS, client_id, tenant, ids)
         return {row[0]: (row[1], row[2]) for row in found}
 
     async def record_mutations(

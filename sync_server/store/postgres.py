@@ -43,7 +43,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from protocol import StorageError, UsageError
-from sync_server.store import rows
+from sync_server.store import pg_retention, rows, statements
 from sync_server.store.base import (
     BreakerRecord,
     DlqEntry,
@@ -73,25 +73,7 @@ _CONFLICTS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _PG_ERRORS = PG_ERRORS
 _OUR_PARAMS = ("schema", "min_size", "max_size", "connect_timeout")
 
-_WF = rows.WORKFLOW_COLUMNS
-_EV = rows.EVENT_COLUMNS
-_DLQ = rows.DLQ_COLUMNS
 _BR = rows.BREAKER_COLUMNS
-
-
-def _qualified(columns: str, alias: str) -> str:
-    return ", ".join(f"{alias}.{col.strip()}" for col in columns.split(","))
-
-
-def _filters(*conditions: tuple[str, object]) -> tuple[str, list[object]]:
-    """A ``WHERE`` clause of the conditions whose value is not None, and their values."""
-    parts: list[str] = []
-    args: list[object] = []
-    for template, value in conditions:
-        if value is not None:
-            args.append(value)
-            parts.append(template % len(args))
-    return (" WHERE " + " AND ".join(parts) if parts else ""), args
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
@@ -188,7 +170,13 @@ class PostgresStore(PgSql, Store):
                 min_size=self._min_size,
                 max_size=self._max_size,
                 timeout=self._connect_timeout,
-                server_settings={"search_path": f'"{self.schema}"', "application_name": "tether"},
+                # JIT off: it compiles any plan whose (generic) cost estimate is high, at
+                # 10-200 ms a time — ruinous for short OLTP statements.
+                server_settings={
+                    "search_path": f'"{self.schema}"',
+                    "application_name": "tether",
+                    "jit": "off",
+                },
                 reset=_no_reset,
             )
         except _PG_ERRORS as exc:
@@ -339,42 +327,25 @@ class PostgresStore(PgSql, Store):
     ) -> list[StoredEvent]:
         """Events with ``seq > after`` in seq order (of one tenant, or all)."""
         if tenant is None:
-            found = await self._fetch(
-                f"SELECT {_EV} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2", after, limit
-            )
+            found = await self._fetch(statements.PG_READ_EVENTS, after, limit)
         else:
-            found = await self._fetch(
-                f"SELECT {_EV} FROM events WHERE tenant = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-                tenant,
-                after,
-                limit,
-            )
+            found = await self._fetch(statements.PG_READ_TENANT_EVENTS, tenant, after, limit)
         return [rows.event_from_row(row) for row in found]
 
     async def read_workflow_events(self, tenant: str, workflow_id: str) -> list[StoredEvent]:
         """Every event of one of the tenant's workflows, in order."""
-        found = await self._fetch(
-            f"SELECT {_EV} FROM events WHERE workflow_id = $1 AND tenant = $2 ORDER BY wf_seq",
-            workflow_id,
-            tenant,
-        )
+        found = await self._fetch(statements.PG_WORKFLOW_EVENTS, workflow_id, tenant)
         return [rows.event_from_row(row) for row in found]
 
     async def head(self, tenant: str | None = None) -> int:
         """The highest committed ``seq`` (0 for an empty log), of all or one tenant."""
         if tenant is not None:
-            return int(
-                await self._fetchval(
-                    "SELECT coalesce(max(seq), 0) FROM events WHERE tenant = $1", tenant
-                )
-            )
+            return int(await self._fetchval(statements.PG_TENANT_HEAD, tenant))
         return int(await self._fetchval("SELECT seq FROM event_head WHERE id = 1"))
 
     async def get_workflow(self, tenant: str, workflow_id: str) -> WorkflowRecord | None:
         """Read one of the tenant's workflows without locking."""
-        row = await self._fetchrow(
-            f"SELECT {_WF} FROM workflows WHERE id = $1 AND tenant = $2", workflow_id, tenant
-        )
+        row = await self._fetchrow(statements.PG_GET_WORKFLOW, workflow_id, tenant)
         return None if row is None else rows.workflow_from_row(row)
 
     async def workflow_tenants(self, workflow_id: str, limit: int = 10) -> list[str]:
@@ -394,34 +365,33 @@ class PostgresStore(PgSql, Store):
         limit: int = 1000,
     ) -> list[WorkflowRecord]:
         """Workflows, newest first, optionally of one tenant and some statuses."""
-        # The WHERE clause is built per filter combination (not "$1 IS NULL OR …") so
-        # that each prepared statement gets a plan that can use the tenant index.
-        where, args = _filters(("tenant = $%d", tenant), ("status = ANY($%d::text[])", statuses))
-        found = await self._fetch(
-            f"SELECT {_WF} FROM workflows{where} ORDER BY created_at DESC, id DESC "
-            f"LIMIT ${len(args) + 1}",
-            *args,
-            limit,
-        )
+        # One statement per filter combination (not "$1 IS NULL OR …"), so each
+        # prepared statement gets a plan that walks an index newest first.
+        if statuses is not None and not statuses:
+            return []
+        sql = statements.pg_list_workflows(tenant=tenant is not None, statuses=bool(statuses))
+        args = [a for a in (tenant, statuses) if a is not None]
+        found = await self._fetch(sql, *args, limit)
         return [rows.workflow_from_row(row) for row in found]
+
+    async def status_counts(self, *, tenant: str | None = None, limit: int) -> dict[str, int]:
+        """Workflows by status among the newest ``limit`` (no JSON read or decoded)."""
+        sql = statements.status_counts(tenant=tenant is not None, mark="$")
+        args = [tenant] if tenant is not None else []
+        return {row[0]: int(row[1]) for row in await self._fetch(sql, *args, limit)}
 
     async def get_client(self, tenant: str, client_id: str) -> tuple[str | None, int] | None:
         """(subject, last applied mutation id) of the tenant's client, or None."""
-        row = await self._fetchrow(
-            "SELECT subject, last_mutation_id FROM clients WHERE client_id = $1 AND tenant = $2",
-            client_id,
-            tenant,
-        )
+        row = await self._fetchrow(statements.PG_GET_CLIENT, client_id, tenant)
         return None if row is None else (row[0], row[1])
 
     async def list_dlq(
         self, *, tenant: str | None = None, status: str | None = "open", limit: int = 1000
     ) -> list[DlqEntry]:
         """Dead letters, oldest first."""
-        where, args = _filters(("tenant = $%d", tenant), ("status = $%d", status))
-        found = await self._fetch(
-            f"SELECT {_DLQ} FROM dlq{where} ORDER BY id LIMIT ${len(args) + 1}", *args, limit
-        )
+        sql = statements.pg_list_dlq(tenant=tenant is not None, status=status is not None)
+        args = [a for a in (tenant, status) if a is not None]
+        found = await self._fetch(sql, *args, limit)
         return [rows.dlq_from_row(row) for row in found]
 
     async def list_breakers(self) -> list[BreakerRecord]:
@@ -450,10 +420,7 @@ class PostgresStore(PgSql, Store):
         if not leases:
             return set()
         found = await self._fetch(
-            "UPDATE workflows AS w SET lease_until = $5 "
-            "FROM unnest($2::text[], $3::text[], $4::bigint[]) AS l(id, tenant, fence) "
-            "WHERE w.id = l.id AND w.tenant = l.tenant AND w.fence = l.fence "
-            "AND w.lease_owner = $1 RETURNING w.tenant, w.id",
+            statements.PG_RENEW_LEASES,
             owner,
             [k.id for k in leases],
             [k.tenant for k in leases],
@@ -467,10 +434,7 @@ class PostgresStore(PgSql, Store):
         if not leases:
             return
         await self._execute(
-            "UPDATE workflows AS w SET lease_owner = NULL, lease_until = NULL "
-            "FROM unnest($2::text[], $3::text[], $4::bigint[]) AS l(id, tenant, fence) "
-            "WHERE w.id = l.id AND w.tenant = l.tenant AND w.fence = l.fence "
-            "AND w.lease_owner = $1",
+            statements.PG_RELEASE_LEASES,
             owner,
             [k.id for k in leases],
             [k.tenant for k in leases],
@@ -480,16 +444,7 @@ class PostgresStore(PgSql, Store):
     # -- outbox -----------------------------------------------------------------
     async def claim_outbox(self, now: float, limit: int, lease_seconds: float) -> list[OutboxItem]:
         """Pending items due now, each pushed ``lease_seconds`` into the future."""
-        found = await self._fetch(
-            "WITH due AS MATERIALIZED (SELECT id FROM outbox WHERE status = 'pending' "
-            "AND next_retry_at <= $1 ORDER BY next_retry_at, id LIMIT $2 "
-            "FOR UPDATE SKIP LOCKED) "
-            "UPDATE outbox AS o SET next_retry_at = $3 FROM due WHERE o.id = due.id "
-            f"RETURNING {_qualified(rows.OUTBOX_COLUMNS, 'o')}",
-            now,
-            limit,
-            now + lease_seconds,
-        )
+        found = await self._fetch(statements.PG_CLAIM_OUTBOX, now, limit, now + lease_seconds)
         return sorted((rows.outbox_from_row(row) for row in found), key=lambda i: i.id)
 
     async def finish_outbox(self, item: OutboxItem) -> None:
@@ -507,22 +462,56 @@ class PostgresStore(PgSql, Store):
 
     async def backlog_stats(self, now: float) -> tuple[int, float]:
         """(open dead letters, lag of the most overdue unleased workflow)."""
-        row = await self._fetchrow(
-            "SELECT (SELECT count(*) FROM dlq WHERE status = 'open'), "
-            "(SELECT min(due_at) FROM workflows WHERE status IN ('running', 'compensating') "
-            "AND due_at IS NOT NULL AND (lease_owner IS NULL OR lease_until IS NULL "
-            "OR lease_until < $1))",
-            now,
-        )
+        row = await self._fetchrow(statements.PG_BACKLOG, now)
         assert row is not None
         due = row[1]
         return int(row[0]), 0.0 if due is None else max(0.0, now - due)
 
     async def outbox_stats(self, now: float) -> tuple[int, float]:
         """(pending items, age in seconds of the oldest pending item)."""
-        row = await self._fetchrow(
-            "SELECT count(*), min(created_at) FROM outbox WHERE status = 'pending'"
-        )
+        row = await self._fetchrow(statements.PG_OUTBOX_STATS)
         assert row is not None
         oldest = row[1]
         return int(row[0]), 0.0 if oldest is None else max(0.0, now - oldest)
+
+    # -- retention ----------------------------------------------------------------
+    async def horizon(self, tenant: str) -> int:
+        """The highest pruned ``seq`` of the tenant's events (0 if none was pruned)."""
+        return int(await self._fetchval(statements.PG_TENANT_HORIZON, tenant))
+
+    async def prune_events(self, cutoff: float, limit: int) -> tuple[int, int]:
+        """Delete the events of the next ``limit`` workflows ended before ``cutoff``."""
+
+        async def unit(tx: Transaction) -> tuple[int, int]:
+            assert isinstance(tx, PostgresTransaction)
+            return await pg_retention.prune_events(tx, cutoff, limit)
+
+        return await self.run(unit)
+
+    async def prune_workflows(
+        self, cutoff: float, limit: int, *, with_events: bool
+    ) -> tuple[int, int]:
+        """Delete up to ``limit`` workflow rows that ended before ``cutoff``."""
+
+        async def unit(tx: Transaction) -> tuple[int, int]:
+            assert isinstance(tx, PostgresTransaction)
+            return await pg_retention.prune_workflows(tx, cutoff, limit, with_events)
+
+        return await self.run(unit)
+
+    async def prune_rows(self, kind: str, cutoff: float, limit: int) -> int:
+        """Delete up to ``limit`` rows of ``kind`` older than ``cutoff``."""
+        if kind not in pg_retention.PRUNE_KINDS:
+            raise UsageError(f"unknown prune kind {kind!r}")
+
+        async def unit(tx: Transaction) -> int:
+            assert isinstance(tx, PostgresTransaction)
+            return await pg_retention.prune_rows(tx, kind, cutoff, limit)
+
+        return await self.run(unit)
+
+    async def reclaim(self) -> None:
+        """VACUUM the pruned tables (not FULL: writers never wait for it), so their
+        freed space is reused before autovacuum's thresholds and naptime come round."""
+        for table in pg_retention.PRUNED_TABLES:
+            await self._execute(f"VACUUM (SKIP_LOCKED) {table}")

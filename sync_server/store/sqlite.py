@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from protocol import StorageError, UsageError
-from sync_server.store import rows
+from sync_server.store import rows, sqlite_retention, statements
 from sync_server.store.base import (
     BreakerRecord,
     DlqEntry,
@@ -225,37 +225,25 @@ class SqliteStore(SqliteSql, Store):
     ) -> list[StoredEvent]:
         """Events with ``seq > after`` in seq order (of one tenant, or all)."""
         if tenant is None:
-            found = self._all(
-                f"SELECT {_EV} FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
-            )
+            found = self._all(statements.SQLITE_READ_EVENTS, (after, limit))
         else:
-            found = self._all(
-                f"SELECT {_EV} FROM events WHERE tenant = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (tenant, after, limit),
-            )
+            found = self._all(statements.SQLITE_READ_TENANT_EVENTS, (tenant, after, limit))
         return [rows.event_from_row(row) for row in found]
 
     async def read_workflow_events(self, tenant: str, workflow_id: str) -> list[StoredEvent]:
         """Every event of one of the tenant's workflows, in order."""
-        found = self._all(
-            f"SELECT {_EV} FROM events WHERE workflow_id = ? AND tenant = ? ORDER BY wf_seq",
-            (workflow_id, tenant),
-        )
+        found = self._all(statements.SQLITE_WORKFLOW_EVENTS, (workflow_id, tenant))
         return [rows.event_from_row(row) for row in found]
 
     async def head(self, tenant: str | None = None) -> int:
         """The highest committed ``seq`` (0 for an empty log), of all or one tenant."""
         if tenant is not None:
-            return int(
-                self._one("SELECT COALESCE(MAX(seq), 0) FROM events WHERE tenant = ?", (tenant,))[0]
-            )
+            return int(self._one(statements.SQLITE_TENANT_HEAD, (tenant,))[0])
         return int(self._one("SELECT COALESCE(MAX(seq), 0) FROM events")[0])
 
     async def get_workflow(self, tenant: str, workflow_id: str) -> WorkflowRecord | None:
         """Read one of the tenant's workflows."""
-        row = self._one(
-            f"SELECT {_WF} FROM workflows WHERE id = ? AND tenant = ?", (workflow_id, tenant)
-        )
+        row = self._one(statements.SQLITE_GET_WORKFLOW, (workflow_id, tenant))
         return None if row is None else rows.workflow_from_row(row)
 
     async def workflow_tenants(self, workflow_id: str, limit: int = 10) -> list[str]:
@@ -274,20 +262,24 @@ class SqliteStore(SqliteSql, Store):
         limit: int = 1000,
     ) -> list[WorkflowRecord]:
         """Workflows, newest first, optionally of one tenant and some statuses."""
-        where: list[str] = []
+        if statuses is not None and not statuses:
+            return []
+        # Each status's index range is read newest first, at most ``limit`` rows each.
+        unique = list(dict.fromkeys(statuses or ()))
         params: list[Any] = []
-        if tenant is not None:
-            where.append("tenant = ?")
+        for status in unique:
+            params.extend([status, limit] if tenant is None else [tenant, status, limit])
+        if not unique and tenant is not None:
             params.append(tenant)
-        if statuses is not None:
-            where.append("status IN (SELECT value FROM json_each(?))")
-            params.append(rows.dumps(statuses))
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        found = self._all(
-            f"SELECT {_WF} FROM workflows {clause} ORDER BY created_at DESC, id DESC LIMIT ?",
-            (*params, limit),
-        )
+        sql = statements.sqlite_list_workflows(tenant=tenant is not None, statuses=len(unique))
+        found = self._all(sql, (*params, limit))
         return [rows.workflow_from_row(row) for row in found]
+
+    async def status_counts(self, *, tenant: str | None = None, limit: int) -> dict[str, int]:
+        """Workflows by status among the newest ``limit`` (no JSON read or decoded)."""
+        sql = statements.status_counts(tenant=tenant is not None, mark="?")
+        params = (tenant, limit) if tenant is not None else (limit,)
+        return {row[0]: int(row[1]) for row in self._all(sql, params)}
 
     async def get_client(self, tenant: str, client_id: str) -> tuple[str | None, int] | None:
         """(subject, last applied mutation id) of the tenant's client, or None."""
@@ -301,16 +293,9 @@ class SqliteStore(SqliteSql, Store):
         self, *, tenant: str | None = None, status: str | None = "open", limit: int = 1000
     ) -> list[DlqEntry]:
         """Dead letters, oldest first."""
-        where: list[str] = []
-        params: list[Any] = []
-        if tenant is not None:
-            where.append("tenant = ?")
-            params.append(tenant)
-        if status is not None:
-            where.append("status = ?")
-            params.append(status)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        found = self._all(f"SELECT {_DLQ} FROM dlq {clause} ORDER BY id LIMIT ?", (*params, limit))
+        sql = statements.sqlite_list_dlq(tenant=tenant is not None, status=status is not None)
+        params = [a for a in (tenant, status) if a is not None]
+        found = self._all(sql, (*params, limit))
         return [rows.dlq_from_row(row) for row in found]
 
     async def list_breakers(self) -> list[BreakerRecord]:
@@ -400,12 +385,7 @@ class SqliteStore(SqliteSql, Store):
     async def backlog_stats(self, now: float) -> tuple[int, float]:
         """(open dead letters, lag of the most overdue unleased workflow)."""
         (depth,) = self._one("SELECT COUNT(*) FROM dlq WHERE status = 'open'")
-        (due,) = self._one(
-            "SELECT MIN(due_at) FROM workflows WHERE status IN ('running', 'compensating') "
-            "AND due_at IS NOT NULL AND (lease_owner IS NULL OR lease_until IS NULL "
-            "OR lease_until < ?)",
-            (now,),
-        )
+        (due,) = self._one(statements.SQLITE_BACKLOG_DUE, (now,))
         return int(depth), 0.0 if due is None else max(0.0, now - due)
 
     async def outbox_stats(self, now: float) -> tuple[int, float]:
@@ -414,3 +394,26 @@ class SqliteStore(SqliteSql, Store):
             "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE status = 'pending'"
         )
         return int(count), 0.0 if oldest is None else max(0.0, now - oldest)
+
+    # -- retention ----------------------------------------------------------------
+    async def horizon(self, tenant: str) -> int:
+        """The highest pruned ``seq`` of the tenant's events (0 if none was pruned)."""
+        return int(self._one(statements.SQLITE_TENANT_HORIZON, (tenant,))[0])
+
+    async def prune_events(self, cutoff: float, limit: int) -> tuple[int, int]:
+        """Delete the events of the next ``limit`` workflows ended before ``cutoff``."""
+        return await self._write(lambda tx: sqlite_retention.prune_events(tx, cutoff, limit))
+
+    async def prune_workflows(
+        self, cutoff: float, limit: int, *, with_events: bool
+    ) -> tuple[int, int]:
+        """Delete up to ``limit`` workflow rows that ended before ``cutoff``."""
+        return await self._write(
+            lambda tx: sqlite_retention.prune_workflows(tx, cutoff, limit, with_events)
+        )
+
+    async def prune_rows(self, kind: str, cutoff: float, limit: int) -> int:
+        """Delete up to ``limit`` rows of ``kind`` older than ``cutoff``."""
+        if kind not in sqlite_retention.PRUNE_KINDS:
+            raise UsageError(f"unknown prune kind {kind!r}")
+        return await self._write(lambda tx: sqlite_retention.prune_rows(tx, kind, cutoff, limit))

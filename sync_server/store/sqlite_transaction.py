@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from protocol import Forbidden, StorageError
-from sync_server.store import rows
+from sync_server.store import rows, statements
 from sync_server.store.base import (
     BreakerRecord,
     DlqEntry,
@@ -106,11 +106,7 @@ class SqliteTransaction(SqliteSql, Transaction):
             chunk = [[k.id, k.tenant] for k in keys[start : start + 500]]
             found.extend(
                 rows.workflow_from_row(row)
-                for row in self._all(
-                    f"SELECT {_WF_W} FROM json_each(?) AS k CROSS JOIN workflows AS w "
-                    "ON w.id = k.value ->> 0 AND w.tenant = k.value ->> 1",
-                    (rows.dumps(chunk),),
-                )
+                for row in self._all(statements.SQLITE_GET_WORKFLOWS, (rows.dumps(chunk),))
             )
         return found
 
@@ -146,11 +142,7 @@ class SqliteTransaction(SqliteSql, Transaction):
     ) -> list[WorkflowRecord]:
         """Lease up to ``limit`` due workflows that no live owner holds (fence + 1)."""
         found = self._all(
-            "UPDATE workflows SET lease_owner = ?, lease_until = ?, fence = fence + 1 "
-            "WHERE rowid IN (SELECT rowid FROM workflows WHERE due_at <= ? AND "
-            "(lease_owner IS NULL OR lease_until IS NULL OR lease_until < ?) "
-            f"ORDER BY due_at LIMIT ?) RETURNING {_WF}",
-            (owner, now + lease_seconds, now, now, limit),
+            statements.SQLITE_CLAIM_DUE_WORKFLOWS, (owner, now + lease_seconds, now, now, limit)
         )
         claimed = [rows.workflow_from_row(row) for row in found]
         claimed.sort(key=lambda wf: (wf.due_at or 0.0, wf.id))
@@ -186,11 +178,7 @@ class SqliteTransaction(SqliteSql, Transaction):
         """Recorded outcome (status, error) of the given mutation ids that exist."""
         if not ids:
             return {}
-        found = self._all(
-            "SELECT mutation_id, status, error FROM mutation_results WHERE client_id = ? "
-            "AND tenant = ? AND mutation_id IN (SELECT value FROM json_each(?))",
-            (client_id, tenant, rows.dumps(ids)),
-        )
+        found = self._all(statements.SQLITE_MUTATION_RESULTS, (client_id, tenant, rows.dumps(ids)))
         return {row[0]: (row[1], row[2]) for row in found}
 
     async def record_mutations(

@@ -1,0 +1,364 @@
+"""The SQL of every hot statement, by name, for both backends (SPEC promise 8).
+
+Theory of operation
+-------------------
+A statement on a hot path (push, claim, checkpoint, fan-out read, catch-up page,
+reconciliation sweep, monitor backlogs, dashboard overview, DLQ list, workflow listing,
+pruning) must find its rows through an index whatever the table size — and, on
+PostgreSQL, whatever plan asyncpg's statement cache holds: after five executions the
+server may switch a prepared statement to a *generic* plan, made without the parameter
+values (LESSONS "prepared statements and generic plans"). So:
+
+* a list of ids is joined against ``unnest($1::text[])`` (a nested loop over the
+  primary key), never matched with ``= ANY($1)``, whose generic plan can become a
+  sequential scan;
+* a filter combination gets its own statement (no ``$1 IS NULL OR …``);
+* a newest-first listing filtered by several statuses reads each status's index range
+  in order (``LATERAL`` / ``UNION ALL``) and merges at most ``limit`` rows of each;
+* the plan test also names the index each critical statement must use: a generic plan
+  knows only ``1 / n_distinct`` of a parameter, so on statistics where one value covers
+  every row (one status, one tenant) it may walk another ordered index and filter —
+  across the whole table for a rare value. Real stores hold several statuses and
+  tenants; ``bench.fill`` loads a realistic mix.
+
+The backends take their SQL from here, and ``POSTGRES_HOT`` / ``SQLITE_HOT`` name every
+one of them, so ``tests/test_store_plans.py`` checks exactly what the code runs: it
+bulk-loads both backends and asserts with ``EXPLAIN`` (PostgreSQL: ``EXPLAIN EXECUTE``
+of the statement asyncpg prepared, under ``plan_cache_mode = force_generic_plan``) that
+none of them scans ``workflows`` or ``events`` sequentially.
+"""
+
+from __future__ import annotations
+
+from sync_server.store import rows
+
+__all__ = [
+    "ENDED_STATUSES",
+    "POSTGRES_HOT",
+    "SQLITE_HOT",
+    "pg_list_dlq",
+    "pg_list_workflows",
+    "sqlite_list_dlq",
+    "sqlite_list_workflows",
+    "status_counts",
+]
+
+_WF = rows.WORKFLOW_COLUMNS
+_EV = rows.EVENT_COLUMNS
+_DLQ = rows.DLQ_COLUMNS
+
+
+def _qualified(columns: str, alias: str) -> str:
+    return ", ".join(f"{alias}.{col.strip()}" for col in columns.split(","))
+
+
+ENDED_STATUSES = ("completed", "compensated", "failed", "cancelled")
+_ENDED = "status IN ('completed', 'compensated', 'failed', 'cancelled')"
+"""Matches the predicate of the partial index ``workflows_ended`` (migration 7)."""
+
+# ---------------------------------------------------------------- PostgreSQL
+PG_READ_EVENTS = f"SELECT {_EV} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2"
+PG_READ_TENANT_EVENTS = (
+    f"SELECT {_EV} FROM events WHERE tenant = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+)
+PG_WORKFLOW_EVENTS = (
+    f"SELECT {_EV} FROM events WHERE workflow_id = $1 AND tenant = $2 ORDER BY wf_seq"
+)
+# A tenant's head never goes back when its newest events are pruned (tenant_horizons).
+PG_TENANT_HEAD = (
+    "SELECT greatest((SELECT coalesce(max(seq), 0) FROM events WHERE tenant = $1), "
+    "(SELECT coalesce(max(seq), 0) FROM tenant_horizons WHERE tenant = $1))"
+)
+PG_TENANT_HORIZON = "SELECT coalesce(max(seq), 0) FROM tenant_horizons WHERE tenant = $1"
+PG_GET_WORKFLOW = f"SELECT {_WF} FROM workflows WHERE id = $1 AND tenant = $2"
+PG_GET_WORKFLOWS = (
+    f"SELECT {_qualified(_WF, 'w')} FROM unnest($1::text[], $2::text[]) AS k(id, tenant) "
+    "JOIN workflows AS w ON w.id = k.id AND w.tenant = k.tenant"
+)
+PG_GET_WORKFLOWS_FOR_UPDATE = PG_GET_WORKFLOWS + " ORDER BY w.id, w.tenant FOR UPDATE OF w"
+PG_MUTATION_RESULTS = (
+    "SELECT m.mutation_id, m.status, m.error FROM unnest($3::bigint[]) AS u(id) "
+    "JOIN mutation_results AS m ON m.client_id = $1 AND m.tenant = $2 "
+    "AND m.mutation_id = u.id"
+)
+PG_GET_CLIENT = "SELECT subject, last_mutation_id FROM clients WHERE client_id = $1 AND tenant = $2"
+# A batch picked by a subquery is matched with "= ANY(ARRAY(subquery))" — by ctid where
+# the key has two columns: one TID lookup per picked row. Joining the subquery instead
+# lets a generic plan (which guesses that "LIMIT $n" keeps 10 % of the table) hash-join
+# it against a sequential scan. (A row locked by the subquery cannot move within the
+# statement, so its ctid stays valid.)
+PG_CLAIM_DUE_WORKFLOWS = (
+    "UPDATE workflows AS w SET lease_owner = $1, lease_until = $2, fence = w.fence + 1 "
+    "WHERE w.ctid = ANY(ARRAY(SELECT ctid FROM workflows WHERE due_at <= $3 "
+    "AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until < $3) "
+    "ORDER BY due_at LIMIT $4 FOR UPDATE SKIP LOCKED)) "
+    f"RETURNING {_qualified(_WF, 'w')}"
+)
+PG_RENEW_LEASES = (
+    "UPDATE workflows AS w SET lease_until = $5 "
+    "FROM unnest($2::text[], $3::text[], $4::bigint[]) AS l(id, tenant, fence) "
+    "WHERE w.id = l.id AND w.tenant = l.tenant AND w.fence = l.fence "
+    "AND w.lease_owner = $1 RETURNING w.tenant, w.id"
+)
+PG_RELEASE_LEASES = (
+    "UPDATE workflows AS w SET lease_owner = NULL, lease_until = NULL "
+    "FROM unnest($2::text[], $3::text[], $4::bigint[]) AS l(id, tenant, fence) "
+    "WHERE w.id = l.id AND w.tenant = l.tenant AND w.fence = l.fence "
+    "AND w.lease_owner = $1"
+)
+PG_BACKLOG = (
+    "SELECT (SELECT count(*) FROM dlq WHERE status = 'open'), "
+    "(SELECT min(due_at) FROM workflows WHERE status IN ('running', 'compensating') "
+    "AND due_at IS NOT NULL AND (lease_owner IS NULL OR lease_until IS NULL "
+    "OR lease_until < $1))"
+)
+PG_CLAIM_OUTBOX = (
+    "UPDATE outbox SET next_retry_at = $3 WHERE id = ANY(ARRAY(SELECT id FROM outbox "
+    "WHERE status = 'pending' AND next_retry_at <= $1 ORDER BY next_retry_at, id LIMIT $2 "
+    f"FOR UPDATE SKIP LOCKED)) RETURNING {rows.OUTBOX_COLUMNS}"
+)
+PG_OUTBOX_STATS = "SELECT count(*), min(created_at) FROM outbox WHERE status = 'pending'"
+
+# Retention (``sync_server.retention``): small batches, each found by an index.
+PG_PRUNE_MARK = "SELECT at, id FROM retention_marks WHERE name = $1 FOR UPDATE SKIP LOCKED"
+PG_ENDED_AFTER = (
+    f"SELECT id, updated_at, tenant FROM workflows WHERE {_ENDED} AND updated_at < $1 "
+    "AND (updated_at, id) > ($2, $3) ORDER BY updated_at, id LIMIT $4"
+)
+PG_DELETE_EVENTS_OF = (
+    "WITH gone AS (DELETE FROM events AS e USING unnest($1::text[], $2::text[]) "
+    "AS k(id, tenant) WHERE e.workflow_id = k.id AND e.tenant = k.tenant "
+    "RETURNING e.tenant, e.seq) "
+    "SELECT tenant, max(seq), count(*) FROM gone GROUP BY tenant"
+)
+PG_DELETE_ENDED_WORKFLOWS = (
+    f"DELETE FROM workflows WHERE ctid = ANY(ARRAY(SELECT ctid FROM workflows WHERE "
+    f"{_ENDED} AND updated_at < $1 ORDER BY updated_at, id LIMIT $2 FOR UPDATE SKIP LOCKED)) "
+    "RETURNING id, tenant"
+)
+PG_DELETE_RESULTS = (
+    "DELETE FROM mutation_results WHERE ctid = ANY(ARRAY(SELECT ctid FROM mutation_results "
+    "WHERE at < $1 ORDER BY at LIMIT $2 FOR UPDATE SKIP LOCKED))"
+)
+PG_DELETE_OUTBOX = (
+    "DELETE FROM outbox WHERE id = ANY(ARRAY(SELECT id FROM outbox WHERE status = "
+    "'published' AND published_at < $1 ORDER BY published_at LIMIT $2 "
+    "FOR UPDATE SKIP LOCKED))"
+)
+PG_DELETE_DEAD_LETTERS = (
+    "DELETE FROM dlq WHERE id = ANY(ARRAY(SELECT id FROM dlq WHERE status <> 'open' "
+    "AND resolved_at < $1 ORDER BY resolved_at LIMIT $2 FOR UPDATE SKIP LOCKED))"
+)
+PG_RAISE_HORIZONS = (
+    "INSERT INTO tenant_horizons (tenant, seq) SELECT * FROM unnest($1::text[], $2::bigint[]) "
+    "ON CONFLICT (tenant) DO UPDATE SET seq = greatest(tenant_horizons.seq, excluded.seq)"
+)
+PG_SET_MARK = (
+    "INSERT INTO retention_marks (name, at, id) VALUES ($1, $2, $3) "
+    "ON CONFLICT (name) DO UPDATE SET at = excluded.at, id = excluded.id"
+)
+
+_ORDER = "ORDER BY created_at DESC, id DESC"
+
+
+def pg_list_workflows(*, tenant: bool, statuses: bool) -> str:
+    """The listing statement for one filter combination.
+
+    Parameters, in order: ``tenant`` (if filtered), ``statuses`` as ``text[]`` (if
+    filtered), ``limit``. With statuses, each status's index range is read newest first
+    and stops after ``limit`` rows (``LATERAL``), so the cost does not grow with the
+    number of finished workflows.
+    """
+    n = 1
+    where = []
+    if tenant:
+        where.append(f"tenant = ${n}")
+        n += 1
+    if not statuses:
+        clause = f" WHERE {where[0]}" if where else ""
+        return f"SELECT {_WF} FROM workflows{clause} {_ORDER} LIMIT ${n}"
+    statuses_at, limit_at = n, n + 1
+    inner = " AND ".join([*where, "status = s.status"])
+    return (
+        f"SELECT {_qualified(_WF, 'w')} FROM unnest(${statuses_at}::text[]) AS s(status) "
+        f"CROSS JOIN LATERAL (SELECT {_WF} FROM workflows WHERE {inner} {_ORDER} "
+        f"LIMIT ${limit_at}) AS w ORDER BY w.created_at DESC, w.id DESC LIMIT ${limit_at}"
+    )
+
+
+def status_counts(*, tenant: bool, mark: str) -> str:
+    """Counts by status over the newest ``limit`` workflows (of a tenant, or all):
+    parameters tenant (if filtered) and limit; ``mark`` is ``$`` or ``?``."""
+    numbered = mark == "$"
+    where = f" WHERE tenant = {'$1' if numbered else '?'}" if tenant else ""
+    limit = f"${2 if tenant else 1}" if numbered else "?"
+    return (
+        f"SELECT status, count(*) FROM (SELECT status FROM workflows{where} {_ORDER} "
+        f"LIMIT {limit}) AS recent GROUP BY status"
+    )
+
+
+def pg_list_dlq(*, tenant: bool, status: bool) -> str:
+    """The DLQ listing for one filter combination (tenant, status, limit — as given)."""
+    where: list[str] = []
+    if tenant:
+        where.append(f"tenant = ${len(where) + 1}")
+    if status:
+        where.append(f"status = ${len(where) + 1}")
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    return f"SELECT {_DLQ} FROM dlq{clause} ORDER BY id LIMIT ${len(where) + 1}"
+
+
+POSTGRES_HOT: dict[str, str] = {
+    "events.read": PG_READ_EVENTS,
+    "events.read_tenant": PG_READ_TENANT_EVENTS,
+    "events.of_workflow": PG_WORKFLOW_EVENTS,
+    "events.tenant_head": PG_TENANT_HEAD,
+    "events.tenant_horizon": PG_TENANT_HORIZON,
+    "workflows.get": PG_GET_WORKFLOW,
+    "workflows.get_many": PG_GET_WORKFLOWS,
+    "workflows.get_many_for_update": PG_GET_WORKFLOWS_FOR_UPDATE,
+    "workflows.claim_due": PG_CLAIM_DUE_WORKFLOWS,
+    "workflows.renew_leases": PG_RENEW_LEASES,
+    "workflows.release_leases": PG_RELEASE_LEASES,
+    "workflows.list": pg_list_workflows(tenant=False, statuses=False),
+    "workflows.list_tenant": pg_list_workflows(tenant=True, statuses=False),
+    "workflows.list_status": pg_list_workflows(tenant=False, statuses=True),
+    "workflows.list_tenant_status": pg_list_workflows(tenant=True, statuses=True),
+    "workflows.status_counts": status_counts(tenant=False, mark="$"),
+    "workflows.status_counts_tenant": status_counts(tenant=True, mark="$"),
+    "mutations.results": PG_MUTATION_RESULTS,
+    "clients.get": PG_GET_CLIENT,
+    "monitor.backlog": PG_BACKLOG,
+    "monitor.outbox": PG_OUTBOX_STATS,
+    "outbox.claim": PG_CLAIM_OUTBOX,
+    "dlq.list_status": pg_list_dlq(tenant=False, status=True),
+    "dlq.list_tenant_status": pg_list_dlq(tenant=True, status=True),
+    "prune.ended_after": PG_ENDED_AFTER,
+    "prune.events_of": PG_DELETE_EVENTS_OF,
+    "prune.workflows": PG_DELETE_ENDED_WORKFLOWS,
+    "prune.results": PG_DELETE_RESULTS,
+    "prune.outbox": PG_DELETE_OUTBOX,
+    "prune.dead_letters": PG_DELETE_DEAD_LETTERS,
+}
+"""Every hot PostgreSQL statement that reads ``workflows``, ``events`` or a table that
+grows with them, by name (the plan test covers exactly these)."""
+
+# -------------------------------------------------------------------- SQLite
+SQLITE_READ_EVENTS = f"SELECT {_EV} FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
+SQLITE_READ_TENANT_EVENTS = (
+    f"SELECT {_EV} FROM events WHERE tenant = ? AND seq > ? ORDER BY seq LIMIT ?"
+)
+SQLITE_WORKFLOW_EVENTS = (
+    f"SELECT {_EV} FROM events WHERE workflow_id = ? AND tenant = ? ORDER BY wf_seq"
+)
+SQLITE_TENANT_HEAD = (
+    "SELECT max((SELECT COALESCE(MAX(seq), 0) FROM events WHERE tenant = ?1), "
+    "(SELECT COALESCE(MAX(seq), 0) FROM tenant_horizons WHERE tenant = ?1))"
+)
+SQLITE_TENANT_HORIZON = "SELECT COALESCE(MAX(seq), 0) FROM tenant_horizons WHERE tenant = ?"
+SQLITE_GET_WORKFLOW = f"SELECT {_WF} FROM workflows WHERE id = ? AND tenant = ?"
+SQLITE_GET_WORKFLOWS = (
+    f"SELECT {_qualified(_WF, 'w')} FROM json_each(?) AS k CROSS JOIN workflows AS w "
+    "ON w.id = k.value ->> 0 AND w.tenant = k.value ->> 1"
+)
+SQLITE_CLAIM_DUE_WORKFLOWS = (
+    "UPDATE workflows SET lease_owner = ?, lease_until = ?, fence = fence + 1 "
+    "WHERE rowid IN (SELECT rowid FROM workflows WHERE due_at <= ? AND "
+    "(lease_owner IS NULL OR lease_until IS NULL OR lease_until < ?) "
+    f"ORDER BY due_at LIMIT ?) RETURNING {_WF}"
+)
+SQLITE_MUTATION_RESULTS = (
+    "SELECT mutation_id, status, error FROM mutation_results WHERE client_id = ? "
+    "AND tenant = ? AND mutation_id IN (SELECT value FROM json_each(?))"
+)
+SQLITE_BACKLOG_DUE = (
+    "SELECT MIN(due_at) FROM workflows WHERE status IN ('running', 'compensating') "
+    "AND due_at IS NOT NULL AND (lease_owner IS NULL OR lease_until IS NULL "
+    "OR lease_until < ?)"
+)
+SQLITE_ENDED_AFTER = (
+    f"SELECT id, updated_at, tenant FROM workflows WHERE {_ENDED} AND updated_at < ? "
+    "AND (updated_at, id) > (?, ?) ORDER BY updated_at, id LIMIT ?"
+)
+# The newest event is never pruned: SQLite positions continue from MAX(seq).
+SQLITE_DELETE_EVENTS_OF = (
+    "DELETE FROM events WHERE (workflow_id, tenant) IN (SELECT value ->> 0, value ->> 1 "
+    "FROM json_each(?)) AND seq < (SELECT MAX(seq) FROM events) RETURNING tenant, seq"
+)
+SQLITE_DELETE_ENDED_WORKFLOWS = (
+    f"DELETE FROM workflows WHERE rowid IN (SELECT rowid FROM workflows WHERE {_ENDED} "
+    "AND updated_at < ? ORDER BY updated_at, id LIMIT ?) RETURNING id, tenant"
+)
+SQLITE_DELETE_RESULTS = (
+    "DELETE FROM mutation_results WHERE (client_id, mutation_id) IN (SELECT client_id, "
+    "mutation_id FROM mutation_results WHERE at < ? ORDER BY at LIMIT ?)"
+)
+SQLITE_DELETE_OUTBOX = (
+    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE status = 'published' "
+    "AND published_at < ? ORDER BY published_at LIMIT ?)"
+)
+SQLITE_DELETE_DEAD_LETTERS = (
+    "DELETE FROM dlq WHERE id IN (SELECT id FROM dlq WHERE status <> 'open' "
+    "AND resolved_at < ? ORDER BY resolved_at LIMIT ?)"
+)
+SQLITE_RAISE_HORIZON = (
+    "INSERT INTO tenant_horizons (tenant, seq) VALUES (?, ?) "
+    "ON CONFLICT (tenant) DO UPDATE SET seq = max(seq, excluded.seq)"
+)
+SQLITE_SET_MARK = (
+    "INSERT INTO retention_marks (name, at, id) VALUES (?, ?, ?) "
+    "ON CONFLICT (name) DO UPDATE SET at = excluded.at, id = excluded.id"
+)
+
+
+def sqlite_list_workflows(*, tenant: bool, statuses: int) -> str:
+    """The listing statement for a filter combination with ``statuses`` status values.
+
+    Parameters: per status branch (tenant if filtered, the status, the limit), then the
+    outer limit; without statuses: tenant (if filtered), limit. Each status branch reads
+    its index range newest first and stops after ``limit`` rows.
+    """
+    if not statuses:
+        clause = " WHERE tenant = ?" if tenant else ""
+        return f"SELECT {_WF} FROM workflows{clause} {_ORDER} LIMIT ?"
+    where = "tenant = ? AND status = ?" if tenant else "status = ?"
+    branch = f"SELECT * FROM (SELECT {_WF} FROM workflows WHERE {where} {_ORDER} LIMIT ?)"
+    return f"SELECT * FROM ({' UNION ALL '.join([branch] * statuses)}) {_ORDER} LIMIT ?"
+
+
+def sqlite_list_dlq(*, tenant: bool, status: bool) -> str:
+    """The DLQ listing for one filter combination (tenant, status, limit — as given)."""
+    where = [w for w, on in (("tenant = ?", tenant), ("status = ?", status)) if on]
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    return f"SELECT {_DLQ} FROM dlq{clause} ORDER BY id LIMIT ?"
+
+
+SQLITE_HOT: dict[str, str] = {
+    "events.read": SQLITE_READ_EVENTS,
+    "events.read_tenant": SQLITE_READ_TENANT_EVENTS,
+    "events.of_workflow": SQLITE_WORKFLOW_EVENTS,
+    "events.tenant_head": SQLITE_TENANT_HEAD,
+    "events.tenant_horizon": SQLITE_TENANT_HORIZON,
+    "workflows.get": SQLITE_GET_WORKFLOW,
+    "workflows.get_many": SQLITE_GET_WORKFLOWS,
+    "workflows.claim_due": SQLITE_CLAIM_DUE_WORKFLOWS,
+    "workflows.list": sqlite_list_workflows(tenant=False, statuses=0),
+    "workflows.list_tenant": sqlite_list_workflows(tenant=True, statuses=0),
+    "workflows.list_status": sqlite_list_workflows(tenant=False, statuses=1),
+    "workflows.list_tenant_status": sqlite_list_workflows(tenant=True, statuses=3),
+    "workflows.status_counts": status_counts(tenant=False, mark="?"),
+    "workflows.status_counts_tenant": status_counts(tenant=True, mark="?"),
+    "mutations.results": SQLITE_MUTATION_RESULTS,
+    "monitor.backlog": SQLITE_BACKLOG_DUE,
+    "dlq.list_status": sqlite_list_dlq(tenant=False, status=True),
+    "dlq.list_tenant_status": sqlite_list_dlq(tenant=True, status=True),
+    "prune.ended_after": SQLITE_ENDED_AFTER,
+    "prune.events_of": SQLITE_DELETE_EVENTS_OF,
+    "prune.workflows": SQLITE_DELETE_ENDED_WORKFLOWS,
+    "prune.results": SQLITE_DELETE_RESULTS,
+    "prune.outbox": SQLITE_DELETE_OUTBOX,
+    "prune.dead_letters": SQLITE_DELETE_DEAD_LETTERS,
+}
+"""Every hot SQLite statement that reads ``workflows``, ``events`` or a table that grows
+with them, by name."""
