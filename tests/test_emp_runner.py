@@ -79,6 +79,14 @@ async def test_a_workflow_cancel_cancels_the_running_job(store, queue):
     try:
         [wid] = await submit(store, workflow)
         await wait_for(lambda: queue.books.starts, 10)
+
+        async def job_recorded():
+            # record_job is group-committed: the queue may see the job before the
+            # checkpoint that records it is written.
+            record = await store.get_workflow("t1", wid)
+            return record is not None and "job" in record.state["steps"]["render"]
+
+        await wait_for(job_recorded, 10)
         record = await store.get_workflow("t1", wid)
         assert record is not None and record.state["steps"]["render"]["job"] == {
             "source": "job-queue",
