@@ -1,6 +1,6 @@
 """B8 — idle WebSocket clients held by one instance, and memory per connection.
 
-Each repeat starts a fresh server process (Tether on SQLite with sagas off, or the raw
+Each repeat starts a fresh server process (Tether on SQLite with sagas on, or the raw
 limit: a plain ``websockets`` server whose handler just waits for the close), warms it
 up with a few connections, reads its RSS, opens N clients from this process (Tether
 clients say Hello and get Welcome: an idle *synced* client), waits for the server to
@@ -35,7 +35,9 @@ async def hold(ctx: Context, kind: str, count: int) -> dict[str, float]:
         ``held`` (clients still open after settling) and ``per_conn`` (bytes of server
         RSS per connection).
     """
-    args = ["--database", f"sqlite:///{ctx.path('b8.db')}"] if kind == "tether" else []
+    args = (
+        ["--database", f"sqlite:///{ctx.path('b8.db')}", "--run-sagas"] if kind == "tether" else []
+    )
     async with child(kind, args, logdir=ctx.workdir) as server:
         tenant = f"idle-{uuid.uuid4().hex[:8]}"
 

@@ -16,11 +16,14 @@ on SQLite; its raw limit is 5 sequential single-row commits.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from typing import Any
 
-from bench import peer_dbos, raw
+import msgspec
+
+from bench import peer_celery, peer_dbos, raw
 from bench.core import Context, Row, Stat, figure, percentile, ratio, verdict
 from bench.pg import with_database
 from bench.procs import run_worker
@@ -31,7 +34,7 @@ __all__ = ["tether_latency", "tether_throughput"]
 class _Engine:
     """Store + applier + runner of one instance, and a follower of the event log."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, max_concurrency: int = 2000) -> None:
         from bench.workflows import NOOP3
         from protocol import Role
         from sync_server.auth import Principal
@@ -40,8 +43,14 @@ class _Engine:
         from sync_server.store import open_store
 
         self.store = open_store(url)
-        self.runner = SagaRunner(self.store, [NOOP3], instance_id=f"bench-{uuid.uuid4().hex[:6]}")
+        self.runner = SagaRunner(
+            self.store,
+            [NOOP3],
+            instance_id=f"bench-{uuid.uuid4().hex[:6]}",
+            max_concurrency=max_concurrency,
+        )
         self.applier = MutationApplier(self.store, {"noop3": NOOP3})
+        self.applier.runner = self.runner
         self.principal = Principal(tenant="bench", subject="b5", role=Role.CLIENT)
         self.client_id = f"b5-{uuid.uuid4().hex[:8]}"
         self.next_id = 1
@@ -52,6 +61,8 @@ class _Engine:
         self._waiters: dict[str, asyncio.Future[None]] = {}
         self._all: asyncio.Event = asyncio.Event()
         self.expect = 0
+        self.reads = 0
+        """Round trips of the follower (not the engine's): one per ``read_events``."""
 
     async def start(self) -> None:
         await self.store.open()
@@ -79,6 +90,7 @@ class _Engine:
             self._wake.clear()
             while True:
                 rows = await self.store.read_events(self.cursor, 1000)
+                self.reads += 1
                 if not rows:
                     break
                 self.cursor = rows[-1].seq
@@ -92,6 +104,35 @@ class _Engine:
                             waiter.set_result(None)
                 if len(self.ended) >= self.expect:
                     self._all.set()
+
+    def trips(self) -> int:
+        """The engine's database round trips so far (the follower's reads left out);
+        0 on a tree without the counter (a before/after comparison)."""
+        counter = getattr(self.store, "round_trips", None)
+        return 0 if counter is None else counter.count - self.reads
+
+    async def run_clients(self, count: int, clients: int, timeout: float) -> float:
+        """``count`` workflows from ``clients`` concurrent clients, one submit per push,
+        each client pushing its next submit once the previous one is answered; seconds."""
+        self.ended.clear()
+        self._all.clear()
+        self.expect = count
+        share = [count // clients + (1 if i < count % clients else 0) for i in range(clients)]
+
+        async def client(n: int) -> None:
+            client_id = f"b5c-{uuid.uuid4().hex[:8]}"
+            for i in range(1, n + 1):
+                (mutation,) = self.mutations(1)
+                mutation = msgspec.structs.replace(mutation, id=i)
+                results = await self.applier.push(self.principal, client_id, [mutation])
+                if results[0].status != "applied":
+                    raise RuntimeError(f"submit refused: {results[0]}")
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client(n) for n in share))
+        async with asyncio.timeout(timeout):
+            await self._all.wait()
+        return time.perf_counter() - start
 
     def mutations(self, count: int) -> list[Any]:
         from protocol import Mutation
@@ -137,36 +178,76 @@ class _Engine:
         return time.perf_counter() - start
 
 
-async def tether_throughput(url: str, count: int, xid_dsn: str | None = None) -> dict[str, Any]:
-    """Worker: ``count`` concurrent noop3 workflows end to end; wf/s, write txns."""
+SHAPES = {
+    "clients16": "16 clients, one submit per push",
+    "batched": "submits in pushes of 100",
+    "backpressure": "pushes of 100, runner max_concurrency",
+}
+"""B5's shapes: the headline (the common case) first."""
+
+
+async def tether_throughput(
+    url: str,
+    count: int,
+    xid_dsn: str | None = None,
+    shape: str = "batched",
+    max_concurrency: int = 2000,
+) -> dict[str, Any]:
+    """Worker: ``count`` noop3 workflows end to end in ``shape``; wf/s, write txns and
+    database round trips per workflow."""
     from bench.pg import xid_counter
 
-    engine = _Engine(url)
+    engine = _Engine(url, max_concurrency=max_concurrency)
     await engine.start()
     try:
         await engine.run_batch(20, 60)  # warm-up
         xid_before = await xid_counter(xid_dsn) if xid_dsn else None
         stats_before = dict(engine.runner.stats)
-        elapsed = await engine.run_batch(count, 240)
+        trips_before = engine.trips()
+        if shape == "clients16":
+            elapsed = await engine.run_clients(count, 16, 240)
+        else:
+            elapsed = await engine.run_batch(count, 600)
+        trips = engine.trips() - trips_before
         xid_after = await xid_counter(xid_dsn) if xid_dsn else None
         stats = {k: v - stats_before.get(k, 0) for k, v in engine.runner.stats.items()}
     finally:
         await engine.stop()
     writes = None if xid_before is None or xid_after is None else xid_after - xid_before
-    return {"rate": count / elapsed, "seconds": elapsed, "write_txns": writes, "runner": stats}
+    return {
+        "rate": count / elapsed,
+        "seconds": elapsed,
+        "write_txns": writes,
+        "round_trips": trips / count,
+        "runner": stats,
+    }
 
 
 async def tether_latency(url: str, count: int) -> dict[str, Any]:
-    """Worker: ``count`` noop3 workflows one at a time; p50/p99 submit → end (ms)."""
+    """Worker: ``count`` noop3 workflows one at a time; p50/p99 submit → end (ms) and
+    database round trips per workflow."""
     engine = _Engine(url)
     await engine.start()
     try:
         for _ in range(10):
             await engine.run_one(30)
+        trips_before = engine.trips()
         latencies = [await engine.run_one(30) * 1000 for _ in range(count)]
+        trips = engine.trips() - trips_before
     finally:
         await engine.stop()
-    return {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}
+    return {
+        "p50": percentile(latencies, 50),
+        "p99": percentile(latencies, 99),
+        "round_trips": trips / count,
+    }
+
+
+def _peers_off() -> str | None:
+    """``TETHER_BENCH_PEERS=0`` skips the peers (a quick before/after of Tether alone)."""
+    if os.environ.get("TETHER_BENCH_PEERS", "1") == "0":
+        return "peers not run (TETHER_BENCH_PEERS=0)"
+    return None
 
 
 def _runner_missing() -> str | None:
@@ -190,135 +271,203 @@ async def _cluster_db(ctx: Context, name: str) -> tuple[str, str]:
     return with_database(admin, name), admin
 
 
+def _best(runs: dict[str, list[dict[str, Any]]], key: str, *, low: bool) -> str | None:
+    """The mode whose median ``key`` is best (lowest if ``low``)."""
+    medians = {mode: Stat.of([r[key] for r in rs]).median for mode, rs in runs.items() if rs}
+    if not medians:
+        return None
+    return (min if low else max)(medians, key=lambda mode: medians[mode])
+
+
+def _modes_text(runs: dict[str, list[dict[str, Any]]], key: str, unit: str) -> str:
+    return ", ".join(
+        f"{mode} {Stat.of([r[key] for r in rs]).median:,.1f} {unit}" for mode, rs in runs.items()
+    )
+
+
 @figure("B5")
 async def b5(ctx: Context) -> list[Row]:
-    """2,000 concurrent 3-step no-op workflows: Tether (PostgreSQL, SQLite) vs DBOS."""
-    target = "≥ 2x DBOS; fewer write txns per workflow than DBOS"
+    """3-step no-op workflows in three shapes: Tether (PostgreSQL, SQLite) vs DBOS at its
+    best start style; write transactions and round trips per workflow."""
     missing = _runner_missing()
     if missing:
-        return [Row.unavailable("B5", missing, target)]
-    count = ctx.size(2000, 100)
-    # DBOS runs at ~50-120 wf/s here: 1,000 workflows per repeat keep the run within its
-    # time budget and still saturate it (its rate is CPU-bound, flat in the batch size).
-    peer_count = min(count, 1000)
-    rows: list[Row] = []
-    peer_missing = peer_dbos.available()
+        return [Row.unavailable("B5", missing, "≥ 2x the best peer")]
+    headline = ctx.size(2000, 100)
+    plan = {  # shape -> (workflows, runner max_concurrency)
+        "clients16": (headline, 2000),
+        "batched": (headline, 2000),
+        "backpressure": (ctx.size(20000, 500), ctx.size(200, 50)),
+    }
+    # DBOS runs at ~50-150 wf/s here, flat in the batch size: 500 per mode and repeat
+    # saturate it and keep five start styles within the time budget.
+    peer_count = ctx.size(500, 30)
+    peer_missing = _peers_off() or peer_dbos.available()
+    celery_missing = _peers_off() or peer_celery.available()
+    if celery_missing:
+        ctx.notes.append(f"B5: second peer not run: {celery_missing}")
     try:
         base, xid_dsn = await _cluster_db(ctx, f"b5_{uuid.uuid4().hex[:6]}")
     except Exception as exc:  # no private cluster here: the shared server, no txn count
         ctx.notes.append(f"B5: private cluster unavailable ({exc}); write txns not counted")
         base, xid_dsn = await ctx.pg.ensure(), None
-    tether_runs: list[dict[str, Any]] = []
-    dbos_runs: list[dict[str, Any]] = []
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    dbos: dict[str, list[dict[str, Any]]] = {m: [] for m in peer_dbos.THROUGHPUT_MODES}
+    celery: dict[str, list[dict[str, Any]]] = {m: [] for m in peer_celery.MODES}
     for i in range(ctx.repeats):
-        ctx.say(f"B5 Tether PostgreSQL: {count} workflows, repeat {i + 1}/{ctx.repeats}")
-        url = f"{base}?schema=b5_{uuid.uuid4().hex[:8]}"
-        tether_runs.append(
-            await run_worker(
-                "bench.saga:tether_throughput",
-                {"url": url, "count": count, "xid_dsn": xid_dsn},
-                logdir=ctx.workdir,
-            )
-        )
-        if peer_missing is None:
-            ctx.say(f"B5 DBOS PostgreSQL: {peer_count} workflows, repeat {i + 1}/{ctx.repeats}")
-            dbos_db = f"dbos_{uuid.uuid4().hex[:8]}"
-            if xid_dsn is not None:
-                dbos_dsn, _ = await _cluster_db(ctx, dbos_db)
-            else:
-                dbos_dsn = base  # DBOS makes its own schema in the shared private database
-            dbos_runs.append(
-                await run_worker(
-                    "bench.peer_dbos:dbos_throughput",
-                    {"dsn": dbos_dsn, "count": peer_count, "xid_dsn": xid_dsn},
-                    logdir=ctx.workdir,
-                    timeout=600,
+        for shape, (count, limit) in plan.items():
+            for backend in ("postgres", "sqlite"):
+                ctx.say(f"B5 Tether {backend} {shape}: {count}, repeat {i + 1}/{ctx.repeats}")
+                url = (
+                    f"{base}?schema=b5_{uuid.uuid4().hex[:8]}"
+                    if backend == "postgres"
+                    else f"sqlite:///{ctx.path('b5.db')}"
                 )
-            )
-    rate = Stat.of([r["rate"] for r in tether_runs], "wf/s")
-    peer = Stat.of([r["rate"] for r in dbos_runs], "wf/s") if dbos_runs else None
-    writes = (
-        Stat.of([r["write_txns"] / count for r in tether_runs], "txn/wf")
-        if xid_dsn is not None
-        else None
-    )
+                params = {"url": url, "count": count, "shape": shape, "max_concurrency": limit}
+                if backend == "postgres":
+                    params["xid_dsn"] = xid_dsn
+                runs.setdefault((backend, shape), []).append(
+                    await run_worker(
+                        "bench.saga:tether_throughput", params, logdir=ctx.workdir, timeout=900
+                    )
+                )
+        if peer_missing is None:
+            for mode in peer_dbos.THROUGHPUT_MODES:
+                ctx.say(f"B5 DBOS {mode}: {peer_count}, repeat {i + 1}/{ctx.repeats}")
+                dsn = (
+                    (await _cluster_db(ctx, f"dbos_{uuid.uuid4().hex[:8]}"))[0]
+                    if xid_dsn is not None
+                    else base
+                )
+                dbos[mode].append(
+                    await run_worker(
+                        "bench.peer_dbos:dbos_throughput",
+                        {"dsn": dsn, "count": peer_count, "xid_dsn": xid_dsn, "mode": mode},
+                        logdir=ctx.workdir,
+                        timeout=600,
+                    )
+                )
+        if celery_missing is None:
+            for mode in peer_celery.MODES:
+                ctx.say(f"B5 Celery {mode}: {peer_count}, repeat {i + 1}/{ctx.repeats}")
+                celery[mode].append(
+                    await run_worker(
+                        "bench.peer_celery:celery_throughput",
+                        {"count": peer_count, "mode": mode},
+                        logdir=ctx.workdir,
+                        timeout=600,
+                    )
+                )
+    peers = {f"DBOS {m}": rs for m, rs in dbos.items() if rs}
+    peers.update({f"Celery+Redis {m}": rs for m, rs in celery.items() if rs})
+    best = _best(peers, "rate", low=False)
+    best_dbos = _best(dbos, "rate", low=False)
+    peer = Stat.of([r["rate"] for r in peers[best]], "wf/s") if best else None
     peer_writes = (
-        Stat.of([r["write_txns"] / peer_count for r in dbos_runs], "txn/wf")
-        if xid_dsn is not None and dbos_runs
+        Stat.of([r["write_txns"] / peer_count for r in dbos[best_dbos]], "txn/wf")
+        if best_dbos and xid_dsn is not None
         else None
     )
-    peer_label = "DBOS Transact" if peer else f"DBOS: {peer_missing or 'not run'}"
-    r = ratio(rate, peer)
-    rows.append(
-        Row(
-            "B5",
-            f"{count:,} concurrent 3-step no-op workflows, PostgreSQL: wf/s",
-            tether=rate,
-            peer=peer,
-            peer_label=peer_label,
-            ratio=r,
-            target="≥ 2x DBOS",
-            passed=verdict(ctx, r is not None and r >= 2) if peer else None,
-            details={
-                "runner_stats": [t.get("runner") for t in tether_runs],
-                "dbos_workflows_per_repeat": peer_count,
-            },
-        )
+    peer_label = f"best peer: {best}" if best else f"DBOS: {peer_missing or 'not run'}"
+    writes_label = f"DBOS {best_dbos} (its fastest style)" if best_dbos else peer_label
+    every = "; ".join(
+        f"{name}: {_modes_text(runs_of, 'rate', 'wf/s')}"
+        for name, runs_of in (("DBOS", dbos), ("Celery+Redis", celery))
+        if any(runs_of.values())
     )
-    if writes is not None:
-        wr = ratio(writes, peer_writes)
+    rows: list[Row] = []
+    for shape, (count, limit) in plan.items():
+        what = f"{count:,} workflows, {SHAPES[shape]}"
+        if shape == "backpressure":
+            what += f" {limit}"
+        pg = runs[("postgres", shape)]
+        lite = runs[("sqlite", shape)]
+        rate = Stat.of([r["rate"] for r in pg], "wf/s")
+        r = ratio(rate, peer)
+        headline = shape == "clients16"
         rows.append(
             Row(
                 "B5",
-                "write transactions per workflow (xid advance / workflows), PostgreSQL",
-                tether=writes,
-                peer=peer_writes,
-                peer_label=peer_label,
-                ratio=wr,
-                target="< DBOS",
-                passed=verdict(ctx, peer_writes is not None and writes.median < peer_writes.median)
-                if peer_writes
-                else None,
+                f"{what}, PostgreSQL: wf/s",
+                tether=rate,
+                peer=peer,
+                peer_label=f"{peer_label} (every style: {every})" if headline else peer_label,
+                ratio=r,
+                target="≥ 2x the best peer" if headline else "",
+                passed=verdict(ctx, r is not None and r >= 2) if peer and headline else None,
+                details={
+                    "runner_stats": [t.get("runner") for t in pg],
+                    "peer_modes": {"dbos": dbos, "celery": celery},
+                },
             )
         )
-    sqlite_runs = []
-    for i in range(ctx.repeats):
-        ctx.say(f"B5 Tether SQLite: {count} workflows, repeat {i + 1}/{ctx.repeats}")
-        sqlite_runs.append(
-            await run_worker(
-                "bench.saga:tether_throughput",
-                {"url": f"sqlite:///{ctx.path('b5.db')}", "count": count},
-                logdir=ctx.workdir,
+        if xid_dsn is not None:
+            writes = Stat.of([t["write_txns"] / count for t in pg], "txn/wf")
+            rows.append(
+                Row(
+                    "B5",
+                    f"{what}, PostgreSQL: write transactions per workflow (xid advance)",
+                    tether=writes,
+                    peer=peer_writes,
+                    peer_label=writes_label,
+                    ratio=ratio(writes, peer_writes),
+                    target="< DBOS's",
+                    passed=verdict(ctx, writes.median < peer_writes.median)
+                    if peer_writes
+                    else None,
+                )
+            )
+        trips = Stat.of([t["round_trips"] for t in pg], "trips/wf")
+        rows.append(
+            Row(
+                "B5",
+                f"{what}, PostgreSQL: database round trips per workflow",
+                tether=trips,
+                target="≤ 12",
+                passed=verdict(ctx, trips.median <= 12),
             )
         )
-    srate = Stat.of([x["rate"] for x in sqlite_runs], "wf/s")
-    sr = ratio(srate, peer)
-    rows.append(
-        Row(
-            "B5",
-            f"{count:,} concurrent 3-step no-op workflows, SQLite: wf/s",
-            tether=srate,
-            peer=peer,
-            peer_label=peer_label + " (on PostgreSQL)" if peer else peer_label,
-            ratio=sr,
-            target="≥ 2x DBOS",
-            passed=verdict(ctx, sr is not None and sr >= 2) if peer else None,
-            details={"runner_stats": [t.get("runner") for t in sqlite_runs]},
+        srate = Stat.of([t["rate"] for t in lite], "wf/s")
+        sr = ratio(srate, peer)
+        rows.append(
+            Row(
+                "B5",
+                f"{what}, SQLite: wf/s",
+                tether=srate,
+                peer=peer,
+                peer_label=peer_label + " (on PostgreSQL)" if peer else peer_label,
+                ratio=sr,
+                target="≥ 2x the best peer" if headline else "",
+                passed=verdict(ctx, sr is not None and sr >= 2) if peer and headline else None,
+                details={
+                    "runner_stats": [t.get("runner") for t in lite],
+                    "round_trips": [t["round_trips"] for t in lite],
+                },
+            )
         )
-    )
+        rows.append(
+            Row(
+                "B5",
+                f"{what}, SQLite: statements per workflow",
+                tether=Stat.of([t["round_trips"] for t in lite], "stmts/wf"),
+            )
+        )
     return rows
 
 
 @figure("B5l")
 async def b5l(ctx: Context) -> list[Row]:
-    """One 3-step no-op workflow at a time: p50/p99, vs DBOS and 5 single-row commits."""
+    """One 3-step no-op workflow at a time: p50/p99 and round trips, vs DBOS at its best
+    start style and 5 single-row commits."""
     target50, target99 = "≤ 5 ms", "≤ 10 ms"
     missing = _runner_missing()
     if missing:
         return [Row.unavailable("B5l", missing, f"p50 {target50}, p99 {target99}")]
     count = ctx.size(100, 20)
-    peer_missing = peer_dbos.available()
-    runs: dict[str, list[dict[str, Any]]] = {"postgres": [], "sqlite": [], "dbos": []}
+    peer_missing = _peers_off() or peer_dbos.available()
+    runs: dict[str, list[dict[str, Any]]] = {"postgres": [], "sqlite": []}
+    dbos: dict[str, list[dict[str, Any]]] = {m: [] for m in peer_dbos.LATENCY_MODES}
+    celery: dict[str, list[dict[str, Any]]] = {m: [] for m in peer_celery.MODES}
+    celery_missing = _peers_off() or peer_celery.available()
     for i in range(ctx.repeats):
         ctx.say(f"B5l: {count} sequential workflows, repeat {i + 1}/{ctx.repeats}")
         pg_url = await ctx.pg_url("b5l")
@@ -335,23 +484,44 @@ async def b5l(ctx: Context) -> list[Row]:
             )
         )
         if peer_missing is None:
-            runs["dbos"].append(
-                await run_worker(
-                    "bench.peer_dbos:dbos_latency",
-                    {"dsn": await ctx.pg.ensure(), "count": count},
-                    logdir=ctx.workdir,
+            for mode in peer_dbos.LATENCY_MODES:
+                ctx.say(f"B5l DBOS {mode}, repeat {i + 1}/{ctx.repeats}")
+                dbos[mode].append(
+                    await run_worker(
+                        "bench.peer_dbos:dbos_latency",
+                        {"dsn": await ctx.pg.ensure(), "count": count, "mode": mode},
+                        logdir=ctx.workdir,
+                    )
                 )
-            )
+        if celery_missing is None:
+            for mode in peer_celery.MODES:
+                ctx.say(f"B5l Celery {mode}, repeat {i + 1}/{ctx.repeats}")
+                celery[mode].append(
+                    await run_worker(
+                        "bench.peer_celery:celery_latency",
+                        {"count": count, "mode": mode},
+                        logdir=ctx.workdir,
+                    )
+                )
     pg_raw: Stat = await ctx.raw("pg_five_commits", raw.pg_five_commits)
     sqlite_raw: Stat = await ctx.raw("sqlite_five_commits", raw.sqlite_five_commits)
+    peers = {f"DBOS {m}": rs for m, rs in dbos.items() if rs}
+    peers.update({f"Celery+Redis {m}": rs for m, rs in celery.items() if rs})
+    best = _best(peers, "p50", low=True)
+    every = "; ".join(
+        f"{name}: {_modes_text(runs_of, 'p50', 'ms')}"
+        for name, runs_of in (("DBOS", dbos), ("Celery+Redis", celery))
+        if any(runs_of.values())
+    )
     rows = []
+    peer_label = f"best peer: {best}" if best else f"DBOS: {peer_missing}"
     for backend, raw_stat, raw_label in (
         ("postgres", pg_raw, "5 single-row asyncpg commits"),
         ("sqlite", sqlite_raw, "5 single-row sqlite3 commits"),
     ):
         for q, target, limit in (("p50", target50, 5.0), ("p99", target99, 10.0)):
             t = Stat.of([r[q] for r in runs[backend]], "ms")
-            peer = Stat.of([r[q] for r in runs["dbos"]], "ms") if runs["dbos"] else None
+            peer = Stat.of([r[q] for r in peers[best]], "ms") if best else None
             rows.append(
                 Row(
                     "B5l",
@@ -360,10 +530,23 @@ async def b5l(ctx: Context) -> list[Row]:
                     raw=raw_stat if q == "p50" else None,
                     raw_label=raw_label + " (p50)" if q == "p50" else "",
                     peer=peer,
-                    peer_label=("DBOS Transact (PostgreSQL)" if peer else f"DBOS: {peer_missing}"),
+                    peer_label=f"{peer_label} (every style, p50: {every})"
+                    if backend == "postgres" and q == "p50"
+                    else peer_label,
                     ratio=ratio(t, peer) if peer else ratio(t, raw_stat),
                     target=target,
                     passed=verdict(ctx, t.median <= limit),
                 )
             )
+        trips = Stat.of([r["round_trips"] for r in runs[backend]], "trips/wf")
+        rows.append(
+            Row(
+                "B5l",
+                f"one 3-step workflow at a time, {backend}: database round trips per workflow"
+                + (" (statements)" if backend == "sqlite" else ""),
+                tether=trips,
+                target="≤ 12" if backend == "postgres" else "",
+                passed=verdict(ctx, trips.median <= 12) if backend == "postgres" else None,
+            )
+        )
     return rows

@@ -201,6 +201,7 @@ class Tether:
                 **self.runner_options,
             )
             await self.runner.start()
+            self.applier.runner = self.runner
         self.monitor = MonitorRunner(
             self.store,
             self.metrics,

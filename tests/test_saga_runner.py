@@ -11,6 +11,7 @@ import pytest
 from sync_server.saga import PermanentError, RetryPolicy, Step, Workflow, intake
 from sync_server.saga.alerts import RecordingAlerts
 from sync_server.saga.breaker import BreakerPolicy
+from sync_server.saga.checkpoint import Applied
 from sync_server.saga.machine import idempotency_key
 from sync_server.saga.runner import SagaRunner
 from sync_server.store import open_store
@@ -537,6 +538,18 @@ def _hold_after_commit(store, when):
         return result
 
     store.run = run
+    real_fenced = store.write_fenced
+
+    async def write_fenced(owner, writes, notifications):
+        # The fenced checkpoint commits without store.run: hold it the same way.
+        written = await real_fenced(owner, writes, notifications)
+        done = [Applied(w.record.key, w.record) for w in writes if w.record.key in written]
+        if not inside.is_set() and when(done):
+            inside.set()
+            await gate.wait()
+        return written
+
+    store.write_fenced = write_fenced
     return inside, gate
 
 
@@ -738,3 +751,16 @@ async def test_a_checkpoint_the_store_refuses_ends_only_its_workflow(env, monkey
 
 async def _current(tx):
     return tx
+
+
+async def test_back_pressure_claims_more_as_soon_as_a_held_workflow_ends(env):
+    """With more due workflows than ``max_concurrency``, a workflow that ends frees a
+    slot at once: the claimer must not wait for the poll interval (issue 16)."""
+    store, runner = env
+    wf = noop_chain("bp", n=1)
+    ids = await submit(store, wf, count=12)
+    r = await runner([wf], max_concurrency=2, poll_interval=3600)
+    # Six rounds of two; each round is a few commits, far below one poll interval.
+    await wait_all(store, ids, "completed", timeout=20)
+    assert r.stats["claimed"] == 12
+    assert len(r.held) == 0

@@ -32,6 +32,7 @@ from protocol import events
 from sync_server.saga import breaker as breakers
 from sync_server.saga.backoff import DelayPolicy
 from sync_server.saga.definitions import Workflow
+from sync_server.saga.fastpath import MemoryTransaction, NeedsLock, copy_record
 from sync_server.saga.intake import WORK_CHANNEL
 from sync_server.saga.machine import (
     Alert,
@@ -45,6 +46,7 @@ from sync_server.snapshots import append_event, snapshot_data
 from sync_server.store.base import (
     BreakerRecord,
     DlqEntry,
+    FencedWrite,
     Transaction,
     WorkflowKey,
     WorkflowRecord,
@@ -122,11 +124,13 @@ class _BreakerCache:
         self.records[record.name] = record
         self.dirty.add(record.name)
 
-    async def flush(self) -> None:
-        """Write the changed breakers and every processed workflow row (one batch)."""
+    async def flush(self, *, workflows: bool = True) -> None:
+        """Write the changed breakers and every processed workflow row (one batch);
+        ``workflows=False`` for rows the caller inserts itself (new workflows)."""
         for name in sorted(self.dirty):
             await self.tx.put_breaker(self.records[name])
-        await self.tx.update_workflows(self.workflows)
+        if workflows:
+            await self.tx.update_workflows(self.workflows)
 
 
 class Checkpointer:
@@ -168,6 +172,45 @@ class Checkpointer:
         out = [await self.process(tx, record, [], now, cache, claimed=True) for record in records]
         await cache.flush()
         return out
+
+    async def start_new(
+        self, tx: Transaction, records: list[WorkflowRecord], now: float
+    ) -> list[Applied]:
+        """Lease new workflows to this instance and start their first steps, in the
+        transaction that submits them (the caller inserts the rows afterwards): the
+        claim rides on the submit."""
+        cache = _BreakerCache(tx)
+        out = []
+        for record in records:
+            record.lease_owner = self.owner
+            record.lease_until = now + self.lease_seconds
+            record.fence += 1
+            out.append(await self.process(tx, record, [], now, cache, claimed=True))
+        await cache.flush(workflows=False)
+        return out
+
+    async def compute_fenced(
+        self, cached: WorkflowRecord, fence: int, inputs: list[Input], now: float
+    ) -> tuple[Applied, FencedWrite, list[tuple[str, str]]] | None:
+        """The checkpoint of one workflow computed from the runner's copy of its row, for
+        ``Store.write_fenced``; None when it needs the locked path (a circuit breaker, a
+        dead letter, the outbox, or a machine that failed)."""
+        definition = self.workflows.get(cached.name)
+        if (
+            definition is None
+            or any(step.breaker for step in definition.steps.values())
+            or any(item.breaker for item in inputs)
+        ):
+            return None
+        record = copy_record(cached)
+        tx = MemoryTransaction()
+        try:
+            applied = await self.process(tx, record, inputs, now, _BreakerCache(tx))
+        except NeedsLock:
+            return None
+        if applied.failed:
+            return None
+        return applied, tx.fenced(record, fence, cached.version), tx.notifications
 
     async def checkpoint(
         self,

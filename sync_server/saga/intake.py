@@ -75,6 +75,7 @@ def start_workflow(
     client_id: str,
     *,
     trace: str = "",
+    wake: bool = True,
 ) -> None:
     """Initialise a new workflow's state and schedule it to run at once.
 
@@ -86,6 +87,7 @@ def start_workflow(
         client_id: who submitted it.
         trace: the traceparent every later span of the workflow descends from
             (``sync_server.tracing``); kept in ``state["trace"]``, "" when not traced.
+        wake: tell the claimers (False when this instance claims it in ``tx``).
     """
     machine = SagaMachine(definition, record.id, WorkflowStatus.PENDING, {}, tenant=record.tenant)
     machine.receive_submit(now)
@@ -98,7 +100,8 @@ def start_workflow(
     append_event(
         tx, record, events.WORKFLOW_SUBMITTED, now, client_id=client_id, input=record.input
     )
-    tx.notify(WORK_CHANNEL, "")
+    if wake:
+        tx.notify(WORK_CHANNEL, "")
 
 
 def request_cancel(tx: Transaction, record: WorkflowRecord, now: float, client_id: str) -> None:

@@ -86,6 +86,8 @@ class _Held:
     valid_until: float = float("inf")
     """``time.monotonic()`` after which this instance can no longer be sure it holds the
     lease (its expiry as last confirmed, less a safety margin)."""
+    record: WorkflowRecord | None = None
+    """The row as this instance last wrote it: the base of a fenced checkpoint."""
 
     @property
     def key(self) -> WorkflowKey:
@@ -194,12 +196,17 @@ class SagaRunner:
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
         self._committing = False
+        self._reserved = 0
+        self._full = False
+        """The last claim stopped at ``max_concurrency``: wake the claimer when a held
+        workflow is let go (back-pressure must not wait for the poll interval)."""
         self.stats: dict[str, int] = {
             "claim_txns": 0,
             "empty_claims": 0,
             "checkpoint_txns": 0,
             "claimed": 0,
             "checkpoints": 0,
+            "fenced_checkpoints": 0,
             "refused": 0,
             "lost_leases": 0,
             "quarantined": 0,
@@ -329,10 +336,12 @@ class SagaRunner:
                 while self._running:
                     capacity = self.max_concurrency - len(self._held)
                     if capacity <= 0:
+                        self._full = True
                         break
                     limit = min(self.claim_batch, capacity)
                     if await self._claim_once(limit) < limit:
                         break
+                    self._full = limit == capacity
                 failures = 0
             except StorageError as exc:
                 failures += 1
@@ -360,6 +369,49 @@ class SagaRunner:
             self._after_commit(item, fence_hint=item.record.fence if item.record else 0)
         self._after_checkpoints()
         return len(applied)
+
+    # ---------------------------------------------------------------- submits
+    def runs(self, name: str) -> bool:
+        """Whether this instance has the definition ``name``."""
+        return name in self.workflows
+
+    def reserve(self, names: list[str]) -> int:
+        """How many of the workflows a push submits (their definition names) this
+        instance takes on at once — the claim then rides on the push's own transaction
+        (``start_new``). Release the reservation with ``adopt``."""
+        if not self._running:
+            return 0
+        room = self.max_concurrency - len(self._held) - self._reserved
+        count = max(0, min(room, sum(1 for name in names if name in self.workflows)))
+        self._reserved += count
+        return count
+
+    async def start_new(
+        self, tx: Transaction, records: list[WorkflowRecord], now: float
+    ) -> list[Applied]:
+        """Lease new workflows to this instance and start their first steps, in the
+        submitting transaction ``tx`` (the caller inserts the rows)."""
+        return await self.checkpointer.start_new(tx, records, now)
+
+    async def adopt(self, reserved: int, applied: list[Applied]) -> None:
+        """After the submitting transaction: run what ``start_new`` started (pass an
+        empty list when it did not commit) and release the reservation. A runner that
+        stopped meanwhile gives the new leases back at once (no lease outlives it)."""
+        self._reserved = max(0, self._reserved - reserved)
+        if not applied:
+            return
+        if not self._running:
+            leases = {a.key: a.record.fence for a in applied if a.record is not None}
+            try:
+                await self.store.release_leases(self.instance_id, leases)
+            except StorageError as exc:
+                log.warning("could not release %d new leases: %s", len(leases), exc)
+            return
+        self.stats["claim_txns"] += 1
+        self.stats["claimed"] += len(applied)
+        for item in applied:
+            self._after_commit(item, fence_hint=item.record.fence if item.record else 0)
+        self._after_checkpoints()
 
     # ---------------------------------------------------------------- writer
     def _enqueue(self, item: Input) -> None:
@@ -416,6 +468,41 @@ class SagaRunner:
                 # A bug, not the database: isolate the workflow that triggers it.
                 log.exception("checkpoint of %d workflows failed; retrying one by one", len(chunk))
                 await self._commit_each(chunk)
+
+    async def _commit_fenced(
+        self, chunk: dict[WorkflowKey, tuple[int, list[Input]]], now: float
+    ) -> dict[WorkflowKey, tuple[int, list[Input]]]:
+        """Checkpoint what can be computed from this instance's copies of the rows with
+        one fenced write (no locked read); returns the workflows left for the locked
+        checkpoint (not eligible, or changed since the copy)."""
+        computed = {}
+        for key, (fence, inputs) in chunk.items():
+            held = self._held.get(key)
+            if held is None or held.fence != fence or held.record is None:
+                continue
+            outcome = await self.checkpointer.compute_fenced(held.record, fence, inputs, now)
+            if outcome is not None:
+                computed[key] = outcome
+        if not computed:
+            return chunk
+        writes = [write for _, write, _ in computed.values()]
+        notes = [note for _, _, notes in computed.values() for note in notes]
+        started = time.perf_counter()
+        try:
+            written = await self.store.write_fenced(self.instance_id, writes, notes)
+        except StorageError as exc:
+            log.debug("fenced checkpoint failed (%s); taking the locked path", exc)
+            return chunk
+        if written:
+            if self.metrics is not None:
+                self.metrics.observe_append("saga", time.perf_counter() - started)
+            self.stats["checkpoint_txns"] += 1
+            self.stats["fenced_checkpoints"] += len(written)
+            self.stats["checkpoints"] += len(written)
+            for key in written:
+                self._after_commit(computed[key][0], fence_hint=chunk[key][0])
+            self._after_checkpoints()
+        return {key: entry for key, entry in chunk.items() if key not in written}
 
     async def _commit_each(self, chunk: dict[WorkflowKey, tuple[int, list[Input]]]) -> None:
         """No poison batch (issue 11): commit each workflow of a failed chunk on its own,
@@ -477,6 +564,9 @@ class SagaRunner:
 
     async def _commit_chunk(self, chunk: dict[WorkflowKey, tuple[int, list[Input]]]) -> None:
         now = self.clock()
+        chunk = await self._commit_fenced(chunk, now)
+        if not chunk:
+            return
 
         async def unit(tx: Transaction) -> list[Applied]:
             return await self.checkpointer.checkpoint(tx, chunk, now)
@@ -525,6 +615,9 @@ class SagaRunner:
             if held is not None:
                 self._held.pop(wid, None)
                 held.cancel()
+                if self._full:
+                    self._full = False
+                    self._wake.set()
             if record.due_at is not None:
                 self._arm(record.due_at)
             return
@@ -536,6 +629,7 @@ class SagaRunner:
         if record.lease_until is not None:
             remaining = record.lease_until - self.clock()
             held.valid_until = time.monotonic() + remaining - self._lease_margin
+        held.record = record
         self._sync_tasks(held, record, applied.commands)
 
     def _after_checkpoints(self) -> None:

@@ -27,6 +27,7 @@ from sync_server.store import rows, statements
 from sync_server.store.base import (
     BreakerRecord,
     DlqEntry,
+    RoundTrips,
     StoredEvent,
     Transaction,
     WorkflowKey,
@@ -115,28 +116,34 @@ class PgSql:
     asyncpg error stays in ``__cause__`` so ``run`` can tell a deadlock from the rest.
     """
 
+    round_trips: RoundTrips
+
     def _executor(self) -> PgConnection | asyncpg.Pool:
         raise NotImplementedError
 
     async def _execute(self, sql: str, *args: Any) -> str:
+        self.round_trips.count += 1
         try:
             return str(await self._executor().execute(sql, *args))
         except PG_ERRORS as exc:
             raise StorageError(f"PostgreSQL failed: {exc}") from exc
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        self.round_trips.count += 1
         try:
             return list(await self._executor().fetch(sql, *args))
         except PG_ERRORS as exc:
             raise StorageError(f"PostgreSQL failed: {exc}") from exc
 
     async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        self.round_trips.count += 1
         try:
             return await self._executor().fetchrow(sql, *args)
         except PG_ERRORS as exc:
             raise StorageError(f"PostgreSQL failed: {exc}") from exc
 
     async def _fetchval(self, sql: str, *args: Any) -> Any:
+        self.round_trips.count += 1
         try:
             return await self._executor().fetchval(sql, *args)
         except PG_ERRORS as exc:
@@ -148,11 +155,13 @@ class PostgresTransaction(PgSql, Transaction):
 
     Args:
         conn: the connection; ``PostgresStore.run`` begins and commits.
+        round_trips: the store's counter of round trips.
     """
 
-    def __init__(self, conn: PgConnection) -> None:
+    def __init__(self, conn: PgConnection, round_trips: RoundTrips | None = None) -> None:
         super().__init__()
         self._conn = conn
+        self.round_trips = round_trips or RoundTrips()
 
     def _executor(self) -> PgConnection:
         return self._conn
@@ -211,6 +220,7 @@ class PostgresTransaction(PgSql, Transaction):
         if len(workflows) == 1:
             await self.update_workflow(workflows[0])
         elif workflows:
+            self.round_trips.count += 1
             try:
                 await self._conn.executemany(
                     _UPDATE_WORKFLOW, [rows.workflow_params(w) for w in workflows]
@@ -224,19 +234,16 @@ class PostgresTransaction(PgSql, Transaction):
         Raises:
             Forbidden: the client id belongs to another subject of the tenant.
         """
-        await self._execute(
+        # One statement: a new client's row is created; an existing one is locked by the
+        # no-op update (as FOR UPDATE would) and its values returned.
+        row = await self._fetchrow(
             "INSERT INTO clients (client_id, tenant, subject, last_mutation_id, updated_at) "
-            "VALUES ($1, $2, $3, 0, $4) ON CONFLICT (client_id, tenant) DO NOTHING",
+            "VALUES ($1, $2, $3, 0, $4) ON CONFLICT (client_id, tenant) "
+            "DO UPDATE SET updated_at = clients.updated_at RETURNING subject, last_mutation_id",
             client_id,
             tenant,
             subject,
             time.time(),
-        )
-        row = await self._fetchrow(
-            "SELECT subject, last_mutation_id FROM clients "
-            "WHERE client_id = $1 AND tenant = $2 FOR UPDATE",
-            client_id,
-            tenant,
         )
         assert row is not None
         if row[0] is None:  # recorded before subjects were: the first user binds it

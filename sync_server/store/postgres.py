@@ -47,6 +47,7 @@ from sync_server.store import pg_retention, rows, statements
 from sync_server.store.base import (
     BreakerRecord,
     DlqEntry,
+    FencedWrite,
     OutboxItem,
     Store,
     StoredEvent,
@@ -55,6 +56,12 @@ from sync_server.store.base import (
     WorkflowRecord,
 )
 from sync_server.store.migrations import migrate_postgres
+from sync_server.store.pg_fenced import (
+    WRITE_FENCED,
+    fenced_params,
+    stored_events,
+    written_keys,
+)
 from sync_server.store.pg_transaction import (
     CLAIM_DUE_WORKFLOWS,
     PG_ERRORS,
@@ -294,7 +301,8 @@ class PostgresStore(PgSql, Store):
         for attempt in range(1, attempts + 1):
             try:
                 async with pool.acquire() as conn:
-                    tx = PostgresTransaction(conn)
+                    tx = PostgresTransaction(conn, self.round_trips)
+                    self.round_trips.count += 2  # BEGIN and COMMIT
                     try:
                         async with conn.transaction():
                             result = await fn(tx)
@@ -313,6 +321,21 @@ class PostgresStore(PgSql, Store):
                 self._committed(stored)
             return result
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def write_fenced(
+        self, owner: str, writes: list[FencedWrite], notifications: list[tuple[str, str]]
+    ) -> set[WorkflowKey]:
+        """The fenced checkpoint in one statement (``sync_server.store.pg_fenced``)."""
+        if not writes:
+            return set()
+        row = await self._fetchrow(
+            WRITE_FENCED, *fenced_params(owner, writes, self._channel, notifications)
+        )
+        assert row is not None
+        written = written_keys(row[0])
+        if row[1] is not None:
+            self._committed(stored_events(writes, written, int(row[1])))
+        return written
 
     async def notify(self, channel: str, payload: str = "") -> None:
         """One ``pg_notify`` outside any transaction (every instance hears it)."""

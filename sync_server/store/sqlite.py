@@ -191,7 +191,8 @@ class SqliteStore(SqliteSql, Store):
         async with self._lock:
             conn = self._require_writer()
             await self._begin(conn)
-            tx = SqliteTransaction(conn)
+            tx = SqliteTransaction(conn, self.round_trips)
+            self.round_trips.count += 2  # BEGIN and COMMIT
             try:
                 result = await fn(tx)
                 head, stored = tx._write_events() if tx.pending_events else (0, [])

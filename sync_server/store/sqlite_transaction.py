@@ -23,6 +23,8 @@ from sync_server.store import rows, statements
 from sync_server.store.base import (
     BreakerRecord,
     DlqEntry,
+    FencedWrite,
+    RoundTrips,
     StoredEvent,
     Transaction,
     WorkflowKey,
@@ -43,28 +45,34 @@ _BR = rows.BREAKER_COLUMNS
 class SqliteSql:
     """sqlite3 calls that convert library errors where the library is called (STYLE)."""
 
+    round_trips: RoundTrips
+
     def _sql_conn(self) -> sqlite3.Connection:
         raise NotImplementedError
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        self.round_trips.count += 1
         try:
             return self._sql_conn().execute(sql, params)
         except sqlite3.Error as exc:
             raise StorageError(f"SQLite failed: {exc}") from exc
 
     def _executemany(self, sql: str, params: Iterable[Sequence[Any]]) -> None:
+        self.round_trips.count += 1
         try:
             self._sql_conn().executemany(sql, params)
         except sqlite3.Error as exc:
             raise StorageError(f"SQLite failed: {exc}") from exc
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        self.round_trips.count += 1
         try:
             return self._sql_conn().execute(sql, params).fetchone()
         except sqlite3.Error as exc:
             raise StorageError(f"SQLite failed: {exc}") from exc
 
     def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        self.round_trips.count += 1
         try:
             return self._sql_conn().execute(sql, params).fetchall()
         except sqlite3.Error as exc:
@@ -78,9 +86,10 @@ class SqliteTransaction(SqliteSql, Transaction):
         conn: the writer connection, already in a transaction.
     """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, round_trips: RoundTrips | None = None) -> None:
         super().__init__()
         self._conn = conn
+        self.round_trips = round_trips or RoundTrips()
 
     def _sql_conn(self) -> sqlite3.Connection:
         return self._conn
@@ -136,6 +145,21 @@ class SqliteTransaction(SqliteSql, Transaction):
         """Write every column of an existing workflow."""
         params = rows.workflow_params(workflow)
         self._execute(_UPDATE_WORKFLOW, (*params[2:], params[0], params[1]))
+
+    async def update_fenced(self, owner: str, writes: list[FencedWrite]) -> set[WorkflowKey]:
+        """Write each row still leased to ``owner`` at its fence and expected version
+        (the check is the UPDATE's WHERE clause) and append its events."""
+        written: set[WorkflowKey] = set()
+        for write in sorted(writes, key=lambda w: w.record.key):
+            params = rows.workflow_params(write.record)
+            cur = self._execute(
+                _UPDATE_WORKFLOW + " AND lease_owner = ? AND fence = ? AND version = ?",
+                (*params[2:], params[0], params[1], owner, write.fence, write.expected_version),
+            )
+            if cur.rowcount == 1:
+                self.pending_events.extend(write.events)
+                written.add(write.record.key)
+        return written
 
     async def claim_due_workflows(
         self, owner: str, now: float, lease_seconds: float, limit: int
