@@ -129,7 +129,7 @@ async def test_fenced_write_refuses_a_revoked_lease_and_keeps_order(database_url
         written = await store.write_fenced(
             "a", [_next(first, []), _next(second, [])], [("work", "")]
         )
-        assert written == {second.id}
+        assert written == {second.key}
         stored_first = await store.get_workflow(first.tenant, first.id)
         stored_second = await store.get_workflow(second.tenant, second.id)
         assert stored_first.progress == 0.0 and stored_first.lease_owner is None
@@ -157,7 +157,7 @@ async def test_fenced_write_refuses_a_row_changed_behind_the_runner(database_url
         assert await store.write_fenced("b", [_next(second, [])], []) == set()  # not b's
         assert (await store.get_workflow(first.tenant, first.id)).progress == 0.0
         assert (await store.get_workflow(second.tenant, second.id)).progress == 0.0
-        assert await store.write_fenced("a", [_next(second, [])], []) == {second.id}
+        assert await store.write_fenced("a", [_next(second, [])], []) == {second.key}
     finally:
         await store.close()
 

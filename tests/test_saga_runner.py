@@ -725,6 +725,17 @@ async def test_a_checkpoint_the_store_refuses_ends_only_its_workflow(env, monkey
         return await real(self, workflows)
 
     monkeypatch.setattr(tx_class, "update_workflows", picky)
+    real_fenced = store.write_fenced
+
+    async def picky_fenced(owner, writes, notifications):
+        # The one-statement fenced checkpoint (issue 16) refuses the same data.
+        for write in writes:
+            steps = (write.record.state or {}).get("steps") or {}
+            if (steps.get("s") or {}).get("result") == "refused-by-db":
+                raise StorageError("value refused") from ValueError("simulated data error")
+        return await real_fenced(owner, writes, notifications)
+
+    monkeypatch.setattr(store, "write_fenced", picky_fenced)
 
     async def refused(ctx):
         return "refused-by-db"
