@@ -41,6 +41,8 @@ from protocol import (
     TetherError,
     ValidationError,
 )
+from protocol.codec import check_args, check_text
+from protocol.limits import MAX_MUTATION_BYTES
 
 __all__ = ["ChangeCallback", "ResetCallback", "SyncClient"]
 
@@ -262,18 +264,25 @@ class SyncClient:
             name: the workflow definition's name.
             input: its JSON input.
             workflow_id: a UUID string; the same id submitted again is not queued twice.
+                None picks a fresh one; anything else that is not a UUID (``""``
+                included) is refused, never silently replaced.
             key: the targeting key of the route flag (default: the token's subject).
 
         Returns:
             A handle; ``get_workflow(handle.id)`` shows it at once as ``pending``.
 
         Raises:
-            ValidationError: bad name, id or input (nothing is queued).
+            ValidationError: bad name or id, or an input the server could never accept
+                (over ``MAX_INPUT_BYTES``, a NaN/±inf, a NUL character); nothing is
+                queued.
             LocalStoreError: the write failed (nothing is queued).
             ClientClosed: the client is not started.
             Exception: whatever the direct call raised (direct path only).
         """
-        workflow_id = workflow_id or str(uuid.uuid4())
+        if workflow_id is None:
+            workflow_id = str(uuid.uuid4())
+        elif not isinstance(workflow_id, str) or not workflow_id:
+            raise ValidationError(f"workflow_id must be a UUID string, got {workflow_id!r}")
         direct = self._flags.direct_path(name, key)
         if direct is not None:
             self._live_session()
@@ -381,11 +390,19 @@ class SyncClient:
         traceparent: str = "",
     ) -> Mutation | None:
         self._live_session()
+        # Refuse here what the server would refuse: a mutation that can never be
+        # accepted must not enter the queue (promise 7: nothing waits behind it).
         try:
-            msgspec.convert(args, MUTATION_ARGS[name])
+            parsed = msgspec.convert(args, MUTATION_ARGS[name])
             encoded = msgspec.json.encode(args)
         except (msgspec.ValidationError, TypeError, ValueError) as exc:
             raise ValidationError(f"invalid {name}: {exc}") from exc
+        check_args(parsed)
+        check_text(args, f"args of {name}")
+        if len(encoded) > MAX_MUTATION_BYTES:
+            raise ValidationError(
+                f"{name} of {len(encoded)} bytes is over the limit of {MAX_MUTATION_BYTES}"
+            )
         future = self._store.enqueue(
             name,
             workflow_id,

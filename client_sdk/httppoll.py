@@ -112,6 +112,11 @@ async def _call(conn: SyncConnection, request: Any) -> httpx.Response | None:
         conn.session.fail(error)
         conn.pump()
         return None
+    if response.status_code == 413 and conn.session.push_in_flight:
+        # Something in between allows less than our budget: push smaller batches.
+        log.warning("push refused as too large over HTTP; halving the push budget")
+        conn.session.refused_too_large()
+        return None
     if response.status_code == 429:
         retry = float(response.headers.get("retry-after", "1") or 1)
         log.info("rate limited over HTTP; waiting %.1f s", retry)

@@ -31,6 +31,8 @@ Invariants (SPEC promises 1, 4, 5):
 * a page of events, the snapshots it carries and the new cursor commit together;
 * a snapshot replaces the stored one only if its ``version`` is higher, so pages,
   full-snapshot fetches and live events may arrive in any order and still converge.
+  An event's snapshot is partial (it carries only the results the event changed) and
+  is merged over the stored one before it replaces it (``merge_partial``).
 
 All writes go through one ``CommitQueue`` (group commit); reads use a second,
 query-only connection on the caller's thread (WAL lets it read while the writer commits).
@@ -475,6 +477,14 @@ class LocalStore:
             if not isinstance(snap, dict) or not isinstance(snap.get("id"), str):
                 continue
             seen = newest.get(snap["id"])
+            if snap.get("partial"):
+                # An event's snapshot carries only the results it changed: lay it over
+                # the previous one (WorkflowSnapshot.partial), in log order.
+                if seen is None:
+                    seen = _stored_snapshot(conn, snap["id"])
+                if seen is not None and _version(snap) <= _version(seen):
+                    continue
+                snap = merge_partial(seen, snap)
             if seen is None or _version(snap) > _version(seen):
                 newest[snap["id"]] = snap
         conn.executemany(
@@ -576,6 +586,45 @@ class LocalStore:
         """(id, name, workflow_id, status, error) of every kept mutation, in id order."""
         sql = "SELECT id, name, workflow_id, status, error FROM mutations ORDER BY id"
         return [tuple(r) for r in self._query(sql)]
+
+
+def merge_partial(previous: dict[str, Any] | None, partial: dict[str, Any]) -> dict[str, Any]:
+    """A whole snapshot: ``partial``, with every result it leaves out ("as before", a
+    None) taken from ``previous``, and the output taken from the step ``result_of``
+    names.
+    """
+    merged = dict(partial)
+    merged["partial"] = False
+    result_of = merged.pop("result_of", "")
+    merged["result_of"] = ""
+    if previous is not None:
+        if merged.get("result") is None:
+            merged["result"] = previous.get("result")
+        before = previous.get("steps")
+        steps = merged.get("steps")
+        if isinstance(before, dict) and isinstance(steps, dict):
+            merged["steps"] = {
+                name: (
+                    {**step, "result": before[name].get("result")}
+                    if isinstance(step, dict)
+                    and step.get("result") is None
+                    and isinstance(before.get(name), dict)
+                    else step
+                )
+                for name, step in steps.items()
+            }
+    steps = merged.get("steps")
+    if result_of and isinstance(steps, dict) and isinstance(steps.get(result_of), dict):
+        merged["result"] = steps[result_of].get("result")  # the output is that step's result
+    return merged
+
+
+def _stored_snapshot(conn: sqlite3.Connection, workflow_id: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT snapshot FROM workflows WHERE id = ?", (workflow_id,)).fetchone()
+    if row is None or row[0] is None:
+        return None
+    stored = msgspec.json.decode(row[0])
+    return stored if isinstance(stored, dict) else None
 
 
 def _version(snapshot: Any) -> int:

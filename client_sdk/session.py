@@ -45,6 +45,15 @@ Invariants:
   retained from the cursor as usual, so nothing retained is skipped. Pending mutations
   are untouched (they stay queued and are laid over the new snapshots). A reset is
   asked once per horizon; ``reset_failed`` re-arms it.
+* **Nothing wedges the queue** (promise 7, issue 11): a Push holds at most
+  ``max_batch`` mutations *and* fits the server's declared frame limit (``Welcome``'s
+  ``max_frame_bytes``, less an envelope margin; ``DEFAULT_PUSH_BYTES`` for a server
+  that declares none). A single mutation over that budget (only an old file or a
+  server with a tiny limit can hold one: ``submit_workflow`` refuses them) is sent as
+  a small stand-in without its args, which the server records as ``rejected``; the
+  session settles it with its own "too large" reason and the queue moves on. A Push
+  refused as too large all the same (4413, or 413 over HTTP: a proxy that allows less)
+  halves the budget for good (``refused_too_large``).
 """
 
 from __future__ import annotations
@@ -53,6 +62,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from itertools import islice
+
+import msgspec
 
 from client_sdk.backoff import Disposition, classify_close
 from protocol import (
@@ -80,6 +91,7 @@ from protocol import (
     Welcome,
     error_from_code,
 )
+from protocol.limits import DEFAULT_PUSH_BYTES, PUSH_OVERHEAD_BYTES
 
 __all__ = [
     "ApplyEvents",
@@ -97,6 +109,17 @@ __all__ = [
 ]
 
 CONFLICT_PREFIX = "conflict:"
+
+MIN_PUSH_BYTES = 4 * 1024
+"""The push budget never shrinks below this after refusals (a stand-in always fits)."""
+
+_json = msgspec.json.Encoder()
+_msgpack = msgspec.msgpack.Encoder()
+
+
+def mutation_bytes(mutation: Mutation) -> int:
+    """What ``mutation`` costs in a Push, in the larger of the two wire encodings."""
+    return max(len(_json.encode(mutation)), len(_msgpack.encode(mutation)))
 
 
 class SessionState(StrEnum):
@@ -192,6 +215,8 @@ class SyncSession:
         last_mutation_id: the highest mutation id ever assigned locally.
         pending: unconfirmed mutations, in id order.
         max_batch: most mutations per Push.
+        max_batch_bytes: byte budget of a Push until a ``Welcome`` declares the
+            server's limit.
         snapshot_threshold: a Welcome ``head`` this far ahead triggers ``FetchSnapshots``.
         close_policy: the retryable-or-fatal policy (``classify_close`` by default).
     """
@@ -204,6 +229,7 @@ class SyncSession:
         last_mutation_id: int = 0,
         pending: Iterable[Mutation] = (),
         max_batch: int = MAX_BATCH,
+        max_batch_bytes: int = DEFAULT_PUSH_BYTES - PUSH_OVERHEAD_BYTES,
         snapshot_threshold: int = MAX_EVENTS_PAGE,
         close_policy: Callable[[int | None, str, Error | None], Disposition] = classify_close,
     ) -> None:
@@ -218,6 +244,10 @@ class SyncSession:
             self.last_mutation_id = max(self.last_mutation_id, max(self._pending))
         self._in_flight: list[int] = []
         self.max_batch = max_batch
+        self.max_batch_bytes = max_batch_bytes
+        self._ceiling = 2**62  # lowered only by refusals (4413 / 413)
+        self._sizes: dict[int, int] = {}  # mutation id -> encoded bytes (pending only)
+        self._oversized: dict[int, str] = {}  # in-flight stand-ins -> the local reason
         self.snapshot_threshold = snapshot_threshold
         self._policy = close_policy
         self.state = SessionState.IDLE
@@ -315,6 +345,8 @@ class SyncSession:
             The disposition: retry (with a minimum delay) or stop (session FAILED).
         """
         disposition = self._policy(code, reason, self.server_error)
+        if code == 4413 and self._in_flight:
+            self.refused_too_large()
         self.connection_lost()
         if not disposition.retry and self.state is not SessionState.FAILED:
             self._fail(disposition.error or TetherError(f"closed with {code}"))
@@ -355,6 +387,13 @@ class SyncSession:
         self.cursor = cursor
         if self.handshake and self.synced:
             self._outgoing.append(Ack(cursor=cursor))
+
+    def refused_too_large(self) -> None:
+        """Our Push was refused as too large (4413 / HTTP 413) although it fitted the
+        budget: something in between (a proxy) allows less. Halve the budget and keep
+        it below that for good, so the same batch is never resent as it was."""
+        self._ceiling = max(MIN_PUSH_BYTES, min(self._ceiling, self.max_batch_bytes // 2))
+        self.max_batch_bytes = min(self.max_batch_bytes, self._ceiling)
 
     def send_mutation(self, mutation: Mutation) -> None:
         """A new mutation is durable locally; push it when the link allows."""
@@ -435,6 +474,8 @@ class SyncSession:
             return
         self.server_id = welcome.server_id
         self.head = welcome.head
+        declared = welcome.max_frame_bytes or DEFAULT_PUSH_BYTES
+        self.max_batch_bytes = min(max(1, declared - PUSH_OVERHEAD_BYTES), self._ceiling)
         self.state = (
             SessionState.CATCHING_UP if welcome.head > self.received_cursor else SessionState.LIVE
         )
@@ -490,8 +531,12 @@ class SyncSession:
             applied = status == MutationStatus.APPLIED or (
                 status == MutationStatus.DUPLICATE and error is None
             )
+            local = self._oversized.pop(mid, None)
+            if local is not None and not applied:
+                error = local  # the server only saw the stand-in: our reason is the real one
             settled.append((mid, applied, None if applied else (error or "rejected")))
             self._pending.pop(mid, None)
+            self._sizes.pop(mid, None)
         if settled:
             self._commands.append(Settle(settled))
         if conflict is not None:
@@ -503,11 +548,42 @@ class SyncSession:
             return
         self._push()
 
+    def _size(self, mutation: Mutation) -> int:
+        size = self._sizes.get(mutation.id)
+        if size is None:
+            size = self._sizes[mutation.id] = mutation_bytes(mutation)
+        return size
+
     def _push(self) -> None:
         if not self.synced or self._in_flight or not self._pending:
             return
-        # The dict is in id order: ids only grow, and settled ones are popped.
-        batch = list(islice(self._pending.values(), self.max_batch))
+        # The dict is in id order: ids only grow, and settled ones are popped. Cut the
+        # batch by count and by bytes; the first mutation always goes (alone if need be).
+        batch: list[Mutation] = []
+        total = 0
+        for mutation in islice(self._pending.values(), self.max_batch):
+            size = self._size(mutation)
+            if batch and total + size > self.max_batch_bytes:
+                break
+            batch.append(mutation)
+            total += size
+        self._oversized.clear()
+        if len(batch) == 1 and total > self.max_batch_bytes:
+            batch = [self._stand_in(batch[0], total)]
         self._in_flight = [m.id for m in batch]
         self.counters.pushes += 1
         self._outgoing.append(Push(mutations=batch))
+
+    def _stand_in(self, mutation: Mutation, size: int) -> Mutation:
+        """A mutation the server's frame limit can never carry: send it without its
+        args, so the server records its id as rejected and the queue moves on."""
+        self._oversized[mutation.id] = (
+            f"too large: {mutation.name} of {size} bytes does not fit the server's push "
+            f"budget of {self.max_batch_bytes} bytes; it was never applied"
+        )
+        return Mutation(
+            id=mutation.id,
+            name=mutation.name,
+            args={"oversized_bytes": size},
+            created_at=mutation.created_at,
+        )

@@ -7,12 +7,14 @@ checked before parsing so an oversized frame costs nothing to refuse.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, TypeVar
 
 import msgspec
 
 from protocol.errors import BadMessage, MessageTooLarge, ValidationError
+from protocol.limits import MAX_DETAIL_BYTES, MAX_INPUT_BYTES, check_payload
 from protocol.messages import (
     MAX_BATCH,
     MAX_FRAME_BYTES,
@@ -30,6 +32,7 @@ from protocol.messages import (
 __all__ = [
     "MUTATION_ARGS",
     "MutationArgs",
+    "check_args",
     "check_text",
     "decode_client_message",
     "decode_json",
@@ -58,6 +61,16 @@ _NUL_ESCAPE = re.compile(rb"(?:^|[^\\])(?:\\\\)*\\u0000")
 _client_decoder = msgspec.msgpack.Decoder(ClientMessage)
 _server_decoder = msgspec.msgpack.Decoder(ServerMessage)
 _json_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+def _finite_hook(text: str) -> float:
+    # JSON has no NaN, but ``1e999`` reads as inf: refuse it in untyped payloads too
+    # (typed float fields carry their own bounds in protocol.messages).
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite number {text}")
+    return value
+
 
 _DECODE_FAILURES = (msgspec.DecodeError, RecursionError, ValueError, TypeError, OverflowError)
 
@@ -121,7 +134,7 @@ def decode_json(data: bytes | str, type_: type[T], *, limit: int = MAX_FRAME_BYT
     _check_size(data, limit)
     decoder = _json_decoders.get(type_)
     if decoder is None:
-        decoder = _json_decoders[type_] = msgspec.json.Decoder(type_)
+        decoder = _json_decoders[type_] = msgspec.json.Decoder(type_, float_hook=_finite_hook)
     try:
         result: T = decoder.decode(data)
     except _DECODE_FAILURES as exc:
@@ -172,4 +185,18 @@ def parse_mutation_args(mutation: Mutation) -> MutationArgs:
     except (msgspec.ValidationError, RecursionError, ValueError, TypeError) as exc:
         raise ValidationError(f"invalid args for {mutation.name}: {exc}") from exc
     check_text(mutation.args, f"args of {mutation.name}")
+    check_args(args)
     return args
+
+
+def check_args(args: MutationArgs) -> None:
+    """Hold a mutation's payload to its byte budget and refuse non-finite numbers.
+
+    Raises:
+        ValidationError: input over ``MAX_INPUT_BYTES``, detail over
+            ``MAX_DETAIL_BYTES``, or a NaN/±inf anywhere in them.
+    """
+    if isinstance(args, SubmitWorkflowArgs):
+        check_payload(args.input, "workflow input", MAX_INPUT_BYTES)
+    elif isinstance(args, ReportStateArgs):
+        check_payload(args.detail, "report detail", MAX_DETAIL_BYTES)

@@ -3,7 +3,9 @@
 Every event's ``data`` carries ``"workflow"``: a ``WorkflowSnapshot`` of the workflow
 *after* the event. A client therefore converges by keeping the newest snapshot of each
 workflow (highest ``version``); the other keys tell what happened, for humans, the
-dashboard and tests.
+dashboard and tests. The snapshot is *partial* (``WorkflowSnapshot.partial``): it
+carries results only where the event changed them, and a reader merges it over the
+previous one, so an event never grows with the whole workflow (issue 11).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ WORKFLOW_SUBMITTED = "workflow.submitted"
 WORKFLOW_CHANGED = "workflow.status"
 """data: workflow, status, reason (a workflow-level status change)."""
 STEP_CHANGED = "step.status"
-"""data: workflow, step, status, attempt, error, result (a step-level change)."""
+"""data: workflow, step, status, attempt, error (a step-level change; a result it set
+travels in the snapshot's step)."""
 WORKFLOW_PROGRESS = "workflow.progress"
 """data: workflow, step, fraction, message (coalesced durable progress)."""
 WORKFLOW_CANCEL_REQUESTED = "workflow.cancel_requested"

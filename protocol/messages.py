@@ -72,7 +72,11 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME_LENGTH)]
 Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT_LENGTH)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 MutationId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
-Timestamp = Annotated[float, msgspec.Meta(ge=0)]
+_MAX_FLOAT = 1.7976931348623157e308
+Timestamp = Annotated[float, msgspec.Meta(ge=0, le=_MAX_FLOAT)]
+"""Seconds since the epoch; NaN and ±inf are refused at decode (issue 11)."""
+Finite = Annotated[float, msgspec.Meta(ge=-_MAX_FLOAT, le=_MAX_FLOAT)]
+"""Any finite float: NaN and ±inf are refused at decode."""
 UUIDText = Annotated[
     str,
     msgspec.Meta(
@@ -127,7 +131,7 @@ class StepSnapshot(_Base, frozen=True):
 
     status: str
     attempts: int = 0
-    progress: float = 0.0
+    progress: Finite = 0.0
     result: Any = None
     error: str | None = None
 
@@ -137,17 +141,28 @@ class WorkflowSnapshot(_Base, frozen=True):
 
     ``version`` is the ``wf_seq`` of the event that carried it, so a reader can keep the
     newest snapshot whatever order it learns them in.
+
+    ``partial`` (events only, issue 11): results are carried only where the event
+    changed them — the step the event names, the workflow's output on a
+    ``workflow.status`` event. Every other ``result`` is None here and means "as
+    before": a reader merges it over its previous snapshot, so an event never grows
+    with the whole workflow. Snapshots read over HTTP are never partial.
+    ``result_of`` (partial snapshots only): the workflow's output *is* that step's
+    result, which the reader already holds — so a single-leaf workflow's output is not
+    written to the log a second time.
     """
 
     id: str
     name: str
     status: str
     steps: dict[str, StepSnapshot] = {}
-    progress: float = 0.0
+    progress: Finite = 0.0
     result: Any = None
     error: str | None = None
-    updated_at: float = 0.0
+    updated_at: Finite = 0.0
     version: int = 0
+    partial: bool = False
+    result_of: str = ""
 
 
 # ---------------------------------------------------------- mutation args
@@ -224,6 +239,9 @@ class Welcome(Message, frozen=True):
     horizon: int = 0
     """The tenant's retention horizon: the highest pruned ``seq`` of its events. A
     client whose cursor is below it resets from current snapshots (SPEC promise 8)."""
+    max_frame_bytes: int = 0
+    """Largest frame the server accepts (0: not declared, an older server); the SDK
+    cuts its Push batches to fit it."""
 
 
 class PushResult(Message, frozen=True):
@@ -245,9 +263,9 @@ class Progress(Message, frozen=True):
 
     workflow_id: str
     step: str
-    fraction: float
-    message: str | None = None
-    at: float = 0.0
+    fraction: Finite
+    message: Text | None = None
+    at: Finite = 0.0
 
 
 class Error(Message, frozen=True):

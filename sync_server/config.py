@@ -9,6 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from protocol import MAX_FRAME_BYTES, UsageError
+from protocol.limits import MAX_PAGE_BYTES, SEND_QUEUE_BYTES
 
 __all__ = ["DEFAULT_DATABASE_URL", "RETENTION_DEFAULTS", "ServerConfig", "parse_duration"]
 
@@ -45,6 +46,16 @@ def parse_duration(text: str, *, name: str = "duration") -> float:
             f"{name}: {text!r} is not a duration; use e.g. 90s, 15m, 12h, 7d (0 keeps forever)"
         )
     return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _env_bytes(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{name} must be a number of bytes, got {text!r}") from None
 
 
 def _default_server_id() -> str:
@@ -90,6 +101,10 @@ class ServerConfig:
         retention_dead_letters: seconds a resolved or requeued dead letter is kept (env
             ``SYNC_RETENTION_DEAD_LETTERS``; default 30 d).
         retention_interval: seconds between pruning rounds once caught up.
+        page_bytes: byte budget of a catch-up or pull page (one larger event still
+            travels alone; env ``SYNC_PAGE_BYTES``).
+        send_queue_bytes: encoded bytes queued per connection before it is cut off
+            (1013), besides ``send_queue_limit`` frames (env ``SYNC_SEND_QUEUE_BYTES``).
     """
 
     database_url: str = DEFAULT_DATABASE_URL
@@ -117,6 +132,10 @@ class ServerConfig:
     retention_outbox: float | None = None
     retention_dead_letters: float | None = None
     retention_interval: float = 60.0
+    page_bytes: int = field(default_factory=lambda: _env_bytes("SYNC_PAGE_BYTES", MAX_PAGE_BYTES))
+    send_queue_bytes: int = field(
+        default_factory=lambda: _env_bytes("SYNC_SEND_QUEUE_BYTES", SEND_QUEUE_BYTES)
+    )
 
     def __post_init__(self) -> None:
         if not self.auth_secret:

@@ -41,6 +41,7 @@ from protocol import (
     TetherError,
     Unavailable,
     ValidationError,
+    limits,
     parse_mutation_args,
 )
 from protocol.codec import MutationArgs
@@ -56,8 +57,8 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_INPUT_BYTES", "MutationApplier", "WorkflowCommands"]
 
-MAX_INPUT_BYTES = 64 * 1024
-"""Largest encoded workflow input accepted."""
+MAX_INPUT_BYTES = limits.MAX_INPUT_BYTES
+"""Largest encoded workflow input accepted (``protocol.limits``)."""
 
 ADOPT_MAX_SUBMITS = 16
 """A push with at most this many submits, when no other push is in flight, has their

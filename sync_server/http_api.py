@@ -32,9 +32,10 @@ from protocol import (
     decode_json,
     encode_json,
 )
-from protocol.codec import check_text
+from protocol.codec import check_args, check_text
 from sync_server.auth import Principal, bearer_token, verify_token
 from sync_server.openapi import openapi_json
+from sync_server.paging import json_bytes, read_page
 from sync_server.snapshots import snapshot
 
 if TYPE_CHECKING:
@@ -156,15 +157,18 @@ async def pull(request: Request) -> Response:
     principal = _principal(request)
     cursor = _int_param(request, "cursor", 0, 0, 2**63 - 1)
     limit = _int_param(request, "limit", 500, 1, MAX_EVENTS_PAGE)
-    store = _tether(request).store
-    rows = await store.read_events(cursor, limit + 1, tenant=principal.scope)
-    page = [row.to_wire() for row in rows[:limit]]
+    tether = _tether(request)
+    store = tether.store
+    # Cut by count and by bytes (issue 11); one larger event still comes alone.
+    page, more = await read_page(
+        store, cursor, limit, tether.config.page_bytes, tenant=principal.scope, size=json_bytes
+    )
     horizon = await store.horizon(principal.scope) if principal.scope is not None else 0
     return _json(
         PullResponse(
             events=page,
             cursor=page[-1].seq if page else cursor,
-            has_more=len(rows) > limit,
+            has_more=more,
             horizon=horizon,
         )
     )
@@ -220,6 +224,7 @@ async def report(request: Request) -> Response:
     principal = _principal(request, Role.SOURCE, Role.ADMIN)
     args = decode_json(await _body(request), ReportStateArgs)
     check_text(args.detail, "detail")
+    check_args(args)  # the detail's byte cap, and no NaN/±inf (issue 11)
     record = await _tether(request).commands.report(principal, args, _tenant_hint(request))
     return _json(snapshot(record), 202)
 

@@ -28,7 +28,7 @@ from typing import Protocol
 
 import msgspec
 
-from protocol import Event, Progress
+from protocol import Event, Events, Progress, encode
 from sync_server.store.base import Store, StoredEvent
 
 __all__ = ["Hub", "Subscriber"]
@@ -90,6 +90,7 @@ class Hub:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.delivered = 0
+        self._frame: tuple[list[Event], int, bytes] | None = None
 
     @property
     def connections(self) -> int:
@@ -260,6 +261,17 @@ class Hub:
                 except Exception:
                     log.exception("hub: a subscriber failed")
             self.delivered += len(events) * len(subscribers)
+
+    def frame_for(self, message: Events) -> bytes:
+        """``message`` encoded; a live batch forwarded whole by several connections is
+        encoded once and they all queue the same bytes (issue 11: no per-connection copy).
+        """
+        cached = self._frame
+        if cached is not None and cached[0] is message.events and cached[1] == message.cursor:
+            return cached[2]
+        frame = encode(message)
+        self._frame = (message.events, message.cursor, frame)
+        return frame
 
     def on_batch(self, events: list[Event], subscribers: int) -> None:
         """Hook called once per tenant batch before it is handed to ``subscribers``

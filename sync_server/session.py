@@ -110,6 +110,8 @@ class ServerSession:
         server_id: identifies this instance in ``Welcome``.
         page_size: events per catch-up page.
         window: catch-up pages allowed beyond the client's last Ack.
+        max_frame_bytes: the frame limit declared in ``Welcome`` (the SDK cuts its
+            Push batches to it).
     """
 
     __slots__ = (
@@ -124,6 +126,7 @@ class ServerSession:
         "close_code",
         "close_reason",
         "cursor",
+        "max_frame_bytes",
         "page_size",
         "server_id",
         "state",
@@ -131,8 +134,11 @@ class ServerSession:
         "window",
     )
 
-    def __init__(self, *, server_id: str, page_size: int = 500, window: int = 2) -> None:
+    def __init__(
+        self, *, server_id: str, page_size: int = 500, window: int = 2, max_frame_bytes: int = 0
+    ) -> None:
         self.server_id = server_id
+        self.max_frame_bytes = max_frame_bytes
         self.page_size = page_size
         self.window = window
         self.state = SessionState.AWAITING_HELLO
@@ -228,6 +234,7 @@ class ServerSession:
                 last_mutation_id=last_mutation_id,
                 head=head,
                 horizon=horizon,
+                max_frame_bytes=self.max_frame_bytes,
             )
         )
         self.state = SessionState.CATCHING_UP
@@ -266,7 +273,12 @@ class ServerSession:
             self._heard = max(self._heard, events[-1].seq)
             self._maybe_read()
             return
-        fresh = [event for event in events if event.seq > self.cursor]
+        # The hub's own list when nothing is skipped: its encoding is then shared.
+        fresh = (
+            events
+            if events[0].seq > self.cursor
+            else [event for event in events if event.seq > self.cursor]
+        )
         if fresh:
             self.cursor = fresh[-1].seq
             self._messages.append(Events(events=fresh, cursor=self.cursor, has_more=False))

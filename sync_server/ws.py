@@ -3,9 +3,11 @@
 The connection's own task reads frames, decodes them and feeds the session. Two more
 tasks exist only while they have something to do, so an idle connection costs one task:
 the worker runs the session's store commands one at a time and feeds the answers back;
-the writer sends queued frames. The send queue is bounded: a client that cannot keep up
-is cut off (close 1013) and catches up from its cursor when it comes back — nothing is
-lost, because the log is the source of truth.
+the writer sends queued frames. The send queue is bounded in frames and in bytes
+(``send_queue_limit``, ``send_queue_bytes``): a client that cannot keep up is cut off
+(close 1013) and catches up from its cursor when it comes back — nothing is lost,
+because the log is the source of truth. A live batch that every subscriber forwards
+whole is encoded once by the hub and the same bytes are queued on every connection.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from protocol import (
     BadMessage,
     Event,
+    Events,
     Flags,
     Forbidden,
     Progress,
@@ -33,6 +36,7 @@ from protocol import (
     encode,
 )
 from sync_server.auth import Principal, bearer_token, verify_token
+from sync_server.paging import read_page
 from sync_server.session import ApplyPush, Command, LoadClient, ReadEvents, ServerSession
 from sync_server.store.rows import client_owned_message
 
@@ -82,6 +86,7 @@ class SyncConnection:
         "_closing",
         "_commands",
         "_frames",
+        "_queued_bytes",
         "_worker",
         "_writer",
         "principal",
@@ -96,10 +101,13 @@ class SyncConnection:
         self.websocket = websocket
         self.tenant = tenant
         self.session = ServerSession(
-            server_id=tether.config.server_id, page_size=tether.config.page_size
+            server_id=tether.config.server_id,
+            page_size=tether.config.page_size,
+            max_frame_bytes=tether.config.max_frame_bytes,
         )
         # Plain lists: an empty deque costs ~600 bytes, and idle connections are many.
         self._frames: list[bytes | object] = []
+        self._queued_bytes = 0
         self._commands: list[Command] = []
         self._writer: asyncio.Task[None] | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -152,13 +160,21 @@ class SyncConnection:
         self._commands.extend(self.session.commands_to_run())
         if self._commands and (self._worker is None or self._worker.done()):
             self._worker = asyncio.create_task(self._work(), name="tether-ws-work")
-        limit = self.tether.config.send_queue_limit
+        config = self.tether.config
         for message in self.session.messages_to_send():
-            if len(self._frames) >= limit and not self.session.closed:
+            if isinstance(message, Events) and not message.has_more:
+                frame = self.tether.hub.frame_for(message)  # shared by every connection
+            else:
+                frame = encode(message)
+            full = len(self._frames) >= config.send_queue_limit or (
+                self._queued_bytes + len(frame) > config.send_queue_bytes and self._frames
+            )
+            if full and not self.session.closed:
                 self.tether.metrics_slow_consumer()
                 self.session.close(1013, "send queue full: reconnect and catch up")
                 break
-            self._frames.append(encode(message))
+            self._frames.append(frame)
+            self._queued_bytes += len(frame)
         if self.session.closed and not self._closing:
             self._closing = True
             self._frames.append(_CLOSE_SENTINEL)
@@ -217,11 +233,14 @@ class SyncConnection:
                     )
                     self.session.receive_push_results(results)
                 elif isinstance(command, ReadEvents):
-                    rows = await store.read_events(
-                        command.after, command.limit + 1, tenant=self.tenant
+                    page, more = await read_page(
+                        store,
+                        command.after,
+                        command.limit,
+                        self.tether.config.page_bytes,
+                        tenant=self.tenant,
                     )
-                    page = [row.to_wire() for row in rows[: command.limit]]
-                    self.session.receive_page(page, has_more=len(rows) > command.limit)
+                    self.session.receive_page(page, has_more=more)
             except StorageError as exc:
                 log.warning("storage failed during %s: %s", type(command).__name__, exc)
                 self.session.fail(Unavailable(f"storage unavailable: {exc.message}"))
@@ -254,6 +273,8 @@ class SyncConnection:
         try:
             while self._frames:
                 frame = self._frames.pop(0)
+                if isinstance(frame, bytes):
+                    self._queued_bytes -= len(frame)
                 if frame is _CLOSE_SENTINEL:
                     await self.websocket.close(
                         self.session.close_code or 1000, self.session.close_reason
@@ -265,3 +286,4 @@ class SyncConnection:
             # The peer went away mid-send; the reader notices the disconnect too.
             log.debug("send failed: %s", exc)
             self._frames.clear()
+            self._queued_bytes = 0

@@ -366,6 +366,7 @@ class ClientSpec:
     interval: float
     cancel_every: int = 0
     faults: bool = False
+    heavy: bool = False
 
 
 @dataclass
@@ -436,6 +437,8 @@ class ClientProc:
         ]
         if self.spec.faults:
             cmd.append("--faults")
+        if self.spec.heavy:
+            cmd.append("--heavy")
         log = (self.workdir / f"{self.name}.log").open("a")
         self.proc = subprocess.Popen(
             cmd,
@@ -554,6 +557,7 @@ class Cluster:
         render_timeout: float = 2.5,
         job_stall: float = 4.0,
         reconcile: bool = False,
+        server_env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.database_url = database_url
@@ -566,6 +570,7 @@ class Cluster:
             "SYNC_AUTH_SECRET": SECRET,
             "TETHER_JOB_SERVICE": self.jobs.url,
             "TETHER_RENDER_TIMEOUT": str(render_timeout),
+            **(server_env or {}),
         }
         self.instances = [
             Instance(f"s{i}", free_port(), database_url, env, lease, workdir / f"s{i}.log")

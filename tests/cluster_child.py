@@ -59,6 +59,22 @@ def workflow_input(seed: int, client: int, i: int, faults: bool) -> dict[str, An
     return {"prompt": f"p{client}-{i}", "credits": rng.randint(1, 5), "render": render}
 
 
+HEAVY_INPUT = 60_000
+"""Largest reference-image stand-in of the heavy variant (under the 64 KiB input cap)."""
+HEAVY_DETAIL = 12_000
+"""Detail of the heavy variant's state reports (under the 16 KiB detail cap)."""
+
+
+def heavy_input(seed: int, client: int, i: int, faults: bool, backlog: bool) -> dict[str, Any]:
+    """``workflow_input`` plus a reference image of 0..60 KB (50..60 KB for the client
+    that goes offline with a large backlog)."""
+    data = workflow_input(seed, client, i, faults)
+    rng = random.Random(f"{seed}:{client}:{i}:image")
+    size = rng.randint(50_000, HEAVY_INPUT) if backlog else rng.randint(0, HEAVY_INPUT)
+    data["image"] = "i" * size
+    return data
+
+
 # ---------------------------------------------------------------------- workflows
 
 
@@ -178,13 +194,15 @@ async def run_client(args: argparse.Namespace) -> None:
         fresh = wid not in already
         if fresh and args.interval > 0:
             await asyncio.sleep(rng.uniform(0.5, 1.5) * args.interval)
-        await client.submit_workflow(
-            "generate_image",
-            workflow_input(args.seed, args.index, i, args.faults),
-            workflow_id=wid,
-        )
+        if args.heavy:
+            data = heavy_input(args.seed, args.index, i, args.faults, args.index == 0)
+        else:
+            data = workflow_input(args.seed, args.index, i, args.faults)
+        await client.submit_workflow("generate_image", data, workflow_id=wid)
         if fresh:
             side.record("submit", wid)
+        if args.heavy and i % 3 == 2:
+            await _report_large(client, [workflow_id(args.run, args.index, j) for j in range(i)])
         due = args.cancel_every and i % args.cancel_every == args.cancel_every - 1
         if due and wid not in cancelled:
             await client.cancel_workflow(wid)
@@ -213,6 +231,15 @@ async def run_client(args: argparse.Namespace) -> None:
     cursor = client.cursor
     await client.close()
     print(f"FINISHED {cursor}", flush=True)
+
+
+async def _report_large(client: Any, ids: list[str]) -> None:
+    """Report the newest confirmed view among ``ids`` with a large detail (heavy variant)."""
+    for wid in reversed(ids):
+        view = client.get_workflow(wid)
+        if view is not None and not view.pending and view.version > 0:
+            await client.report_state(wid, detail={"log": "r" * HEAVY_DETAIL, "seen": view.status})
+            return
 
 
 # ---------------------------------------------------------------------- job service
@@ -293,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     client.add_argument("--interval", type=float, default=0.1)
     client.add_argument("--cancel-every", type=int, default=0)
     client.add_argument("--faults", action="store_true")
+    client.add_argument("--heavy", action="store_true")
     jobs = commands.add_parser("job-service")
     jobs.add_argument("--port", type=int, required=True)
     jobs.add_argument("--seed", type=int, default=7)

@@ -31,7 +31,15 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from protocol import ReportStateArgs, Source, StepStatus, TetherError, WorkflowStatus
+from protocol import (
+    ReportStateArgs,
+    Source,
+    StepStatus,
+    TetherError,
+    ValidationError,
+    WorkflowStatus,
+)
+from protocol.limits import MAX_RESULT_BYTES, check_payload
 from sync_server.reconcile.rules import (
     ReconcileRules,
     Repair,
@@ -187,13 +195,23 @@ class Reconciler:
         now = self.clock()
         running = record.state["steps"][step].get("status") == StepStatus.RUNNING
         if job.status == "completed":
+            try:  # the same cap as a step's own result (issue 11)
+                result = storable_json(job.result)
+                check_payload(result, f"the result of job {step}", MAX_RESULT_BYTES)
+            except ValidationError as exc:
+                self.alerts.alert(
+                    "reconciliation_failed",
+                    f"cannot complete {record.id} from {source}: {exc.message}",
+                    {"workflow_id": record.id, "step": step},
+                )
+                return 0  # the step's own attempt meets the cap and fails with the reason
             args = ReportStateArgs(
                 workflow_id=record.id,
                 source=Source(source),
                 status=WorkflowStatus.COMPLETED,
                 at=job.at or now,
                 # A downstream's text must be storable on every backend (issue 11).
-                detail={"step": step, "result": storable_json(job.result), "observed_by": "sweep"},
+                detail={"step": step, "result": result, "observed_by": "sweep"},
             )
             return await self._report(record.key, args)
         if job.status == "failed" and running:
@@ -233,7 +251,9 @@ class Reconciler:
 
         async def unit(tx: Transaction) -> Repair | None:
             record = await tx.get_workflow(key.tenant, key.id, lock=True)
-            if record is None:
+            if record is None or record.status != WorkflowStatus.RUNNING:
+                # Things moved on since the sweep looked (the saga saw the completion
+                # itself): a report on an ended workflow would only add a stale event.
                 return None
             repair = apply_report(tx, record, args, now, self.rules)
             await tx.update_workflow(record)

@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol
 import httpx
 
 from protocol import ErrorCode, TetherError, UsageError
+from protocol.limits import MAX_PROGRESS_MESSAGE
 
 __all__ = [
     "STOP_CANCELLED",
@@ -172,10 +173,15 @@ class StepContext:
         """Report how far the step is (0..1). Live at once, durable at most every ~0.5 s.
 
         Args:
-            fraction: done fraction, clamped to [0, 1].
-            message: an optional short human text.
+            fraction: done fraction, clamped to [0, 1] (NaN counts as 0).
+            message: an optional short human text, cut to ``MAX_PROGRESS_MESSAGE``
+                characters.
         """
-        self.reporter(min(1.0, max(0.0, float(fraction))), message)
+        value = float(fraction)
+        value = 0.0 if value != value else min(1.0, max(0.0, value))
+        if message is not None:
+            message = str(message)[:MAX_PROGRESS_MESSAGE]
+        self.reporter(value, message)
 
     def record_job(self, source: str, adapter: str) -> None:
         """Note (durably, with the next checkpoint) that this attempt runs a job at a

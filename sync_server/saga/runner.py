@@ -43,7 +43,14 @@ from typing import Any, Protocol
 import httpx
 import msgspec
 
-from protocol import TERMINAL_WORKFLOW_STATUSES, Progress, StorageError, WorkflowStatus
+from protocol import (
+    TERMINAL_WORKFLOW_STATUSES,
+    Progress,
+    StorageError,
+    ValidationError,
+    WorkflowStatus,
+)
+from protocol.limits import MAX_RESULT_BYTES, check_finite
 from sync_server import tracing
 from sync_server.saga import spans
 from sync_server.saga.alerts import Alerts, AlertSink
@@ -877,13 +884,22 @@ def _json_result(result: JSON) -> JSON:
     surrogates become U+FFFD: ``sync_server.saga.storable``).
 
     Raises:
-        PermanentError: the result cannot be stored (not JSON-serialisable).
+        PermanentError: the result cannot be stored: not JSON-serialisable, over
+            ``MAX_RESULT_BYTES`` or holding a NaN/±inf (issue 11) — the step fails
+            with that reason instead of bloating every reader's log.
     """
     try:
         try:
             encoded = msgspec.json.encode(result)
         except UnicodeEncodeError:  # a lone surrogate somewhere in a string or key
             encoded = msgspec.json.encode(storable_json(result))
+        check_finite(result, "step result")
+        if len(encoded) > MAX_RESULT_BYTES:
+            raise ValidationError(
+                f"step result is {len(encoded)} bytes, over the limit of {MAX_RESULT_BYTES} bytes"
+            )
+    except ValidationError as exc:
+        raise PermanentError(exc.message) from exc
     except (TypeError, ValueError, msgspec.EncodeError) as exc:
         raise PermanentError(f"step result is not JSON-serialisable: {exc}") from exc
     decoded = msgspec.json.decode(encoded)

@@ -27,19 +27,39 @@ Theory of operation
   invariant from the event log, the job service's books and each client's SQLite file.
   ``ChaosReport.summary()`` prints faults by kind, workflows by outcome and the checks;
   on failure the error names the seed and the first broken invariant.
+* **Heavy variant** (``ChaosOptions(heavy=True)``, issue 11): inputs carry a 0..60 KB
+  reference image; every third submit is followed by a state report with a 12 KB
+  detail; a ``Firehose`` adds ~16 reports a second with a 15 KB detail to tenant acme;
+  client 0 (all its inputs 50..60 KB) is partitioned for half the window, so a backlog
+  of megabytes queues up; two ``SlowReader`` s of acme catch up, then read one frame
+  every 2 s behind 4 KiB buffers. The instances run with small byte budgets
+  (``SYNC_SEND_QUEUE_BYTES`` 256 KiB, ``SYNC_PAGE_BYTES`` 64 KiB). Extra checks: the
+  slow readers catch up gapless, and each instance's RSS stays within
+  ``HEAVY_RSS_GROWTH`` of its size at the start. Whether the server cuts a slow reader
+  (1013 from its send queue, or its keepalive) depends on the kernel's socket buffers —
+  a few MB per connection on loopback — so the summary reports those cuts but does not
+  require them; ``tests/test_heavy_traffic.py`` and ``tests/test_slow_readers.py``
+  prove the 1013 cut deterministically.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import os
 import random
+import threading
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import psutil
+
+from tests.chaos.firehose import Firehose
+from tests.chaos.slow_reader import SlowReader
 from tests.cluster import (
     ClientProc,
     ClientSpec,
@@ -53,6 +73,7 @@ from tests.cluster import (
 from tests.cluster_check import ENDED, ClientRecord, Verdict, check
 from tests.cluster_child import workflow_id
 from tests.conftest import scaled
+from tests.sync_helpers import token
 
 KINDS = (
     "client_kill",
@@ -66,6 +87,13 @@ KINDS = (
 MUST_HAPPEN = ("client_kill", "instance_kill", "postgres_restart", "partition", "job_fail")
 """Kinds whose absence makes a green run meaningless ("sometimes" assertions)."""
 TENANTS = ["acme", "acme", "globex", "globex", "initech"]
+HEAVY_MUST_HAPPEN = ("large reports applied",)
+"""The heavy variant's own "sometimes" assertion: the large reports really flowed."""
+SLOW_TENANTS = ("acme", "acme")
+"""The slow readers' tenant: the one whose client 0 sends the largest inputs."""
+HEAVY_RSS_GROWTH = 96 * 1024 * 1024
+"""Most an instance's RSS may grow over the heavy run (bytes)."""
+HEAVY_SERVER_ENV = {"SYNC_SEND_QUEUE_BYTES": str(256 * 1024), "SYNC_PAGE_BYTES": str(64 * 1024)}
 
 
 @dataclass(frozen=True)
@@ -89,6 +117,7 @@ class ChaosOptions:
     lease: float = 2.0
     render_timeout: float = 2.5
     reconcile: bool = True
+    heavy: bool = False
 
 
 def schedule(seed: int, seconds: float, clients: int, instances: int) -> list[Fault]:
@@ -128,6 +157,8 @@ class ChaosReport:
     skipped: Counter[str] = field(default_factory=Counter)
     verdict: Verdict | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    rss: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Instance name -> (RSS at start, peak RSS), bytes (heavy variant)."""
 
     def summary(self) -> str:
         lines = [f"chaos seed {self.seed}, {self.seconds:.0f} s of faults"]
@@ -142,6 +173,14 @@ class ChaosReport:
             )
         if self.verdict is not None:
             lines.append(self.verdict.summary())
+        if self.rss:
+            lines.append(
+                "  instance RSS (start -> peak): "
+                + ", ".join(
+                    f"{name} {a / 2**20:.0f} -> {b / 2**20:.0f} MiB"
+                    for name, (a, b) in sorted(self.rss.items())
+                )
+            )
         lines.append("  timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.timings.items()))
         return "\n".join(lines)
 
@@ -160,6 +199,9 @@ class Chaos:
         self.next_spawn: dict[int, float] = {}
         self.partitioned: dict[int, int] = {}  # client -> active partitions
         self.log_lines: list[str] = []
+        self.readers: list[SlowReader] = []
+        self.firehose: Firehose | None = None
+        self._sampling = False
 
     # ------------------------------------------------------------------ helpers
     def log(self, text: str) -> None:
@@ -192,6 +234,7 @@ class Chaos:
                 seed=o.seed,
                 render_timeout=o.render_timeout,
                 reconcile=o.reconcile,
+                server_env=HEAVY_SERVER_ENV if o.heavy else None,
             ) as cluster:
                 self.cluster = cluster
                 self._run(cluster)
@@ -214,21 +257,123 @@ class Chaos:
                     interval=interval,
                     cancel_every=19,
                     faults=True,
+                    heavy=o.heavy,
                 )
             )
         for client in cluster.clients:
             client.wait_said("STARTED", 60)
         self.want_up = {i: True for i in range(len(cluster.instances))}
         faults = schedule(o.seed, o.seconds, o.clients, o.instances)
+        if o.heavy:
+            # Client 0 offline for half the window: a backlog of 50..60 KB submits.
+            window = o.seconds * 0.8
+            faults.append(Fault(0.1 * window, "partition", 0, 0.5 * o.seconds, "both"))
+            faults.sort(key=lambda f: f.at)
+            self._start_heavy(cluster)
         (self.workdir / "schedule.txt").write_text("\n".join(map(str, faults)) + "\n")
         self.t0 = time.monotonic()
         self._drive(cluster, faults)
+        if self.firehose is not None:
+            self.firehose.stop()
+            self.report.faults["large reports applied"] = self.firehose.applied
         self.report.timings["chaos window"] = time.monotonic() - self.t0
         healed = time.monotonic()
         self._heal(cluster)
         self._settle(cluster, per_client)
         self.report.timings["heal and settle"] = time.monotonic() - healed
         self._check(cluster, per_client)
+
+    # ------------------------------------------------------------------ heavy
+    def _start_heavy(self, cluster: Cluster) -> None:
+        by_url = {f"ws://127.0.0.1:{i.port}": i for i in cluster.instances}
+        urls = list(by_url)
+
+        def generation(url: str) -> int | None:
+            instance = by_url[url]
+            return instance.starts if instance.alive else None
+
+        for index, tenant in enumerate(SLOW_TENANTS):
+            name = f"slow{index}-{self.run_tag}"
+            rotated = urls[index:] + urls[:index]
+            reader = SlowReader(rotated, token(tenant, name), name, generation=generation)
+            self.readers.append(reader.start())
+        self.firehose = Firehose(
+            f"http://127.0.0.1:{cluster.front_port}",
+            token(SLOW_TENANTS[0], "firehose"),
+            f"firehose-{self.run_tag}",
+            workflow_id(self.run_tag, 1, 0),
+        ).start()
+        self._sampling = True
+        threading.Thread(target=self._sample_rss, args=(cluster,), daemon=True).start()
+
+    def _sample_rss(self, cluster: Cluster) -> None:
+        ticks = 0
+        while self._sampling:
+            ticks += 1
+            if ticks % 8 == 0:  # every 2 s: the slow readers' state, for chaos.log
+                self.log(
+                    "slow readers: "
+                    + "; ".join(
+                        f"{r.name} {len(r.seqs)} events, {r.connects} connects, "
+                        f"closes {dict(r.closes)}"
+                        for r in self.readers
+                    )
+                )
+            for instance in cluster.instances:
+                pid = instance.pid
+                if pid is None or not instance.alive:
+                    continue
+                with contextlib.suppress(psutil.Error):
+                    rss = psutil.Process(pid).memory_info().rss
+                    start, peak = self.report.rss.get(instance.name, (rss, rss))
+                    self.report.rss[instance.name] = (start, max(peak, rss))
+            time.sleep(0.25)
+
+    def _finish_heavy(self, heads: dict[str, int]) -> None:
+        for reader, tenant in zip(self.readers, SLOW_TENANTS, strict=True):
+            reader.finish(heads.get(tenant, 0))
+        for reader in self.readers:
+            if not reader.wait(scaled(120)):
+                raise AssertionError(f"seed {self.options.seed}: {reader.name} never caught up")
+        self._sampling = False
+        for reader in self.readers:
+            reader.stop()
+            self.report.faults["slow_reader_cut"] += reader.server_cuts
+
+    def _check_heavy(self, events: list[Any], verdict: Verdict) -> None:
+        tenant_seqs: dict[str, list[int]] = {}
+        for event in events:
+            tenant_seqs.setdefault(event.tenant, []).append(event.seq)
+        problems = []
+        for reader, tenant in zip(self.readers, SLOW_TENANTS, strict=True):
+            want = tenant_seqs.get(tenant, [])
+            if reader.error:
+                problems.append(f"{reader.name}: {reader.error}")
+            elif reader.seqs != want:
+                pairs = zip(reader.seqs, want, strict=False)
+                near = next((a for a, b in pairs if a != b), None)
+                problems.append(
+                    f"{reader.name}: {len(reader.seqs)} events, tenant has {len(want)} "
+                    f"(first difference near {near})"
+                )
+        verdict.add(
+            "slow-readers-caught-up",
+            problems,
+            f"{len(self.readers)} slow readers hold their tenant's whole log "
+            f"({sum(r.connects for r in self.readers)} connections, cuts "
+            f"{sum((r.closes for r in self.readers), Counter())})",
+        )
+        problems = [
+            f"{name} grew {(peak - start) / 2**20:.0f} MiB ({start / 2**20:.0f} -> "
+            f"{peak / 2**20:.0f})"
+            for name, (start, peak) in self.report.rss.items()
+            if peak - start > HEAVY_RSS_GROWTH
+        ]
+        verdict.add(
+            "server-rss-bounded",
+            problems,
+            f"every instance within {HEAVY_RSS_GROWTH / 2**20:.0f} MiB of its start",
+        )
 
     # ------------------------------------------------------------------ faults
     def _drive(self, cluster: Cluster, faults: list[Fault]) -> None:
@@ -385,6 +530,8 @@ class Chaos:
         heads = counts[1]
         for client in cluster.clients:
             client.finish(heads.get(client.spec.tenant, 0))
+        if self.readers:
+            self._finish_heavy(heads)
         for client in cluster.clients:
             self._wait_client(client, "FINISHED", 120)
 
@@ -415,23 +562,36 @@ class Chaos:
             job_stats=job_stats,
             clients=clients,
         )
+        if self.options.heavy:
+            self._check_heavy(events, self.report.verdict)
         self.report.faults["client reconnects"] = sum(
             sum(1 for _, state, _ in c.connection_log() if state == "up") - c.starts
             for c in cluster.clients
         )
 
 
-def run_chaos(workdir: Path, seed: int | None = None, seconds: float | None = None) -> ChaosReport:
+def run_chaos(
+    workdir: Path,
+    seed: int | None = None,
+    seconds: float | None = None,
+    *,
+    heavy: bool = False,
+    workflows: int = 200,
+) -> ChaosReport:
     """Run the scenario with the env's seed and length (``TETHER_CHAOS_SEED``/``SECONDS``)."""
     options = ChaosOptions(
         seed=seed if seed is not None else int(os.environ.get("TETHER_CHAOS_SEED", "1")),
         seconds=seconds
         if seconds is not None
         else float(os.environ.get("TETHER_CHAOS_SECONDS", "40")),
+        heavy=heavy,
+        workflows=workflows,
     )
     return Chaos(workdir, options).run()
 
 
-def must_have_happened(report: ChaosReport) -> list[str]:
-    """The kinds in ``MUST_HAPPEN`` that never really happened in this run."""
-    return [kind for kind in MUST_HAPPEN if not report.faults.get(kind)]
+def must_have_happened(report: ChaosReport, heavy: bool = False) -> list[str]:
+    """The kinds in ``MUST_HAPPEN`` (and ``HEAVY_MUST_HAPPEN``) that never really
+    happened in this run."""
+    kinds = MUST_HAPPEN + (HEAVY_MUST_HAPPEN if heavy else ())
+    return [kind for kind in kinds if not report.faults.get(kind)]
