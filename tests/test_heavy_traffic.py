@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,7 @@ async def _write_events(database_url: str, count: int, detail_bytes: int) -> Non
     no detail cap, accepted them)."""
     store = open_store(database_url)
     await store.open()
+    now = time.time()  # just ended: well inside the retention window
     try:
         for _ in range(count):
 
@@ -214,17 +216,17 @@ async def _write_events(database_url: str, count: int, detail_bytes: int) -> Non
                     name="noop",
                     status="completed",
                     state={"steps": {"only": {"status": "succeeded"}}},
-                    created_at=1.0,
-                    updated_at=1.0,
+                    created_at=now,
+                    updated_at=now,
                 )
                 append_event(
                     tx,
                     record,
                     event_types.WORKFLOW_REPORTED,
-                    1.0,
+                    now,
                     source="job-queue",
                     status="completed",
-                    at=1.0,
+                    at=now,
                     detail={"blob": "r" * detail_bytes},
                 )
                 await tx.insert_workflow(record)
