@@ -34,6 +34,7 @@ def _load_figures() -> None:
     import bench.fanout
     import bench.flags
     import bench.ingest
+    import bench.limits
     import bench.recovery
     import bench.resilience
     import bench.saga

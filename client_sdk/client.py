@@ -28,6 +28,7 @@ from client_sdk.backoff import Backoff, CircuitBreaker
 from client_sdk.compaction import CompactionPolicy
 from client_sdk.connection import SyncConnection
 from client_sdk.errors import ClientClosed, SyncStopped
+from client_sdk.finder import WorkflowPage, find_workflows
 from client_sdk.flags import ClientFlags, DirectCall, DirectHandle
 from client_sdk.localstore import Durability, LocalStore, Settlement
 from client_sdk.session import SessionState, SyncSession
@@ -253,6 +254,7 @@ class SyncClient:
         *,
         workflow_id: str | None = None,
         key: str | None = None,
+        deadline: float | None = None,
     ) -> WorkflowHandle:
         """Queue a new workflow; durable when this returns; works offline.
 
@@ -267,6 +269,8 @@ class SyncClient:
                 None picks a fresh one; anything else that is not a UUID (``""``
                 included) is refused, never silently replaced.
             key: the targeting key of the route flag (default: the token's subject).
+            deadline: seconds the whole workflow may take from its acceptance by the
+                server; the definition's own deadline also applies (the shorter wins).
 
         Returns:
             A handle; ``get_workflow(handle.id)`` shows it at once as ``pending``.
@@ -297,7 +301,9 @@ class SyncClient:
                 self._flags.direct_seconds.labels(name).observe(time.perf_counter() - started)
             return DirectHandle(self, workflow_id, name, result)
         self._flags.count(name, "tether")
-        args = {"workflow_id": workflow_id, "name": name, "input": input or {}}
+        args: dict[str, Any] = {"workflow_id": workflow_id, "name": name, "input": input or {}}
+        if deadline is not None:
+            args["deadline"] = deadline
         span, traceparent = tracing.start_submit(name, workflow_id)
         try:
             await self._enqueue(
@@ -441,6 +447,19 @@ class SyncClient:
             self._overlay.pending_for(workflow_id),
             self._live.get(workflow_id),
         )
+
+    async def find_workflows(self, **filters: Any) -> WorkflowPage:
+        """One page of the server's listing of this tenant's workflows, newest first
+        (not only this client's): filters ``name``, ``status``, ``version``,
+        ``created_after``, ``created_before``, ``cursor``, ``limit`` — see
+        ``client_sdk.finder.find_workflows``. Needs the server to be reachable.
+
+        Raises:
+            ValidationError, Unavailable, TetherError: see ``find_workflows``.
+        """
+        self._live_session()
+        assert self._conn is not None
+        return await find_workflows(self._conn.http_client(), **filters)
 
     def list_workflows(self, status: str | None = None) -> list[WorkflowView]:
         """Every known workflow's view (unconfirmed submits first), optionally of one status."""

@@ -55,6 +55,7 @@ from protocol.messages import (
     ServerMessage,
     StepSnapshot,
     SubmitWorkflowArgs,
+    UpgradeRequest,
     Welcome,
     WorkflowSnapshot,
 )
@@ -114,6 +115,7 @@ __all__ = [
     "TetherError",
     "Unauthorized",
     "Unavailable",
+    "UpgradeRequest",
     "UsageError",
     "ValidationError",
     "Welcome",

@@ -22,6 +22,7 @@ __all__ = [
     "WORKFLOW_REPORTED",
     "WORKFLOW_RETRY_REQUESTED",
     "WORKFLOW_SUBMITTED",
+    "WORKFLOW_UPGRADED",
 ]
 
 WORKFLOW_SUBMITTED = "workflow.submitted"
@@ -41,6 +42,9 @@ WORKFLOW_REPORTED = "workflow.reported"
 """data: workflow, source, status, at, detail (a source's state report)."""
 WORKFLOW_RECONCILED = "workflow.reconciled"
 """data: workflow, before, after, source, reason (a repair by reconciliation)."""
+WORKFLOW_UPGRADED = "workflow.upgraded"
+"""data: workflow, client_id, version_before, version (an operator moved the workflow
+to another version of its definition)."""
 DLQ_ADDED = "dlq.added"
 """data: workflow, entry_id, step, reason, attempts, last_error."""
 DLQ_REQUEUED = "dlq.requeued"

@@ -48,6 +48,7 @@ __all__ = [
     "ServerMessage",
     "StepSnapshot",
     "SubmitWorkflowArgs",
+    "UpgradeRequest",
     "Welcome",
     "WorkflowSnapshot",
 ]
@@ -77,6 +78,9 @@ Timestamp = Annotated[float, msgspec.Meta(ge=0, le=_MAX_FLOAT)]
 """Seconds since the epoch; NaN and ±inf are refused at decode (issue 11)."""
 Finite = Annotated[float, msgspec.Meta(ge=-_MAX_FLOAT, le=_MAX_FLOAT)]
 """Any finite float: NaN and ±inf are refused at decode."""
+MAX_DEADLINE = 10 * 365 * 86400.0
+Deadline = Annotated[float, msgspec.Meta(gt=0, le=MAX_DEADLINE)]
+"""Seconds a workflow may take from acceptance (finite: NaN and inf are refused)."""
 UUIDText = Annotated[
     str,
     msgspec.Meta(
@@ -150,6 +154,8 @@ class WorkflowSnapshot(_Base, frozen=True):
     ``result_of`` (partial snapshots only): the workflow's output *is* that step's
     result, which the reader already holds — so a single-leaf workflow's output is not
     written to the log a second time.
+    ``workflow_version`` is the version of the definition the workflow runs (issue 18:
+    rolling deploys).
     """
 
     id: str
@@ -163,6 +169,7 @@ class WorkflowSnapshot(_Base, frozen=True):
     version: int = 0
     partial: bool = False
     result_of: str = ""
+    workflow_version: str = ""
 
 
 # ---------------------------------------------------------- mutation args
@@ -174,6 +181,13 @@ class SubmitWorkflowArgs(_Base, frozen=True):
     workflow_id: UUIDText
     name: Name
     input: JSONObject = {}
+    deadline: Deadline | None = None
+
+
+class UpgradeRequest(_Base, frozen=True):
+    """Body of ``POST /v1/workflows/{id}/upgrade`` (admin): the version to move to."""
+
+    version: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
 
 class CancelWorkflowArgs(_Base, frozen=True):

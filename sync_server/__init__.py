@@ -5,6 +5,14 @@ section and the README's tour.
 """
 
 from sync_server.app import create_app
-from sync_server.saga import PermanentError, RetryPolicy, Step, StepContext, Workflow
+from sync_server.saga import Limit, PermanentError, RetryPolicy, Step, StepContext, Workflow
 
-__all__ = ["PermanentError", "RetryPolicy", "Step", "StepContext", "Workflow", "create_app"]
+__all__ = [
+    "Limit",
+    "PermanentError",
+    "RetryPolicy",
+    "Step",
+    "StepContext",
+    "Workflow",
+    "create_app",
+]

@@ -44,8 +44,9 @@ from sync_server.reconcile import (
 )
 from sync_server.retention import Pruner, policy_from_config
 from sync_server.saga.alerts import AlertSink
+from sync_server.saga.definitions import Limit
 from sync_server.saga.outbox import OutboxRelay
-from sync_server.saga.runner import SagaRunner
+from sync_server.saga.runner import SagaRunner, check_limits
 from sync_server.slo_reader import routes as slo_routes
 from sync_server.store import Transaction, WorkflowRecord, open_store
 from sync_server.ws import SyncConnection, sync_endpoint
@@ -65,9 +66,15 @@ class Tether:
         *,
         sources: Iterable[SourceAdapter] = (),
         job_steps: Mapping[str, str] | None = None,
+        limits: Mapping[str, Limit] | None = None,
     ) -> None:
         self.config = config
-        self.workflows = {workflow.name: workflow for workflow in workflows}
+        self.definitions = list(workflows)
+        """Every definition given, older versions of a name included (rolling deploys)."""
+        self.workflows = {workflow.name: workflow for workflow in self.definitions}
+        """The current (last given) definition of each name: new submits take it."""
+        self.limits = dict(limits or {})
+        check_limits(self.definitions, self.limits)
         self.store = open_store(config.database_url)
         self.metrics = Metrics()
         self.hub: Hub = MeteredHub(self.store, metrics=self.metrics, origin=config.server_id)
@@ -105,7 +112,7 @@ class Tether:
         self.flags = FlagService(self.store, registry=self.metrics.registry)
         self.flags.listeners.append(self._broadcast_flags)
         self.applier.flags = self.flags
-        self.commands = WorkflowCommands(self.applier)
+        self.commands = WorkflowCommands(self.applier, self.definitions)
         self.push_buckets = TokenBuckets(config.push_rate, config.push_burst)
         self.alerts = AlertLog(AlertSink(config.alert_webhook), self.metrics)
         self.monitor: MonitorRunner | None = None
@@ -191,8 +198,9 @@ class Tether:
         if self.workflows and self.config.run_sagas:
             self.runner = SagaRunner(
                 self.store,
-                list(self.workflows.values()),
+                self.definitions,
                 instance_id=self.config.server_id,
+                limits=self.limits,
                 lease_seconds=self.config.lease_seconds,
                 on_progress=self.hub.publish_progress,
                 alerts=self.alerts,
@@ -260,6 +268,7 @@ def create_app(
     config: ServerConfig | None = None,
     sources: Iterable[SourceAdapter] = (),
     job_steps: Mapping[str, str] | None = None,
+    limits: Mapping[str, Limit] | None = None,
     **settings: Any,
 ) -> Starlette:
     """Build the ASGI app of one instance.
@@ -267,11 +276,15 @@ def create_app(
     Args:
         database_url: ``sqlite:///path`` (default ``SYNC_DATABASE_URL`` or
             ``sqlite:///./sync.db``) or ``postgresql://…``.
-        workflows: the ``Workflow`` definitions this server runs.
+        workflows: the ``Workflow`` definitions this server runs. Several versions of
+            one name may be given: the last is the one new submits take, the others
+            keep running the workflows that started with them (rolling deploys).
         auth_secret: HS256 token secret (default ``SYNC_AUTH_SECRET``).
         config: a full ``ServerConfig`` (then the other settings must be omitted).
         sources: job sources the reconciliation sweep asks (``SourceAdapter``).
         job_steps: workflow name -> the step whose job runs at those sources.
+        limits: named limits (``Limit``) the steps refer to (``Step(limit=...)``),
+            shared by every instance of the database.
         **settings: any other ``ServerConfig`` field.
 
     Returns:
@@ -279,6 +292,7 @@ def create_app(
 
     Raises:
         UsageError: no auth secret, or an unsupported database URL.
+        DefinitionError: a step names a limit that ``limits`` does not configure.
     """
     import os
 
@@ -287,7 +301,7 @@ def create_app(
         config = ServerConfig(database_url=url, auth_secret=auth_secret or "", **settings)
     elif database_url or auth_secret or settings:
         raise UsageError("pass either config= or individual settings, not both")
-    tether = Tether(config, workflows, sources=sources, job_steps=job_steps)
+    tether = Tether(config, workflows, sources=sources, job_steps=job_steps, limits=limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

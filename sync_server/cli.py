@@ -15,13 +15,22 @@ import argparse
 import importlib
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from protocol import Role, TetherError, Unavailable, UsageError
 from sync_server.config import DEFAULT_DATABASE_URL
 
-__all__ = ["build_parser", "check_database", "load_workflows", "main", "serve_config"]
+__all__ = [
+    "build_parser",
+    "check_database",
+    "list_workflows",
+    "load_limits",
+    "load_workflows",
+    "main",
+    "serve_config",
+]
 
 WS_MAX_SIZE = 4 * 1024 * 1024
 """uvicorn's frame cap; frames between the protocol limit and this get 4413, above 1009."""
@@ -108,7 +117,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise UsageError("--lease must be > 0 seconds")
         settings["lease_seconds"] = args.lease
     sources, job_steps = load_sources(args.sources, args.job_step, default=not args.workflows)
-    app = create_app(url, workflows=workflows, sources=sources, job_steps=job_steps, **settings)
+    limits = load_limits(args.limits)
+    app = create_app(
+        url,
+        workflows=workflows,
+        sources=sources,
+        job_steps=job_steps,
+        limits=limits,
+        **settings,
+    )
     check_database(url)
     if args.log_format == "json":
         from sync_server.logs import configure_logging
@@ -158,6 +175,30 @@ def load_sources(
     if not all(hasattr(source, "job_status") for source in sources):
         raise UsageError(f"{spec} is not a list of source adapters (with job_status)")
     return sources, steps
+
+
+def load_limits(spec: str | None) -> dict[str, Any]:
+    """The named limits for ``serve --limits module:attr`` (a dict name -> ``Limit``).
+
+    Raises:
+        UsageError: the spec is malformed, cannot be imported, or is not such a dict.
+    """
+    if not spec:
+        return {}
+    from sync_server.saga.definitions import Limit
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"--limits must look like module:attribute, not {spec!r}")
+    try:
+        value: Any = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"cannot load limits {spec!r}: {exc}") from exc
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, Limit) for k, v in value.items()
+    ):
+        raise UsageError(f"{spec} is not a dict of limit name -> Limit")
+    return dict(value)
 
 
 def _admin_client(args: argparse.Namespace) -> Any:
@@ -219,14 +260,65 @@ def _cmd_workflows(args: argparse.Namespace) -> int:
             rows,
         )
         return 0
-    params = {"status": args.status} if args.status else {}
-    listed = _call(args, "GET", "/v1/workflows", params=params)["workflows"]
+    if args.action == "upgrade":
+        if not args.id or not args.version:
+            raise UsageError("workflows upgrade needs a workflow ID and --version")
+        view = _call(
+            args,
+            "POST",
+            f"/v1/workflows/{args.id}/upgrade",
+            json={"version": args.version},
+            params={"tenant": args.tenant} if args.tenant else None,
+        )
+        print(
+            f"workflow {view['id']} now runs version {view['workflow_version']} ({view['status']})"
+        )
+        return 0
+    listed = list_workflows(args)
     _print_table(
         f"{len(listed)} workflows",
-        ["id", "name", "status", "progress", "error"],
-        [[w["id"], w["name"], w["status"], f"{w['progress']:.0%}", w["error"]] for w in listed],
+        ["id", "name", "version", "status", "progress", "error"],
+        [
+            [w["id"], w["name"], w.get("workflow_version"), w["status"], _percent(w), w["error"]]
+            for w in listed
+        ],
     )
     return 0
+
+
+def _percent(view: dict[str, Any]) -> str:
+    return f"{view['progress']:.0%}"
+
+
+def list_workflows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Up to ``--limit`` workflows matching the filters, newest first (follows cursors).
+
+    Raises:
+        UsageError: ``--since`` is neither a duration nor a time, or ``--limit`` < 1.
+    """
+    from protocol import BadMessage
+    from sync_server.listing import parse_since
+
+    if args.limit < 1:
+        raise UsageError("--limit must be >= 1")
+    params: dict[str, Any] = {}
+    for key in ("status", "name", "version"):
+        if getattr(args, key):
+            params[key] = getattr(args, key)
+    if args.since:
+        try:
+            params["created_after"] = repr(parse_since(args.since, time.time()))
+        except BadMessage as exc:
+            raise UsageError(f"--since takes a duration (1h, 30m, 7d) or a time: {exc}") from exc
+    listed: list[dict[str, Any]] = []
+    while len(listed) < args.limit:
+        params["limit"] = min(1000, args.limit - len(listed))
+        page = _call(args, "GET", "/v1/workflows", params=params)
+        listed.extend(page["workflows"])
+        if not page.get("next_cursor"):
+            break
+        params["cursor"] = page["next_cursor"]
+    return listed
 
 
 def _cmd_dlq(args: argparse.Namespace) -> int:
@@ -377,6 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="WORKFLOW=STEP",
         help="the step of WORKFLOW whose job runs at the sources (repeatable)",
     )
+    serve.add_argument(
+        "--limits",
+        help="module:attr of a dict of named limits (name -> sync_server.Limit) for steps "
+        "declared with Step(..., limit=NAME)",
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     serve.add_argument(
         "--log-format",
@@ -424,11 +521,26 @@ def build_parser() -> argparse.ArgumentParser:
     url_help = "server URL (default http://127.0.0.1:8700; env SYNC_SERVER_URL)"
     token_help = "admin token (env SYNC_TOKEN; default: minted from SYNC_AUTH_SECRET)"
     default_url = os.environ.get("SYNC_SERVER_URL", "http://127.0.0.1:8700")
-    workflows = commands.add_parser("workflows", help="list workflows or show one")
-    workflows.add_argument("action", choices=["list", "show"])
-    workflows.add_argument("id", nargs="?", help="workflow id (for show)")
+    workflows = commands.add_parser(
+        "workflows", help="list workflows, show one, or move one to another version"
+    )
+    workflows.add_argument("action", choices=["list", "show", "upgrade"])
+    workflows.add_argument("id", nargs="?", help="workflow id (for show and upgrade)")
     workflows.add_argument("--status", help="only workflows with this status (for list)")
-    workflows.add_argument("--tenant", help="the workflow's tenant (for show; ids are per tenant)")
+    workflows.add_argument(
+        "--tenant", help="the workflow's tenant (for show and upgrade; ids are per tenant)"
+    )
+    workflows.add_argument("--name", help="only workflows of this name (for list)")
+    workflows.add_argument(
+        "--version",
+        help="list: only workflows of this definition version; upgrade: the version to move to",
+    )
+    workflows.add_argument(
+        "--since", help="only workflows created since: a duration (1h, 30m, 7d) or a time"
+    )
+    workflows.add_argument(
+        "--limit", type=int, default=100, help="most workflows listed (default 100)"
+    )
     workflows.add_argument("--url", default=default_url, help=url_help)
     workflows.add_argument("--token", help=token_help)
     workflows.set_defaults(func=_cmd_workflows)

@@ -10,7 +10,8 @@ forgery: the requeue button is ``POST /v1/dlq/{id}/requeue`` with that header.
 
 ``GET /v1/admin/overview`` (admin token; a tenant admin sees its tenant, a global admin
 ``*`` every tenant) answers the page's poll: workflow counts by status, the live and
-recent workflows with their steps, open dead letters, breakers, this instance's key
+recent workflows with their steps, open dead letters, breakers, the workflows each
+definition version still has in flight (rolling deploys), this instance's key
 metrics and latest alerts.
 
 Tenant admins see only their tenant (SPEC promise 6, issue 11): the log head is their
@@ -86,6 +87,7 @@ async def overview(request: Request) -> Response:
         if len(shown) >= limit:
             break
         shown.setdefault(record.id, record)
+    in_flight = await store.version_counts(tenant=scope)
     dlq = await store.list_dlq(tenant=scope, status="open", limit=200)
     breakers = await store.list_breakers()
     monitor = tether.monitor
@@ -110,6 +112,10 @@ async def overview(request: Request) -> Response:
             )
         ],
         "alerts": alerts,
+        "versions": [
+            {"workflow": name, "version": version, "status": status, "count": count}
+            for name, version, status, count in in_flight
+        ],
     }
     if scope is not None:
         body["breakers"] = [{"name": b.name, "state": b.state} for b in breakers]
@@ -192,6 +198,10 @@ def _page(error: str | None = None) -> str:
       <h2>SLOs</h2>
       <table id="slos"><thead><tr>
         <th>objective</th><th>target</th><th>now</th><th>budget left</th>
+      </tr></thead><tbody></tbody></table>
+      <h2>Versions in flight</h2>
+      <table id="versions"><thead><tr>
+        <th>workflow</th><th>version</th><th>status</th><th>count</th>
       </tr></thead><tbody></tbody></table>
       <h2>Alerts</h2>
       <ul id="alerts"></ul>

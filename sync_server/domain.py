@@ -18,7 +18,7 @@ it; another subject is refused (``Forbidden``) before anything is applied.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
@@ -383,7 +383,16 @@ class MutationApplier:
             and len(batch.adopted) < batch.adoptable
             and self.runner.runs(args.name)
         )
-        intake.start_workflow(tx, record, definition, now, client_id, trace=trace, wake=not adopt)
+        intake.start_workflow(
+            tx,
+            record,
+            definition,
+            now,
+            client_id,
+            trace=trace,
+            wake=not adopt,
+            deadline=args.deadline,
+        )
         if adopt:
             batch.adopted.append(record)
         batch.records[record.id] = record
@@ -432,10 +441,13 @@ class WorkflowCommands:
 
     Args:
         applier: shares the store, the definitions and the report handler.
+        definitions: every definition this instance has, older versions included
+            (what ``upgrade`` may move a workflow to).
     """
 
-    def __init__(self, applier: MutationApplier) -> None:
+    def __init__(self, applier: MutationApplier, definitions: Iterable[Any] = ()) -> None:
         self.applier = applier
+        self.definitions = {(d.name, d.version): d for d in definitions}
 
     async def tenant_of(
         self, principal: Principal, workflow_id: str, tenant: str | None = None
@@ -528,6 +540,37 @@ class WorkflowCommands:
             lambda tx, record, now: intake.request_retry(tx, record, now, subject),
             tenant,
         )
+
+    async def upgrade(
+        self, principal: Principal, workflow_id: str, version: str, tenant: str | None = None
+    ) -> WorkflowRecord:
+        """Move a workflow to another version of its definition (an operator's act).
+
+        Args:
+            principal: who asks (an admin).
+            workflow_id: the workflow's id.
+            version: the version to move it to (this instance must have it).
+            tenant: the workflow's tenant, for a global admin (see ``tenant_of``).
+
+        Raises:
+            NotFound: no such workflow for this tenant.
+            ValidationError: this instance has no such version of the workflow's name.
+            Conflict: the workflow has ended, has that version, or has run a step the
+                version lacks.
+        """
+        subject = principal.subject
+
+        def action(tx: Transaction, record: WorkflowRecord, now: float) -> None:
+            definition = self.definitions.get((record.name, version))
+            if definition is None:
+                known = sorted(v for n, v in self.definitions if n == record.name)
+                raise ValidationError(
+                    f"this instance has no version {version!r} of {record.name!r} "
+                    f"(it has: {', '.join(known) or 'none'})"
+                )
+            intake.request_upgrade(tx, record, definition, now, subject)
+
+        return await self._on_workflow(principal, workflow_id, action, tenant)
 
     async def report(
         self, principal: Principal, args: ReportStateArgs, tenant: str | None = None

@@ -28,11 +28,14 @@ from protocol import (
     StorageError,
     TetherError,
     Unavailable,
+    UpgradeRequest,
     WorkflowStatus,
     decode_json,
     encode_json,
 )
 from protocol.codec import check_args, check_text
+from protocol.messages import MAX_NAME_LENGTH
+from sync_server import listing
 from sync_server.auth import Principal, bearer_token, verify_token
 from sync_server.openapi import openapi_json
 from sync_server.paging import json_bytes, read_page
@@ -187,18 +190,51 @@ async def get_workflow(request: Request) -> Response:
 
 
 async def list_workflows(request: Request) -> Response:
-    """``GET /v1/workflows?status=…&limit=`` → ``{"workflows": [snapshots]}``."""
+    """``GET /v1/workflows?name=&status=&version=&created_after=&created_before=
+    &ended_after=&ended_before=&cursor=&limit=`` → ``{"workflows": [snapshots],
+    "next_cursor"}``, newest first, of the caller's tenant (see ``sync_server.listing``)."""
     principal = _principal(request)
-    statuses = request.query_params.getlist("status") or None
+    query = request.query_params
+    statuses = query.getlist("status") or None
     if statuses:
         for status in statuses:
             if status not in WorkflowStatus.__members__.values():
                 raise BadMessage(f"unknown status {status!r}")
+    filters: dict[str, Any] = {}
+    for key in ("name", "version"):
+        value = query.get(key)
+        if value is not None:
+            if not value or len(value) > MAX_NAME_LENGTH or "\x00" in value:
+                raise BadMessage(f"query parameter {key} must be 1..{MAX_NAME_LENGTH} characters")
+            filters[key] = value
+    for key in ("created_after", "created_before", "ended_after", "ended_before"):
+        value = query.get(key)
+        if value is not None:
+            filters[key] = listing.parse_time(value, key)
+    cursor = query.get("cursor")
+    if cursor:
+        filters["before"] = listing.decode_cursor(cursor)
     limit = _int_param(request, "limit", 1000, 1, 10_000)
     records = await _tether(request).store.list_workflows(
-        tenant=principal.scope, statuses=statuses, limit=limit
+        tenant=principal.scope, statuses=statuses, limit=limit + 1, **filters
     )
-    return _json({"workflows": [snapshot(record) for record in records]})
+    page = listing.fit_page(
+        [snapshot(record) for record in records],
+        [(record.created_at, record.id) for record in records],
+        limit,
+    )
+    return _json(page)
+
+
+async def upgrade_workflow(request: Request) -> Response:
+    """``POST /v1/workflows/{id}/upgrade`` (admin), body ``{"version": V}``: move the
+    workflow to version V of its definition (rolling deploys)."""
+    principal = _principal(request, Role.ADMIN)
+    body = decode_json(await _body(request), UpgradeRequest)
+    record = await _tether(request).commands.upgrade(
+        principal, _workflow_id(request), body.version, _tenant_hint(request)
+    )
+    return _json(snapshot(record), 202)
 
 
 async def cancel_workflow(request: Request) -> Response:
@@ -275,6 +311,7 @@ routes = [
     Route("/v1/workflows/{id}", get_workflow, methods=["GET"]),
     Route("/v1/workflows/{id}/cancel", cancel_workflow, methods=["POST"]),
     Route("/v1/workflows/{id}/retry", retry_workflow, methods=["POST"]),
+    Route("/v1/workflows/{id}/upgrade", upgrade_workflow, methods=["POST"]),
     Route("/v1/reports", report, methods=["POST"]),
     Route("/v1/dlq", list_dlq, methods=["GET"]),
     Route("/v1/dlq/{id}/requeue", requeue_dlq, methods=["POST"]),

@@ -162,6 +162,20 @@ class Metrics:
             slo_labels,
             registry=r,
         )
+        self.workflow_versions = Gauge(
+            "tether_workflows_in_flight",
+            "Workflows running, compensating or parked, by name, definition version and status"
+            " (what a rolling deploy still has to finish)",
+            ["workflow", "version", "status"],
+            registry=r,
+        )
+
+    def set_version_counts(self, counts: Sequence[tuple[str, str, str, int]]) -> None:
+        """Replace ``tether_workflows_in_flight`` with a fresh reading (a version whose
+        workflows all ended disappears)."""
+        self.workflow_versions.clear()
+        for name, version, status, count in counts:
+            self.workflow_versions.labels(name, version, status).set(count)
 
     # ------------------------------------------------------------------ hooks
     def observe_push(

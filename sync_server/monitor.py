@@ -276,6 +276,7 @@ class MonitorRunner:
             self.metrics.breaker_state.labels(breaker.name).set(
                 BREAKER_STATE_VALUES.get(breaker.state, 0.0)
             )
+        self.metrics.set_version_counts(await self.store.version_counts())
         pending, oldest = await self.store.outbox_stats(now)
         self.metrics.outbox_pending.set(pending)
         self.metrics.outbox_lag.set(oldest)

@@ -26,6 +26,7 @@ from protocol import (
     PushRequest,
     PushResponse,
     ReportStateArgs,
+    UpgradeRequest,
     WorkflowSnapshot,
     WorkflowStatus,
 )
@@ -54,9 +55,11 @@ class ErrorBody(msgspec.Struct, frozen=True):
 
 
 class WorkflowList(msgspec.Struct, frozen=True):
-    """Answer of ``GET /v1/workflows``."""
+    """Answer of ``GET /v1/workflows``: a page, newest first; ``next_cursor`` resumes
+    after its last row (null: no more)."""
 
     workflows: list[WorkflowSnapshot]
+    next_cursor: str | None = None
 
 
 class DlqList(msgspec.Struct, frozen=True):
@@ -163,6 +166,16 @@ def _int_query(name: str, low: int, high: int, description: str) -> dict[str, An
     }
 
 
+def _text_query(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+    }
+
+
 _WORKFLOW_ID = {
     "name": "id",
     "in": "path",
@@ -210,7 +223,7 @@ def _paths() -> dict[str, Any]:
         "/v1/workflows": {
             "get": {
                 "operationId": "listWorkflows",
-                "summary": "List the tenant's workflows, optionally by status.",
+                "summary": "List the tenant's workflows, newest first, filtered and paged.",
                 "parameters": [
                     {
                         "name": "status",
@@ -226,6 +239,13 @@ def _paths() -> dict[str, Any]:
                             },
                         },
                     },
+                    _text_query("name", "Only workflows of this definition name."),
+                    _text_query("version", "Only workflows of this definition version."),
+                    _text_query("created_after", "Created at or after: unix seconds or ISO 8601."),
+                    _text_query("created_before", "Created before: unix seconds or ISO 8601."),
+                    _text_query("ended_after", "Ended (terminal) at or after this time."),
+                    _text_query("ended_before", "Ended (terminal) before this time."),
+                    _text_query("cursor", "The next_cursor of the previous page."),
                     _int_query("limit", 1, _MAX_LIST, "Most workflows listed."),
                 ],
                 "responses": _responses(200, "WorkflowList", 400, *_AUTH, 503),
@@ -253,6 +273,17 @@ def _paths() -> dict[str, Any]:
                 "summary": "Re-run only the failed or parked steps (role client).",
                 "parameters": [_WORKFLOW_ID, _TENANT_HINT],
                 "responses": _responses(202, "WorkflowSnapshot", 400, *_AUTH, 403, 404, 409, 503),
+            }
+        },
+        "/v1/workflows/{id}/upgrade": {
+            "post": {
+                "operationId": "upgradeWorkflow",
+                "summary": "Move a workflow to another version of its definition (role admin).",
+                "parameters": [_WORKFLOW_ID],
+                "requestBody": {"required": True, "content": _json_content("UpgradeRequest")},
+                "responses": _responses(
+                    202, "WorkflowSnapshot", 400, *_AUTH, 403, 404, 409, 413, 422, 503
+                ),
             }
         },
         "/v1/reports": {
@@ -456,6 +487,7 @@ def build_document() -> dict[str, Any]:
             WorkflowSnapshot,
             WorkflowList,
             ReportStateArgs,
+            UpgradeRequest,
             DlqList,
             SloList,
             ErrorBody,

@@ -48,6 +48,7 @@ def snapshot(record: WorkflowRecord) -> WorkflowSnapshot:
         error=record.error,
         updated_at=record.updated_at,
         version=record.version,
+        workflow_version=record.workflow_version,
     )
 
 

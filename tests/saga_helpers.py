@@ -20,12 +20,14 @@ async def submit(
     *,
     tenant: str = "t1",
     count: int = 1,
+    deadline: float | None = None,
+    now: float | None = None,
 ) -> list[str]:
     """Submit workflows (one transaction), as the push endpoint would; returns their ids."""
     if isinstance(inputs, dict) or inputs is None:
         inputs = [inputs or {} for _ in range(count)]
     ids = [str(uuid.uuid4()) for _ in inputs]
-    now = time.time()
+    at = time.time() if now is None else now
 
     async def unit(tx: Transaction) -> None:
         for wid, data in zip(ids, inputs, strict=True):
@@ -35,11 +37,11 @@ async def submit(
                 name=workflow.name,
                 status="pending",
                 input=data,
-                created_at=now,
-                updated_at=now,
+                created_at=at,
+                updated_at=at,
                 created_by="test",
             )
-            intake.start_workflow(tx, record, workflow, now, "test-client")
+            intake.start_workflow(tx, record, workflow, at, "test-client", deadline=deadline)
             assert await tx.insert_workflow(record)
 
     await store.run(unit)

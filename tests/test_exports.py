@@ -12,6 +12,7 @@ SPEC_NAMES = {
     "sync_server": {
         "Workflow",
         "Step",
+        "Limit",
         "RetryPolicy",
         "StepContext",
         "PermanentError",

@@ -7,6 +7,7 @@ Users declare ``Workflow``s of ``Step``s (``definitions``); the pure ``SagaMachi
 
 from sync_server.saga.definitions import (
     DefinitionError,
+    Limit,
     PermanentError,
     RetryPolicy,
     Step,
@@ -17,6 +18,7 @@ from sync_server.saga.definitions import (
 
 __all__ = [
     "DefinitionError",
+    "Limit",
     "PermanentError",
     "RetryPolicy",
     "Step",

@@ -28,12 +28,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol import events
+from protocol import StepStatus, WorkflowStatus, events
 from sync_server.saga import breaker as breakers
 from sync_server.saga.backoff import DelayPolicy
-from sync_server.saga.definitions import Workflow
+from sync_server.saga.definitions import Limit, Workflow
 from sync_server.saga.fastpath import MemoryTransaction, NeedsLock, copy_record
 from sync_server.saga.intake import WORK_CHANNEL
+from sync_server.saga.limits import WAITER_TTL, LimitGate
 from sync_server.saga.machine import (
     Alert,
     DeadLetter,
@@ -105,13 +106,15 @@ class Applied:
 
 
 class _BreakerCache:
-    """Rows of one transaction written back once at the end: breakers and workflows."""
+    """Rows of one transaction written back once at the end: breakers and workflows;
+    and the transaction's limit gate (waiters are woken at the end)."""
 
-    def __init__(self, tx: Transaction) -> None:
+    def __init__(self, tx: Transaction, gate: LimitGate) -> None:
         self.tx = tx
         self.records: dict[str, BreakerRecord] = {}
         self.dirty: set[str] = set()
         self.workflows: list[WorkflowRecord] = []
+        self.gate = gate
 
     async def get(self, name: str) -> BreakerRecord:
         record = self.records.get(name)
@@ -124,38 +127,49 @@ class _BreakerCache:
         self.records[record.name] = record
         self.dirty.add(record.name)
 
-    async def flush(self, *, workflows: bool = True) -> None:
-        """Write the changed breakers and every processed workflow row (one batch);
-        ``workflows=False`` for rows the caller inserts itself (new workflows)."""
+    async def flush(self, now: float, *, workflows: bool = True) -> None:
+        """Write the changed breakers and every processed workflow row (one batch;
+        ``workflows=False`` for rows the caller inserts itself — new workflows), then
+        wake the waiters of limits whose slots were freed."""
         for name in sorted(self.dirty):
             await self.tx.put_breaker(self.records[name])
         if workflows:
             await self.tx.update_workflows(self.workflows)
+        if await self.gate.wake(now):
+            self.tx.notify(WORK_CHANNEL, "")
 
 
 class Checkpointer:
     """Runs the machine for stored workflows inside the caller's transaction.
 
     Args:
-        workflows: definitions by name.
+        workflows: definitions by (name, version); a name's last one is its current
+            version (it also runs workflows stored before versions existed).
         owner: this instance's lease owner id.
         lease_seconds: lease length; every checkpoint that keeps the lease extends it.
         delay: the backoff policy fed to the machine.
         breaker_policy: the ``BreakerPolicy`` of a breaker name.
         completion_webhook: outbox destination for a notice when a workflow ends.
-        on_breaker_change: called (name, new state) after a breaker changes state.
+        limits: named limits by name (``Step(limit=...)``).
     """
 
     def __init__(
         self,
-        workflows: Mapping[str, Workflow],
+        workflows: Mapping[tuple[str, str], Workflow],
         owner: str,
         lease_seconds: float,
         delay: DelayPolicy,
         breaker_policy: Callable[[str], breakers.BreakerPolicy],
         completion_webhook: str | None = None,
+        limits: Mapping[str, Limit] | None = None,
     ) -> None:
-        self.workflows = workflows
+        self.workflows = dict(workflows)
+        for workflow in workflows.values():
+            # A row written before versions existed has version "": the current one runs it.
+            self.workflows[(workflow.name, "")] = workflow
+        self.versions = sorted(self.workflows)
+        """The (name, version) pairs this instance claims."""
+        self.limits = dict(limits or {})
         self.owner = owner
         self.lease_seconds = lease_seconds
         self.delay = delay
@@ -167,10 +181,13 @@ class Checkpointer:
 
     async def claim(self, tx: Transaction, now: float, limit: int) -> list[Applied]:
         """Claim due workflows and start their ready steps, in ``tx``."""
-        records = await tx.claim_due_workflows(self.owner, now, self.lease_seconds, limit)
-        cache = _BreakerCache(tx)
+        records = await tx.claim_due_workflows(
+            self.owner, now, self.lease_seconds, limit, self.versions
+        )
+        cache = self._cache(tx)
         out = [await self.process(tx, record, [], now, cache, claimed=True) for record in records]
-        await cache.flush()
+        out.extend(await self._hand_off(tx, cache, now))
+        await cache.flush(now)
         return out
 
     async def start_new(
@@ -179,14 +196,14 @@ class Checkpointer:
         """Lease new workflows to this instance and start their first steps, in the
         transaction that submits them (the caller inserts the rows afterwards): the
         claim rides on the submit."""
-        cache = _BreakerCache(tx)
+        cache = self._cache(tx)
         out = []
         for record in records:
             record.lease_owner = self.owner
             record.lease_until = now + self.lease_seconds
             record.fence += 1
             out.append(await self.process(tx, record, [], now, cache, claimed=True))
-        await cache.flush(workflows=False)
+        await cache.flush(now, workflows=False)
         return out
 
     async def compute_fenced(
@@ -195,17 +212,18 @@ class Checkpointer:
         """The checkpoint of one workflow computed from the runner's copy of its row, for
         ``Store.write_fenced``; None when it needs the locked path (a circuit breaker, a
         dead letter, the outbox, or a machine that failed)."""
-        definition = self.workflows.get(cached.name)
+        definition = self.workflows.get((cached.name, cached.workflow_version))
         if (
             definition is None
-            or any(step.breaker for step in definition.steps.values())
+            # A limit's slots and waiters are rows of their own: the locked path.
+            or any(step.breaker or step.limit for step in definition.steps.values())
             or any(item.breaker for item in inputs)
         ):
             return None
         record = copy_record(cached)
         tx = MemoryTransaction()
         try:
-            applied = await self.process(tx, record, inputs, now, _BreakerCache(tx))
+            applied = await self.process(tx, record, inputs, now, self._cache(tx))
         except NeedsLock:
             return None
         if applied.failed:
@@ -228,7 +246,7 @@ class Checkpointer:
         """
         keys = sorted(batch)
         records = await tx.get_workflows(keys, lock=True)
-        cache = _BreakerCache(tx)
+        cache = self._cache(tx)
         out: list[Applied] = []
         for key in keys:
             fence, inputs = batch[key]
@@ -237,8 +255,33 @@ class Checkpointer:
                 out.append(Applied(key, record, refused=True))
                 continue
             out.append(await self.process(tx, record, inputs, now, cache, claimed=claimed))
-        await cache.flush()
+        out.extend(await self._hand_off(tx, cache, now))
+        await cache.flush(now)
         return out
+
+    async def _hand_off(self, tx: Transaction, cache: _BreakerCache, now: float) -> list[Applied]:
+        """Refill the slots this checkpoint freed: claim the next waiters (fair order, of
+        the versions this instance runs) in the same transaction and start them — no
+        wake, notification and second claim in between (issue 18: throughput equals the
+        limit's capacity)."""
+        out: list[Applied] = []
+        for name, free in await cache.gate.take_freed(now):
+            records = await tx.claim_limit_waiters(
+                name,
+                free,
+                now,
+                now - WAITER_TTL,
+                self.versions,
+                self.owner,
+                now + self.lease_seconds,
+            )
+            cache.gate.chosen.update(record.key for record in records)
+            for record in sorted(records, key=lambda r: r.key):
+                out.append(await self.process(tx, record, [], now, cache, claimed=True))
+        return out
+
+    def _cache(self, tx: Transaction) -> _BreakerCache:
+        return _BreakerCache(tx, LimitGate(tx, self.limits, self.owner))
 
     async def process(
         self,
@@ -251,7 +294,7 @@ class Checkpointer:
         claimed: bool = False,
     ) -> Applied:
         """Feed ``inputs`` to the machine for ``record`` and write the outcome to ``tx``."""
-        definition = self.workflows.get(record.name)
+        definition = self.workflows.get((record.name, record.workflow_version))
         if definition is None:
             log.warning("no definition for workflow %s (%s); leaving it", record.id, record.name)
             record.lease_owner = None
@@ -273,16 +316,22 @@ class Checkpointer:
             tenant=record.tenant,
         )
         try:
-            # Compute everything first: nothing is written for a workflow that fails here.
+            # Compute everything first: nothing is written for a workflow that fails here
+            # (a limit slot taken by ``_gate`` lapses with the lease if it does).
             if claimed:
                 machine.receive_claim(now)
             breaker_outcomes = self._feed(machine, inputs, now)
+            machine.receive_deadline(now)
             pending_breakers = await self._gate(machine, definition, cache, breaker_outcomes, now)
+            await self._limit_gate(machine, definition, record, cache.gate, now)
             machine.advance(now)
             effects = machine.effects_to_apply()
         except Exception:
             log.exception("saga machine failed on workflow %s; leaving it", record.id)
             return Applied(record.key, record, failed=True)
+        await _settle_limits(machine, record, cache.gate)
+        if not record.workflow_version:
+            record.workflow_version = definition.version
         for record_ in pending_breakers:
             cache.put(record_)
         record.status = machine.status.value
@@ -412,6 +461,26 @@ class Checkpointer:
                 machine.receive_breaker_open(step, decision.retry_at, guard, now)
         return list(changed.values())
 
+    async def _limit_gate(
+        self,
+        machine: SagaMachine,
+        definition: Workflow,
+        record: WorkflowRecord,
+        gate: LimitGate,
+        now: float,
+    ) -> None:
+        """Admit each ready step that names a limit, or defer it as a waiter (no attempt
+        used); an admitted step holds a slot (``state["steps"][step]["slot"]``)."""
+        for step in machine.ready_steps(now):
+            name = definition.steps[step].limit
+            if name is None or name not in self.limits:
+                continue
+            admission = await gate.admit(name, record, step, now)
+            if admission.admitted:
+                machine.steps[step]["slot"] = name
+            else:
+                machine.receive_limit_wait(step, admission.retry_at, name, now)
+
     async def _dead_letter(
         self, tx: Transaction, record: WorkflowRecord, effect: DeadLetter, now: float
     ) -> int:
@@ -439,6 +508,27 @@ class Checkpointer:
             last_error=effect.last_error,
         )
         return entry_id
+
+
+async def _settle_limits(machine: SagaMachine, record: WorkflowRecord, gate: LimitGate) -> None:
+    """Free the slots of steps that stopped running (outcome, cancel, deadline, takeover),
+    and forget the waiters of steps that no longer wait (skipped, cancelled, halted)."""
+    waiting = machine.status == WorkflowStatus.RUNNING and not machine.state.get("halt")
+    freed: list[str] = []
+    gone: list[str] = []
+    for name, s in machine.steps.items():
+        if s.get("slot") and s["status"] != StepStatus.RUNNING:
+            del s["slot"]
+            freed.append(name)
+        deferred = s.get("deferred")
+        still = waiting and s["status"] in (StepStatus.WAITING, StepStatus.RETRYING)
+        if isinstance(deferred, str) and deferred.startswith("limit:") and not still:
+            del s["deferred"]
+            gone.append(name)
+    if freed:
+        gate.release(record, freed)
+    if gone:
+        await gate.drop_waiters(record, gone)
 
 
 async def _resolve_dead_letters(tx: Transaction, record: WorkflowRecord, now: float) -> None:

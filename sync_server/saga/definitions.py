@@ -19,8 +19,10 @@ of the tenant since workflow ids are per tenant), compensations get
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -36,6 +38,7 @@ __all__ = [
     "STOP_SHUTDOWN",
     "DefinitionError",
     "JobRecorder",
+    "Limit",
     "OnFailure",
     "PermanentError",
     "ProgressReporter",
@@ -44,6 +47,7 @@ __all__ = [
     "StepAction",
     "StepContext",
     "Workflow",
+    "fingerprint",
     "load_workflows",
 ]
 
@@ -100,6 +104,31 @@ class RetryPolicy:
             raise DefinitionError("base_delay and max_delay must be >= 0")
         if self.multiplier < 1:
             raise DefinitionError(f"multiplier must be >= 1, not {self.multiplier}")
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A named limit on a downstream, shared by every instance through the database.
+
+    Args:
+        concurrency: most attempts of steps naming this limit running at once, across
+            all instances (None: no cap).
+        per_second: most starts in any one-second window, across all instances (None:
+            no cap).
+
+    Raises:
+        DefinitionError: a value is not a positive integer.
+    """
+
+    concurrency: int | None = None
+    per_second: int | None = None
+
+    def __post_init__(self) -> None:
+        for label, value in (("concurrency", self.concurrency), ("per_second", self.per_second)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise DefinitionError(f"Limit {label} must be a positive integer, not {value!r}")
 
 
 class ProgressReporter(Protocol):
@@ -211,6 +240,8 @@ class Step:
         retry: the retry policy (default ``RetryPolicy()``: 3 attempts).
         breaker: name of the downstream's circuit breaker (shared by every step using it).
         compensate_retry: retry policy of the compensation (default: ``retry``).
+        limit: name of a ``Limit`` (configured on the server) every attempt of this step
+            must fit in; a step waiting for its limit uses no attempt.
 
     Raises:
         DefinitionError: the name is empty, the timeout is not positive, or ``action`` is
@@ -223,6 +254,7 @@ class Step:
         "compensate",
         "compensate_retry",
         "depends_on",
+        "limit",
         "name",
         "retry",
         "timeout",
@@ -239,9 +271,12 @@ class Step:
         retry: RetryPolicy | None = None,
         breaker: str | None = None,
         compensate_retry: RetryPolicy | None = None,
+        limit: str | None = None,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise DefinitionError("a step needs a non-empty name")
+        if limit is not None and (not isinstance(limit, str) or not limit.strip()):
+            raise DefinitionError(f"step {name!r}: limit must be a non-empty name")
         if ":" in name:
             raise DefinitionError(f"step name {name!r} must not contain ':'")
         if not callable(action):
@@ -260,6 +295,7 @@ class Step:
         self.retry = retry or RetryPolicy()
         self.breaker = breaker
         self.compensate_retry = compensate_retry or self.retry
+        self.limit = limit
 
     def __repr__(self) -> str:
         return f"Step({self.name!r}, depends_on={list(self.depends_on)!r})"
@@ -274,17 +310,40 @@ class Workflow:
         on_failure: after a step's last attempt, ``"compensate"`` undoes the completed
             steps in reverse dependency order; ``"park"`` keeps them and waits for
             ``retry_workflow`` or a DLQ requeue.
+        version: the definition's version, stored with every workflow it starts; an
+            instance runs only the versions it has (rolling deploys). None: a
+            fingerprint of the steps (see ``fingerprint``).
+        deadline: seconds from acceptance the whole workflow may take; when it passes,
+            the running step is cancelled and ``on_failure`` applies.
 
     Raises:
         DefinitionError: no steps, a duplicate step name, an unknown dependency, a
-            self-dependency, a cycle, or an unknown ``on_failure``.
+            self-dependency, a cycle, an unknown ``on_failure``, an empty version or a
+            deadline that is not a positive number.
     """
 
     def __init__(
-        self, name: str, steps: Iterable[Step], *, on_failure: OnFailure = "compensate"
+        self,
+        name: str,
+        steps: Iterable[Step],
+        *,
+        on_failure: OnFailure = "compensate",
+        version: str | None = None,
+        deadline: float | None = None,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise DefinitionError("a workflow needs a non-empty name")
+        if version is not None and (
+            not isinstance(version, str) or not version.strip() or len(version) > 64
+        ):
+            raise DefinitionError(f"workflow {name!r}: version must be 1..64 characters")
+        if deadline is not None and (
+            isinstance(deadline, bool)
+            or not isinstance(deadline, int | float)
+            or not math.isfinite(deadline)
+            or deadline <= 0
+        ):
+            raise DefinitionError(f"workflow {name!r}: deadline must be > 0 seconds")
         if on_failure not in ("compensate", "park"):
             raise DefinitionError(
                 f"workflow {name!r}: on_failure must be 'compensate' or 'park', not {on_failure!r}"
@@ -319,9 +378,33 @@ class Workflow:
             s: tuple(d) for s, d in dependents.items()
         }
         self.leaves: tuple[str, ...] = tuple(s for s in self.step_names if not dependents[s])
+        self.deadline: float | None = None if deadline is None else float(deadline)
+        self.version: str = version if version is not None else fingerprint(self)
 
     def __repr__(self) -> str:
-        return f"Workflow({self.name!r}, steps={list(self.step_names)!r})"
+        return f"Workflow({self.name!r}, steps={list(self.step_names)!r}, version={self.version!r})"
+
+
+def fingerprint(workflow: Workflow) -> str:
+    """The default version of a workflow: a hash of what its running instances rely on.
+
+    It covers the steps' names (in run order), their dependencies, which steps have a
+    compensation, which limit they use, and ``on_failure`` — the shape a stored
+    workflow's state is tied to. Timeouts, retry policies and the code of the actions
+    are left out: changing those does not make a new version (give ``version=`` for
+    that). Stable across processes and Python versions (no ``hash()``).
+
+    Returns:
+        ``"fp-"`` and 12 hex digits of a SHA-256.
+    """
+    parts = [f"on_failure={workflow.on_failure}"]
+    for name in workflow.step_names:
+        step = workflow.steps[name]
+        deps = ",".join(sorted(step.depends_on))
+        comp = "1" if step.compensate is not None else "0"
+        parts.append(f"{name}|{deps}|{comp}|{step.limit or ''}")
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return f"fp-{digest[:12]}"
 
 
 def _topological_order(name: str, steps: list[Step]) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ checkpoint instead, as does every row whose fenced write found it changed.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from sync_server.store.base import (
@@ -31,7 +32,33 @@ class NeedsLock(Exception):
     """The checkpoint touches more than the workflow's own row: take the locked path."""
 
 
-class MemoryTransaction(Transaction):
+class _NoLimits:
+    """Limits (issue 18) are rows of their own: a workflow that uses them takes the
+    locked path (``Checkpointer.compute_fenced`` never sends it here)."""
+
+    async def lock_limit(self, *_args: Any, **_kwargs: Any) -> NoReturn:
+        raise NeedsLock("limits need the locked path")
+
+    async def limit_position(self, *_args: Any, **_kwargs: Any) -> NoReturn:
+        raise NeedsLock("limits need the locked path")
+
+    async def take_limit_slot(self, *_args: Any, **_kwargs: Any) -> NoReturn:
+        raise NeedsLock("limits need the locked path")
+
+    async def release_limit_slots(self, *_args: Any, **_kwargs: Any) -> NoReturn:
+        raise NeedsLock("limits need the locked path")
+
+    async def drop_limit_waiters(self, *_args: Any, **_kwargs: Any) -> NoReturn:
+        raise NeedsLock("limits need the locked path")
+
+    async def claim_limit_waiters(self, *_args: Any, **_kwargs: Any) -> NoReturn:
+        raise NeedsLock("limits need the locked path")
+
+    async def wake_limit_waiters(self, *_args: Any, **_kwargs: Any) -> NoReturn:
+        raise NeedsLock("limits need the locked path")
+
+
+class MemoryTransaction(_NoLimits, Transaction):
     """Collects the events and notifications of one workflow's checkpoint in memory.
 
     Only ``append`` and ``notify`` work; every read or write of another row raises
@@ -57,7 +84,12 @@ class MemoryTransaction(Transaction):
         self._refuse()
 
     async def claim_due_workflows(
-        self, owner: str, now: float, lease_seconds: float, limit: int
+        self,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+        versions: Sequence[tuple[str, str]] | None = None,
     ) -> list[WorkflowRecord]:
         self._refuse()
 

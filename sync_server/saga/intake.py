@@ -8,7 +8,9 @@ events through ``sync_server.snapshots.append_event``; the caller writes the rec
 afterwards (insert for a submit, update otherwise), so the request and its effect commit
 together (SPEC promise 1). They are synchronous and free of I/O.
 
-* ``start_workflow`` runs the machine's ``submit``: every step waiting, due at once.
+* ``start_workflow`` runs the machine's ``submit``: every step waiting, due at once; the
+  definition's version is recorded with the workflow (rolling deploys).
+* ``request_upgrade`` moves a workflow to another version of its definition (admin).
 * ``request_cancel`` and ``request_retry`` (and ``requeue_dlq``) only *record* the
   request in ``state["requests"]`` and make the workflow due now; the instance that
   claims it next applies the request through the machine (``receive_claim``), where the
@@ -34,6 +36,7 @@ __all__ = [
     "request_cancel",
     "request_reconcile",
     "request_retry",
+    "request_upgrade",
     "requeue_dlq",
     "revoke_payload",
     "start_workflow",
@@ -76,21 +79,24 @@ def start_workflow(
     *,
     trace: str = "",
     wake: bool = True,
+    deadline: float | None = None,
 ) -> None:
     """Initialise a new workflow's state and schedule it to run at once.
 
     Args:
         tx: the caller's transaction (events and the notification go there).
         record: the new workflow row (not yet inserted).
-        definition: its ``Workflow``.
+        definition: its ``Workflow``; its version is recorded with the workflow.
         now: the current time.
         client_id: who submitted it.
         trace: the traceparent every later span of the workflow descends from
             (``sync_server.tracing``); kept in ``state["trace"]``, "" when not traced.
         wake: tell the claimers (False when this instance claims it in ``tx``).
+        deadline: the submitter's deadline in seconds (the definition's also applies).
     """
     machine = SagaMachine(definition, record.id, WorkflowStatus.PENDING, {}, tenant=record.tenant)
-    machine.receive_submit(now)
+    machine.receive_submit(now, deadline=deadline)
+    record.workflow_version = definition.version
     record.status = machine.status.value
     record.state = machine.state
     if trace:
@@ -209,6 +215,57 @@ def request_reconcile(
         before={"status": record.status, "step": step, "step_status": current},
         after={"status": record.status, "step": step, "step_status": after},
     )
+
+
+def request_upgrade(
+    tx: Transaction, record: WorkflowRecord, definition: Workflow, now: float, client_id: str
+) -> str:
+    """Move a workflow to another version of its definition (an operator's explicit act).
+
+    Steps the new version shares keep their state; steps it adds start ``waiting``; a
+    step it drops must never have run (``waiting`` or ``skipped``). The lease is taken
+    away (like a cancel) so that an instance of the new version picks the workflow up.
+
+    Returns:
+        The version the workflow had before.
+
+    Raises:
+        Conflict: the workflow has ended, already has that version, or the new version
+            drops a step that has run.
+    """
+    if WorkflowStatus(record.status).terminal:
+        raise Conflict(f"workflow {record.id} is already {record.status}")
+    before = record.workflow_version
+    if before == definition.version:
+        raise Conflict(f"workflow {record.id} already has version {before!r}")
+    steps = record.state.get("steps") or {}
+    started = [
+        name
+        for name, s in steps.items()
+        if name not in definition.steps and s.get("status") not in ("waiting", "skipped")
+    ]
+    if started:
+        raise Conflict(
+            f"version {definition.version!r} of {definition.name!r} lacks step(s) "
+            f"{', '.join(sorted(started))} that workflow {record.id} has already run"
+        )
+    fresh = SagaMachine(definition, record.id, WorkflowStatus.PENDING, {})
+    fresh.receive_submit(now)
+    record.state["steps"] = {
+        name: steps.get(name, blank) for name, blank in fresh.state["steps"].items()
+    }
+    record.workflow_version = definition.version
+    _revoke_lease(tx, record, now)
+    append_event(
+        tx,
+        record,
+        events.WORKFLOW_UPGRADED,
+        now,
+        client_id=client_id,
+        version_before=before,
+        version=definition.version,
+    )
+    return before
 
 
 def _retry_steps(record: WorkflowRecord) -> list[str]:

@@ -20,7 +20,8 @@ State shape (``state["steps"][name]`` keeps the keys clients see, see snapshots.
                       "due_at", "retry_delay", "resume", "interrupts", "deferred",
                       "comp_attempts", "comp_running", "comp_due_at", "comp_resume",
                       "comp_failed", "job"}},
-     "halt": "compensate" | "park",      # a step used its last attempt
+     "halt": "compensate" | "park",      # a step used its last attempt, or the deadline
+     "deadline_at": unix time,            # the whole workflow's deadline (absent: none)
      "cancel": true,                      # a cancel was applied
      "requests": {"cancel": true, "retry": true,    # written by intake, applied at claim
                   "reconcile": [...], "resubmit": [...], "fail": [...]},
@@ -41,6 +42,11 @@ Invariants:
   still runs.
 * Every accepted workflow ends or parks (SPEC promise 2): a failure either retries with a
   persisted ``due_at``, or exhausts into a dead letter and then compensation or park.
+* A deadline (``state["deadline_at"]``) is part of ``due_at`` while the workflow runs, so
+  a workflow nobody holds is claimed when it passes; ``receive_deadline`` then stops the
+  running steps, skips the rest and compensates or parks by ``on_failure``, with a dead
+  letter naming the reason (``deadline_exceeded``). A retry of a workflow the deadline
+  parked runs without a deadline.
 """
 
 from __future__ import annotations
@@ -120,7 +126,7 @@ def idempotency_key(
 
 def initial_state(workflow: Workflow) -> dict[str, JSON]:
     """The state of a just-submitted workflow: every step waiting."""
-    return {
+    state: dict[str, JSON] = {
         "steps": {
             name: {
                 "status": "waiting",
@@ -132,6 +138,7 @@ def initial_state(workflow: Workflow) -> dict[str, JSON]:
             for name in workflow.step_names
         }
     }
+    return state
 
 
 # ------------------------------------------------------------------ machine
@@ -199,8 +206,13 @@ class SagaMachine:
         return out
 
     # -------------------------------------------------------------- inputs
-    def receive_submit(self, now: float) -> None:
+    def receive_submit(self, now: float, *, deadline: float | None = None) -> None:
         """A new workflow: every step waits; due at once.
+
+        Args:
+            now: acceptance time.
+            deadline: seconds the submitter allows; the definition's own deadline also
+                applies, and the shorter wins.
 
         Raises:
             InvalidTransition: the workflow is not new (``pending``).
@@ -208,7 +220,51 @@ class SagaMachine:
         self._workflow_to(WI.SUBMIT, "submitted", emit=False)
         self.state.clear()
         self.state.update(initial_state(self.workflow))
+        limits = [d for d in (self.workflow.deadline, deadline) if d is not None]
+        if limits:
+            self.state["deadline_at"] = now + min(limits)
         self.due_at = now
+
+    def receive_deadline(self, now: float) -> bool:
+        """The clock says ``now``: if the workflow's deadline has passed while it runs,
+        stop it — running steps fail (their attempts are cancelled), waiting ones are
+        skipped — and compensate or park by ``on_failure``, with a dead letter.
+
+        Returns:
+            True if the deadline applied now.
+        """
+        deadline = self.state.get("deadline_at")
+        if deadline is None or now < deadline or self.status != W.RUNNING:
+            return False
+        del self.state["deadline_at"]
+        running = [n for n in self.workflow.step_names if self.steps[n]["status"] == S.RUNNING]
+        error = "deadline exceeded"
+        for name in self.workflow.step_names:
+            s = self.steps[name]
+            if s["status"] not in (S.RUNNING, S.WAITING, S.RETRYING):
+                continue
+            for key in ("due_at", "resume", "interrupts", "deferred"):
+                s.pop(key, None)
+            if s["status"] == S.RUNNING:
+                s["error"] = error
+                self._step_to(name, SI.DEADLINE, error=error)
+            else:
+                self._step_to(name, SI.DEADLINE)
+        halt = self.workflow.on_failure
+        self.state["halt"] = halt
+        message = f"workflow deadline exceeded at {deadline:.3f}"
+        self.error = message
+        step = running[0] if running else None
+        attempts = self.steps[step]["attempts"] if step else 0
+        self._effects.append(DeadLetter(step, "deadline_exceeded", attempts, message))
+        self._effects.append(
+            Alert("deadline_exceeded", message, {**self._details(step or ""), "running": running})
+        )
+        if halt == "park":
+            self._workflow_to(WI.DEADLINE_PARK, "deadline exceeded; parked for retry")
+        else:
+            self._workflow_to(WI.DEADLINE_COMPENSATE, "deadline exceeded; compensating")
+        return True
 
     def receive_claim(self, now: float) -> None:
         """This instance just took the lease: apply client requests, recover orphans.
@@ -228,6 +284,9 @@ class SagaMachine:
         if requests.get("retry") and self.status in (W.PARKED, W.FAILED):
             self.receive_retry(now)
         for name, s in self.steps.items():
+            deferred = s.get("deferred")
+            if isinstance(deferred, str) and deferred.startswith("limit:"):
+                s.pop("due_at", None)  # waiting for a limit: ask it again now
             if s["status"] == S.RUNNING:
                 interrupts = s.get("interrupts", 0) + 1
                 s["interrupts"] = interrupts
@@ -406,7 +465,7 @@ class SagaMachine:
                 s["attempts"] = 0
                 s["error"] = None
                 s["progress"] = 0.0
-                for key in ("due_at", "resume", "interrupts"):
+                for key in ("due_at", "resume", "interrupts", "deferred"):
                     s.pop(key, None)
                 self._step_to(name, SI.RETRY)
                 again.append(name)
@@ -423,6 +482,17 @@ class SagaMachine:
             self._effects.append(
                 EmitEvent(events.BREAKER_CHANGED, {"name": breaker, "state": "open", "step": step})
             )
+
+    def receive_limit_wait(self, step: str, until: float, limit: str, now: float) -> None:
+        """Step ``step`` is ready but its limit is full (or not its turn): defer it to
+        ``until`` without using an attempt (it is woken earlier when a slot frees)."""
+        s = self.steps[step]
+        # A claim clears this ``due_at`` (``receive_claim``): whenever the workflow is
+        # claimed — at ``until``, or earlier when a freed slot wakes it — the limit is
+        # asked again.
+        s["due_at"] = until
+        s["deferred"] = f"limit:{limit}"
+        self._step_to(step, SI.DEFER, emit=False)
 
     def receive_progress(
         self, step: str, attempt: int, fraction: float, message: str | None, now: float
@@ -589,6 +659,9 @@ class SagaMachine:
             return now  # claimable as soon as the holder's lease expires
         times: list[float] = []
         if self.status == W.RUNNING:
+            deadline = self.state.get("deadline_at")
+            if deadline is not None:
+                times.append(deadline)
             for name in self.workflow.step_names:
                 s = self.steps[name]
                 if s["status"] in (S.WAITING, S.RETRYING) and all(

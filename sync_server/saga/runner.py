@@ -61,7 +61,9 @@ from sync_server.saga.definitions import (
     STOP_CANCELLED,
     STOP_INTERRUPTED,
     STOP_SHUTDOWN,
+    DefinitionError,
     JobRecorder,
+    Limit,
     PermanentError,
     StepContext,
     Workflow,
@@ -72,7 +74,7 @@ from sync_server.saga.progress import ProgressPublisher
 from sync_server.saga.storable import refused_by_database, storable_json, storable_text
 from sync_server.store.base import Store, Transaction, WorkflowKey, WorkflowRecord
 
-__all__ = ["ProgressCallback", "SagaMetrics", "SagaRunner"]
+__all__ = ["ProgressCallback", "SagaMetrics", "SagaRunner", "check_limits"]
 
 log = logging.getLogger("tether.saga")
 JSON = Any
@@ -122,7 +124,9 @@ class SagaRunner:
 
     Args:
         store: the opened store.
-        workflows: the definitions this instance can run.
+        workflows: the definitions this instance can run — several versions of one name
+            may be given (the last is the current one); a workflow whose version is not
+            among them is left to instances that have it.
         instance_id: lease owner id (unique per process; random if None).
         lease_seconds: lease length; a dead instance's work resumes after it.
         on_progress: live progress callback ``(tenant, Progress)``.
@@ -141,6 +145,10 @@ class SagaRunner:
         default_breaker: the policy of breakers not named in ``breakers``.
         completion_webhook: outbox destination notified when a workflow ends.
         metrics: instrumentation hooks (``SagaMetrics``; e.g. ``sync_server.metrics``).
+        limits: named limits (``Step(limit=...)``) by name.
+
+    Raises:
+        DefinitionError: a step names a limit that ``limits`` does not configure.
     """
 
     def __init__(
@@ -166,9 +174,14 @@ class SagaRunner:
         default_breaker: BreakerPolicy | None = None,
         completion_webhook: str | None = None,
         metrics: SagaMetrics | None = None,
+        limits: Mapping[str, Limit] | None = None,
     ) -> None:
         self.store = store
-        self.workflows = {w.name: w for w in workflows}
+        self.limits = dict(limits or {})
+        self.definitions = {(w.name, w.version): w for w in workflows}
+        self.workflows = {name: w for (name, _), w in self.definitions.items()}
+        """The current definition of each name."""
+        check_limits(self.definitions.values(), self.limits)
         self.instance_id = instance_id or f"runner-{uuid.uuid4().hex[:12]}"
         self.lease_seconds = lease_seconds
         self.alerts: Alerts = alerts or AlertSink()
@@ -182,12 +195,13 @@ class SagaRunner:
         policies = dict(breakers or {})
         fallback = default_breaker or BreakerPolicy()
         self.checkpointer = Checkpointer(
-            self.workflows,
+            self.definitions,
             self.instance_id,
             lease_seconds,
             jittered(rng or random.Random()),
             lambda name: policies.get(name, fallback),
             completion_webhook,
+            self.limits,
         )
         self.progress = ProgressPublisher(
             on_progress, self._queue_progress, clock, progress_interval, live_interval
@@ -585,7 +599,9 @@ class SagaRunner:
         self.stats["checkpoint_txns"] += 1
         self.stats["checkpoints"] += len(applied)
         for outcome in applied:
-            self._after_commit(outcome, fence_hint=chunk[outcome.key][0])
+            entry = chunk.get(outcome.key)
+            hint = entry[0] if entry else (outcome.record.fence if outcome.record else 0)
+            self._after_commit(outcome, fence_hint=hint)
         self._after_checkpoints()
 
     # ---------------------------------------------------------------- after commit
@@ -673,6 +689,9 @@ class SagaRunner:
             held.tick = None
         due = record.due_at
         now = self.clock()
+        deadline = record.state.get("deadline_at") if record.status == "running" else None
+        if deadline is not None and (due is None or due <= now or deadline < due):
+            due = deadline  # the workflow's deadline passes while its attempts run
         if due is not None and due > now:
             # A sibling's retry falls due while other attempts still run: tick then.
             fence = held.fence
@@ -687,7 +706,7 @@ class SagaRunner:
             # Stopping: the lease is released below and the next holder re-runs the
             # attempt (as after a takeover); a task started now would outlive the runner.
             return
-        definition = self.workflows[record.name]
+        definition = self.checkpointer.workflows[(record.name, record.workflow_version)]
         step = definition.steps[command.step]
         compensation = isinstance(command, RunCompensation)
         steps = record.state["steps"]
@@ -858,6 +877,21 @@ class SagaRunner:
                 log.warning("lease of workflow %s lost or unconfirmed; stopping its attempts", wid)
                 self._held.pop(wid, None)
                 held.cancel()
+
+
+def check_limits(workflows: Iterable[Workflow], limits: Mapping[str, Limit]) -> None:
+    """Every ``Step(limit=...)`` must name a configured limit (fail at start, not mid-run).
+
+    Raises:
+        DefinitionError: a step names an unknown limit.
+    """
+    for workflow in workflows:
+        for step in workflow.steps.values():
+            if step.limit is not None and step.limit not in limits:
+                raise DefinitionError(
+                    f"workflow {workflow.name!r} step {step.name!r} uses limit "
+                    f"{step.limit!r}, which is not configured (create_app(limits=...))"
+                )
 
 
 _ENDED = frozenset({*TERMINAL_WORKFLOW_STATUSES, WorkflowStatus.PARKED})

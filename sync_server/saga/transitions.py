@@ -50,6 +50,8 @@ class WorkflowInput(StrEnum):
     COMPENSATION_DONE = "compensation_done"
     CANCEL_DONE = "cancel_done"
     COMPENSATION_FAILED = "compensation_failed"
+    DEADLINE_COMPENSATE = "deadline_compensate"  # the deadline passed; on_failure=compensate
+    DEADLINE_PARK = "deadline_park"  # the deadline passed; on_failure=park
 
 
 class StepInput(StrEnum):
@@ -63,7 +65,8 @@ class StepInput(StrEnum):
     INTERRUPT = "interrupt"  # its lease holder vanished mid-attempt
     CANCEL = "cancel"
     SKIP = "skip"  # never ran and never will (the workflow compensates)
-    DEFER = "defer"  # an open circuit breaker postponed it; no attempt used
+    DEFER = "defer"  # an open circuit breaker or a full limit postponed it; no attempt used
+    DEADLINE = "deadline"  # the workflow's deadline passed: stop it (running) or skip it
     RETRY = "retry"  # retry_workflow / DLQ requeue
     COMPENSATE = "compensate"
     COMPENSATED = "compensated"
@@ -90,6 +93,8 @@ WORKFLOW_TABLE: dict[tuple[WorkflowStatus, WorkflowInput], WorkflowStatus] = {
     (W.COMPENSATING, WI.COMPENSATION_DONE): W.COMPENSATED,
     (W.COMPENSATING, WI.CANCEL_DONE): W.CANCELLED,
     (W.COMPENSATING, WI.COMPENSATION_FAILED): W.FAILED,
+    (W.RUNNING, WI.DEADLINE_COMPENSATE): W.COMPENSATING,
+    (W.RUNNING, WI.DEADLINE_PARK): W.PARKED,
 }
 """Every allowed workflow status change; nothing else may happen."""
 
@@ -119,6 +124,9 @@ STEP_TABLE: dict[tuple[StepStatus, StepInput], StepStatus] = {
     (S.COMPENSATING, SI.COMP_INTERRUPT): S.COMPENSATING,
     (S.COMPENSATING, SI.COMP_EXHAUST): S.FAILED,
     (S.FAILED, SI.COMP_RETRY): S.COMPENSATING,
+    (S.RUNNING, SI.DEADLINE): S.FAILED,
+    (S.WAITING, SI.DEADLINE): S.SKIPPED,
+    (S.RETRYING, SI.DEADLINE): S.SKIPPED,
 }
 """Every allowed step status change; nothing else may happen."""
 
@@ -180,7 +188,7 @@ class RunCompensation:
 class DeadLetter:
     """Add a dead-letter entry (and say so with a ``dlq.added`` event)."""
 
-    step: str
+    step: str | None
     reason: str
     attempts: int
     last_error: str | None

@@ -187,6 +187,15 @@ function renderSlos(data) {
   $("slos").tBodies[0].replaceChildren(...rows);
 }
 
+function renderVersions(data) {
+  const rows = (data.versions || []).map((v) =>
+    el("tr", { "data-version": v.version },
+      el("td", {}, v.workflow), el("td", {}, v.version), el("td", {}, badge(v.status)),
+      el("td", {}, v.count)));
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colSpan: 4, class: "muted" }, "none")));
+  $("versions").tBodies[0].replaceChildren(...rows);
+}
+
 async function refresh() {
   if (timer) { clearTimeout(timer); timer = null; }
   if (!token()) return;
@@ -200,6 +209,7 @@ async function refresh() {
     renderDlq(data);
     renderBreakers(data);
     renderSlos(data);
+    renderVersions(data);
   } catch (error) {
     if (error.message === "unauthorized") return;
     $("live").textContent = "reconnecting";

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
@@ -75,7 +75,8 @@ class WorkflowRecord:
 
     ``state`` is the saga machine's JSON state (steps and their attempts); ``version``
     is the last ``wf_seq`` used for this workflow; ``fence`` increases on every lease
-    acquisition and fences a stale owner's writes.
+    acquisition and fences a stale owner's writes; ``workflow_version`` is the version of
+    the definition the workflow started with (only instances that have it run it).
     """
 
     id: str
@@ -95,6 +96,7 @@ class WorkflowRecord:
     lease_owner: str | None = None
     lease_until: float | None = None
     fence: int = 0
+    workflow_version: str = ""
 
     @property
     def key(self) -> WorkflowKey:
@@ -292,7 +294,12 @@ class Transaction(abc.ABC):
 
     @abc.abstractmethod
     async def claim_due_workflows(
-        self, owner: str, now: float, lease_seconds: float, limit: int
+        self,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+        versions: Sequence[tuple[str, str]] | None = None,
     ) -> list[WorkflowRecord]:
         """``Store.claim_due_workflows`` inside this transaction, so that the claim and
         the start of the claimed workflows' first steps commit together (saga engine:
@@ -353,6 +360,76 @@ class Transaction(abc.ABC):
     @abc.abstractmethod
     async def put_breaker(self, breaker: BreakerRecord) -> None:
         """Insert or replace a circuit breaker's shared state."""
+
+    # -- limits per downstream (sync_server.saga.limits) ------------------------
+    @abc.abstractmethod
+    async def lock_limit(
+        self, name: str, now: float, *, rate: bool, lock: bool = True
+    ) -> tuple[int, int, float | None]:
+        """Lock limit ``name``'s row until commit (creating it) and read its usage:
+        (attempts holding a valid slot — owner, fence and lease still current —, starts
+        in the last second, the oldest of those). Starts are read only with ``rate``;
+        without ``lock`` the usage is only read (a hint: it may be stale at once)."""
+
+    @abc.abstractmethod
+    async def limit_position(
+        self,
+        name: str,
+        tenant: str,
+        workflow_id: str,
+        step: str,
+        created_at: float,
+        now: float,
+        alive_after: float,
+    ) -> int:
+        """Queue the step as a waiter of ``name`` (or mark it seen at ``now``) and return
+        its 0-based place in fair order: round-robin across tenants, each tenant's
+        waiters by ``created_at``; waiters not seen since ``alive_after`` are ignored."""
+
+    @abc.abstractmethod
+    async def take_limit_slot(
+        self,
+        name: str,
+        tenant: str,
+        workflow_id: str,
+        step: str,
+        owner: str,
+        fence: int,
+        now: float,
+    ) -> None:
+        """The waiter becomes a slot holder under (``owner``, ``fence``); a start is
+        logged (and starts older than a second are pruned)."""
+
+    @abc.abstractmethod
+    async def release_limit_slots(self, slots: list[tuple[str, str, str]]) -> set[str]:
+        """Delete the slots of these (tenant, workflow id, step); returns the names of
+        the limits freed (one statement for a whole checkpoint)."""
+
+    @abc.abstractmethod
+    async def drop_limit_waiters(self, tenant: str, workflow_id: str, steps: list[str]) -> None:
+        """These steps no longer wait for a limit."""
+
+    @abc.abstractmethod
+    async def claim_limit_waiters(
+        self,
+        name: str,
+        count: int,
+        now: float,
+        alive_after: float,
+        versions: Sequence[tuple[str, str]],
+        owner: str,
+        lease_until: float,
+    ) -> list[WorkflowRecord]:
+        """Lease (like a claim: fence + 1) up to ``count`` of the first waiters of
+        ``name`` in fair order whose workflow is of one of ``versions`` and not held by a
+        live lease — skipping rows another transaction holds — and return them."""
+
+    @abc.abstractmethod
+    async def wake_limit_waiters(
+        self, name: str, count: int, now: float, alive_after: float
+    ) -> None:
+        """Make the first ``count`` waiters of ``name`` (fair order) due at ``now``, if no
+        live lease holds their workflow (a held row is skipped, never waited for)."""
 
 
 class Store(abc.ABC):
@@ -450,8 +527,36 @@ class Store(abc.ABC):
         tenant: str | None = None,
         statuses: list[str] | None = None,
         limit: int = 1000,
+        name: str | None = None,
+        version: str | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+        before: tuple[float, str] | None = None,
+        ended_after: float | None = None,
+        ended_before: float | None = None,
     ) -> list[WorkflowRecord]:
-        """Workflows, newest first, optionally of one tenant and some statuses."""
+        """Workflows, newest first (``created_at`` then ``id``, descending), filtered.
+
+        Args:
+            tenant: only this tenant's (the leading column of every listing index).
+            statuses: only these statuses.
+            limit: most rows.
+            name: only this workflow name.
+            version: only this definition version (``workflow_version``).
+            created_after: only created at or after this time.
+            created_before: only created before this time.
+            before: keyset cursor: only rows after (``created_at``, ``id``) in this
+                order — stable while new workflows are inserted.
+            ended_after: only ended workflows (terminal status) whose last change —
+                their end — is at or after this time.
+            ended_before: only ended workflows whose end is before this time.
+        """
+
+    @abc.abstractmethod
+    async def version_counts(self, *, tenant: str | None = None) -> list[tuple[str, str, str, int]]:
+        """(name, version, status, count) of the workflows still running, compensating
+        or parked — what each definition version still has in flight (of one tenant,
+        or all)."""
 
     async def status_counts(self, *, tenant: str | None = None, limit: int) -> dict[str, int]:
         """Workflows by status among the newest ``limit`` (of one tenant, or all) —
@@ -479,9 +584,18 @@ class Store(abc.ABC):
     # -- leases (saga scheduling) ---------------------------------------------
     @abc.abstractmethod
     async def claim_due_workflows(
-        self, owner: str, now: float, lease_seconds: float, limit: int
+        self,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+        versions: Sequence[tuple[str, str]] | None = None,
     ) -> list[WorkflowRecord]:
         """Lease up to ``limit`` workflows that are due and not leased by a live owner.
+
+        With ``versions``, only workflows whose (name, ``workflow_version``) is one of
+        those pairs are claimed (an instance runs only the definitions it has; rolling
+        deploys); the others stay due for instances that have them.
 
         A workflow is due when ``due_at <= now``; it is free when it has no owner or its
         ``lease_until < now``. Each claimed row gets ``lease_owner=owner``,

@@ -411,6 +411,59 @@ POSTGRES_MIGRATIONS: list[Migration] = [
     ),
 ]
 
+
+# Migration 8 (issue 18): workflow versions, limits per downstream, listing indexes.
+# ``workflow_version`` is the definition version a workflow started with; the claim
+# filters by (name, version) pairs through ``workflows_claim_version``. Listing pages on
+# (created_at, id) under the tenant (the leading column). ``limit_*`` tables hold the
+# shared state of named limits: a lock row per limit, concurrency slots (valid only while
+# the holder's lease and fence are), starts of the last second, and the waiters.
+def _migration_8(text: str, real: str, integer: str) -> tuple[str, ...]:
+    return (
+        f"ALTER TABLE workflows ADD COLUMN workflow_version {text} NOT NULL DEFAULT ''",
+        "CREATE INDEX workflows_claim_version ON workflows (name, workflow_version, due_at) "
+        "WHERE due_at IS NOT NULL",
+        "CREATE INDEX workflows_active_version ON workflows (name, workflow_version) "
+        "WHERE status IN ('running', 'compensating', 'parked')",
+        # (tenant, created_at, id) and (tenant, status, created_at, id): migration 7.
+        "CREATE INDEX workflows_tenant_name_created ON workflows (tenant, name, created_at, id)",
+        "CREATE INDEX workflows_tenant_version_created "
+        "ON workflows (tenant, workflow_version, created_at, id)",
+        # "ended between": the last change of a workflow in a terminal status.
+        "CREATE INDEX workflows_tenant_ended ON workflows (tenant, updated_at) "
+        "WHERE status IN ('completed', 'compensated', 'failed', 'cancelled')",
+        f"CREATE TABLE limits (name {text} PRIMARY KEY, updated_at {real} NOT NULL)",
+        f"""CREATE TABLE limit_slots (
+            name {text} NOT NULL,
+            tenant {text} NOT NULL,
+            workflow_id {text} NOT NULL,
+            step {text} NOT NULL,
+            owner {text} NOT NULL,
+            fence {integer} NOT NULL,
+            acquired_at {real} NOT NULL,
+            PRIMARY KEY (name, tenant, workflow_id, step)
+        )""",
+        "CREATE INDEX limit_slots_workflow ON limit_slots (tenant, workflow_id)",
+        f"CREATE TABLE limit_starts (name {text} NOT NULL, tenant {text} NOT NULL, "
+        f"at {real} NOT NULL)",
+        "CREATE INDEX limit_starts_name_at ON limit_starts (name, at)",
+        f"""CREATE TABLE limit_waiters (
+            name {text} NOT NULL,
+            tenant {text} NOT NULL,
+            workflow_id {text} NOT NULL,
+            step {text} NOT NULL,
+            created_at {real} NOT NULL,
+            seen_at {real} NOT NULL,
+            PRIMARY KEY (name, tenant, workflow_id, step)
+        )""",
+        "CREATE INDEX limit_waiters_order ON limit_waiters (name, tenant, created_at, workflow_id)",
+        "CREATE INDEX limit_waiters_workflow ON limit_waiters (tenant, workflow_id)",
+    )
+
+
+SQLITE_MIGRATIONS.append((8, _migration_8("TEXT", "REAL", "INTEGER")))
+POSTGRES_MIGRATIONS.append((8, _migration_8("text", "double precision", "bigint")))
+
 _SQLITE_VERSIONS = """CREATE TABLE IF NOT EXISTS schema_migrations (
     version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"""
 _PG_VERSIONS = """CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -17,6 +17,7 @@ and queues the notifications. This is the gapless-order mechanism of SPEC promis
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -33,8 +34,16 @@ from sync_server.store.base import (
     WorkflowKey,
     WorkflowRecord,
 )
+from sync_server.store.limit_store import PgLimits
 
-__all__ = ["CLAIM_DUE_WORKFLOWS", "PG_ERRORS", "PgConnection", "PgSql", "PostgresTransaction"]
+__all__ = [
+    "CLAIM_DUE_WORKFLOWS",
+    "PG_ERRORS",
+    "PgConnection",
+    "PgSql",
+    "PostgresTransaction",
+    "claim_due",
+]
 
 JSON = Any
 PgConnection = asyncpg.Connection | PoolConnectionProxy
@@ -57,14 +66,16 @@ _BR = rows.BREAKER_COLUMNS
 
 _INSERT_WORKFLOW = (
     f"INSERT INTO workflows ({_WF}) VALUES "
-    f"({', '.join(f'${i}' for i in range(1, 18))}) ON CONFLICT (id, tenant) DO NOTHING"
+    f"({', '.join(f'${i}' for i in range(1, rows.WORKFLOW_COLUMN_COUNT + 1))}) "
+    "ON CONFLICT (id, tenant) DO NOTHING"
 )
 # One statement for a batch of new workflows: the columns travel as arrays.
 _INSERT_WORKFLOWS = (
     f"INSERT INTO workflows ({_WF}) SELECT * FROM unnest($1::text[], $2::text[], "
     "$3::text[], $4::text[], $5::text[], $6::text[], $7::float8[], $8::text[], $9::text[], "
     "$10::bigint[], $11::float8[], $12::float8[], $13::text[], $14::float8[], $15::text[], "
-    "$16::float8[], $17::bigint[]) ON CONFLICT (id, tenant) DO NOTHING RETURNING id, tenant"
+    "$16::float8[], $17::bigint[], $18::text[]) ON CONFLICT (id, tenant) DO NOTHING "
+    "RETURNING id, tenant"
 )
 _UPDATE_WORKFLOW = (
     "UPDATE workflows SET "
@@ -93,6 +104,55 @@ _NOTIFY = "SELECT count(pg_notify($1, n)) FROM unnest($2::text[]) AS n"
 
 # Saga claim: due rows no live owner holds, locked with SKIP LOCKED, leased (fence + 1).
 CLAIM_DUE_WORKFLOWS = statements.PG_CLAIM_DUE_WORKFLOWS
+
+# The same claim limited to the (name, version) pairs this instance has (rolling
+# deploys): one index range scan of ``workflows_claim_version`` per pair ($5, $6 arrays),
+# so the due rows of versions this instance lacks are never even read.
+CLAIM_DUE_VERSIONED = (
+    "WITH due AS MATERIALIZED (SELECT c.id, c.tenant FROM unnest($5::text[], $6::text[]) "
+    "AS k(name, version) CROSS JOIN LATERAL (SELECT w.id, w.tenant, w.due_at "
+    "FROM workflows AS w "
+    "WHERE w.name = k.name AND w.workflow_version = k.version AND w.due_at IS NOT NULL "
+    # "due" as one row comparison: only the (name, workflow_version, due_at) index can
+    # serve it as a range, so even a generic plan never walks workflows_due through the
+    # due rows of versions nobody asked for.
+    "AND (w.name, w.workflow_version, w.due_at) <= (k.name, k.version, $3) "
+    "AND (w.lease_owner IS NULL OR w.lease_until IS NULL OR w.lease_until < $3) "
+    "ORDER BY w.name, w.workflow_version, w.due_at LIMIT $4 FOR UPDATE SKIP LOCKED) AS c "
+    "ORDER BY c.due_at LIMIT $4) "
+    "UPDATE workflows AS w SET lease_owner = $1, lease_until = $2, fence = w.fence + 1 "
+    "FROM due WHERE w.id = due.id AND w.tenant = due.tenant RETURNING "
+    + ", ".join(f"w.{col.strip()}" for col in _WF.split(","))
+)
+
+
+async def claim_due(
+    sql: PgSql,
+    owner: str,
+    now: float,
+    lease_seconds: float,
+    limit: int,
+    versions: Sequence[tuple[str, str]] | None,
+) -> list[WorkflowRecord]:
+    """The claim statement of both the store and a transaction (see ``Store``)."""
+    if versions is None:
+        found = await sql._fetch(CLAIM_DUE_WORKFLOWS, owner, now + lease_seconds, now, limit)
+    elif not versions:
+        return []
+    else:
+        found = await sql._fetch(
+            CLAIM_DUE_VERSIONED,
+            owner,
+            now + lease_seconds,
+            now,
+            limit,
+            [name for name, _ in versions],
+            [version for _, version in versions],
+        )
+    claimed = [rows.workflow_from_row(row) for row in found]
+    claimed.sort(key=lambda wf: (wf.due_at or 0.0, wf.id))
+    return claimed
+
 
 _RECORD_MUTATIONS = """
 WITH r AS (
@@ -150,7 +210,7 @@ class PgSql:
             raise StorageError(f"PostgreSQL failed: {exc}") from exc
 
 
-class PostgresTransaction(PgSql, Transaction):
+class PostgresTransaction(PgSql, PgLimits, Transaction):
     """A unit of work on one pool connection inside an open transaction.
 
     Args:
@@ -190,13 +250,15 @@ class PostgresTransaction(PgSql, Transaction):
         return {record.key: record for record in records}
 
     async def claim_due_workflows(
-        self, owner: str, now: float, lease_seconds: float, limit: int
+        self,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+        versions: Sequence[tuple[str, str]] | None = None,
     ) -> list[WorkflowRecord]:
         """Lease up to ``limit`` due workflows no live owner holds, in this transaction."""
-        found = await self._fetch(CLAIM_DUE_WORKFLOWS, owner, now + lease_seconds, now, limit)
-        claimed = [rows.workflow_from_row(row) for row in found]
-        claimed.sort(key=lambda wf: (wf.due_at or 0.0, wf.id))
-        return claimed
+        return await claim_due(self, owner, now, lease_seconds, limit, versions)
 
     async def insert_workflow(self, workflow: WorkflowRecord) -> bool:
         """Insert a new workflow; False (and nothing written) if the id exists."""

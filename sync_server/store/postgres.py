@@ -36,7 +36,7 @@ import contextlib
 import logging
 import random
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -63,11 +63,11 @@ from sync_server.store.pg_fenced import (
     written_keys,
 )
 from sync_server.store.pg_transaction import (
-    CLAIM_DUE_WORKFLOWS,
     PG_ERRORS,
     PgConnection,
     PgSql,
     PostgresTransaction,
+    claim_due,
 )
 
 __all__ = ["PostgresStore", "PostgresTransaction", "parse_postgres_url"]
@@ -81,6 +81,21 @@ _PG_ERRORS = PG_ERRORS
 _OUR_PARAMS = ("schema", "min_size", "max_size", "connect_timeout")
 
 _BR = rows.BREAKER_COLUMNS
+
+
+_WF = rows.WORKFLOW_COLUMNS
+_ENDED = "'completed', 'compensated', 'failed', 'cancelled'"
+
+
+def _filters(*conditions: tuple[str, object]) -> tuple[str, list[object]]:
+    """A ``WHERE`` clause of the conditions whose value is not None, and their values."""
+    parts: list[str] = []
+    args: list[object] = []
+    for template, value in conditions:
+        if value is not None:
+            args.append(value)
+            parts.append(template % len(args))
+    return (" WHERE " + " AND ".join(parts) if parts else ""), args
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
@@ -386,15 +401,89 @@ class PostgresStore(PgSql, Store):
         tenant: str | None = None,
         statuses: list[str] | None = None,
         limit: int = 1000,
+        name: str | None = None,
+        version: str | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+        before: tuple[float, str] | None = None,
+        ended_after: float | None = None,
+        ended_before: float | None = None,
     ) -> list[WorkflowRecord]:
-        """Workflows, newest first, optionally of one tenant and some statuses."""
-        # One statement per filter combination (not "$1 IS NULL OR …"), so each
-        # prepared statement gets a plan that walks an index newest first.
+        """Workflows, newest first, filtered (see ``Store.list_workflows``)."""
         if statuses is not None and not statuses:
             return []
+        if any(
+            f is not None
+            for f in (
+                name,
+                version,
+                created_after,
+                created_before,
+                before,
+                ended_after,
+                ended_before,
+            )
+        ):
+            return await self._find_workflows(
+                tenant,
+                statuses,
+                limit,
+                name,
+                version,
+                created_after,
+                created_before,
+                before,
+                ended_after,
+                ended_before,
+            )
+        # One statement per filter combination (not "$1 IS NULL OR …"), so each
+        # prepared statement gets a plan that walks an index newest first.
         sql = statements.pg_list_workflows(tenant=tenant is not None, statuses=bool(statuses))
         args = [a for a in (tenant, statuses) if a is not None]
         found = await self._fetch(sql, *args, limit)
+        return [rows.workflow_from_row(row) for row in found]
+
+    async def _find_workflows(
+        self,
+        tenant: str | None,
+        statuses: list[str] | None,
+        limit: int,
+        name: str | None,
+        version: str | None,
+        created_after: float | None,
+        created_before: float | None,
+        before: tuple[float, str] | None,
+        ended_after: float | None,
+        ended_before: float | None,
+    ) -> list[WorkflowRecord]:
+        """The listing's filters (issue 18): one statement per combination (each gets a
+        plan that walks the matching tenant-led index), keyset page."""
+        # One status is an equality, so (tenant, status, created_at, id) serves the page
+        # in order; several fall back to the tenant's (created_at, id) index.
+        one = statuses[0] if statuses is not None and len(statuses) == 1 else None
+        where, args = _filters(
+            ("tenant = $%d", tenant),
+            ("status = $%d", one),
+            ("status = ANY($%d::text[])", None if one is not None else statuses),
+            ("name = $%d", name),
+            ("workflow_version = $%d", version),
+            ("created_at >= $%d", created_after),
+            ("created_at < $%d", created_before),
+            ("updated_at >= $%d", ended_after),
+            ("updated_at < $%d", ended_before),
+        )
+        if ended_after is not None or ended_before is not None:
+            where += f"{' AND' if where else ' WHERE'} status IN ({_ENDED})"
+        if before is not None:
+            args.extend(before)
+            n = len(args)
+            where += f"{' AND' if where else ' WHERE'} (created_at, id) < (${n - 1}, ${n})"
+        found = await self._fetch(
+            f"SELECT {_WF} FROM workflows{where} ORDER BY created_at DESC, id DESC "
+            f"LIMIT ${len(args) + 1}",
+            *args,
+            limit,
+        )
         return [rows.workflow_from_row(row) for row in found]
 
     async def status_counts(self, *, tenant: str | None = None, limit: int) -> dict[str, int]:
@@ -402,6 +491,18 @@ class PostgresStore(PgSql, Store):
         sql = statements.status_counts(tenant=tenant is not None, mark="$")
         args = [tenant] if tenant is not None else []
         return {row[0]: int(row[1]) for row in await self._fetch(sql, *args, limit)}
+
+    async def version_counts(self, *, tenant: str | None = None) -> list[tuple[str, str, str, int]]:
+        """(name, version, status, count) of workflows in flight (partial index)."""
+        only = "AND tenant = $1 " if tenant is not None else ""
+        args = [tenant] if tenant is not None else []
+        found = await self._fetch(
+            "SELECT name, workflow_version, status, count(*) FROM workflows "
+            f"WHERE status IN ('running', 'compensating', 'parked') {only}"
+            "GROUP BY name, workflow_version, status ORDER BY name, workflow_version, status",
+            *args,
+        )
+        return [(row[0], row[1], row[2], int(row[3])) for row in found]
 
     async def get_client(self, tenant: str, client_id: str) -> tuple[str | None, int] | None:
         """(subject, last applied mutation id) of the tenant's client, or None."""
@@ -424,17 +525,19 @@ class PostgresStore(PgSql, Store):
 
     # -- leases -----------------------------------------------------------------
     async def claim_due_workflows(
-        self, owner: str, now: float, lease_seconds: float, limit: int
+        self,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+        versions: Sequence[tuple[str, str]] | None = None,
     ) -> list[WorkflowRecord]:
         """Lease up to ``limit`` due workflows no live owner holds (fence + 1).
 
         One statement: the due rows are locked with SKIP LOCKED (a row another
         claimer or a saga transaction holds is skipped, not waited for) and updated.
         """
-        found = await self._fetch(CLAIM_DUE_WORKFLOWS, owner, now + lease_seconds, now, limit)
-        claimed = [rows.workflow_from_row(row) for row in found]
-        claimed.sort(key=lambda wf: (wf.due_at or 0.0, wf.id))
-        return claimed
+        return await claim_due(self, owner, now, lease_seconds, limit, versions)
 
     async def renew_leases(
         self, owner: str, leases: dict[WorkflowKey, int], until: float

@@ -25,6 +25,7 @@ __all__ = [
     "EVENT_COLUMNS",
     "OUTBOX_COLUMNS",
     "WORKFLOW_COLUMNS",
+    "WORKFLOW_COLUMN_COUNT",
     "Row",
     "breaker_from_row",
     "client_owned_message",
@@ -49,8 +50,10 @@ _decoder = msgspec.json.Decoder()
 
 WORKFLOW_COLUMNS = (
     "id, tenant, name, status, input, state, progress, result, error, version, "
-    "created_at, updated_at, created_by, due_at, lease_owner, lease_until, fence"
+    "created_at, updated_at, created_by, due_at, lease_owner, lease_until, fence, "
+    "workflow_version"
 )
+WORKFLOW_COLUMN_COUNT = len(WORKFLOW_COLUMNS.split(","))
 EVENT_COLUMNS = "seq, tenant, workflow_id, wf_seq, type, data, at"
 OUTBOX_COLUMNS = (
     "id, destination, payload, event_seq, status, retry_count, max_retries, "
@@ -128,6 +131,7 @@ def workflow_params(wf: WorkflowRecord) -> tuple[Any, ...]:
         wf.lease_owner,
         None if wf.lease_until is None else float(wf.lease_until),
         wf.fence,
+        wf.workflow_version,
     )
 
 
@@ -151,6 +155,7 @@ def workflow_from_row(row: Row) -> WorkflowRecord:
         lease_owner=row[14],
         lease_until=_float(row[15]),
         fence=row[16],
+        workflow_version=row[17],
     )
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from protocol import StorageError, UsageError
@@ -261,10 +261,41 @@ class SqliteStore(SqliteSql, Store):
         tenant: str | None = None,
         statuses: list[str] | None = None,
         limit: int = 1000,
+        name: str | None = None,
+        version: str | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+        before: tuple[float, str] | None = None,
+        ended_after: float | None = None,
+        ended_before: float | None = None,
     ) -> list[WorkflowRecord]:
-        """Workflows, newest first, optionally of one tenant and some statuses."""
+        """Workflows, newest first, filtered (see ``Store.list_workflows``)."""
         if statuses is not None and not statuses:
             return []
+        if any(
+            f is not None
+            for f in (
+                name,
+                version,
+                created_after,
+                created_before,
+                before,
+                ended_after,
+                ended_before,
+            )
+        ):
+            return self._find_workflows(
+                tenant,
+                statuses,
+                limit,
+                name,
+                version,
+                created_after,
+                created_before,
+                before,
+                ended_after,
+                ended_before,
+            )
         # Each status's index range is read newest first, at most ``limit`` rows each.
         unique = list(dict.fromkeys(statuses or ()))
         params: list[Any] = []
@@ -276,11 +307,71 @@ class SqliteStore(SqliteSql, Store):
         found = self._all(sql, (*params, limit))
         return [rows.workflow_from_row(row) for row in found]
 
+    def _find_workflows(
+        self,
+        tenant: str | None,
+        statuses: list[str] | None,
+        limit: int,
+        name: str | None,
+        version: str | None,
+        created_after: float | None,
+        created_before: float | None,
+        before: tuple[float, str] | None,
+        ended_after: float | None,
+        ended_before: float | None,
+    ) -> list[WorkflowRecord]:
+        """The listing's filters (issue 18): one statement per combination, keyset page."""
+        where: list[str] = []
+        params: list[Any] = []
+        if tenant is not None:
+            where.append("tenant = ?")
+            params.append(tenant)
+        if statuses is not None and len(statuses) == 1:
+            where.append("status = ?")
+            params.append(statuses[0])
+        elif statuses is not None:
+            where.append("status IN (SELECT value FROM json_each(?))")
+            params.append(rows.dumps(statuses))
+        for clause, value in (
+            ("name = ?", name),
+            ("workflow_version = ?", version),
+            ("created_at >= ?", created_after),
+            ("created_at < ?", created_before),
+            ("updated_at >= ?", ended_after),
+            ("updated_at < ?", ended_before),
+        ):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        if ended_after is not None or ended_before is not None:
+            where.append("status IN ('completed', 'compensated', 'failed', 'cancelled')")
+        if before is not None:
+            where.append("(created_at, id) < (?, ?)")
+            params.extend(before)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        found = self._all(
+            f"SELECT {_WF} FROM workflows {clause} ORDER BY created_at DESC, id DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [rows.workflow_from_row(row) for row in found]
+
     async def status_counts(self, *, tenant: str | None = None, limit: int) -> dict[str, int]:
         """Workflows by status among the newest ``limit`` (no JSON read or decoded)."""
         sql = statements.status_counts(tenant=tenant is not None, mark="?")
         params = (tenant, limit) if tenant is not None else (limit,)
         return {row[0]: int(row[1]) for row in self._all(sql, params)}
+
+    async def version_counts(self, *, tenant: str | None = None) -> list[tuple[str, str, str, int]]:
+        """(name, version, status, count) of workflows in flight (partial index)."""
+        only = "AND tenant = ? " if tenant is not None else ""
+        args = [tenant] if tenant is not None else []
+        found = self._all(
+            "SELECT name, workflow_version, status, count(*) FROM workflows "
+            f"WHERE status IN ('running', 'compensating', 'parked') {only}"
+            "GROUP BY name, workflow_version, status ORDER BY name, workflow_version, status",
+            tuple(args),
+        )
+        return [(row[0], row[1], row[2], int(row[3])) for row in found]
 
     async def get_client(self, tenant: str, client_id: str) -> tuple[str | None, int] | None:
         """(subject, last applied mutation id) of the tenant's client, or None."""
@@ -305,12 +396,17 @@ class SqliteStore(SqliteSql, Store):
 
     # -- leases -------------------------------------------------------------------
     async def claim_due_workflows(
-        self, owner: str, now: float, lease_seconds: float, limit: int
+        self,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+        versions: Sequence[tuple[str, str]] | None = None,
     ) -> list[WorkflowRecord]:
         """Lease up to ``limit`` due workflows that no live owner holds (fence + 1)."""
 
         async def work(tx: Transaction) -> list[WorkflowRecord]:
-            return await tx.claim_due_workflows(owner, now, lease_seconds, limit)
+            return await tx.claim_due_workflows(owner, now, lease_seconds, limit, versions)
 
         return await self.run(work)
 

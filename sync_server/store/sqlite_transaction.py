@@ -30,6 +30,7 @@ from sync_server.store.base import (
     WorkflowKey,
     WorkflowRecord,
 )
+from sync_server.store.limit_store import SqliteLimits
 from sync_server.store.rows import client_owned_message
 
 __all__ = ["SqliteSql", "SqliteTransaction"]
@@ -79,7 +80,7 @@ class SqliteSql:
             raise StorageError(f"SQLite failed: {exc}") from exc
 
 
-class SqliteTransaction(SqliteSql, Transaction):
+class SqliteTransaction(SqliteSql, SqliteLimits, Transaction):
     """A unit of work on the writer connection inside ``BEGIN IMMEDIATE``.
 
     Args:
@@ -122,7 +123,7 @@ class SqliteTransaction(SqliteSql, Transaction):
     async def insert_workflow(self, workflow: WorkflowRecord) -> bool:
         """Insert a new workflow; False (and nothing written) if the key exists."""
         cur = self._execute(
-            f"INSERT INTO workflows ({_WF}) VALUES ({_marks(17)}) "
+            f"INSERT INTO workflows ({_WF}) VALUES ({_marks(rows.WORKFLOW_COLUMN_COUNT)}) "
             "ON CONFLICT (id, tenant) DO NOTHING",
             rows.workflow_params(workflow),
         )
@@ -136,7 +137,7 @@ class SqliteTransaction(SqliteSql, Transaction):
         existing = {r.key for r in self._find_workflows([w.key for w in workflows])}
         fresh = [w for w in workflows if w.key not in existing]
         self._executemany(
-            f"INSERT INTO workflows ({_WF}) VALUES ({_marks(17)})",
+            f"INSERT INTO workflows ({_WF}) VALUES ({_marks(rows.WORKFLOW_COLUMN_COUNT)})",
             [rows.workflow_params(w) for w in fresh],
         )
         return {w.key for w in fresh}
@@ -162,11 +163,32 @@ class SqliteTransaction(SqliteSql, Transaction):
         return written
 
     async def claim_due_workflows(
-        self, owner: str, now: float, lease_seconds: float, limit: int
+        self,
+        owner: str,
+        now: float,
+        lease_seconds: float,
+        limit: int,
+        versions: Sequence[tuple[str, str]] | None = None,
     ) -> list[WorkflowRecord]:
-        """Lease up to ``limit`` due workflows that no live owner holds (fence + 1)."""
+        """Lease up to ``limit`` due workflows that no live owner holds (fence + 1), of
+        the given (name, version) pairs only (None: any)."""
+        if versions is not None and not versions:
+            return []
+        only = (
+            ""
+            if versions is None
+            else "AND (name, workflow_version) IN (SELECT json_extract(value, '$[0]'), "
+            "json_extract(value, '$[1]') FROM json_each(?)) "
+        )
+        params: tuple[Any, ...] = () if versions is None else (rows.dumps(list(versions)),)
         found = self._all(
-            statements.SQLITE_CLAIM_DUE_WORKFLOWS, (owner, now + lease_seconds, now, now, limit)
+            statements.SQLITE_CLAIM_DUE_WORKFLOWS
+            if versions is None
+            else "UPDATE workflows SET lease_owner = ?, lease_until = ?, fence = fence + 1 "
+            "WHERE rowid IN (SELECT rowid FROM workflows WHERE due_at <= ? AND "
+            f"(lease_owner IS NULL OR lease_until IS NULL OR lease_until < ?) {only}"
+            f"ORDER BY due_at LIMIT ?) RETURNING {_WF}",
+            (owner, now + lease_seconds, now, now, *params, limit),
         )
         claimed = [rows.workflow_from_row(row) for row in found]
         claimed.sort(key=lambda wf: (wf.due_at or 0.0, wf.id))
