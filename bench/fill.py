@@ -104,6 +104,7 @@ def _workflow_rows(shape: Shape, lo: int, hi: int) -> Iterator[tuple[Any, ...]]:
             None,
             None,
             1,
+            "v1",  # workflow_version
         )
 
 
@@ -198,12 +199,13 @@ def fill_sqlite(path: str, shape: Shape, *, settle: bool = False) -> float:
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("PRAGMA synchronous = OFF")
-        marks = {n: ", ".join("?" * n) for n in (5, 6, 7, 17)}
+        marks = {n: ", ".join("?" * n) for n in (5, 6, 7, rows.WORKFLOW_COLUMN_COUNT)}
         for lo in range(0, shape.workflows, _CHUNK * 5):
             hi = min(shape.workflows, lo + _CHUNK * 5)
             conn.execute("BEGIN")
             conn.executemany(
-                f"INSERT INTO workflows ({rows.WORKFLOW_COLUMNS}) VALUES ({marks[17]})",
+                f"INSERT INTO workflows ({rows.WORKFLOW_COLUMNS}) "
+                f"VALUES ({marks[rows.WORKFLOW_COLUMN_COUNT]})",
                 _workflow_rows(shape, lo, hi),
             )
             conn.executemany(
