@@ -44,6 +44,7 @@ _WF_COLUMNS = (
     "lease_owner",
     "lease_until",
     "fence",
+    "workflow_version",
 )
 _EV_COLUMNS = ("seq", "tenant", "workflow_id", "wf_seq", "type", "data", "at")
 _MR_COLUMNS = ("client_id", "tenant", "mutation_id", "status", "error", "at")
@@ -66,6 +67,7 @@ _PG_TYPES = {
         "text[]",
         "float8[]",
         "bigint[]",
+        "text[]",
     ),
     "events": ("bigint[]", "text[]", "text[]", "bigint[]", "text[]", "text[]", "float8[]"),
     "mutation_results": ("text[]", "text[]", "bigint[]", "text[]", "text[]", "float8[]"),
