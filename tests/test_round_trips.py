@@ -23,7 +23,7 @@ from sync_server.saga.runner import SagaRunner
 from sync_server.snapshots import append_event
 from sync_server.store import open_store
 from sync_server.store.base import FencedWrite, Transaction
-from tests.conftest import scaled
+from tests.conftest import scaled, wait_for
 from tests.saga_helpers import submit
 
 pytestmark = pytest.mark.timeout(60)
@@ -66,11 +66,8 @@ async def test_one_workflow_stays_within_its_round_trip_budget(database_url):
     principal = Principal(tenant="t1", subject="c", role=Role.CLIENT)
     await runner.start()
     try:
-        await asyncio.sleep(0)  # let the claimer's first (empty) look pass
-        for _ in range(50):
-            if runner.stats["empty_claims"]:
-                break
-            await asyncio.sleep(0.01)
+        # The claimer's first (empty) look must pass before counting starts.
+        await wait_for(lambda: runner.stats["empty_claims"], 5, message="first empty claim")
         count = 5
         before = store.round_trips.count
         for i in range(1, count + 1):
