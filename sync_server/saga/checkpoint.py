@@ -4,21 +4,30 @@ Theory of operation
 -------------------
 The runner never writes a workflow row directly. It hands ``Checkpointer`` the inputs
 that arrived for a workflow (claimed, step outcomes, progress, timer ticks); inside the
-caller's transaction the checkpointer
+caller's transaction a checkpoint is **read → decide → write**:
 
-1. re-reads the row with its lock and checks ``lease_owner`` and ``fence`` — a stale
-   owner's outcome is *refused* (LESSONS: leases need fencing);
-2. runs the pure ``SagaMachine`` on the row's state, checking shared circuit breakers
-   for the steps about to start;
-3. writes what the machine decided — events (each with the snapshot after it), dead
-   letters, breaker records, the completion notice in the outbox, the row itself with
-   its new ``due_at`` — and keeps the lease while attempts run, releasing it otherwise.
+1. **read** — each row with its lock, checking ``lease_owner`` and ``fence`` (a stale
+   owner's outcome is *refused*; LESSONS: leases need fencing); the machine is fed
+   (``decide.prepare``, pure) and the circuit breakers the batch needs are read with
+   their locks, in name order;
+2. **decide** — pure code (``decide``): the breakers record outcomes and gate the steps
+   about to start; limits admit them (a slot is taken under the limit row's lock, so
+   that one read is its own write); the machine advances and yields its effects;
+3. **write** — events (each with the snapshot after it), dead letters, breaker
+   records, the completion notice in the outbox, the row itself with its new
+   ``due_at``, keeping the lease while attempts run and releasing it otherwise.
 
-One transaction can hold the checkpoints of many workflows (group commit), so the
-function is careful to compute before it writes: a bug in one workflow's machine skips
-that workflow and never leaves half its writes in the shared transaction. ``Store.run``
-may retry the whole function on a deadlock, so it keeps no state between calls except
-the breaker cache it creates per call.
+One transaction can hold the checkpoints of many workflows (group commit): a workflow
+whose decision fails is skipped whole and never leaves half its writes in the shared
+transaction. ``Store.run`` may run the whole function again after a deadlock, so it
+keeps no state between calls (``_Batch`` is made per call) and nothing is *reported*
+from inside it: breaker transitions travel in ``Applied.breaker_changes`` with the
+commit's result, and the runner reports them (log, metric, alert) once ``Store.run``
+has returned — once per change, and never for a commit that failed.
+
+A plain checkpoint (no breaker, limit, dead letter or outbox) is computed from the
+runner's own copy of the row instead (``compute_fenced``, ``fastpath``) and written by
+one fenced statement, without the locked read.
 """
 
 from __future__ import annotations
@@ -28,20 +37,21 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocol import StepStatus, WorkflowStatus, events
+from protocol import events
 from sync_server.saga import breaker as breakers
 from sync_server.saga.backoff import DelayPolicy
+from sync_server.saga.decide import BreakerChange, BreakerGate, Draft, Input, prepare, settle_limits
 from sync_server.saga.definitions import Limit, Workflow
 from sync_server.saga.fastpath import MemoryTransaction, NeedsLock, copy_record
 from sync_server.saga.intake import WORK_CHANNEL
-from sync_server.saga.limits import WAITER_TTL, LimitGate
+from sync_server.saga.limits import WAITER_TTL, Admission, LimitGate
 from sync_server.saga.machine import (
     Alert,
     DeadLetter,
+    Effect,
     EmitEvent,
     RunCompensation,
     RunStep,
-    SagaMachine,
 )
 from sync_server.snapshots import append_event, snapshot_data
 from sync_server.store.base import (
@@ -53,7 +63,7 @@ from sync_server.store.base import (
     WorkflowRecord,
 )
 
-__all__ = ["Applied", "Checkpointer", "Input"]
+__all__ = ["Applied", "BreakerChange", "Checkpointer", "Input"]
 
 log = logging.getLogger("tether.saga")
 JSON = Any
@@ -62,39 +72,12 @@ UNKNOWN_DEFINITION_DELAY = 5.0
 
 
 @dataclass(slots=True)
-class Input:
-    """One thing that happened to a workflow, waiting for its checkpoint.
-
-    ``kind`` is ``step`` / ``comp`` (an attempt's outcome), ``progress``, ``job`` (the
-    attempt runs a job at a downstream source) or ``tick``; ``tenant`` and
-    ``workflow_id`` name the workflow (ids are per tenant).
-    """
-
-    kind: str
-    workflow_id: str
-    fence: int
-    step: str = ""
-    attempt: int = 0
-    ok: bool = False
-    result: JSON = None
-    error: str | None = None
-    permanent: bool = False
-    timed_out: bool = False
-    fraction: float = 0.0
-    message: str | None = None
-    breaker: str | None = None
-    job: dict[str, str] | None = None
-    tenant: str = field(kw_only=True)
-
-    @property
-    def key(self) -> WorkflowKey:
-        """The workflow's ``(tenant, id)``."""
-        return WorkflowKey(self.tenant, self.workflow_id)
-
-
-@dataclass(slots=True)
 class Applied:
-    """What a checkpoint decided, for the runner to act on after COMMIT."""
+    """What a checkpoint decided, for the runner to act on after COMMIT.
+
+    ``breaker_changes`` are the breaker transitions this checkpoint wrote; the runner
+    reports them only once the transaction committed.
+    """
 
     key: WorkflowKey
     record: WorkflowRecord | None
@@ -103,36 +86,41 @@ class Applied:
     held: bool = False
     commands: list[RunStep | RunCompensation] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
+    breaker_changes: list[BreakerChange] = field(default_factory=list)
+    breakers_seen: dict[str, str] = field(default_factory=dict)
+    """Breaker name -> its state as this checkpoint's gate read it (a span attribute)."""
 
 
-class _BreakerCache:
-    """Rows of one transaction written back once at the end: breakers and workflows;
-    and the transaction's limit gate (waiters are woken at the end)."""
+class _Batch:
+    """What the checkpoints of one transaction share: the breaker records read so far
+    (with the changes of the workflows decided so far), the workflow rows to write back
+    at the end, and the transaction's limit gate (waiters are woken at the end). Made
+    anew for every call, so a transaction that ``Store.run`` retries starts clean."""
 
     def __init__(self, tx: Transaction, gate: LimitGate) -> None:
         self.tx = tx
-        self.records: dict[str, BreakerRecord] = {}
+        self.breakers: dict[str, BreakerRecord] = {}
         self.dirty: set[str] = set()
         self.workflows: list[WorkflowRecord] = []
         self.gate = gate
 
-    async def get(self, name: str) -> BreakerRecord:
-        record = self.records.get(name)
-        if record is None:
-            record = await self.tx.get_breaker(name, lock=True) or BreakerRecord(name=name)
-            self.records[name] = record
-        return record
+    async def read_breakers(self, names: set[str]) -> None:
+        """Read (and lock) the breakers not read yet, in name order: two instances
+        lock shared breakers in the same order."""
+        for name in sorted(names - self.breakers.keys()):
+            found = await self.tx.get_breaker(name, lock=True)
+            self.breakers[name] = found or BreakerRecord(name=name)
 
-    def put(self, record: BreakerRecord) -> None:
-        self.records[record.name] = record
-        self.dirty.add(record.name)
+    def put(self, records: dict[str, BreakerRecord]) -> None:
+        self.breakers.update(records)
+        self.dirty.update(records)
 
     async def flush(self, now: float, *, workflows: bool = True) -> None:
         """Write the changed breakers and every processed workflow row (one batch;
         ``workflows=False`` for rows the caller inserts itself — new workflows), then
         wake the waiters of limits whose slots were freed."""
         for name in sorted(self.dirty):
-            await self.tx.put_breaker(self.records[name])
+            await self.tx.put_breaker(self.breakers[name])
         if workflows:
             await self.tx.update_workflows(self.workflows)
         if await self.gate.wake(now):
@@ -175,19 +163,19 @@ class Checkpointer:
         self.delay = delay
         self.breaker_policy = breaker_policy
         self.completion_webhook = completion_webhook
-        self.breaker_changes: list[tuple[str, str]] = []
         self.breaker_seen: dict[str, str] = {}
-        """Breaker name -> its state as the last gate read it (a span attribute)."""
+        """Breaker name -> its state as the last committed gate read it (a span
+        attribute); updated by the runner after COMMIT from ``Applied.breakers_seen``."""
 
     async def claim(self, tx: Transaction, now: float, limit: int) -> list[Applied]:
         """Claim due workflows and start their ready steps, in ``tx``."""
         records = await tx.claim_due_workflows(
             self.owner, now, self.lease_seconds, limit, self.versions
         )
-        cache = self._cache(tx)
-        out = [await self.process(tx, record, [], now, cache, claimed=True) for record in records]
-        out.extend(await self._hand_off(tx, cache, now))
-        await cache.flush(now)
+        batch = self._batch(tx)
+        out = await self._apply(batch, [(record, []) for record in records], now, claimed=True)
+        out.extend(await self._hand_off(batch, now))
+        await batch.flush(now)
         return out
 
     async def start_new(
@@ -196,14 +184,13 @@ class Checkpointer:
         """Lease new workflows to this instance and start their first steps, in the
         transaction that submits them (the caller inserts the rows afterwards): the
         claim rides on the submit."""
-        cache = self._cache(tx)
-        out = []
+        batch = self._batch(tx)
         for record in records:
             record.lease_owner = self.owner
             record.lease_until = now + self.lease_seconds
             record.fence += 1
-            out.append(await self.process(tx, record, [], now, cache, claimed=True))
-        await cache.flush(now, workflows=False)
+        out = await self._apply(batch, [(record, []) for record in records], now, claimed=True)
+        await batch.flush(now, workflows=False)
         return out
 
     async def compute_fenced(
@@ -211,7 +198,7 @@ class Checkpointer:
     ) -> tuple[Applied, FencedWrite, list[tuple[str, str]]] | None:
         """The checkpoint of one workflow computed from the runner's copy of its row, for
         ``Store.write_fenced``; None when it needs the locked path (a circuit breaker, a
-        dead letter, the outbox, or a machine that failed)."""
+        limit, a dead letter, the outbox, or a machine that failed)."""
         definition = self.workflows.get((cached.name, cached.workflow_version))
         if (
             definition is None
@@ -223,7 +210,7 @@ class Checkpointer:
         record = copy_record(cached)
         tx = MemoryTransaction()
         try:
-            applied = await self.process(tx, record, inputs, now, self._cache(tx))
+            [applied] = await self._apply(self._batch(tx), [(record, inputs)], now)
         except NeedsLock:
             return None
         if applied.failed:
@@ -246,27 +233,30 @@ class Checkpointer:
         """
         keys = sorted(batch)
         records = await tx.get_workflows(keys, lock=True)
-        cache = self._cache(tx)
-        out: list[Applied] = []
+        shared = self._batch(tx)
+        refused: dict[WorkflowKey, Applied] = {}
+        items: list[tuple[WorkflowRecord, list[Input]]] = []
         for key in keys:
             fence, inputs = batch[key]
             record = records.get(key)
             if record is None or record.lease_owner != self.owner or record.fence != fence:
-                out.append(Applied(key, record, refused=True))
-                continue
-            out.append(await self.process(tx, record, inputs, now, cache, claimed=claimed))
-        out.extend(await self._hand_off(tx, cache, now))
-        await cache.flush(now)
+                refused[key] = Applied(key, record, refused=True)
+            else:
+                items.append((record, inputs))
+        applied = {a.key: a for a in await self._apply(shared, items, now, claimed=claimed)}
+        out = [refused.get(key) or applied[key] for key in keys]
+        out.extend(await self._hand_off(shared, now))
+        await shared.flush(now)
         return out
 
-    async def _hand_off(self, tx: Transaction, cache: _BreakerCache, now: float) -> list[Applied]:
+    async def _hand_off(self, batch: _Batch, now: float) -> list[Applied]:
         """Refill the slots this checkpoint freed: claim the next waiters (fair order, of
         the versions this instance runs) in the same transaction and start them — no
         wake, notification and second claim in between (issue 18: throughput equals the
         limit's capacity)."""
         out: list[Applied] = []
-        for name, free in await cache.gate.take_freed(now):
-            records = await tx.claim_limit_waiters(
+        for name, free in await batch.gate.take_freed(now):
+            records = await batch.tx.claim_limit_waiters(
                 name,
                 free,
                 now,
@@ -275,73 +265,124 @@ class Checkpointer:
                 self.owner,
                 now + self.lease_seconds,
             )
-            cache.gate.chosen.update(record.key for record in records)
-            for record in sorted(records, key=lambda r: r.key):
-                out.append(await self.process(tx, record, [], now, cache, claimed=True))
+            batch.gate.chosen.update(record.key for record in records)
+            items: list[tuple[WorkflowRecord, list[Input]]] = [
+                (record, []) for record in sorted(records, key=lambda r: r.key)
+            ]
+            out.extend(await self._apply(batch, items, now, claimed=True))
         return out
 
-    def _cache(self, tx: Transaction) -> _BreakerCache:
-        return _BreakerCache(tx, LimitGate(tx, self.limits, self.owner))
+    def _batch(self, tx: Transaction) -> _Batch:
+        return _Batch(tx, LimitGate(tx, self.limits, self.owner))
 
-    async def process(
+    async def _apply(
         self,
-        tx: Transaction,
-        record: WorkflowRecord,
-        inputs: list[Input],
+        batch: _Batch,
+        items: list[tuple[WorkflowRecord, list[Input]]],
         now: float,
-        cache: _BreakerCache,
         *,
         claimed: bool = False,
-    ) -> Applied:
-        """Feed ``inputs`` to the machine for ``record`` and write the outcome to ``tx``."""
+    ) -> list[Applied]:
+        """Read → decide → write for ``items`` (rows already read, with their inputs).
+
+        Every machine is fed first (pure), then the breakers all of them need are read
+        in one pass, then each workflow is decided and written in turn (a later one sees
+        the breaker records an earlier one changed).
+        """
+        drafts = [self._prepare(record, inputs, now, claimed) for record, inputs in items]
+        needed: set[str] = set()
+        for draft in drafts:
+            if isinstance(draft, Draft):
+                needed |= draft.breakers_needed(now)
+        if needed:
+            await batch.read_breakers(needed)
+        out: list[Applied] = []
+        for (record, _), draft in zip(items, drafts, strict=True):
+            if draft is None:
+                out.append(self._leave(batch, record, now))
+            elif isinstance(draft, Applied):
+                out.append(draft)
+            else:
+                out.append(await self._decide_and_write(batch, record, draft, now))
+        return out
+
+    def _prepare(
+        self, record: WorkflowRecord, inputs: list[Input], now: float, claimed: bool
+    ) -> Draft | Applied | None:
+        """The fed machine of ``record``; None without a definition; a failed
+        ``Applied`` if the machine fails."""
         definition = self.workflows.get((record.name, record.workflow_version))
         if definition is None:
-            log.warning("no definition for workflow %s (%s); leaving it", record.id, record.name)
-            record.lease_owner = None
-            record.lease_until = None
-            record.due_at = now + UNKNOWN_DEFINITION_DELAY
-            cache.workflows.append(record)
-            return Applied(record.key, record)
-        state = _copy_state(record.state)
-        retry_requested = claimed and bool((state.get("requests") or {}).get("retry"))
-        machine = SagaMachine(
-            definition,
-            record.id,
-            record.status,
-            state,
-            progress=record.progress,
-            result=record.result,
-            error=record.error,
-            delay=self.delay,
-            tenant=record.tenant,
-        )
+            return None
         try:
-            # Compute everything first: nothing is written for a workflow that fails here
-            # (a limit slot taken by ``_gate`` lapses with the lease if it does).
-            if claimed:
-                machine.receive_claim(now)
-            breaker_outcomes = self._feed(machine, inputs, now)
-            machine.receive_deadline(now)
-            pending_breakers = await self._gate(machine, definition, cache, breaker_outcomes, now)
-            await self._limit_gate(machine, definition, record, cache.gate, now)
-            machine.advance(now)
-            effects = machine.effects_to_apply()
+            draft = prepare(definition, record, inputs, now, self.delay, claimed=claimed)
+            draft.breakers_needed(now)  # the machine's reading of its steps may fail too
         except Exception:
             log.exception("saga machine failed on workflow %s; leaving it", record.id)
             return Applied(record.key, record, failed=True)
-        await _settle_limits(machine, record, cache.gate)
+        return draft
+
+    def _leave(self, batch: _Batch, record: WorkflowRecord, now: float) -> Applied:
+        """This instance lacks the workflow's definition: let it go, for others."""
+        log.warning("no definition for workflow %s (%s); leaving it", record.id, record.name)
+        record.lease_owner = None
+        record.lease_until = None
+        record.due_at = now + UNKNOWN_DEFINITION_DELAY
+        batch.workflows.append(record)
+        return Applied(record.key, record)
+
+    async def _decide_and_write(
+        self, batch: _Batch, record: WorkflowRecord, draft: Draft, now: float
+    ) -> Applied:
+        """Decide (breakers, limits, the machine's advance), then write the outcome.
+
+        Nothing is written for a workflow whose machine fails here (a limit slot already
+        taken lapses with the lease if it does).
+        """
+        try:
+            gate = draft.gate_breakers(batch.breakers, self.breaker_policy, self.owner, now)
+            wanted = draft.steps_to_admit(self.limits, now)
+        except Exception:
+            log.exception("saga machine failed on workflow %s; leaving it", record.id)
+            return Applied(record.key, record, failed=True)
+        admissions: dict[str, tuple[str, Admission]] = {}
+        for step, name in wanted:
+            admissions[step] = (name, await batch.gate.admit(name, record, step, now))
+        try:
+            effects = draft.finish(admissions, now)
+        except Exception:
+            log.exception("saga machine failed on workflow %s; leaving it", record.id)
+            return Applied(record.key, record, failed=True)
+        return await self._write(batch, record, draft, gate, effects, now)
+
+    async def _write(
+        self,
+        batch: _Batch,
+        record: WorkflowRecord,
+        draft: Draft,
+        gate: BreakerGate,
+        effects: list[Effect],
+        now: float,
+    ) -> Applied:
+        """Write what was decided for ``record`` into the batch's transaction."""
+        tx = batch.tx
+        machine = draft.machine
+        freed, gone = settle_limits(machine)
+        if freed:
+            batch.gate.release(record, freed)
+        if gone:
+            await batch.gate.drop_waiters(record, gone)
         if not record.workflow_version:
-            record.workflow_version = definition.version
-        for record_ in pending_breakers:
-            cache.put(record_)
+            record.workflow_version = draft.definition.version
+        batch.put(gate.records)
         record.status = machine.status.value
         record.state = machine.state
         record.progress = machine.progress
         record.result = machine.result
         record.error = machine.error
         record.due_at = machine.due_at
-        applied = Applied(record.key, record)
-        if retry_requested:
+        applied = Applied(record.key, record, breaker_changes=gate.changes, breakers_seen=gate.seen)
+        if draft.retry_requested:
             await _resolve_dead_letters(tx, record, now)
         entry_id: int | None = None
         for effect in effects:
@@ -350,7 +391,7 @@ class Checkpointer:
             elif isinstance(effect, RunStep | RunCompensation):
                 applied.commands.append(effect)
             elif isinstance(effect, DeadLetter):
-                entry_id = await self._dead_letter(tx, record, effect, now)
+                entry_id = await _dead_letter(tx, record, effect, now)
             else:
                 details = dict(effect.details)
                 if entry_id is not None:
@@ -379,156 +420,37 @@ class Checkpointer:
                 max_retries=8,
                 at=now,
             )
-        cache.workflows.append(record)
+        batch.workflows.append(record)
         return applied
 
-    def _feed(
-        self, machine: SagaMachine, inputs: list[Input], now: float
-    ) -> list[tuple[str, bool]]:
-        """Feed inputs in order; returns (breaker, succeeded) for guarded outcomes."""
-        outcomes: list[tuple[str, bool]] = []
-        for item in inputs:
-            if item.kind == "step":
-                if item.ok:
-                    accepted = machine.receive_step_succeeded(
-                        item.step, item.attempt, item.result, now
-                    )
-                else:
-                    accepted = machine.receive_step_failed(
-                        item.step,
-                        item.attempt,
-                        item.error or "failed",
-                        now,
-                        permanent=item.permanent,
-                        timed_out=item.timed_out,
-                    )
-                # A permanent error is the step's verdict, not the downstream's health.
-                if accepted and item.breaker and not item.permanent:
-                    outcomes.append((item.breaker, item.ok))
-            elif item.kind == "comp":
-                if item.ok:
-                    machine.receive_compensation_succeeded(item.step, item.attempt, now)
-                else:
-                    machine.receive_compensation_failed(
-                        item.step, item.attempt, item.error or "failed", now
-                    )
-            elif item.kind == "progress":
-                machine.receive_progress(item.step, item.attempt, item.fraction, item.message, now)
-            elif item.kind == "job" and item.job is not None:
-                machine.receive_job(item.step, item.attempt, item.job)
-        return outcomes
 
-    async def _gate(
-        self,
-        machine: SagaMachine,
-        definition: Workflow,
-        cache: _BreakerCache,
-        outcomes: list[tuple[str, bool]],
-        now: float,
-    ) -> list[BreakerRecord]:
-        """Record guarded outcomes on their breakers, then defer steps an open one blocks.
-
-        Returns the changed breaker records (written only if the machine succeeds).
-        """
-        changed: dict[str, BreakerRecord] = {}
-        for name, ok in outcomes:
-            current = changed.get(name) or await cache.get(name)
-            if ok:
-                new, moved = breakers.record_success(current, now)
-            else:
-                new, moved = breakers.record_failure(current, self.breaker_policy(name), now)
-            if new is not current:
-                changed[name] = new
-            if moved:
-                self.breaker_changes.append((name, new.state))
-        for step in machine.ready_steps(now):
-            guard = definition.steps[step].breaker
-            if guard is None:
-                continue
-            current = changed.get(guard) or await cache.get(guard)
-            decision = breakers.allow(
-                current,
-                self.breaker_policy(guard),
-                now,
-                f"{self.owner}/{machine.tenant}/{machine.workflow_id}",
-            )
-            self.breaker_seen[guard] = decision.record.state
-            if decision.changed:
-                changed[guard] = decision.record
-                self.breaker_changes.append((guard, decision.record.state))
-            if not decision.allowed:
-                assert decision.retry_at is not None
-                machine.receive_breaker_open(step, decision.retry_at, guard, now)
-        return list(changed.values())
-
-    async def _limit_gate(
-        self,
-        machine: SagaMachine,
-        definition: Workflow,
-        record: WorkflowRecord,
-        gate: LimitGate,
-        now: float,
-    ) -> None:
-        """Admit each ready step that names a limit, or defer it as a waiter (no attempt
-        used); an admitted step holds a slot (``state["steps"][step]["slot"]``)."""
-        for step in machine.ready_steps(now):
-            name = definition.steps[step].limit
-            if name is None or name not in self.limits:
-                continue
-            admission = await gate.admit(name, record, step, now)
-            if admission.admitted:
-                machine.steps[step]["slot"] = name
-            else:
-                machine.receive_limit_wait(step, admission.retry_at, name, now)
-
-    async def _dead_letter(
-        self, tx: Transaction, record: WorkflowRecord, effect: DeadLetter, now: float
-    ) -> int:
-        entry = DlqEntry(
-            id=0,
-            tenant=record.tenant,
-            workflow_id=record.id,
-            step=effect.step,
-            reason=effect.reason,
-            attempts=effect.attempts,
-            last_error=effect.last_error,
-            created_at=now,
-        )
-        entry_id = await tx.add_dlq(entry)
-        record.state.setdefault("dlq", []).append(entry_id)
-        append_event(
-            tx,
-            record,
-            events.DLQ_ADDED,
-            now,
-            entry_id=entry_id,
-            step=effect.step,
-            reason=effect.reason,
-            attempts=effect.attempts,
-            last_error=effect.last_error,
-        )
-        return entry_id
-
-
-async def _settle_limits(machine: SagaMachine, record: WorkflowRecord, gate: LimitGate) -> None:
-    """Free the slots of steps that stopped running (outcome, cancel, deadline, takeover),
-    and forget the waiters of steps that no longer wait (skipped, cancelled, halted)."""
-    waiting = machine.status == WorkflowStatus.RUNNING and not machine.state.get("halt")
-    freed: list[str] = []
-    gone: list[str] = []
-    for name, s in machine.steps.items():
-        if s.get("slot") and s["status"] != StepStatus.RUNNING:
-            del s["slot"]
-            freed.append(name)
-        deferred = s.get("deferred")
-        still = waiting and s["status"] in (StepStatus.WAITING, StepStatus.RETRYING)
-        if isinstance(deferred, str) and deferred.startswith("limit:") and not still:
-            del s["deferred"]
-            gone.append(name)
-    if freed:
-        gate.release(record, freed)
-    if gone:
-        await gate.drop_waiters(record, gone)
+async def _dead_letter(
+    tx: Transaction, record: WorkflowRecord, effect: DeadLetter, now: float
+) -> int:
+    entry = DlqEntry(
+        id=0,
+        tenant=record.tenant,
+        workflow_id=record.id,
+        step=effect.step,
+        reason=effect.reason,
+        attempts=effect.attempts,
+        last_error=effect.last_error,
+        created_at=now,
+    )
+    entry_id = await tx.add_dlq(entry)
+    record.state.setdefault("dlq", []).append(entry_id)
+    append_event(
+        tx,
+        record,
+        events.DLQ_ADDED,
+        now,
+        entry_id=entry_id,
+        step=effect.step,
+        reason=effect.reason,
+        attempts=effect.attempts,
+        last_error=effect.last_error,
+    )
+    return entry_id
 
 
 async def _resolve_dead_letters(tx: Transaction, record: WorkflowRecord, now: float) -> None:
@@ -539,17 +461,3 @@ async def _resolve_dead_letters(tx: Transaction, record: WorkflowRecord, now: fl
             entry.status = "resolved"
             entry.resolved_at = now
             await tx.update_dlq(entry)
-
-
-def _copy_state(state: JSON) -> dict[str, JSON]:
-    """A copy deep enough for the machine to mutate (steps are one level down)."""
-    if not isinstance(state, dict):
-        return {}
-    copy = dict(state)
-    steps = state.get("steps") or {}
-    copy["steps"] = {name: dict(s) for name, s in steps.items()}
-    if "requests" in state:
-        copy["requests"] = dict(state["requests"])
-    if "dlq" in state:
-        copy["dlq"] = list(state["dlq"])
-    return copy

@@ -109,5 +109,4 @@ class Claimer(RunnerState):
             if stale is not None:
                 stale.cancel()  # our own older lease on it expired; its attempts are void
             self._after_commit(item, fence_hint=item.record.fence if item.record else 0)
-        self._after_checkpoints()
         return len(applied)

@@ -169,7 +169,11 @@ class SagaRunner(Claimer, Writer, Attempts, Heartbeat):
         self._wake = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
-        self._tasks: list[asyncio.Task[None]] = []
+        self._claim_task: asyncio.Task[None] | None = None
+        self._write_task: asyncio.Task[None] | None = None
+        self._beat_task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._running = False
         self._committing = False
         self._reserved = 0
@@ -203,11 +207,9 @@ class SagaRunner(Claimer, Writer, Attempts, Heartbeat):
             hooks.append(tracing.inject_traceparent)  # ctx.http sends traceparent
         self.store.listen(WORK_CHANNEL, self._on_work)
         self.store.on_reconnect(self._wake.set)
-        self._tasks = [
-            asyncio.create_task(self._claimer(), name="saga-claimer"),
-            asyncio.create_task(self._writer(), name="saga-writer"),
-            asyncio.create_task(self._heartbeat(), name="saga-heartbeat"),
-        ]
+        self._claim_task = asyncio.create_task(self._claimer(), name="saga-claimer")
+        self._write_task = asyncio.create_task(self._writer(), name="saga-writer")
+        self._beat_task = asyncio.create_task(self._heartbeat(), name="saga-heartbeat")
         self._wake.set()
 
     async def stop(self) -> None:
@@ -218,6 +220,8 @@ class SagaRunner(Claimer, Writer, Attempts, Heartbeat):
         may be committed without this runner knowing, and that lease would then outlive
         the instance. Nothing is launched once stopping (``_launch``), so the outcomes
         the writer still commits cannot start attempts that outlive the runner.
+        Every background task is cancelled *and awaited*; a cancellation of the caller
+        while it waits propagates (nothing here catches ``CancelledError``).
         """
         if not self._running:
             return
@@ -226,12 +230,13 @@ class SagaRunner(Claimer, Writer, Attempts, Heartbeat):
         if self._timer is not None:
             self._timer.cancel()
         self._wake.set()
-        claimer = [t for t in self._tasks if t.get_name() == "saga-claimer"]
-        if claimer:
-            await asyncio.wait(claimer, timeout=5.0)
-        for task in self._tasks:
-            if task.get_name() != "saga-writer":
-                task.cancel()
+        claimer, writer, beat = self._claim_task, self._write_task, self._beat_task
+        self._claim_task = self._write_task = self._beat_task = None
+        if claimer is not None:
+            await asyncio.wait([claimer], timeout=5.0)  # let the claim in flight end
+        background = [task for task in (claimer, beat) if task is not None]
+        for task in background:
+            task.cancel()
         steps = [t for h in self._held.values() for t in h.tasks.values()]
         for held in self._held.values():
             held.cancel(STOP_SHUTDOWN)
@@ -239,9 +244,10 @@ class SagaRunner(Claimer, Writer, Attempts, Heartbeat):
         self.progress.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._drain(), timeout=5.0)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if writer is not None:
+            writer.cancel()
+            background.append(writer)
+        await asyncio.gather(*background, return_exceptions=True)
         for held in self._held.values():
             held.cancel()  # ticks armed by the last checkpoints
         leases = {key: h.fence for key, h in self._held.items()}
@@ -286,6 +292,8 @@ class SagaRunner(Claimer, Writer, Attempts, Heartbeat):
         if not applied:
             return
         if not self._running:
+            for item in applied:
+                self._report_breakers(item)  # committed: the changes happened
             leases = {a.key: a.record.fence for a in applied if a.record is not None}
             try:
                 await self.store.release_leases(self.instance_id, leases)
@@ -296,10 +304,10 @@ class SagaRunner(Claimer, Writer, Attempts, Heartbeat):
         self.stats["claimed"] += len(applied)
         for item in applied:
             self._after_commit(item, fence_hint=item.record.fence if item.record else 0)
-        self._after_checkpoints()
 
     # ---------------------------------------------------------------- after commit
     def _after_commit(self, applied: Applied, *, fence_hint: int) -> None:
+        self._report_breakers(applied)
         wid = applied.key
         held = self._held.get(wid)
         if applied.refused:
@@ -349,14 +357,17 @@ class SagaRunner(Claimer, Writer, Attempts, Heartbeat):
         held.record = record
         self._sync_tasks(held, record, applied.commands)
 
-    def _after_checkpoints(self) -> None:
-        for name, state in self.checkpointer.breaker_changes:
+    def _report_breakers(self, applied: Applied) -> None:
+        """Report the breaker transitions of a *committed* checkpoint (log, metric,
+        alert). They come with the commit's result, never from inside the transaction:
+        a transaction ``Store.run`` retried reports each change once, a failed one none."""
+        self.checkpointer.breaker_seen.update(applied.breakers_seen)
+        for name, state in applied.breaker_changes:
             log.info("breaker %s is now %s", name, state)
             if self.metrics is not None:
                 self.metrics.breaker_changed(name, state)
             if state == "open":
                 self._alert("breaker_open", f"circuit breaker {name} opened", {"breaker": name})
-        self.checkpointer.breaker_changes.clear()
 
     def _alert(self, kind: str, message: str, details: dict[str, JSON]) -> None:
         try:

@@ -101,7 +101,6 @@ class RunnerState:
     _wake: asyncio.Event
     _timer: asyncio.TimerHandle | None
     _timer_at: float
-    _tasks: list[asyncio.Task[None]]
     _running: bool
     _committing: bool
     _reserved: int
@@ -119,9 +118,6 @@ class RunnerState:
 
     # Hooks, implemented by the parts (``runner``, ``writer``, ``claimer``, ``attempt``).
     def _after_commit(self, applied: Applied, *, fence_hint: int) -> None:
-        raise NotImplementedError  # runner
-
-    def _after_checkpoints(self) -> None:
         raise NotImplementedError  # runner
 
     def _enqueue(self, item: Input) -> None:

@@ -13,7 +13,9 @@ owner). Each committed outcome goes to ``_after_commit``. A database that is dow
 makes the writer retry the whole batch with backoff; a chunk the database refuses or
 a bug are isolated workflow by workflow, and the one that fails is quarantined — its
 outcomes become permanent failures — or dropped (no poison batch). ``_drain`` waits
-until the queue is empty and no commit is in flight (used by ``stop``).
+(on the ``_idle`` event, no polling) until the queue is empty and no commit is in
+flight (used by ``stop``). Breaker transitions come back in each ``Applied`` and are
+reported by ``_after_commit``, i.e. only for what committed.
 """
 
 from __future__ import annotations
@@ -37,15 +39,19 @@ log = logging.getLogger("tether.saga")
 class Writer(RunnerState):
     """The runner's group-commit writer (a part of ``SagaRunner``)."""
 
+    _idle: asyncio.Event
+    """Set while the queue is empty and no commit is in flight (``_drain`` waits on it);
+    cleared by ``_enqueue``, set by the writer when it has committed everything."""
+
     async def _drain(self) -> None:
-        # Also wait for the batch being committed: cancelling the writer mid-COMMIT
-        # would leave its outcome's fate unknown to this runner.
-        while self._queue or self._committing:
-            self._queued.set()
-            await asyncio.sleep(0.01)
+        """Wait until every queued input is committed — including the batch being
+        committed: cancelling the writer mid-COMMIT would leave its outcome's fate
+        unknown to this runner."""
+        await self._idle.wait()
 
     def _enqueue(self, item: Input) -> None:
         self._queue.append(item)
+        self._idle.clear()
         self._queued.set()
 
     def _queue_progress(self, item: Input) -> None:
@@ -72,6 +78,7 @@ class Writer(RunnerState):
                     await asyncio.sleep(min(2.0, 0.05 * 2**failures))
                 finally:
                     self._committing = False
+            self._idle.set()  # the queue is empty and nothing is being committed
 
     async def _commit(self, batch: list[Input]) -> None:
         grouped: dict[WorkflowKey, tuple[int, list[Input]]] = {}
@@ -131,7 +138,6 @@ class Writer(RunnerState):
             self.stats["checkpoints"] += len(written)
             for key in written:
                 self._after_commit(computed[key][0], fence_hint=chunk[key][0])
-            self._after_checkpoints()
         return {key: entry for key, entry in chunk.items() if key not in written}
 
     async def _commit_each(self, chunk: dict[WorkflowKey, tuple[int, list[Input]]]) -> None:
@@ -211,4 +217,3 @@ class Writer(RunnerState):
             entry = chunk.get(outcome.key)
             hint = entry[0] if entry else (outcome.record.fence if outcome.record else 0)
             self._after_commit(outcome, fence_hint=hint)
-        self._after_checkpoints()

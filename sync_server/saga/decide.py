@@ -1,0 +1,303 @@
+"""The pure part of a checkpoint: what the machine decides for one workflow.
+
+Theory of operation
+-------------------
+A checkpoint is *read → decide → write* (``checkpoint.py`` is the shell that reads and
+writes). This module is the middle: no awaits, no I/O, no clock — everything comes in
+as arguments (the prefetched row, its inputs, the breaker records read beforehand,
+``now``) and comes out as values:
+
+1. ``prepare`` builds a ``SagaMachine`` on a copy of the row's state and feeds it the
+   claim, the inputs in order and the deadline. The result (``Draft``) names the breakers
+   it needs (``Draft.breakers_needed``): those of guarded outcomes and those guarding the
+   steps about to start. The shell reads them (locked, in name order).
+2. ``Draft.gate_breakers`` records the guarded outcomes on those records and defers each
+   ready step an open breaker blocks (``SagaMachine.receive_breaker_open``). It returns
+   a ``BreakerGate``: the changed records to write and the state transitions to report
+   (``BreakerChange``). Nothing is reported from inside the transaction: the shell hands
+   the transitions back with the commit's result and the runner reports them only after
+   ``Store.run`` returned — a transaction retried after a deadlock reports each change
+   once, and a commit that failed reports nothing.
+3. ``Draft.steps_to_admit`` lists the ready steps that name a limit; the shell admits
+   them (a limit slot is taken under the limit row's lock, so that read is also its
+   write) and ``Draft.finish`` applies the admissions, advances the machine and drains
+   its effects (events, commands, dead letters, alerts).
+
+``settle_limits`` (pure too) says which limit slots and waiters a decision frees. A draft
+that raises anywhere is dropped whole: the shell writes nothing for that workflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from protocol import StepStatus, WorkflowStatus
+from sync_server.saga import breaker as breakers
+from sync_server.saga.backoff import DelayPolicy
+from sync_server.saga.definitions import Limit, Workflow
+from sync_server.saga.limits import Admission
+from sync_server.saga.machine import Effect, SagaMachine
+from sync_server.store.base import BreakerRecord, WorkflowKey, WorkflowRecord
+
+__all__ = [
+    "BreakerChange",
+    "BreakerGate",
+    "Draft",
+    "Input",
+    "copy_state",
+    "prepare",
+    "settle_limits",
+]
+
+JSON = Any
+
+
+@dataclass(slots=True)
+class Input:
+    """One thing that happened to a workflow, waiting for its checkpoint.
+
+    ``kind`` is ``step`` / ``comp`` (an attempt's outcome), ``progress``, ``job`` (the
+    attempt runs a job at a downstream source) or ``tick``; ``tenant`` and
+    ``workflow_id`` name the workflow (ids are per tenant).
+    """
+
+    kind: str
+    workflow_id: str
+    fence: int
+    step: str = ""
+    attempt: int = 0
+    ok: bool = False
+    result: JSON = None
+    error: str | None = None
+    permanent: bool = False
+    timed_out: bool = False
+    fraction: float = 0.0
+    message: str | None = None
+    breaker: str | None = None
+    job: dict[str, str] | None = None
+    tenant: str = field(kw_only=True)
+
+    @property
+    def key(self) -> WorkflowKey:
+        """The workflow's ``(tenant, id)``."""
+        return WorkflowKey(self.tenant, self.workflow_id)
+
+
+class BreakerChange(NamedTuple):
+    """A breaker moved to ``state`` (reported after COMMIT: log, metric, alert)."""
+
+    name: str
+    state: str
+
+
+@dataclass(slots=True)
+class BreakerGate:
+    """What the breakers decided for one workflow."""
+
+    records: dict[str, BreakerRecord] = field(default_factory=dict)
+    """Changed records by name, to write (only if the whole decision succeeds)."""
+    changes: list[BreakerChange] = field(default_factory=list)
+    """State transitions, in the order they happened."""
+    seen: dict[str, str] = field(default_factory=dict)
+    """Breaker name -> its state as the gate read it (a span attribute)."""
+
+
+@dataclass(slots=True)
+class Draft:
+    """A machine fed with a workflow's inputs, before the breakers and limits decide."""
+
+    machine: SagaMachine
+    definition: Workflow
+    outcomes: list[tuple[str, bool]]
+    """(breaker, succeeded) of each guarded outcome, in order."""
+    retry_requested: bool
+    """A client's retry was applied by this claim (its dead letters get resolved)."""
+
+    def breakers_needed(self, now: float) -> set[str]:
+        """The breakers ``gate_breakers`` reads: of guarded outcomes and ready steps."""
+        needed = {name for name, _ in self.outcomes}
+        for step in self.machine.ready_steps(now):
+            guard = self.definition.steps[step].breaker
+            if guard is not None:
+                needed.add(guard)
+        return needed
+
+    def gate_breakers(
+        self,
+        current: Mapping[str, BreakerRecord],
+        policy: Callable[[str], breakers.BreakerPolicy],
+        owner: str,
+        now: float,
+    ) -> BreakerGate:
+        """Record guarded outcomes on their breakers, then defer the ready steps an open
+        breaker blocks (no attempt used).
+
+        Args:
+            current: every breaker of ``breakers_needed`` (a missing one is closed).
+            policy: the ``BreakerPolicy`` of a breaker name.
+            owner: this instance's lease owner id (a half-open probe records it).
+            now: the current time.
+        """
+        gate = BreakerGate()
+
+        def get(name: str) -> BreakerRecord:
+            return gate.records.get(name) or current.get(name) or BreakerRecord(name=name)
+
+        for name, ok in self.outcomes:
+            record = get(name)
+            if ok:
+                new, moved = breakers.record_success(record, now)
+            else:
+                new, moved = breakers.record_failure(record, policy(name), now)
+            if new is not record:
+                gate.records[name] = new
+            if moved:
+                gate.changes.append(BreakerChange(name, new.state))
+        machine = self.machine
+        for step in machine.ready_steps(now):
+            guard = self.definition.steps[step].breaker
+            if guard is None:
+                continue
+            decision = breakers.allow(
+                get(guard),
+                policy(guard),
+                now,
+                f"{owner}/{machine.tenant}/{machine.workflow_id}",
+            )
+            gate.seen[guard] = decision.record.state
+            if decision.changed:
+                gate.records[guard] = decision.record
+                gate.changes.append(BreakerChange(guard, decision.record.state))
+            if not decision.allowed:
+                assert decision.retry_at is not None
+                machine.receive_breaker_open(step, decision.retry_at, guard, now)
+        return gate
+
+    def steps_to_admit(self, limits: Mapping[str, Limit], now: float) -> list[tuple[str, str]]:
+        """(step, limit) of each ready step that names a configured limit."""
+        out: list[tuple[str, str]] = []
+        for step in self.machine.ready_steps(now):
+            name = self.definition.steps[step].limit
+            if name is not None and name in limits:
+                out.append((step, name))
+        return out
+
+    def finish(self, admissions: Mapping[str, tuple[str, Admission]], now: float) -> list[Effect]:
+        """Apply the limits' answers (step -> (limit, admission)): an admitted step holds a
+        slot (``state["steps"][step]["slot"]``), the others wait without using an
+        attempt; then advance the machine and return its effects."""
+        machine = self.machine
+        for step, (name, admission) in admissions.items():
+            if admission.admitted:
+                machine.steps[step]["slot"] = name
+            else:
+                machine.receive_limit_wait(step, admission.retry_at, name, now)
+        machine.advance(now)
+        return machine.effects_to_apply()
+
+
+def prepare(
+    definition: Workflow,
+    record: WorkflowRecord,
+    inputs: list[Input],
+    now: float,
+    delay: DelayPolicy,
+    *,
+    claimed: bool = False,
+) -> Draft:
+    """Build the machine of ``record`` (on a copy of its state) and feed it the claim,
+    ``inputs`` in order and the deadline.
+
+    Raises:
+        Exception: whatever the machine raises on a bad state (the caller skips the
+            workflow).
+    """
+    state = copy_state(record.state)
+    retry_requested = claimed and bool((state.get("requests") or {}).get("retry"))
+    machine = SagaMachine(
+        definition,
+        record.id,
+        record.status,
+        state,
+        progress=record.progress,
+        result=record.result,
+        error=record.error,
+        delay=delay,
+        tenant=record.tenant,
+    )
+    if claimed:
+        machine.receive_claim(now)
+    outcomes = _feed(machine, inputs, now)
+    machine.receive_deadline(now)
+    return Draft(machine, definition, outcomes, retry_requested)
+
+
+def _feed(machine: SagaMachine, inputs: list[Input], now: float) -> list[tuple[str, bool]]:
+    """Feed inputs in order; returns (breaker, succeeded) for guarded outcomes."""
+    outcomes: list[tuple[str, bool]] = []
+    for item in inputs:
+        if item.kind == "step":
+            if item.ok:
+                accepted = machine.receive_step_succeeded(item.step, item.attempt, item.result, now)
+            else:
+                accepted = machine.receive_step_failed(
+                    item.step,
+                    item.attempt,
+                    item.error or "failed",
+                    now,
+                    permanent=item.permanent,
+                    timed_out=item.timed_out,
+                )
+            # A permanent error is the step's verdict, not the downstream's health.
+            if accepted and item.breaker and not item.permanent:
+                outcomes.append((item.breaker, item.ok))
+        elif item.kind == "comp":
+            if item.ok:
+                machine.receive_compensation_succeeded(item.step, item.attempt, now)
+            else:
+                machine.receive_compensation_failed(
+                    item.step, item.attempt, item.error or "failed", now
+                )
+        elif item.kind == "progress":
+            machine.receive_progress(item.step, item.attempt, item.fraction, item.message, now)
+        elif item.kind == "job" and item.job is not None:
+            machine.receive_job(item.step, item.attempt, item.job)
+    return outcomes
+
+
+def settle_limits(machine: SagaMachine) -> tuple[list[str], list[str]]:
+    """Forget the slots of steps that stopped running (outcome, cancel, deadline,
+    takeover) and the waits of steps that no longer wait (skipped, cancelled, halted).
+
+    Returns:
+        (steps whose slot to free, steps whose waiter rows to drop).
+    """
+    waiting = machine.status == WorkflowStatus.RUNNING and not machine.state.get("halt")
+    freed: list[str] = []
+    gone: list[str] = []
+    for name, s in machine.steps.items():
+        if s.get("slot") and s["status"] != StepStatus.RUNNING:
+            del s["slot"]
+            freed.append(name)
+        deferred = s.get("deferred")
+        still = waiting and s["status"] in (StepStatus.WAITING, StepStatus.RETRYING)
+        if isinstance(deferred, str) and deferred.startswith("limit:") and not still:
+            del s["deferred"]
+            gone.append(name)
+    return freed, gone
+
+
+def copy_state(state: JSON) -> dict[str, JSON]:
+    """A copy deep enough for the machine to mutate (steps are one level down)."""
+    if not isinstance(state, dict):
+        return {}
+    copy = dict(state)
+    steps = state.get("steps") or {}
+    copy["steps"] = {name: dict(s) for name, s in steps.items()}
+    if "requests" in state:
+        copy["requests"] = dict(state["requests"])
+    if "dlq" in state:
+        copy["dlq"] = list(state["dlq"])
+    return copy
