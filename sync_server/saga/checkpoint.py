@@ -291,9 +291,12 @@ class Checkpointer:
         """
         drafts = [self._prepare(record, inputs, now, claimed) for record, inputs in items]
         needed: set[str] = set()
-        for draft in drafts:
+        for i, draft in enumerate(drafts):
             if isinstance(draft, Draft):
-                needed |= draft.breakers_needed(now)
+                try:
+                    needed |= draft.breakers_needed(now)
+                except Exception:
+                    drafts[i] = self._failed(items[i][0])
         if needed:
             await batch.read_breakers(needed)
         out: list[Applied] = []
@@ -315,12 +318,15 @@ class Checkpointer:
         if definition is None:
             return None
         try:
-            draft = prepare(definition, record, inputs, now, self.delay, claimed=claimed)
-            draft.breakers_needed(now)  # the machine's reading of its steps may fail too
+            return prepare(definition, record, inputs, now, self.delay, claimed=claimed)
         except Exception:
-            log.exception("saga machine failed on workflow %s; leaving it", record.id)
-            return Applied(record.key, record, failed=True)
-        return draft
+            return self._failed(record)
+
+    @staticmethod
+    def _failed(record: WorkflowRecord) -> Applied:
+        """The machine failed on ``record`` (a bug): nothing is written for it."""
+        log.exception("saga machine failed on workflow %s; leaving it", record.id)
+        return Applied(record.key, record, failed=True)
 
     def _leave(self, batch: _Batch, record: WorkflowRecord, now: float) -> Applied:
         """This instance lacks the workflow's definition: let it go, for others."""
@@ -343,16 +349,14 @@ class Checkpointer:
             gate = draft.gate_breakers(batch.breakers, self.breaker_policy, self.owner, now)
             wanted = draft.steps_to_admit(self.limits, now)
         except Exception:
-            log.exception("saga machine failed on workflow %s; leaving it", record.id)
-            return Applied(record.key, record, failed=True)
+            return self._failed(record)
         admissions: dict[str, tuple[str, Admission]] = {}
         for step, name in wanted:
             admissions[step] = (name, await batch.gate.admit(name, record, step, now))
         try:
             effects = draft.finish(admissions, now)
         except Exception:
-            log.exception("saga machine failed on workflow %s; leaving it", record.id)
-            return Applied(record.key, record, failed=True)
+            return self._failed(record)
         return await self._write(batch, record, draft, gate, effects, now)
 
     async def _write(

@@ -114,10 +114,16 @@ class Draft:
     """(breaker, succeeded) of each guarded outcome, in order."""
     retry_requested: bool
     """A client's retry was applied by this claim (its dead letters get resolved)."""
+    guarded: bool
+    """Some step of the definition names a breaker."""
+    limited: bool
+    """Some step of the definition names a limit."""
 
     def breakers_needed(self, now: float) -> set[str]:
         """The breakers ``gate_breakers`` reads: of guarded outcomes and ready steps."""
         needed = {name for name, _ in self.outcomes}
+        if not self.guarded:
+            return needed
         for step in self.machine.ready_steps(now):
             guard = self.definition.steps[step].breaker
             if guard is not None:
@@ -141,6 +147,8 @@ class Draft:
             now: the current time.
         """
         gate = BreakerGate()
+        if not self.outcomes and not self.guarded:
+            return gate  # the common case: nothing to read or decide
 
         def get(name: str) -> BreakerRecord:
             return gate.records.get(name) or current.get(name) or BreakerRecord(name=name)
@@ -156,7 +164,7 @@ class Draft:
             if moved:
                 gate.changes.append(BreakerChange(name, new.state))
         machine = self.machine
-        for step in machine.ready_steps(now):
+        for step in machine.ready_steps(now) if self.guarded else ():
             guard = self.definition.steps[step].breaker
             if guard is None:
                 continue
@@ -178,6 +186,8 @@ class Draft:
     def steps_to_admit(self, limits: Mapping[str, Limit], now: float) -> list[tuple[str, str]]:
         """(step, limit) of each ready step that names a configured limit."""
         out: list[tuple[str, str]] = []
+        if not self.limited:
+            return out
         for step in self.machine.ready_steps(now):
             name = self.definition.steps[step].limit
             if name is not None and name in limits:
@@ -231,7 +241,15 @@ def prepare(
         machine.receive_claim(now)
     outcomes = _feed(machine, inputs, now)
     machine.receive_deadline(now)
-    return Draft(machine, definition, outcomes, retry_requested)
+    steps = definition.steps.values()
+    return Draft(
+        machine,
+        definition,
+        outcomes,
+        retry_requested,
+        guarded=any(step.breaker for step in steps),
+        limited=any(step.limit for step in steps),
+    )
 
 
 def _feed(machine: SagaMachine, inputs: list[Input], now: float) -> list[tuple[str, bool]]:

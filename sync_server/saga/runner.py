@@ -24,7 +24,11 @@ a part in its own module (``SagaRunner`` composes them over the shared ``state``
 
 This module keeps the composition: construction, ``start``/``stop``, the submit path
 (``reserve``/``start_new``/``adopt``) and ``_after_commit``, which turns every committed
-claim or checkpoint into the lease held, the attempts to run and the timers to arm.
+claim or checkpoint into the lease held, the attempts to run and the timers to arm, and
+reports the breaker transitions that came back with it (``Applied.breaker_changes``):
+only what committed is reported, once, however often ``Store.run`` ran the transaction.
+The three background tasks are held by explicit references; ``stop`` cancels and awaits
+each of them and never catches the caller's own ``CancelledError``.
 
 Write transactions per workflow (3 sequential steps, nothing failing): the submit (the
 push transaction), the claim that also starts step 1, then one checkpoint per step, the
