@@ -582,6 +582,28 @@ async def test_stop_lets_the_claim_in_flight_finish_and_releases_it(env):
     assert r.held == {}
 
 
+async def test_a_stop_cancelled_while_draining_propagates_and_leaves_nothing_running(
+    env, monkeypatch
+):
+    _, runner = env
+    r = await runner([noop_chain()])
+    draining = asyncio.Event()
+
+    async def drain():
+        draining.set()
+        await asyncio.Event().wait()  # a commit that never ends
+
+    monkeypatch.setattr(r, "_drain", drain)
+    tasks = [r._claim_task, r._write_task, r._beat_task]
+    stopping = asyncio.create_task(r.stop())
+    await draining.wait()
+    stopping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping  # the caller's own cancellation is not swallowed
+    _, pending = await asyncio.wait(tasks, timeout=5.0)
+    assert not pending  # and no background task of the runner keeps running
+
+
 async def test_stop_launches_nothing_from_the_checkpoints_it_drains(env):
     # Regression (LB test): an outcome committed during stop() started the next step,
     # whose task outlived the runner and the store ("store is not open").

@@ -236,21 +236,25 @@ class SagaRunner(Claimer, Writer, Attempts, Heartbeat):
         self._wake.set()
         claimer, writer, beat = self._claim_task, self._write_task, self._beat_task
         self._claim_task = self._write_task = self._beat_task = None
-        if claimer is not None:
-            await asyncio.wait([claimer], timeout=5.0)  # let the claim in flight end
-        background = [task for task in (claimer, beat) if task is not None]
-        for task in background:
-            task.cancel()
-        steps = [t for h in self._held.values() for t in h.tasks.values()]
-        for held in self._held.values():
-            held.cancel(STOP_SHUTDOWN)
-        await asyncio.gather(*steps, return_exceptions=True)
-        self.progress.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drain(), timeout=5.0)
-        if writer is not None:
-            writer.cancel()
-            background.append(writer)
+        background = [task for task in (claimer, beat, writer) if task is not None]
+        try:
+            if claimer is not None:
+                await asyncio.wait([claimer], timeout=5.0)  # let the claim in flight end
+            for task in background:
+                if task is not writer:
+                    task.cancel()
+            steps = [t for h in self._held.values() for t in h.tasks.values()]
+            for held in self._held.values():
+                held.cancel(STOP_SHUTDOWN)
+            await asyncio.gather(*steps, return_exceptions=True)
+            self.progress.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drain(), timeout=5.0)
+        finally:
+            # Also when the caller is cancelled meanwhile (that CancelledError goes on):
+            # nothing of this runner keeps running.
+            for task in background:
+                task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         for held in self._held.values():
             held.cancel()  # ticks armed by the last checkpoints
