@@ -34,6 +34,10 @@ async def _noop(ctx: Any) -> dict[str, Any]:
 NOOP = Workflow("noop", [Step("only", _noop)])
 
 
+SUITE_TOKEN_TTL = 6 * 3600.0
+"""TTL of a token built once at import: it must outlive the slowest whole-suite run."""
+
+
 def token(tenant: str = "acme", subject: str = "c1", role: str = "client", ttl: float = 600) -> str:
     return issue_token(SECRET, tenant=tenant, subject=subject, role=role, ttl=ttl)
 

@@ -16,11 +16,11 @@ from protocol.flags import bucket
 from tests.client_helpers import fast_client, make_app, server_snapshots
 from tests.conftest import wait_for
 from tests.servers import running
-from tests.sync_helpers import token
+from tests.sync_helpers import SUITE_TOKEN_TTL, token
 
 pytestmark = pytest.mark.timeout(120)
 
-ADMIN = {"Authorization": f"Bearer {token('*', 'ops', 'admin')}"}
+ADMIN = {"Authorization": f"Bearer {token('*', 'ops', 'admin', ttl=SUITE_TOKEN_TTL)}"}
 
 
 async def put(http: httpx.AsyncClient, name: str, value, rules=None, tenant=None) -> None:

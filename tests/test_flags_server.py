@@ -16,12 +16,12 @@ from sync_server.flags.service import FLAG_LOG_TENANT
 from sync_server.saga.definitions import Step, Workflow
 from tests.conftest import scaled, wait_for
 from tests.servers import SECRET, running
-from tests.sync_helpers import NOOP, RawClient, submit, token
+from tests.sync_helpers import NOOP, SUITE_TOKEN_TTL, RawClient, submit, token
 
 pytestmark = pytest.mark.timeout(120)
 
-GLOBAL_ADMIN = {"Authorization": f"Bearer {token('*', 'ops', 'admin')}"}
-ACME_ADMIN = {"Authorization": f"Bearer {token('acme', 'alice', 'admin')}"}
+GLOBAL_ADMIN = {"Authorization": f"Bearer {token('*', 'ops', 'admin', ttl=SUITE_TOKEN_TTL)}"}
+ACME_ADMIN = {"Authorization": f"Bearer {token('acme', 'alice', 'admin', ttl=SUITE_TOKEN_TTL)}"}
 
 
 def make_app(url: str, workflows=(NOOP,), **settings):
