@@ -2,10 +2,28 @@
 
 Define ``Workflow``s of ``Step``s and serve them with ``create_app``; see SPEC's Server
 section and the README's tour.
+
+The names are resolved lazily (PEP 562 ``__getattr__``, as websockets does): importing a
+pure core such as ``sync_server.saga.machine`` runs this ``__init__`` first, and it must
+not drag in the app and its I/O libraries (Starlette, httpx, prometheus_client).
+``tests/test_layering.py`` checks it.
 """
 
-from sync_server.app import create_app
-from sync_server.saga import Limit, PermanentError, RetryPolicy, Step, StepContext, Workflow
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sync_server.app import create_app
+    from sync_server.saga.definitions import (
+        Limit,
+        PermanentError,
+        RetryPolicy,
+        Step,
+        StepContext,
+        Workflow,
+    )
 
 __all__ = [
     "Limit",
@@ -16,3 +34,26 @@ __all__ = [
     "Workflow",
     "create_app",
 ]
+
+_LAZY = {
+    "Limit": "sync_server.saga.definitions",
+    "PermanentError": "sync_server.saga.definitions",
+    "RetryPolicy": "sync_server.saga.definitions",
+    "Step": "sync_server.saga.definitions",
+    "StepContext": "sync_server.saga.definitions",
+    "Workflow": "sync_server.saga.definitions",
+    "create_app": "sync_server.app",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

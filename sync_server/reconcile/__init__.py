@@ -3,17 +3,26 @@
 ``rules`` holds the canonical rule as data and the pure decisions; ``sweep`` is the
 periodic shell that asks the job source about active workflows and repairs divergence;
 ``sources`` defines the small adapter interface a job source implements.
+
+Names resolve lazily (PEP 562) so importing the pure ``rules`` does not load the sweep
+and its I/O (``tests/test_layering.py``).
 """
 
-from sync_server.reconcile.rules import (
-    DEFAULT_PRIORITY,
-    ReconcileRules,
-    Repair,
-    apply_report,
-    decide,
-)
-from sync_server.reconcile.sources import JobState, SourceAdapter
-from sync_server.reconcile.sweep import Reconciler
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sync_server.reconcile.rules import (
+        DEFAULT_PRIORITY,
+        ReconcileRules,
+        Repair,
+        apply_report,
+        decide,
+    )
+    from sync_server.reconcile.sources import JobState, SourceAdapter
+    from sync_server.reconcile.sweep import Reconciler
 
 __all__ = [
     "DEFAULT_PRIORITY",
@@ -25,3 +34,27 @@ __all__ = [
     "apply_report",
     "decide",
 ]
+
+_LAZY = {
+    "DEFAULT_PRIORITY": "sync_server.reconcile.rules",
+    "ReconcileRules": "sync_server.reconcile.rules",
+    "Repair": "sync_server.reconcile.rules",
+    "apply_report": "sync_server.reconcile.rules",
+    "decide": "sync_server.reconcile.rules",
+    "JobState": "sync_server.reconcile.sources",
+    "SourceAdapter": "sync_server.reconcile.sources",
+    "Reconciler": "sync_server.reconcile.sweep",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

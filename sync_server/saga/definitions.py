@@ -25,12 +25,13 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
-
-import httpx
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from protocol import ErrorCode, TetherError, UsageError
 from protocol.limits import MAX_PROGRESS_MESSAGE
+
+if TYPE_CHECKING:  # the context only carries the shell's client (tests/test_layering.py)
+    import httpx
 
 __all__ = [
     "STOP_CANCELLED",
