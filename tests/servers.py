@@ -143,8 +143,9 @@ def server_process(
         "--log-level",
         "warning",
     ]
-    if workflows:
-        cmd += ["--workflows", workflows]
+    # serve runs only the definitions it is given; "demo" is the example pipeline.
+    if workflows or "--workflows" not in (args or []):
+        cmd += ["--workflows", workflows or "demo"]
     cmd += args or []
     full_env = {**os.environ, "SYNC_AUTH_SECRET": SECRET, **(env or {})}
     proc = subprocess.Popen(cmd, env=full_env, stderr=stderr)

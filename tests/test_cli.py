@@ -73,8 +73,13 @@ def test_help(capsys: pytest.CaptureFixture[str], command: list[str], expected: 
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["serve", "--database", "mysql://db.example/x"], "unsupported database URL"),
-        (["serve", "--database", "sqlite:////nonexistent/dir/sync.db"], "cannot open SQLite"),
+        (["serve", "--workflows", "demo", "--database", "mysql://db.example/x"], "unsupported"),
+        (
+            ["serve", "--workflows", "demo", "--database", "sqlite:////nonexistent/dir/sync.db"],
+            "cannot open SQLite",
+        ),
+        (["serve"], "serve needs the workflows to run: --workflows module:attr"),
+        (["serve", "--database", "sqlite:///unused.db"], "or --workflows demo"),
         (["serve", "--workflows", "no_such_module_xyz:workflows"], "cannot import workflow module"),
         (["serve", "--workflows", "examples.image_pipeline:nope"], "has no attribute 'nope'"),
         (["serve", "--workflows", "examples.image_pipeline"], "module:attribute"),
@@ -96,11 +101,13 @@ def test_unreachable_postgresql_from_flag_and_from_environment(
     capsys: pytest.CaptureFixture[str], secret: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port = free_port()  # nothing listens there
-    code, _, err = run(capsys, "serve", "--database", f"postgresql://127.0.0.1:{port}/test")
+    code, _, err = run(
+        capsys, "serve", "--workflows", "demo", "--database", f"postgresql://127.0.0.1:{port}/test"
+    )
     assert code != 0
     assert f"cannot connect to PostgreSQL at 127.0.0.1:{port}" in one_error_line(err)
     monkeypatch.setenv("SYNC_DATABASE_URL", f"postgresql://127.0.0.1:{port}/fromenv")
-    code, _, err = run(capsys, "serve")
+    code, _, err = run(capsys, "serve", "--workflows", "demo")
     assert code != 0
     assert f"127.0.0.1:{port}/fromenv" in one_error_line(err)
 
@@ -108,7 +115,7 @@ def test_unreachable_postgresql_from_flag_and_from_environment(
 @pytest.mark.parametrize(
     "argv",
     [
-        ["serve", "--database", "sqlite:///unused.db"],
+        ["serve", "--workflows", "demo", "--database", "sqlite:///unused.db"],
         ["token", "--tenant", "t", "--subject", "s"],
         ["workflows", "list"],
         ["dlq", "list"],

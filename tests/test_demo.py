@@ -1,7 +1,7 @@
 """``sync-server demo``, small, in a subprocess: its exit code and its report.
 
 The report's numbers come from the server, the job service and the clients' files
-(``sync_server.demo.report``); here they must balance — every submitted workflow is on
+(``examples.demo.report``); here they must balance — every submitted workflow is on
 the server and ended or parked, nothing lost or duplicated — and the faults the demo
 claims to inject must show up in the same run ("sometimes" assertions).
 """
@@ -16,10 +16,10 @@ import sys
 import httpx
 import pytest
 
+from examples.demo.client import plan
+from examples.demo.pipeline import DOOMED_FAILURES, RENDER_ATTEMPTS
+from examples.demo.report import ClientFile, Evidence, build_report
 from examples.job_service import create_job_service
-from sync_server.demo.client import plan
-from sync_server.demo.pipeline import DOOMED_FAILURES, RENDER_ATTEMPTS
-from sync_server.demo.report import ClientFile, Evidence, build_report
 
 pytestmark = pytest.mark.timeout(180)
 

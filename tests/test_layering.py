@@ -5,7 +5,8 @@
   the forbidden top-level packages ended up in ``sys.modules``. A package ``__init__``
   that imports the app (issue 12) is exactly what this catches.
 * The server does not import the demo package: ``sync_server.app`` and the CLI as
-  ``serve`` uses it stay free of ``tether_demo``.
+  ``serve`` uses it stay free of the ``examples`` package (the demo, its pipeline
+  and its job service); only ``sync-server demo`` and ``serve --workflows demo`` load it.
 """
 
 from __future__ import annotations
@@ -84,3 +85,38 @@ def test_pure_core_imports_no_io(module: str) -> None:
     loaded = _loaded_after_import(module)
     top_level = {name.split(".")[0] for name in loaded}
     assert not top_level & FORBIDDEN, f"{module} loads {sorted(top_level & FORBIDDEN)}"
+
+
+SERVER_IMPORTS = {
+    "the app": "import sync_server.app",
+    "the CLI as serve uses it": (
+        "from sync_server import cli\n"
+        "argv = ['serve', '--workflows', 'tests.sync_helpers:NOOP']\n"
+        "args = cli.build_parser().parse_args(argv)\n"
+        "cli.load_workflows(args.workflows)\n"
+        "from sync_server.cli_serve import load_sources\n"
+        "load_sources(args.sources, args.job_step, default=False)\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("what", sorted(SERVER_IMPORTS))
+def test_server_does_not_import_the_demo_package(what: str) -> None:
+    code = SERVER_IMPORTS[what] + "\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded = set(json.loads(proc.stdout.splitlines()[-1]))
+    assert not {name for name in loaded if name.split(".")[0] == "examples"}, what
+
+
+def test_the_demo_is_loaded_only_when_asked_for() -> None:
+    from sync_server.cli_serve import load_workflows
+
+    assert [w.name for w in load_workflows("demo")] == ["generate_image"]

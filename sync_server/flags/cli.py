@@ -50,7 +50,8 @@ def _decode(text: str, what: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run one ``flags`` action."""
-    from sync_server.cli import _call, _print_table
+    from sync_server.cli_admin import call as _call
+    from sync_server.cli_admin import print_table as _print_table
 
     params = {"tenant": args.tenant} if args.tenant else {}
     if args.action != "list" and not args.name:

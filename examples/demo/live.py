@@ -18,7 +18,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from sync_server.demo.report import DemoReport
+from examples.demo.report import DemoReport
 
 __all__ = ["ClientState", "LiveState", "render_live", "report_table"]
 

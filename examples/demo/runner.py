@@ -7,11 +7,11 @@ auth secret, then starts:
 
 * the **flaky job service** (``examples.job_service``) on loopback, in a thread: random
   job failures and stalls (a stalled render times out and is retried);
-* the **server** as a child process (``sync_server.demo.server``), so it can be
+* the **server** as a child process (``examples.demo.server``), so it can be
   SIGKILLed and started again on the same port;
-* a small **link proxy** (``sync_server.demo.proxy``) in front of the server, for the
+* a small **link proxy** (``examples.demo.proxy``) in front of the server, for the
   client that goes offline;
-* ``--clients`` **SDK client processes** (``sync_server.demo.client``), each submitting
+* ``--clients`` **SDK client processes** (``examples.demo.client``), each submitting
   its share of image-generation workflows over ``--seconds`` seconds.
 
 While they submit, faults are injected on a fixed timetable (``_faults``): a job-service
@@ -48,18 +48,18 @@ import httpx
 from rich.console import Console
 from rich.live import Live
 
-from examples.job_service import JobBooks, JobServiceThread
-from protocol import Role
-from sync_server.auth import GLOBAL_TENANT, issue_token
-from sync_server.demo.live import ClientState, LiveState, render_live, report_table
-from sync_server.demo.proxy import LinkProxy
-from sync_server.demo.report import (
+from examples.demo.live import ClientState, LiveState, render_live, report_table
+from examples.demo.proxy import LinkProxy
+from examples.demo.report import (
     FINAL,
     DemoReport,
     Evidence,
     build_report,
     read_client_file,
 )
+from examples.job_service import JobBooks, JobServiceThread
+from protocol import Role
+from sync_server.auth import GLOBAL_TENANT, issue_token
 
 __all__ = ["DemoOptions", "DemoRunner", "run_demo"]
 
@@ -127,7 +127,7 @@ class ServerProcess:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "sync_server.demo.server",
+            "examples.demo.server",
             "--port",
             str(self.port),
             "--database",
@@ -206,7 +206,7 @@ class ClientProcess:
         cmd = [
             sys.executable,
             "-m",
-            "sync_server.demo.client",
+            "examples.demo.client",
             "--url",
             self.url,
             "--path",

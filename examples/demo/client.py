@@ -1,6 +1,6 @@
 """The demo's SDK client process: submits its share of workflows, then converges.
 
-``python -m sync_server.demo.client --url ws://… --path client-0.db --index 0 --count 10
+``python -m examples.demo.client --url ws://… --path client-0.db --index 0 --count 10
 --seconds 20 --seed 7 --run RUN [--faults]`` (the token in ``TETHER_TOKEN``)
 
 Its plan is deterministic (``plan``): workflow ids are derived from the run, the client
@@ -32,7 +32,7 @@ from typing import Any
 
 from client_sdk import SyncClient
 from client_sdk.backoff import Backoff, CircuitBreaker
-from sync_server.demo.pipeline import DOOMED_FAILURES
+from examples.demo.pipeline import DOOMED_FAILURES
 
 __all__ = ["FINAL_STATUSES", "PlannedWorkflow", "main", "plan"]
 

@@ -66,4 +66,4 @@ def build_workflows(url: str) -> list[Workflow]:
 
 
 workflows = build_workflows(os.environ.get("TETHER_JOB_SERVICE", "http://127.0.0.1:8701"))
-"""For ``sync-server serve --workflows sync_server.demo.pipeline:workflows``."""
+"""For ``sync-server serve --workflows examples.demo.pipeline:workflows``."""

@@ -1,6 +1,6 @@
 """The demo's server process: one Tether instance on the embedded database.
 
-``python -m sync_server.demo.server --port P --database sqlite:///… --job-service URL``
+``python -m examples.demo.server --port P --database sqlite:///… --job-service URL``
 (the auth secret comes from ``SYNC_AUTH_SECRET``). It is a child process of the demo so
 the demo can SIGKILL it and start it again; the short lease (``LEASE_SECONDS``) lets the
 new process resume the dead one's workflows within seconds (SPEC promise 2).
@@ -13,8 +13,8 @@ import logging
 
 import uvicorn
 
+from examples.demo.pipeline import BREAKERS, build_workflows
 from sync_server.app import create_app
-from sync_server.demo.pipeline import BREAKERS, build_workflows
 
 __all__ = ["LEASE_SECONDS", "main"]
 
