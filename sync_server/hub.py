@@ -21,7 +21,6 @@ winning, so a step that reports thousands of times a second cannot flood the dat
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import defaultdict
 from typing import Protocol
@@ -29,6 +28,7 @@ from typing import Protocol
 import msgspec
 
 from protocol import Event, Events, Progress, encode
+from sync_server.service import cancel_and_wait
 from sync_server.store.base import Store, StoredEvent
 
 __all__ = ["Hub", "Subscriber"]
@@ -107,19 +107,21 @@ class Hub:
         self._task = asyncio.create_task(self._follow(), name="tether-hub")
 
     async def stop(self) -> None:
-        """Stop following; idempotent."""
+        """Stop following; idempotent.
+
+        Raises:
+            asyncio.CancelledError: the caller itself is being cancelled.
+        """
         self.store.unlisten("events", self._on_notify)
         self.store.unlisten("progress", self._on_remote_progress)
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-            self._flusher = None
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        flusher, self._flusher = self._flusher, None
+        task, self._task = self._task, None
+        try:
+            await cancel_and_wait(flusher)
+        finally:  # even when we are cancelled meanwhile, the follower is told to stop
+            if task is not None:
+                task.cancel()
+        await cancel_and_wait(task)
 
     def subscribe(self, subscriber: Subscriber) -> None:
         """Start delivering the subscriber's tenant events to it."""

@@ -29,8 +29,6 @@ this monitor's (``dlq_growing``, ``processing_delayed``) and reconciliation's
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -42,6 +40,7 @@ from typing import Any, Protocol
 from protocol import StorageError
 from sync_server.metrics import BREAKER_STATE_VALUES, Metrics
 from sync_server.saga.alerts import Alerts
+from sync_server.service import PeriodicService
 from sync_server.slo import ALL, SloValue, burning, compute_slos, format_window
 from sync_server.slo_reader import read_window
 from sync_server.store.base import Store
@@ -198,7 +197,7 @@ class _HubLike(Protocol):
     cursor: int
 
 
-class MonitorRunner:
+class MonitorRunner(PeriodicService):
     """Periodically reads the store, refreshes the backlog gauges, raises alerts.
 
     Args:
@@ -224,6 +223,7 @@ class MonitorRunner:
         slo_window: float = SLO_WINDOW,
         slo_interval: float = SLO_INTERVAL,
     ) -> None:
+        super().__init__(name="tether-monitor", interval=interval, max_backoff=interval)
         self.store = store
         self.slo_window = slo_window
         self.slo_interval = slo_interval
@@ -233,34 +233,20 @@ class MonitorRunner:
         self.metrics = metrics
         self.alerts = alerts
         self.hub = hub
-        self.interval = interval
         self.machine = AlertMachine(delay_threshold)
         self.clock = clock
         self.readings = 0
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        """Start reading in the background."""
-        self._task = asyncio.create_task(self._loop(), name="tether-monitor")
+    async def tick(self) -> None:
+        """One reading (``check``); the service base runs it every ``interval``."""
+        await self.check()
 
-    async def stop(self) -> None:
-        """Stop; idempotent."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.check()
-            except StorageError as exc:
-                log.warning("monitor could not read the store: %s", exc)
-            except Exception:
-                # A shell never dies of a bug: log it and read again next time.
-                log.exception("monitor check failed")
-            await asyncio.sleep(self.interval)
+    def tick_failed(self, exc: Exception) -> None:
+        """A failed reading is logged; the next one comes an ``interval`` later."""
+        if isinstance(exc, StorageError):
+            log.warning("monitor could not read the store: %s", exc)
+        else:  # a shell never dies of a bug: log it and read again next time
+            log.error("monitor check failed", exc_info=exc)
 
     async def check(self) -> None:
         """Take one reading of every backlog and raise what the rules decide.

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol import StorageError
+from sync_server.service import PeriodicService
 from sync_server.store.base import Store
 
 __all__ = ["KINDS", "PruneReport", "Pruner", "RetentionPolicy", "policy_from_config"]
@@ -77,7 +78,7 @@ class PruneReport:
         return sum(self.deleted.values())
 
 
-class Pruner:
+class Pruner(PeriodicService):
     """Deletes what the policy no longer keeps, in small batches, in the background.
 
     Args:
@@ -113,9 +114,9 @@ class Pruner:
         on_pruned: Callable[[str, int], None] | None = None,
         reclaim_every: float = 600.0,
     ) -> None:
+        super().__init__(name="tether-pruner", interval=interval)
         self.store = store
         self.policy = policy
-        self.interval = interval
         self.batch = batch
         self.workflow_batch = workflow_batch
         self.pause = pause
@@ -129,51 +130,33 @@ class Pruner:
         self.rounds = 0
         self.running = False
         """True while a round is deleting."""
-        self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start pruning in the background (nothing runs if the policy keeps all)."""
-        if self.policy.enabled and self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="tether-pruner")
+        if self.policy.enabled:
+            await super().start()
 
-    async def stop(self) -> None:
-        """Stop, waiting for the batch in flight to end; idempotent.
+    async def tick(self) -> float | None:
+        """One round; a round that stopped before catching up goes on after ``pause``."""
+        report = await self.prune_once()
+        if report.total:
+            log.info("pruned %s", {k: v for k, v in report.deleted.items() if v})
+            self._deleted_since_reclaim += report.total
+        if (
+            self._deleted_since_reclaim
+            and time.monotonic() - self._last_reclaim >= self.reclaim_every
+        ):
+            await self.store.reclaim()
+            self._deleted_since_reclaim = 0
+            self._last_reclaim = time.monotonic()
+        return self.pause if report.more else None
 
-        Raises:
-            asyncio.CancelledError: the caller itself is being cancelled.
-        """
-        task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise  # we are being cancelled, not just the pruner
-
-    async def _loop(self) -> None:
-        while True:
-            more = False
-            try:
-                report = await self.prune_once()
-                more = report.more
-                if report.total:
-                    log.info("pruned %s", {k: v for k, v in report.deleted.items() if v})
-                    self._deleted_since_reclaim += report.total
-                if (
-                    self._deleted_since_reclaim
-                    and time.monotonic() - self._last_reclaim >= self.reclaim_every
-                ):
-                    await self.store.reclaim()
-                    self._deleted_since_reclaim = 0
-                    self._last_reclaim = time.monotonic()
-            except StorageError as exc:
-                log.warning("pruning failed (will retry): %s", exc)
-            except Exception:
-                log.exception("pruning round failed")
-            await asyncio.sleep(self.pause if more else self.interval)
+    def tick_failed(self, exc: Exception) -> None:
+        """A failed round is logged (a store failure as a warning) and retried later."""
+        if isinstance(exc, StorageError):
+            log.warning("pruning failed (will retry): %s", exc)
+        else:
+            log.error("pruning round failed", exc_info=exc)
 
     async def prune_once(self) -> PruneReport:
         """One round: every kind until caught up (or ``max_batches`` batches each).

@@ -60,6 +60,7 @@ from examples.demo.report import (
 from examples.job_service import JobBooks, JobServiceThread
 from protocol import Role
 from sync_server.auth import GLOBAL_TENANT, issue_token
+from sync_server.service import cancel_and_wait
 
 __all__ = ["DemoOptions", "DemoRunner", "run_demo"]
 
@@ -440,9 +441,7 @@ class DemoRunner:
                 self.state.phase = "report"
                 evidence = await self._collect(http, time.monotonic() - started)
             finally:
-                poller.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await poller
+                await cancel_and_wait(poller)
         return build_report(evidence)
 
     async def _until(self, predicate: Any, timeout: float) -> bool:

@@ -33,7 +33,6 @@ instance.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -54,6 +53,7 @@ from sync_server.flags.store import (
     read_scope,
     write_flag,
 )
+from sync_server.service import cancel_and_wait
 from sync_server.store.base import NewEvent, Store, Transaction
 
 __all__ = [
@@ -202,13 +202,16 @@ class FlagService:
         return book
 
     async def stop(self) -> None:
-        """Cancel reloads in progress; idempotent."""
+        """Cancel reloads in progress; idempotent.
+
+        Raises:
+            asyncio.CancelledError: the caller itself is being cancelled.
+        """
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)  # re-raises if we are the ones being cancelled
 
     def _refresh_later(self, tenant: str) -> None:
         if tenant in self._tasks:

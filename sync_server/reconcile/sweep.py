@@ -24,8 +24,6 @@ already queued is not queued twice (``pending_repair``).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -51,6 +49,7 @@ from sync_server.reconcile.sources import JobState, SourceAdapter
 from sync_server.saga.alerts import Alerts
 from sync_server.saga.machine import idempotency_key
 from sync_server.saga.storable import storable_json, storable_text
+from sync_server.service import PeriodicService
 from sync_server.store.base import Store, Transaction, WorkflowKey, WorkflowRecord
 
 __all__ = ["Reconciler"]
@@ -61,7 +60,7 @@ RepairCallback = Callable[[Repair, str], None]
 """Called with the repair and the workflow id after a repair committed."""
 
 
-class Reconciler:
+class Reconciler(PeriodicService):
     """Runs the sweep on one instance.
 
     Args:
@@ -83,6 +82,7 @@ class Reconciler:
         on_repair: RepairCallback | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__(name="tether-reconcile", interval=rules.interval, tick_first=False)
         self.store = store
         self.rules = rules
         self.sources = list(sources)
@@ -95,33 +95,20 @@ class Reconciler:
         self._stuck: set[tuple[str, str, str, int, str]] = set()
         """Stuck jobs already re-run (one repair per job); forgotten once the workflow
         is no longer running, so the set is bounded by the running workflows."""
-        self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Start sweeping every ``rules.interval`` seconds."""
+        """Start sweeping every ``rules.interval`` seconds (nothing to ask: no sweep)."""
         if self.sources:
-            self._task = asyncio.create_task(self._loop(), name="tether-reconcile")
+            await super().start()
 
-    async def stop(self) -> None:
-        """Stop sweeping; idempotent."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    async def tick(self) -> None:
+        """One sweep; the service base runs it every ``rules.interval`` seconds."""
+        await self.sweep_once()
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.rules.interval)
-            try:
-                await self.sweep_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.exception("reconciliation sweep failed")
-                self.alerts.alert(
-                    "reconciliation_failed", f"reconciliation sweep failed: {exc}", {}
-                )
+    def tick_failed(self, exc: Exception) -> None:
+        """A failed sweep is logged and alerted; the next one is tried later."""
+        log.error("reconciliation sweep failed", exc_info=exc)
+        self.alerts.alert("reconciliation_failed", f"reconciliation sweep failed: {exc}", {})
 
     def job_steps(self, record: WorkflowRecord) -> list[tuple[str, list[SourceAdapter]]]:
         """The running or retrying steps of ``record`` that run a job, with the sources

@@ -19,7 +19,6 @@ outcome with ``finish_outbox``:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -33,6 +32,7 @@ from sync_server.saga.alerts import Alerts, AlertSink
 from sync_server.saga.backoff import exponential_delay
 from sync_server.saga.definitions import RetryPolicy
 from sync_server.saga.storable import storable_text
+from sync_server.service import PeriodicService
 from sync_server.store.base import OutboxItem, Store
 
 __all__ = ["OutboxRelay"]
@@ -40,7 +40,7 @@ __all__ = ["OutboxRelay"]
 log = logging.getLogger("tether.outbox")
 
 
-class OutboxRelay:
+class OutboxRelay(PeriodicService):
     """Relays outbox items to their webhook destinations.
 
     Args:
@@ -71,6 +71,7 @@ class OutboxRelay:
         poll_interval: float = 0.5,
         timeout: float = 10.0,
     ) -> None:
+        super().__init__(name="outbox-relay", interval=poll_interval)
         self.store = store
         self._http = http
         self._own_http = http is None
@@ -82,7 +83,6 @@ class OutboxRelay:
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
         self.timeout = timeout
-        self._task: asyncio.Task[None] | None = None
         self.published = 0
         self.dead = 0
 
@@ -90,28 +90,32 @@ class OutboxRelay:
         """Start relaying in the background."""
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=self.timeout)
-        self._task = asyncio.create_task(self._loop(), name="outbox-relay")
+        await super().start()
 
     async def stop(self) -> None:
-        """Stop relaying (an item in flight is retried later by any relay)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._own_http and self._http is not None:
-            await self._http.aclose()
-            self._http = None
+        """Stop relaying (an item in flight is retried later by any relay).
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                sent = await self.relay_once()
-            except StorageError as exc:
-                log.warning("outbox claim failed: %s", exc)
-                sent = 0
-            if sent < self.batch:
-                await asyncio.sleep(self.poll_interval)
+        Raises:
+            asyncio.CancelledError: the caller itself is being cancelled.
+        """
+        try:
+            await super().stop()
+        finally:
+            if self._own_http and self._http is not None:
+                await self._http.aclose()
+                self._http = None
+
+    async def tick(self) -> float | None:
+        """One claim; a full batch means more are due: claim again at once."""
+        sent = await self.relay_once()
+        return 0 if sent >= self.batch else None
+
+    def tick_failed(self, exc: Exception) -> None:
+        """A failed claim is logged (a store failure as a warning) and retried later."""
+        if isinstance(exc, StorageError):
+            log.warning("outbox claim failed: %s", exc)
+        else:
+            log.error("outbox relay failed", exc_info=exc)
 
     async def relay_once(self) -> int:
         """Claim due items and deliver them concurrently; returns how many were claimed."""
