@@ -97,9 +97,9 @@ class Stopping:
 
     uvicorn gives in-flight requests ``timeout_graceful_shutdown`` seconds, then cancels
     them and logs each ``CancelledError`` as an "Exception in ASGI application"
-    traceback. A stall lasts up to ``stall_seconds`` (30 s), so ``stop()`` cuts the
-    waits short instead: each answers at once and shutdown has nothing to cancel. A
-    real cancellation of a request still propagates.
+    traceback. A stall lasts up to ``stall_seconds`` (30 s) and a job its ``duration``,
+    so ``stop()`` cuts the waits short instead: each answers at once and shutdown has
+    nothing to cancel. A real cancellation of a request still propagates.
     """
 
     def __init__(self) -> None:
@@ -127,6 +127,8 @@ class Stopping:
 
     async def sleep(self, seconds: float) -> bool:
         """Wait ``seconds``; True if cut short because the service is stopping."""
+        if self._event.is_set():
+            return True
         try:
             await asyncio.wait_for(self._event.wait(), seconds)
         except TimeoutError:
@@ -183,8 +185,11 @@ def create_job_service(
             duration = float(body.get("duration", 0.0))
             chunks = max(1, int(duration / 0.02))
             for i in range(chunks):
-                if duration:
-                    await asyncio.sleep(duration / chunks)
+                # A job still running when the service stops ends now (no effect) rather
+                # than be cancelled by uvicorn's graceful-shutdown timeout, which logs
+                # a CancelledError traceback (``sync-server demo`` ended with one).
+                if duration and await stop.sleep(duration / chunks):
+                    return JSONResponse({"error": "job service stopping"}, status_code=503)
                 state.progress[key] = (i + 1) / chunks
             if key not in state.results:  # another attempt may have finished meanwhile
                 state.effects[key] += 1

@@ -32,6 +32,7 @@ class Records(logging.Handler):
         ({"stall_first": 1, "stall": 30}, 503),  # a stalled job
         ({"drop_first": 1, "stall": 30}, 504),  # a job the queue never heard of
         ({"lose_first": 1, "stall": 30}, 200),  # a completion held back
+        ({"duration": 30}, 503),  # a long job still running (the demo's traceback)
     ],
 )
 def test_stop_with_requests_stalled_is_clean(body: dict[str, float], status: int) -> None:
@@ -61,7 +62,7 @@ def test_stop_with_requests_stalled_is_clean(body: dict[str, float], status: int
         caller.start()
         books = service.books
         deadline = time.monotonic() + scaled(10)
-        while not (books.stalls or books.dropped or books.lost):
+        while not (books.stalls or books.dropped or books.lost or books.progress):
             assert time.monotonic() < deadline, "the request never stalled"
             time.sleep(0.01)
         started = time.monotonic()
