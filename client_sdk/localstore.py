@@ -34,18 +34,19 @@ Invariants (SPEC promises 1, 4, 5):
   An event's snapshot is partial (it carries only the results the event changed) and
   is merged over the stored one before it replaces it (``merge_partial``).
 
-All writes go through one ``CommitQueue`` (group commit); reads use a second,
-query-only connection on the caller's thread (WAL lets it read while the writer commits).
+All writes go through one ``CommitQueue`` (group commit). The views' reads
+(``get_row``, ``list_rows``) never touch SQLite: they read the in-memory mirror of the
+``workflows`` table the writer keeps (``client_sdk.rows``), so the event loop never waits
+on the file. The probes (``cursor``, ``event_seqs``, ``mutations``, ``pending_count``)
+use a second, query-only connection on the caller's thread (WAL lets it read while the
+writer commits); ``load_flags`` is called from a worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 import sqlite3
-import time
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -55,49 +56,34 @@ import msgspec
 from client_sdk import compaction
 from client_sdk.errors import LocalStoreError
 from client_sdk.queue import CommitQueue, convert_sqlite_error
+from client_sdk.rows import RowMirror, merge_partial, snapshot_version, to_row
+from client_sdk.storefile import (
+    APPLICATION_ID,
+    SCHEMA_VERSION,
+    check_header,
+    connect,
+    connect_writer,
+    init_schema,
+    lock_file,
+)
 from client_sdk.views import WorkflowRow
-from protocol import Event, Flags, Mutation, WorkflowSnapshot
+from protocol import Event, Flags, Mutation
 from protocol.flags import FlagDef
 
-__all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "Durability", "LocalStore", "Settlement"]
+__all__ = [
+    "APPLICATION_ID",
+    "SCHEMA_VERSION",
+    "Durability",
+    "LocalStore",
+    "Settlement",
+    "merge_partial",
+]
 
-APPLICATION_ID = 0x54455448  # "TETH"
-SCHEMA_VERSION = 1
 Durability = Literal["full", "normal"]
-WAL_SIZE_LIMIT = 4 * 1024 * 1024
-"""Bytes the WAL file is truncated to after a checkpoint."""
 
-_SCHEMA = """
-CREATE TABLE meta(key TEXT PRIMARY KEY, value ANY) WITHOUT ROWID;
-CREATE TABLE mutations(
-    id INTEGER PRIMARY KEY, name TEXT NOT NULL, workflow_id TEXT NOT NULL,
-    args TEXT NOT NULL, created_at REAL NOT NULL,
-    status TEXT NOT NULL DEFAULT 'pending', error TEXT);
-CREATE TABLE workflows(
-    id TEXT PRIMARY KEY, name TEXT NOT NULL, status TEXT, version INTEGER NOT NULL DEFAULT 0,
-    snapshot TEXT, rejected TEXT, rejection TEXT, created_at REAL NOT NULL DEFAULT 0
-) WITHOUT ROWID;
-CREATE TABLE events(
-    seq INTEGER PRIMARY KEY, workflow_id TEXT NOT NULL, type TEXT NOT NULL,
-    version INTEGER NOT NULL, at REAL NOT NULL);
-"""
-
-_ADD_TRACEPARENT = "ALTER TABLE mutations ADD COLUMN traceparent TEXT NOT NULL DEFAULT ''"
-_FLAGS_TABLE = (
-    "CREATE TABLE IF NOT EXISTS flags(name TEXT PRIMARY KEY, definition TEXT NOT NULL) "
-    "WITHOUT ROWID"
-)
 _flag_decoder = msgspec.json.Decoder(FlagDef)
 
-_UPSERT_SNAPSHOT = """
-INSERT INTO workflows(id, name, status, version, snapshot, created_at) VALUES (?, ?, ?, ?, ?, ?)
-ON CONFLICT(id) DO UPDATE SET name = excluded.name, status = excluded.status,
-    version = excluded.version, snapshot = excluded.snapshot
-WHERE excluded.version > workflows.version
-"""
 
-_SELECT_ROW = "SELECT id, name, snapshot, rejected, rejection, created_at FROM workflows"
-_snapshot_decoder = msgspec.json.Decoder(WorkflowSnapshot)
 _json = msgspec.json.Encoder()
 _args_decoder = msgspec.json.Decoder(dict[str, Any])
 
@@ -142,12 +128,17 @@ class LocalStore:
         self.path = os.fspath(path)
         self.durability = durability
         self._wanted_client_id = client_id
-        self._queue = CommitQueue(self._connect_writer, path=self.path, on_rollback=self._reload)
+        self._queue = CommitQueue(
+            lambda: connect_writer(self.path, self.durability),
+            path=self.path,
+            on_rollback=self._reload,
+        )
         self._reader: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._next_id = 1
         self._cursor = 0
         self._pending_submits: set[str] = set()
+        self._rows = RowMirror()
         self.opened: Opened | None = None
 
     @property
@@ -165,12 +156,12 @@ class LocalStore:
         Raises:
             LocalStoreError: the file is corrupt, foreign, newer, in use, or unusable.
         """
-        self._check_header()
-        self._lock()
+        check_header(self.path)
+        self._lock_fd = lock_file(self.path)
         try:
             self._queue.start()
             self.opened = self._queue.run_sync(self._init)
-            self._reader = self._connect(query_only=True)
+            self._reader = connect(self.path, query_only=True)
         except BaseException:
             self.close()
             raise
@@ -186,101 +177,9 @@ class LocalStore:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _check_header(self) -> None:
-        try:
-            with open(self.path, "rb") as f:
-                header = f.read(16)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise LocalStoreError(f"cannot read local store {self.path}: {exc}") from exc
-        if header and header != b"SQLite format 3\x00":
-            raise LocalStoreError(
-                f"{self.path} is not a SQLite database (foreign or corrupt file); "
-                "point SyncClient(path=...) at a Tether client file or a new path"
-            )
-
-    def _lock(self) -> None:
-        # One SyncClient per file: two writers would hand out the same mutation ids.
-        # flock is released by the kernel when the process dies, even on SIGKILL.
-        fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            raise LocalStoreError(
-                f"local store {self.path} is in use by another SyncClient", retryable=True
-            ) from exc
-        self._lock_fd = fd
-
-    def _connect(self, *, query_only: bool = False) -> sqlite3.Connection:
-        try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout = 5000")
-            if query_only:
-                conn.execute("PRAGMA query_only = 1")
-            return conn
-        except sqlite3.Error as exc:
-            raise convert_sqlite_error(exc, self.path) from exc
-
-    def _connect_writer(self) -> sqlite3.Connection:
-        conn = self._connect()
-        try:
-            # Takes effect on a new file only (before its first table): lets compaction
-            # give free pages back (``client_sdk.compaction``).
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute(f"PRAGMA synchronous = {self.durability.upper()}")
-            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
-        except sqlite3.Error as exc:
-            conn.close()
-            raise LocalStoreError(f"{self.path} is not a usable SQLite database: {exc}") from exc
-        return conn
-
     def _init(self, conn: sqlite3.Connection) -> Opened:
         try:
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
-            if app_id == 0 and not tables:
-                # executescript() would COMMIT the writer's transaction; run one by one.
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif app_id != APPLICATION_ID:
-                raise LocalStoreError(
-                    f"{self.path} was not created by Tether (application_id {app_id}, "
-                    f"tables {sorted(tables)[:5]}); refusing to write to a foreign database"
-                )
-            elif version > SCHEMA_VERSION:
-                raise LocalStoreError(
-                    f"{self.path} has schema version {version}, newer than this SDK's "
-                    f"{SCHEMA_VERSION}; upgrade the SDK"
-                )
-            conn.execute(_FLAGS_TABLE)
-            check = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
-            if check != "ok":
-                raise LocalStoreError(f"{self.path} is corrupt: {check}")
-            row = conn.execute("SELECT value FROM meta WHERE key = 'client_id'").fetchone()
-            if row is None:
-                client_id = self._wanted_client_id or str(uuid.uuid4())
-                conn.executemany(
-                    "INSERT INTO meta(key, value) VALUES (?, ?)",
-                    [("client_id", client_id), ("cursor", 0), ("created_at", time.time())],
-                )
-            else:
-                client_id = row[0]
-                if self._wanted_client_id not in (None, client_id):
-                    raise LocalStoreError(
-                        f"{self.path} belongs to client {client_id}, not {self._wanted_client_id}"
-                    )
-            columns = {r[1] for r in conn.execute("PRAGMA table_info(mutations)")}
-            if "traceparent" not in columns:
-                # Added after schema 1 without a version bump: an older SDK reading this
-                # file ignores the column, and this one adds it to an older file.
-                conn.execute(_ADD_TRACEPARENT)
+            client_id = init_schema(conn, self.path, self._wanted_client_id)
             self._reload(conn)
             pending = [
                 Mutation(
@@ -308,6 +207,7 @@ class LocalStore:
                 "WHERE status = 'pending' AND name = 'submit_workflow'"
             )
         }
+        self._rows.reload(conn)
 
     # ------------------------------------------------------------------ writes
     def enqueue(
@@ -387,21 +287,25 @@ class LocalStore:
                 if name == "submit_workflow":
                     self._pending_submits.discard(workflow_id)
                     # The placeholder stays visible until the server's snapshot lands.
+                    workflow_name = str(_args_decoder.decode(args).get("name", ""))
                     conn.execute(
                         "INSERT OR IGNORE INTO workflows(id, name, created_at) VALUES (?, ?, ?)",
-                        (workflow_id, str(_args_decoder.decode(args).get("name", "")), created_at),
+                        (workflow_id, workflow_name, created_at),
                     )
+                    self._rows.placeholder(workflow_id, workflow_name, created_at)
                 if not s.applied:
                     conn.execute(
                         "UPDATE workflows SET rejected = ?, rejection = ? WHERE id = ?",
                         (name, s.error, workflow_id),
                     )
+                    self._rows.set_rejection(workflow_id, name, s.error)
                 elif name != "submit_workflow":
                     conn.execute(
                         "UPDATE workflows SET rejected = NULL, rejection = NULL "
                         "WHERE id = ? AND rejected IS NOT NULL",
                         (workflow_id,),
                     )
+                    self._rows.set_rejection(workflow_id, None, None)
             conn.execute(
                 "DELETE FROM mutations WHERE status = 'applied' "
                 "AND id < (SELECT max(id) FROM mutations)"
@@ -424,11 +328,11 @@ class LocalStore:
             conn.executemany(
                 "INSERT INTO events(seq, workflow_id, type, version, at) VALUES (?, ?, ?, ?, ?)",
                 [
-                    (e.seq, e.workflow_id, e.type, _version(e.data.get("workflow")), e.at)
+                    (e.seq, e.workflow_id, e.type, snapshot_version(e.data.get("workflow")), e.at)
                     for e in fresh
                 ],
             )
-            changed = self._upsert(conn, (e.data.get("workflow") for e in fresh))
+            changed = self._rows.store_snapshots(conn, (e.data.get("workflow") for e in fresh))
             if cursor > self._cursor:
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'cursor'", (cursor,))
                 self._cursor = cursor
@@ -443,7 +347,7 @@ class LocalStore:
             The ids of the workflows whose snapshot may have changed.
         """
         items = list(snapshots)
-        return await self._queue.run(lambda conn: self._upsert(conn, items))
+        return await self._queue.run(lambda conn: self._rows.store_snapshots(conn, items))
 
     async def reset(self, snapshots: Iterable[dict[str, Any]], *, complete: bool) -> set[str]:
         """Apply a reset's snapshots; with ``complete`` (the server sent all of them),
@@ -456,7 +360,7 @@ class LocalStore:
         items = list(snapshots)
 
         def op(conn: sqlite3.Connection) -> set[str]:
-            changed = self._upsert(conn, items)
+            changed = self._rows.store_snapshots(conn, items)
             if complete:
                 keep = _json.encode([s.get("id") for s in items]).decode()
                 gone = conn.execute(
@@ -467,41 +371,10 @@ class LocalStore:
                     (keep,),
                 ).fetchall()
                 changed.update(r[0] for r in gone)
+                self._rows.discard([r[0] for r in gone])
             return changed
 
         return await self._queue.run(op)
-
-    def _upsert(self, conn: sqlite3.Connection, snapshots: Iterable[Any]) -> set[str]:
-        newest: dict[str, dict[str, Any]] = {}
-        for snap in snapshots:
-            if not isinstance(snap, dict) or not isinstance(snap.get("id"), str):
-                continue
-            seen = newest.get(snap["id"])
-            if snap.get("partial"):
-                # An event's snapshot carries only the results it changed: lay it over
-                # the previous one (WorkflowSnapshot.partial), in log order.
-                if seen is None:
-                    seen = _stored_snapshot(conn, snap["id"])
-                if seen is not None and _version(snap) <= _version(seen):
-                    continue
-                snap = merge_partial(seen, snap)
-            if seen is None or _version(snap) > _version(seen):
-                newest[snap["id"]] = snap
-        conn.executemany(
-            _UPSERT_SNAPSHOT,
-            [
-                (
-                    i,
-                    str(s.get("name", "")),
-                    str(s.get("status", "")),
-                    _version(s),
-                    _json.encode(s).decode(),
-                    float(s.get("updated_at") or 0.0),
-                )
-                for i, s in newest.items()
-            ],
-        )
-        return set(newest)
 
     async def save_flags(self, flags: Flags) -> None:
         """Replace the stored flag set with ``flags`` (one transaction)."""
@@ -529,7 +402,14 @@ class LocalStore:
         Raises:
             LocalStoreError: the write failed; nothing was deleted.
         """
-        deleted = await self._queue.run(lambda conn: compaction.compact(conn, policy, now))
+
+        def op(conn: sqlite3.Connection) -> tuple[int, int]:
+            deleted = compaction.compact(conn, policy, now)
+            if deleted[1]:
+                self._rows.reload(conn)  # finished workflows left the table
+            return deleted
+
+        deleted = await self._queue.run(op)
         if any(deleted):
             try:
                 await asyncio.to_thread(compaction.vacuum, self.path)
@@ -554,13 +434,24 @@ class LocalStore:
             raise convert_sqlite_error(exc, self.path) from exc
 
     def get_row(self, workflow_id: str) -> WorkflowRow | None:
-        """One stored workflow (confirmed snapshot, placeholder or rolled-back submit)."""
-        rows = self._query(_SELECT_ROW + " WHERE id = ?", (workflow_id,))
-        return _row(rows[0]) if rows else None
+        """One stored workflow (confirmed snapshot, placeholder or rolled-back submit),
+        from memory: it never waits on the file (``client_sdk.rows``).
+
+        Raises:
+            LocalStoreError: the store is closed.
+        """
+        self._read()
+        raw = self._rows.get(workflow_id)
+        return to_row(raw) if raw is not None else None
 
     def list_rows(self) -> list[WorkflowRow]:
-        """Every stored workflow, newest first."""
-        return [_row(r) for r in self._query(_SELECT_ROW + " ORDER BY created_at DESC, id")]
+        """Every stored workflow, newest first, from memory (see ``get_row``).
+
+        Raises:
+            LocalStoreError: the store is closed.
+        """
+        self._read()
+        return [to_row(r) for r in self._rows.newest_first()]
 
     def pending_count(self) -> int:
         """How many mutations wait for the server's verdict."""
@@ -586,57 +477,3 @@ class LocalStore:
         """(id, name, workflow_id, status, error) of every kept mutation, in id order."""
         sql = "SELECT id, name, workflow_id, status, error FROM mutations ORDER BY id"
         return [tuple(r) for r in self._query(sql)]
-
-
-def merge_partial(previous: dict[str, Any] | None, partial: dict[str, Any]) -> dict[str, Any]:
-    """A whole snapshot: ``partial``, with every result it leaves out ("as before", a
-    None) taken from ``previous``, and the output taken from the step ``result_of``
-    names.
-    """
-    merged = dict(partial)
-    merged["partial"] = False
-    result_of = merged.pop("result_of", "")
-    merged["result_of"] = ""
-    if previous is not None:
-        if merged.get("result") is None:
-            merged["result"] = previous.get("result")
-        before = previous.get("steps")
-        steps = merged.get("steps")
-        if isinstance(before, dict) and isinstance(steps, dict):
-            merged["steps"] = {
-                name: (
-                    {**step, "result": before[name].get("result")}
-                    if isinstance(step, dict)
-                    and step.get("result") is None
-                    and isinstance(before.get(name), dict)
-                    else step
-                )
-                for name, step in steps.items()
-            }
-    steps = merged.get("steps")
-    if result_of and isinstance(steps, dict) and isinstance(steps.get(result_of), dict):
-        merged["result"] = steps[result_of].get("result")  # the output is that step's result
-    return merged
-
-
-def _stored_snapshot(conn: sqlite3.Connection, workflow_id: str) -> dict[str, Any] | None:
-    row = conn.execute("SELECT snapshot FROM workflows WHERE id = ?", (workflow_id,)).fetchone()
-    if row is None or row[0] is None:
-        return None
-    stored = msgspec.json.decode(row[0])
-    return stored if isinstance(stored, dict) else None
-
-
-def _version(snapshot: Any) -> int:
-    if isinstance(snapshot, dict):
-        version = snapshot.get("version")
-        if isinstance(version, int):
-            return version
-    return 0
-
-
-def _row(r: tuple[Any, ...]) -> WorkflowRow:
-    snapshot = _snapshot_decoder.decode(r[2]) if r[2] is not None else None
-    return WorkflowRow(
-        id=r[0], name=r[1], snapshot=snapshot, rejected=r[3], rejection=r[4], created_at=r[5]
-    )

@@ -261,3 +261,59 @@ async def test_traceparent_is_kept_with_the_queued_mutation_and_old_files_gain_i
     with sqlite3.connect(path) as conn:
         columns = [r[1] for r in conn.execute("PRAGMA table_info(mutations)")]
     assert "traceparent" in columns
+
+
+class _SlowDisk:
+    """Stands in for the reader connection of a file that does not answer: every query
+    blocks (until ``released``, at most 2 s) and then fails."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.released = threading.Event()
+        self.queries = 0
+
+    def execute(self, *args: object) -> object:
+        self.queries += 1
+        self.released.wait(2)
+        raise AssertionError("a view read touched SQLite on the caller's thread")
+
+    def close(self) -> None:
+        pass
+
+
+async def test_view_reads_never_wait_on_the_file(store: LocalStore) -> None:
+    """Issue 12: ``get_workflow``/``list_workflows`` run on the event loop, so their reads
+    (``get_row``, ``list_rows``) must not wait on SQLite — neither on the file (a slow
+    disk, a lock) nor on the writer thread busy with a long transaction."""
+    await store.apply_events([ev(1, 1, 1), ev(2, 2, 1)], 2)
+    await submit(store, 3)
+    await settle(store, [Settlement(1, applied=False, error="nope")])
+    expected_one, expected_all = store.get_row(wid(1)), store.list_rows()
+
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    def long_op(conn: sqlite3.Connection) -> None:  # the writer is busy meanwhile
+        entered.set()
+        release.wait(10)
+
+    busy = store.commit_queue.run(long_op)
+    busy_task = asyncio.ensure_future(busy)
+    assert await asyncio.to_thread(entered.wait, 10)
+    disk = _SlowDisk()
+    reader, store._reader = store._reader, disk  # type: ignore[assignment]
+    try:
+        assert store.get_row(wid(1)) == expected_one
+        assert store.get_row(wid(9)) is None
+        assert store.list_rows() == expected_all
+        assert disk.queries == 0
+    finally:
+        disk.released.set()
+        store._reader = reader
+        release.set()
+        await busy_task
+    rows = {row.id: row for row in expected_all}
+    assert set(rows) == {wid(1), wid(2), wid(3)}
+    assert rows[wid(3)].rejected == "submit_workflow" and rows[wid(3)].rejection == "nope"
