@@ -61,13 +61,9 @@ PURE_CORES = [
 ]
 
 
-def _loaded_after_import(module: str) -> set[str]:
-    """The top-level packages in ``sys.modules`` after a fresh ``import module``."""
-    code = (
-        "import importlib, json, sys\n"
-        f"importlib.import_module({module!r})\n"
-        "print(json.dumps(sorted(sys.modules)))\n"
-    )
+def _modules_after(code: str) -> set[str]:
+    """``sys.modules`` of a fresh interpreter after it ran ``code``."""
+    code += "\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))\n"
     proc = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -82,7 +78,7 @@ def _loaded_after_import(module: str) -> set[str]:
 
 @pytest.mark.parametrize("module", PURE_CORES)
 def test_pure_core_imports_no_io(module: str) -> None:
-    loaded = _loaded_after_import(module)
+    loaded = _modules_after(f"import importlib\nimportlib.import_module({module!r})")
     top_level = {name.split(".")[0] for name in loaded}
     assert not top_level & FORBIDDEN, f"{module} loads {sorted(top_level & FORBIDDEN)}"
 
@@ -102,17 +98,7 @@ SERVER_IMPORTS = {
 
 @pytest.mark.parametrize("what", sorted(SERVER_IMPORTS))
 def test_server_does_not_import_the_demo_package(what: str) -> None:
-    code = SERVER_IMPORTS[what] + "\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))\n"
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    loaded = set(json.loads(proc.stdout.splitlines()[-1]))
+    loaded = _modules_after(SERVER_IMPORTS[what])
     assert not {name for name in loaded if name.split(".")[0] == "examples"}, what
 
 

@@ -10,8 +10,9 @@ else in this package first (``tests/test_layering.py``).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from protocol.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from sync_server.saga.definitions import (
@@ -36,14 +37,6 @@ __all__ = [
     "load_workflows",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in __all__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module("sync_server.saga.definitions"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(
+    __name__, dict.fromkeys(__all__, "sync_server.saga.definitions")
+)
