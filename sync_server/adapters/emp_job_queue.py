@@ -48,6 +48,7 @@ from typing import Any
 
 import httpx
 
+from protocol.jsontypes import JSON
 from sync_server.adapters.emp_seen import SeenJobs, attested_view, ended_view, unix_time
 from sync_server.adapters.emp_socket import EmpSocket
 from sync_server.adapters.keyed import MAX_GENERATIONS, JobView, generation_id, run_keyed
@@ -60,7 +61,6 @@ from sync_server.store.base import WorkflowRecord
 __all__ = ["EmpJobQueue", "JobFailed"]
 
 log = logging.getLogger("tether.adapters.emp")
-JSON = Any
 CANCELLED_BY_USER = "Job cancelled by user"
 _RUNNING = {"assigned": "running", "in_progress": "running", "pending": "pending"}
 _RUNNING |= {"queued": "pending", "accepted": "pending"}

@@ -17,10 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
 
 import httpx
 
+from protocol.jsontypes import JSON
 from sync_server.adapters.keyed import JobView, run_keyed
 from sync_server.reconcile.sources import JobState
 from sync_server.saga.definitions import PermanentError, StepContext
@@ -28,7 +28,6 @@ from sync_server.store.base import WorkflowRecord
 
 __all__ = ["JobService"]
 
-JSON = Any
 _STATES = {"done": "completed", "running": "running"}
 
 

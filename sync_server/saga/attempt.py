@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 
 from protocol import ValidationError
+from protocol.jsontypes import JSON
 from protocol.limits import MAX_RESULT_BYTES, check_finite
 from sync_server import tracing
 from sync_server.saga import spans
@@ -45,7 +46,6 @@ from sync_server.store.base import WorkflowRecord
 __all__ = ["Attempts", "describe", "json_result"]
 
 log = logging.getLogger("tether.saga")
-JSON = Any
 
 
 class Attempts(RunnerState):

@@ -35,9 +35,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from protocol import events
+from protocol.jsontypes import JSON
 from sync_server.saga import breaker as breakers
 from sync_server.saga.backoff import DelayPolicy
 from sync_server.saga.decide import BreakerChange, BreakerGate, Draft, Input, prepare, settle_limits
@@ -66,7 +66,6 @@ from sync_server.store.base import (
 __all__ = ["Applied", "BreakerChange", "Checkpointer", "Input"]
 
 log = logging.getLogger("tether.saga")
-JSON = Any
 UNKNOWN_DEFINITION_DELAY = 5.0
 """Seconds an instance that lacks a workflow's definition leaves it for others."""
 

@@ -31,9 +31,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from protocol import StepStatus, WorkflowStatus
+from protocol.jsontypes import JSON
 from sync_server.saga import breaker as breakers
 from sync_server.saga.backoff import DelayPolicy
 from sync_server.saga.definitions import Limit, Workflow
@@ -50,8 +51,6 @@ __all__ = [
     "prepare",
     "settle_limits",
 ]
-
-JSON = Any
 
 
 @dataclass(slots=True)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from protocol import ErrorCode, TetherError, UsageError
+from protocol.jsontypes import JSON
 from protocol.limits import MAX_PROGRESS_MESSAGE
 
 if TYPE_CHECKING:  # the context only carries the shell's client (tests/test_layering.py)
@@ -52,8 +53,6 @@ __all__ = [
     "load_workflows",
 ]
 
-JSON = Any
-"""A user JSON payload (workflow input, step results)."""
 
 OnFailure = Literal["compensate", "park"]
 

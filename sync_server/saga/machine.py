@@ -53,9 +53,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from typing import Any
 
 from protocol import StepStatus, WorkflowStatus, events
+from protocol.jsontypes import JSON
 from sync_server.saga.backoff import DelayPolicy, no_delay
 from sync_server.saga.definitions import Workflow
 from sync_server.saga.transitions import (
@@ -91,7 +91,6 @@ __all__ = [
     "initial_state",
 ]
 
-JSON = Any
 W = WorkflowStatus
 S = StepStatus
 WI = WorkflowInput

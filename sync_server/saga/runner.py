@@ -54,6 +54,7 @@ from typing import Any
 import httpx
 
 from protocol import TERMINAL_WORKFLOW_STATUSES, Progress, StorageError, WorkflowStatus
+from protocol.jsontypes import JSON
 from sync_server import tracing
 from sync_server.saga import spans
 from sync_server.saga.alerts import Alerts, AlertSink
@@ -73,7 +74,6 @@ from sync_server.store.base import Store, Transaction, WorkflowKey, WorkflowReco
 __all__ = ["ProgressCallback", "SagaMetrics", "SagaRunner", "check_limits"]
 
 log = logging.getLogger("tether.saga")
-JSON = Any
 ProgressCallback = Callable[[str, Progress], Any]
 """``on_progress(tenant, progress)``; may return an awaitable."""
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
 from protocol import InvalidTransition, StepStatus, WorkflowStatus
+from protocol.jsontypes import JSON
 
 __all__ = [
     "COMPENSATION_INPUTS",
@@ -33,7 +33,6 @@ __all__ = [
     "next_workflow_status",
 ]
 
-JSON = Any
 W = WorkflowStatus
 S = StepStatus
 

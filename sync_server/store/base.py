@@ -39,9 +39,10 @@ import abc
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
 
 from protocol import Event
+from protocol.jsontypes import JSON
 
 __all__ = [
     "BreakerRecord",
@@ -59,7 +60,6 @@ __all__ = [
 
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
-JSON = Any
 
 
 class WorkflowKey(NamedTuple):

@@ -24,6 +24,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from protocol import Forbidden, StorageError
+from protocol.jsontypes import JSON
 from sync_server.store import rows, statements
 from sync_server.store.base import (
     BreakerRecord,
@@ -45,7 +46,6 @@ __all__ = [
     "claim_due",
 ]
 
-JSON = Any
 PgConnection = asyncpg.Connection | PoolConnectionProxy
 """A connection, bare or lent by a pool."""
 PG_ERRORS = (

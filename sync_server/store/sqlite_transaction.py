@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from protocol import Forbidden, StorageError
+from protocol.jsontypes import JSON
 from sync_server.store import rows, statements
 from sync_server.store.base import (
     BreakerRecord,
@@ -35,7 +36,6 @@ from sync_server.store.rows import client_owned_message
 
 __all__ = ["SqliteSql", "SqliteTransaction"]
 
-JSON = Any
 
 _WF = rows.WORKFLOW_COLUMNS
 _EV = rows.EVENT_COLUMNS
