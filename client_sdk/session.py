@@ -25,7 +25,8 @@ Invariants:
   flight; after any reconnect every unconfirmed mutation is pushed again, and the
   server's (client_id, id) dedupe answers ``duplicate`` for those it already applied.
   A result is final only when it is ``applied``/``duplicate`` (success) or
-  ``rejected``/``duplicate`` with an error (rejection); a ``conflict:`` error means
+  ``rejected``/``duplicate`` with an error (rejection); code ``gap`` (from an
+  older server: a ``conflict:`` error) means
   "an earlier id is missing" — the mutation stays pending, the session reconnects and
   the Welcome decides: resend from the first pending id, or stop if the server lost
   mutations this client had confirmed.
@@ -107,8 +108,6 @@ __all__ = [
     "SyncSession",
     "classify_close",
 ]
-
-CONFLICT_PREFIX = "conflict:"
 
 MIN_PUSH_BYTES = 4 * 1024
 """The push budget never shrinks below this after refusals (a stand-in always fits)."""
@@ -523,7 +522,7 @@ class SyncSession:
         conflict: str | None = None
         for result in results:
             mid, status, error = result.id, result.status, result.error
-            if error is not None and error.startswith(CONFLICT_PREFIX):
+            if result.gap:
                 # Not applied because an earlier id is missing: keep it pending.
                 self.counters.conflicts += 1
                 conflict = conflict or f"mutation {mid}: {error}"

@@ -19,6 +19,8 @@ from protocol.status import MutationStatus, Source, WorkflowStatus
 from protocol.tracecontext import TRACEPARENT_LENGTH
 
 __all__ = [
+    "CONFLICT_PREFIX",
+    "GAP",
     "MAX_BATCH",
     "MAX_EVENTS_PAGE",
     "MAX_FRAME_BYTES",
@@ -112,12 +114,39 @@ class Mutation(_Base, frozen=True):
     an invalid one is ignored, never rejected (``protocol.tracecontext``)."""
 
 
+GAP = "gap"
+"""``MutationResult.code`` of a mutation whose id skips ahead of the last applied one:
+not applied, nothing after the gap was; the client keeps it pending and reconnects."""
+
+CONFLICT_PREFIX = "conflict:"
+"""What a gap's ``error`` text starts with; the only signal of a server that predates
+``MutationResult.code``, so it is still sent and still understood."""
+
+Code = Annotated[str, msgspec.Meta(max_length=64)]
+
+
 class MutationResult(_Base, frozen=True):
-    """The server's verdict on one mutation; a duplicate repeats the original error."""
+    """The server's verdict on one mutation; a duplicate repeats the original error.
+
+    ``code`` (issue 12, protocol version 1, omitted when unset): the machine-readable
+    reason — ``"gap"`` (``GAP``) for an id that skips ahead, the ``ErrorCode`` value
+    (``"invalid"``, ``"not_found"``, ``"forbidden"``, …) for a fresh rejection; unset on
+    ``applied`` and on a ``duplicate`` (which repeats the original ``error`` text only).
+    Older clients ignore it; older servers never send it, so ``gap`` also reads the
+    ``"conflict:"`` prefix of ``error``.
+    """
 
     id: MutationId
     status: MutationStatus
     error: Text | None = None
+    code: Code | msgspec.UnsetType = msgspec.UNSET
+
+    @property
+    def gap(self) -> bool:
+        """Whether an earlier id is missing (so this one was not applied)."""
+        if self.code is not msgspec.UNSET:
+            return self.code == GAP
+        return self.error is not None and self.error.startswith(CONFLICT_PREFIX)
 
 
 class Event(_Base, frozen=True):

@@ -47,9 +47,10 @@ from sync_server.saga.alerts import AlertSink
 from sync_server.saga.definitions import Limit
 from sync_server.saga.outbox import OutboxRelay
 from sync_server.saga.runner import SagaRunner, check_limits
+from sync_server.services import Connection, Services
 from sync_server.slo_reader import routes as slo_routes
 from sync_server.store import Transaction, WorkflowRecord, open_store
-from sync_server.ws import SyncConnection, sync_endpoint
+from sync_server.ws import sync_endpoint
 
 __all__ = ["Tether", "create_app"]
 
@@ -125,18 +126,18 @@ class Tether:
         self.runner: SagaRunner | None = None
         self.outbox: OutboxRelay | None = None
         self.draining = False
-        self._connections: set[SyncConnection] = set()
+        self._connections: set[Connection] = set()
 
     @property
     def connections(self) -> int:
         """WebSocket connections open on this instance."""
         return len(self._connections)
 
-    def connection_opened(self, connection: SyncConnection) -> None:
+    def connection_opened(self, connection: Connection) -> None:
         self._connections.add(connection)
         self.metrics.connected_clients.set(len(self._connections))
 
-    def connection_closed(self, connection: SyncConnection) -> None:
+    def connection_closed(self, connection: Connection) -> None:
         self._connections.discard(connection)
         self.metrics.connected_clients.set(len(self._connections))
 
@@ -332,5 +333,6 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={TetherError: tether_error},
     )
-    app.state.tether = tether
+    shells: Services = tether  # the shells see only the services Protocol (mypy checks it)
+    app.state.tether = shells
     return app

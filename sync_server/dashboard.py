@@ -39,7 +39,7 @@ from sync_server.slo import ALL, scope_values
 from sync_server.snapshots import snapshot
 
 if TYPE_CHECKING:
-    from sync_server.app import Tether
+    from sync_server.services import Services
 
 __all__ = ["overview", "routes"]
 
@@ -61,8 +61,8 @@ _HEADERS = {
 }
 
 
-def _tether(request: Request) -> Tether:
-    tether: Tether = request.app.state.tether
+def _tether(request: Request) -> Services:
+    tether: Services = request.app.state.tether
     return tether
 
 

@@ -5,7 +5,8 @@ checked against the last applied id, applied or rejected, and its outcome and th
 last id are recorded together with the effects. A resent mutation (id <= last) is
 answered ``duplicate`` with the error of its original outcome — also when the same id
 appears twice in one batch (the first copy counts); a mutation whose id skips ahead is
-refused with a ``conflict:`` reason and nothing after the gap is applied or recorded.
+refused with code ``gap`` (and, for older clients, a ``conflict:`` reason) and nothing
+after the gap is applied or recorded; a fresh rejection carries its error's code.
 A mutation that fails validation is ``rejected``: it changes nothing but is recorded,
 so the client can roll its optimistic change back and never resend it.
 
@@ -45,6 +46,7 @@ from protocol import (
     parse_mutation_args,
 )
 from protocol.codec import MutationArgs
+from protocol.messages import CONFLICT_PREFIX, GAP
 from sync_server import tracing
 from sync_server.auth import Principal
 from sync_server.saga import intake
@@ -260,8 +262,9 @@ class MutationApplier:
                         MutationResult(
                             mutation.id,
                             MutationStatus.REJECTED,
-                            f"conflict: mutation id {mutation.id} skips ahead of the last "
-                            f"applied id {expected - 1}; nothing after the gap was applied",
+                            f"{CONFLICT_PREFIX} mutation id {mutation.id} skips ahead of the "
+                            f"last applied id {expected - 1}; nothing after the gap was applied",
+                            code=GAP,
                         )
                     )
                     continue
@@ -276,10 +279,15 @@ class MutationApplier:
                 except (StorageError, AssertionError):
                     raise
                 except TetherError as exc:
+                    results.append(
+                        MutationResult(
+                            mutation.id, MutationStatus.REJECTED, exc.message, exc.code.value
+                        )
+                    )
                     status, error = MutationStatus.REJECTED, exc.message
                 else:
                     status, error = MutationStatus.APPLIED, None
-                results.append(MutationResult(mutation.id, status, error))
+                    results.append(MutationResult(mutation.id, status))
                 recorded.append((mutation.id, status.value, error))
                 originals[mutation.id] = (status.value, error)
                 expected += 1

@@ -38,11 +38,13 @@ from protocol.messages import MAX_NAME_LENGTH
 from sync_server import listing
 from sync_server.auth import Principal, bearer_token, verify_token
 from sync_server.openapi import openapi_json
-from sync_server.paging import json_bytes, read_page
+from sync_server.paging import json_bytes
+from sync_server.session import ApplyPush, ReadEvents
 from sync_server.snapshots import snapshot
+from sync_server.sync_core import SessionCore
 
 if TYPE_CHECKING:
-    from sync_server.app import Tether
+    from sync_server.services import Services
 
 __all__ = ["error_response", "routes"]
 
@@ -65,8 +67,8 @@ def _json(value: Any, status: int = 200) -> Response:
     return Response(encode_json(value), status_code=status, media_type="application/json")
 
 
-def _tether(request: Request) -> Tether:
-    tether: Tether = request.app.state.tether
+def _tether(request: Request) -> Services:
+    tether: Services = request.app.state.tether
     return tether
 
 
@@ -144,29 +146,29 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     return value
 
 
+def _core(request: Request, principal: Principal) -> SessionCore:
+    """The sync session core the WebSocket shell runs too, sizing pages as JSON."""
+    return SessionCore(_tether(request), principal, size=json_bytes)
+
+
 async def push(request: Request) -> Response:
-    """``POST /v1/push``: body ``{client_id, mutations}`` → ``{results}``."""
+    """``POST /v1/push``: body ``{client_id, mutations}`` → ``{results}``: one
+    ``ApplyPush`` of the session core."""
     principal = _principal(request, Role.CLIENT)
     body = decode_json(await _body(request), PushRequest)
-    check_text(body.client_id, "client_id")
-    tether = _tether(request)
-    tether.check_rate(principal.rate_key)
-    results = await tether.applier.push(principal, body.client_id, body.mutations)
+    results = await _core(request, principal).push(ApplyPush(body.client_id, body.mutations))
     return _json(PushResponse(results=results))
 
 
 async def pull(request: Request) -> Response:
-    """``GET /v1/pull?cursor=&limit=`` → ``{events, cursor, has_more}``."""
+    """``GET /v1/pull?cursor=&limit=`` → ``{events, cursor, has_more}``: one
+    ``ReadEvents`` of the session core (cut by count and bytes)."""
     principal = _principal(request)
     cursor = _int_param(request, "cursor", 0, 0, 2**63 - 1)
     limit = _int_param(request, "limit", 500, 1, MAX_EVENTS_PAGE)
-    tether = _tether(request)
-    store = tether.store
-    # Cut by count and by bytes (issue 11); one larger event still comes alone.
-    page, more = await read_page(
-        store, cursor, limit, tether.config.page_bytes, tenant=principal.scope, size=json_bytes
-    )
-    horizon = await store.horizon(principal.scope) if principal.scope is not None else 0
+    core = _core(request, principal)
+    page, more = await core.read(ReadEvents(after=cursor, limit=limit))
+    horizon = await core.horizon()
     return _json(
         PullResponse(
             events=page,

@@ -47,7 +47,7 @@ _progress_decoder = msgspec.json.Decoder(_RemoteProgress)
 
 
 class Subscriber(Protocol):
-    """A connection's interest in one tenant's live events (``SyncConnection`` is one;
+    """A connection's interest in one tenant's live events (``ws.WsConnection`` is one;
     hashed by identity)."""
 
     tenant: str

@@ -26,7 +26,6 @@ from protocol import (
     Flags,
     Forbidden,
     Progress,
-    Push,
     Role,
     StorageError,
     TetherError,
@@ -36,14 +35,13 @@ from protocol import (
     encode,
 )
 from sync_server.auth import Principal, bearer_token, verify_token
-from sync_server.paging import read_page
 from sync_server.session import ApplyPush, Command, LoadClient, ReadEvents, ServerSession
-from sync_server.store.rows import client_owned_message
+from sync_server.sync_core import SessionCore
 
 if TYPE_CHECKING:
-    from sync_server.app import Tether
+    from sync_server.services import Services
 
-__all__ = ["sync_endpoint"]
+__all__ = ["WsConnection", "sync_endpoint"]
 
 log = logging.getLogger("tether.ws")
 
@@ -52,7 +50,7 @@ _CLOSE_SENTINEL = object()
 
 async def sync_endpoint(websocket: WebSocket) -> None:
     """``GET /v1/sync``: authenticate on the upgrade, then run the sync session."""
-    tether: Tether = websocket.app.state.tether
+    tether: Services = websocket.app.state.tether
     origin = websocket.headers.get("origin")
     try:
         principal = verify_token(
@@ -71,7 +69,7 @@ async def sync_endpoint(websocket: WebSocket) -> None:
         await websocket.close(1013, "server full or draining; try again later")
         return
     await websocket.accept()
-    connection = SyncConnection(tether, websocket, principal.tenant)
+    connection = WsConnection(tether, websocket, principal.tenant)
     tether.connection_opened(connection)
     try:
         await connection.run(principal)
@@ -79,12 +77,13 @@ async def sync_endpoint(websocket: WebSocket) -> None:
         tether.connection_closed(connection)
 
 
-class SyncConnection:
+class WsConnection:
     """One WebSocket client: its session, its queues and its on-demand tasks."""
 
     __slots__ = (
         "_closing",
         "_commands",
+        "_core",
         "_frames",
         "_queued_bytes",
         "_worker",
@@ -96,7 +95,7 @@ class SyncConnection:
         "websocket",
     )
 
-    def __init__(self, tether: Tether, websocket: WebSocket, tenant: str) -> None:
+    def __init__(self, tether: Services, websocket: WebSocket, tenant: str) -> None:
         self.tether = tether
         self.websocket = websocket
         self.tenant = tenant
@@ -121,6 +120,7 @@ class SyncConnection:
     async def run(self, principal: Principal) -> None:
         """Serve the session until either side closes."""
         self.principal = principal
+        self._core = SessionCore(self.tether, principal)
         # Subscribe before the first read so the catch-up/live hand-over has no gap.
         self.tether.hub.subscribe(self)
         try:
@@ -134,8 +134,11 @@ class SyncConnection:
             for task in (self._worker, self._writer):
                 if task is not None and not task.done():
                     task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await task
+                    # Wait for our own task without taking on its CancelledError; a
+                    # cancellation of this connection itself still propagates.
+                    await asyncio.wait((task,))
+                    if not task.cancelled() and task.exception() is not None:
+                        log.warning("connection task failed: %r", task.exception())
             with contextlib.suppress(Exception):
                 await self.websocket.close(self.session.close_code or 1000)
 
@@ -207,39 +210,30 @@ class SyncConnection:
                 if data is None:
                     raise BadMessage("expected a binary frame (msgpack), got text")
                 decoded = decode_client_message(data, limit=self.tether.config.max_frame_bytes)
-                if isinstance(decoded, Push):
-                    self.tether.check_rate(self.principal.rate_key)
                 self.session.receive_message(decoded)
             except TetherError as exc:
                 self.session.fail(exc)
             self._pump()
 
     async def _work(self) -> None:
-        store = self.tether.store
+        core = self._core
         while self._commands:
+            if self.session.closed:  # nothing more of a closed session is carried out
+                self._commands.clear()
+                return
             command = self._commands.pop(0)
             try:
                 if isinstance(command, LoadClient):
-                    last = await self._check_client(command.client_id)
-                    head = await store.head(tenant=self.tenant)
-                    flags = await self.tether.flags.book(self.tenant)
-                    horizon = await store.horizon(self.tenant)
-                    self.session.receive_client_state(last, head, horizon)
+                    state = await core.load_client(command)
+                    self.session.receive_client_state(
+                        state.last_mutation_id, state.head, state.horizon
+                    )
                     # The current flags right after Welcome, before any push is answered.
-                    self.session.receive_flags(self.tether.flags.message(flags))
+                    self.session.receive_flags(state.flags)
                 elif isinstance(command, ApplyPush):
-                    results = await self.tether.applier.push(
-                        self.principal, command.client_id, command.mutations
-                    )
-                    self.session.receive_push_results(results)
+                    self.session.receive_push_results(await core.push(command))
                 elif isinstance(command, ReadEvents):
-                    page, more = await read_page(
-                        store,
-                        command.after,
-                        command.limit,
-                        self.tether.config.page_bytes,
-                        tenant=self.tenant,
-                    )
+                    page, more = await core.read(command)
                     self.session.receive_page(page, has_more=more)
             except StorageError as exc:
                 log.warning("storage failed during %s: %s", type(command).__name__, exc)
@@ -250,24 +244,6 @@ class SyncConnection:
                 log.exception("command %s failed", type(command).__name__)
                 self.session.fail(TetherError(f"internal error: {type(exc).__name__}"))
             self._pump()
-
-    async def _check_client(self, client_id: str) -> int:
-        """The client's last applied mutation id (0 for a new id); a read only.
-
-        SPEC promise 6: a client id belongs to the (tenant, subject) that first used it
-        — its first push binds it (``Transaction.lock_client``), so only a push's event
-        can reveal it, and that push has bound it already.
-
-        Raises:
-            Forbidden: the client id belongs to another subject of the tenant.
-        """
-        found = await self.tether.store.get_client(self.tenant, client_id)
-        if found is None:
-            return 0
-        owner, last = found
-        if owner is not None and owner != self.principal.subject:
-            raise Forbidden(client_owned_message(client_id))
-        return last
 
     async def _write(self) -> None:
         try:

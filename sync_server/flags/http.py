@@ -27,8 +27,8 @@ from sync_server.auth import Principal, bearer_token, verify_token
 from sync_server.flags.service import FlagChange
 
 if TYPE_CHECKING:
-    from sync_server.app import Tether
     from sync_server.flags.service import FlagService
+    from sync_server.services import Services
 
 __all__ = ["openapi_paths", "openapi_schemas", "routes"]
 
@@ -166,7 +166,7 @@ def openapi_paths(responses: Callable[..., dict[str, Any]]) -> dict[str, Any]:
 
 
 def _service(request: Request) -> tuple[FlagService, Principal]:
-    tether: Tether = request.app.state.tether
+    tether: Services = request.app.state.tether
     principal = verify_token(
         tether.config.auth_secret, bearer_token(request.headers.get("authorization"))
     )
