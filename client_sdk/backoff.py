@@ -34,7 +34,7 @@ from protocol import (
     error_from_code,
 )
 
-__all__ = ["Backoff", "BreakerState", "CircuitBreaker", "Disposition", "classify_close"]
+__all__ = ["Backoff", "CircuitBreaker", "CircuitState", "Disposition", "classify_close"]
 
 
 class Backoff:
@@ -79,7 +79,7 @@ class Backoff:
         self.failures = 0
 
 
-class BreakerState(StrEnum):
+class CircuitState(StrEnum):
     """States of the connect circuit breaker."""
 
     CLOSED = "closed"
@@ -104,20 +104,20 @@ class CircuitBreaker:
         self.opened_at: float | None = None
         self._probing = False
 
-    def state(self, now: float) -> BreakerState:
+    def state(self, now: float) -> CircuitState:
         """The state at time ``now``."""
         if self.opened_at is None:
-            return BreakerState.CLOSED
+            return CircuitState.CLOSED
         if now - self.opened_at >= self.reset_timeout:
-            return BreakerState.HALF_OPEN
-        return BreakerState.OPEN
+            return CircuitState.HALF_OPEN
+        return CircuitState.OPEN
 
     def allow(self, now: float) -> bool:
         """Whether an attempt may start now (a half-open breaker allows one probe)."""
         state = self.state(now)
-        if state is BreakerState.CLOSED:
+        if state is CircuitState.CLOSED:
             return True
-        if state is BreakerState.HALF_OPEN and not self._probing:
+        if state is CircuitState.HALF_OPEN and not self._probing:
             self._probing = True
             return True
         return False

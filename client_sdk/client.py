@@ -19,12 +19,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 
 from client_sdk import tracing
 from client_sdk.backoff import Backoff, CircuitBreaker
+from client_sdk.changes import ChangeCallback, ChangeFeed, ResetCallback
 from client_sdk.compaction import CompactionPolicy
 from client_sdk.connection import SyncConnection
 from client_sdk.errors import ClientClosed, SyncStopped
@@ -50,19 +51,6 @@ __all__ = ["ChangeCallback", "ResetCallback", "SyncClient"]
 log = logging.getLogger("client_sdk")
 
 JSONInput = dict[str, Any]
-
-
-class ChangeCallback(Protocol):
-    """Called with the new view of a workflow after every committed change."""
-
-    def __call__(self, view: WorkflowView) -> None: ...
-
-
-class ResetCallback(Protocol):
-    """Called after a reset: the client's cursor was behind the server's retention
-    horizon, so its views were rebuilt from current snapshots (SPEC promise 8)."""
-
-    def __call__(self, horizon: int) -> None: ...
 
 
 class SyncClient:
@@ -119,14 +107,11 @@ class SyncClient:
         # a mutation as soon as the PushResult is read) says what is still pending.
         self._overlay = Overlay()
         self._live: dict[str, dict[str, Progress]] = {}
-        self._watchers: dict[str, list[asyncio.Queue[WorkflowView]]] = {}
-        self._callbacks: list[ChangeCallback] = []
-        self._reset_callbacks: list[ResetCallback] = []
+        self._feed = ChangeFeed(self.get_workflow)
         self.compaction = compaction or CompactionPolicy()
         self._applied_since_compaction = 0
         self.resets = 0
         """Resets done since start (the cursor fell behind the retention horizon)."""
-        self._waiters: list[asyncio.Future[None]] = []
         self._closed = False
         self._flags = ClientFlags(token)
         self._flag_writes: set[asyncio.Task[None]] = set()
@@ -175,10 +160,8 @@ class SyncClient:
         if self._flag_writes:
             await asyncio.gather(*self._flag_writes, return_exceptions=True)
         await asyncio.to_thread(self._store.close)
-        for queues in self._watchers.values():
-            for q in queues:
-                q.put_nowait(_CLOSED)
-        self._notify_waiters()
+        self._feed.end_watches()
+        self._feed.notify_waiters()
 
     async def __aenter__(self) -> SyncClient:
         return await self.start()
@@ -432,7 +415,7 @@ class SyncClient:
         self._session.send_mutation(mutation)
         if self._conn is not None:
             self._conn.kick()
-        self._changed({workflow_id})
+        self._feed.changed({workflow_id})
 
     # ---------------------------------------------------------------------- reads
     def get_workflow(self, workflow_id: str) -> WorkflowView | None:
@@ -472,35 +455,12 @@ class SyncClient:
         ]
         return [v for v in views if v is not None and (status is None or v.status == status)]
 
-    async def watch(self, workflow_id: str) -> AsyncIterator[WorkflowView]:
+    def watch(self, workflow_id: str) -> AsyncIterator[WorkflowView]:
         """Yield the view now and after every change, until it is terminal.
 
         The iterator also ends when the client closes.
         """
-        queue: asyncio.Queue[WorkflowView] = asyncio.Queue()
-        self._watchers.setdefault(workflow_id, []).append(queue)
-        try:
-            last = self.get_workflow(workflow_id)
-            if last is not None:
-                yield last
-                if last.terminal:
-                    return
-            while True:
-                view = await queue.get()
-                if view is _CLOSED:
-                    return
-                if view == last:
-                    continue
-                last = view
-                yield view
-                if view.terminal:
-                    return
-        finally:
-            queues = self._watchers.get(workflow_id, [])
-            if queue in queues:
-                queues.remove(queue)
-            if not queues:
-                self._watchers.pop(workflow_id, None)
+        return self._feed.watch(workflow_id)
 
     async def wait(self, workflow_id: str, timeout: float | None = None) -> WorkflowView:
         """Wait for the workflow's terminal view.
@@ -526,8 +486,7 @@ class SyncClient:
         Returns:
             A function that unregisters the callback.
         """
-        self._callbacks.append(callback)
-        return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
+        return self._feed.on_change(callback)
 
     def on_reset(self, callback: ResetCallback) -> Callable[[], None]:
         """Call ``callback(horizon)`` after each reset from current snapshots (the
@@ -537,10 +496,7 @@ class SyncClient:
         Returns:
             A function that unregisters the callback.
         """
-        self._reset_callbacks.append(callback)
-        return lambda: (
-            self._reset_callbacks.remove(callback) if callback in self._reset_callbacks else None
-        )
+        return self._feed.on_reset(callback)
 
     async def flush(self, timeout: float | None = None) -> None:
         """Return when every queued mutation is settled by the server (and recorded).
@@ -560,7 +516,7 @@ class SyncClient:
                 self._raise_if_stopped()
                 if self._closed:
                     raise ClientClosed("client closed during flush")
-                await self._next_change()
+                await self._feed.next_change()
 
         await asyncio.wait_for(settled(), timeout)
 
@@ -568,36 +524,6 @@ class SyncClient:
         session = self._session
         if session is not None and session.state is SessionState.FAILED and session.error:
             raise SyncStopped(session.error)
-
-    async def _next_change(self) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
-        await future
-
-    def _notify_waiters(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for future in waiters:
-            if not future.done():
-                future.set_result(None)
-
-    def _changed(self, ids: set[str]) -> None:
-        self._notify_waiters()
-        if not self._callbacks and not self._watchers:
-            return
-        for workflow_id in ids:
-            queues = self._watchers.get(workflow_id)
-            if not queues and not self._callbacks:
-                continue
-            view = self.get_workflow(workflow_id)
-            if view is None:
-                continue
-            for q in queues or ():
-                q.put_nowait(view)
-            for callback in list(self._callbacks):
-                try:
-                    callback(view)
-                except Exception:  # a broken callback must not stop syncing
-                    log.exception("on_change callback failed")
 
     # ------------------------------------------------------- SyncHandler (shell)
     async def compact(self) -> tuple[int, int]:
@@ -616,11 +542,11 @@ class SyncClient:
     async def apply_events(self, events: list[Event], cursor: int) -> None:
         """Durably apply a page (called by the connection's applier)."""
         changed = await self._store.apply_events(events, cursor)
-        if self._watchers:
+        if self._feed.watching:
             # A watched workflow's events name their trace: the line an operator needs
             # to find the request in the tracing backend.
             for event in events:
-                if event.workflow_id in self._watchers and "trace_id" in event.data:
+                if self._feed.watched(event.workflow_id) and "trace_id" in event.data:
                     log.info(
                         "workflow %s: %s (trace_id %s)",
                         event.workflow_id,
@@ -636,7 +562,7 @@ class SyncClient:
                 view = self.get_workflow(workflow_id)
                 if view is not None and view.status != "running":
                     self._live.pop(workflow_id, None)
-        self._changed(changed)
+        self._feed.changed(changed)
 
     async def settle(self, results: list[tuple[int, bool, str | None]]) -> None:
         """Durably record the server's verdicts (called by the applier)."""
@@ -645,26 +571,22 @@ class SyncClient:
         for mid, applied, error in results:
             if not applied:
                 log.warning("mutation %d rejected by the server: %s", mid, error)
-        self._changed(changed)
+        self._feed.changed(changed)
 
     async def apply_snapshots(self, snapshots: list[dict[str, Any]]) -> None:
         """Store current snapshots (progressive sync)."""
-        self._changed(await self._store.apply_snapshots(snapshots))
+        self._feed.changed(await self._store.apply_snapshots(snapshots))
 
     async def reset(self, snapshots: list[dict[str, Any]], *, horizon: int, complete: bool) -> None:
         """Rebuild the views from current snapshots (called by the applier on a reset)."""
-        self._changed(await self._store.reset(snapshots, complete=complete))
+        self._feed.changed(await self._store.reset(snapshots, complete=complete))
         self.resets += 1
-        for callback in list(self._reset_callbacks):
-            try:
-                callback(horizon)
-            except Exception:  # a broken callback must not stop syncing
-                log.exception("on_reset callback failed")
+        self._feed.reset_done(horizon)
 
     def show_progress(self, progress: Progress) -> None:
         """Ephemeral live progress from the server."""
         self._live.setdefault(progress.workflow_id, {})[progress.step] = progress
-        self._changed({progress.workflow_id})
+        self._feed.changed({progress.workflow_id})
 
     def apply_flags(self, flags: Flags) -> None:
         """The tenant's flag set from the server: used at once, then stored."""
@@ -681,11 +603,6 @@ class SyncClient:
 
     def state_changed(self) -> None:
         """Connection or session state changed."""
-        self._notify_waiters()
+        self._feed.notify_waiters()
         if self._session is not None and self._session.state is SessionState.FAILED:
-            for queues in self._watchers.values():
-                for q in queues:
-                    q.put_nowait(_CLOSED)
-
-
-_CLOSED: Any = object()
+            self._feed.end_watches()

@@ -52,6 +52,7 @@ from protocol import (
     decode_server_message,
     encode,
 )
+from protocol.http import WorkflowList
 
 __all__ = ["SyncConnection", "SyncHandler"]
 
@@ -156,6 +157,8 @@ class SyncConnection:
         self._ws: ClientConnection | None = None
         self._http: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._closers: set[asyncio.Task[None]] = set()
+        """Socket closes in flight; each leaves the set when done."""
 
     # ------------------------------------------------------------------ API
     @property
@@ -186,11 +189,16 @@ class SyncConnection:
         if self._ws is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._ws.close(1001, "client closing"), 2)
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._closers]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:
+            # Waits without taking on the tasks' CancelledError; if *this* call is
+            # cancelled, that propagates. A task that failed otherwise is re-raised.
+            await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled() and (error := task.exception()) is not None:
+                raise error
         if self._http is not None:
             await self._http.aclose()
 
@@ -223,7 +231,9 @@ class SyncConnection:
             with contextlib.suppress(Exception):
                 await ws.close(code, reason[:120])
 
-        self._tasks.append(asyncio.create_task(close()))
+        task = asyncio.create_task(close(), name="tether-ws-close")
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
 
     async def _applier(self) -> None:
         while True:
@@ -258,7 +268,7 @@ class SyncConnection:
                 "/v1/workflows", params={"limit": SNAPSHOT_LIMIT}
             )
             response.raise_for_status()
-            body = msgspec.json.decode(response.content)
+            page = msgspec.json.decode(response.content, type=WorkflowList)
         except (httpx.HTTPError, msgspec.DecodeError) as exc:
             if command.reset:
                 log.warning("reset fetch failed (%s); reconnecting to try again", exc)
@@ -266,8 +276,9 @@ class SyncConnection:
             else:
                 log.info("snapshot prefetch failed (%s); the backlog will still converge", exc)
             return
-        found = body.get("workflows", []) if isinstance(body, dict) else []
-        snapshots = [s for s in found if isinstance(s, dict)]
+        # Typed on the wire; the local store keeps snapshots as the JSON they arrived as.
+        found = page.workflows
+        snapshots: list[dict[str, Any]] = msgspec.to_builtins(found)
         if not command.reset:
             log.info("progressive sync: %d current snapshots fetched", len(snapshots))
             await self.handler.apply_snapshots(snapshots)

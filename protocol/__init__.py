@@ -29,6 +29,7 @@ from protocol.errors import (
     ValidationError,
     error_from_code,
 )
+from protocol.http import PullResponse, PushRequest, PushResponse, UpgradeRequest
 from protocol.messages import (
     MAX_BATCH,
     MAX_EVENTS_PAGE,
@@ -45,17 +46,13 @@ from protocol.messages import (
     Mutation,
     MutationResult,
     Progress,
-    PullResponse,
     Push,
-    PushRequest,
-    PushResponse,
     PushResult,
     ReportStateArgs,
     RetryWorkflowArgs,
     ServerMessage,
     StepSnapshot,
     SubmitWorkflowArgs,
-    UpgradeRequest,
     Welcome,
     WorkflowSnapshot,
 )

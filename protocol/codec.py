@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from protocol.errors import BadMessage, MessageTooLarge, ValidationError
+from protocol.http import PushRequest
 from protocol.limits import MAX_DETAIL_BYTES, MAX_INPUT_BYTES, check_payload
 from protocol.messages import (
     MAX_BATCH,
@@ -22,7 +23,6 @@ from protocol.messages import (
     ClientMessage,
     Mutation,
     Push,
-    PushRequest,
     ReportStateArgs,
     RetryWorkflowArgs,
     ServerMessage,

@@ -40,17 +40,13 @@ __all__ = [
     "Mutation",
     "MutationResult",
     "Progress",
-    "PullResponse",
     "Push",
-    "PushRequest",
-    "PushResponse",
     "PushResult",
     "ReportStateArgs",
     "RetryWorkflowArgs",
     "ServerMessage",
     "StepSnapshot",
     "SubmitWorkflowArgs",
-    "UpgradeRequest",
     "Welcome",
     "WorkflowSnapshot",
 ]
@@ -213,12 +209,6 @@ class SubmitWorkflowArgs(_Base, frozen=True):
     deadline: Deadline | None = None
 
 
-class UpgradeRequest(_Base, frozen=True):
-    """Body of ``POST /v1/workflows/{id}/upgrade`` (admin): the version to move to."""
-
-    version: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-
-
 class CancelWorkflowArgs(_Base, frozen=True):
     """Args of ``cancel_workflow``."""
 
@@ -329,28 +319,3 @@ class Flags(Message, frozen=True):
 
 
 ServerMessage = Welcome | PushResult | Events | Progress | Error | Flags
-
-# ------------------------------------------------------------- HTTP bodies
-
-
-class PushRequest(_Base, frozen=True):
-    """Body of ``POST /v1/push``."""
-
-    client_id: Id
-    mutations: Annotated[list[Mutation], msgspec.Meta(min_length=1)]
-
-
-class PushResponse(_Base, frozen=True):
-    """Answer of ``POST /v1/push``."""
-
-    results: list[MutationResult]
-
-
-class PullResponse(_Base, frozen=True):
-    """Answer of ``GET /v1/pull``."""
-
-    events: list[Event]
-    cursor: int
-    has_more: bool
-    horizon: int = 0
-    """As ``Welcome.horizon``: the HTTP fallback's reset signal."""

@@ -23,22 +23,31 @@ only), breakers show their state without failure counts, and the instance-wide m
 
 from __future__ import annotations
 
-import dataclasses
 import html
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from protocol import BadMessage, Role, TetherError, encode_json
+from protocol.http import (
+    AlertItem,
+    BreakerItem,
+    DeadLetter,
+    Overview,
+    SloItem,
+    VersionCount,
+)
 from sync_server.auth import bearer_token, verify_token
 from sync_server.monitor import SLO_WINDOW
 from sync_server.slo import ALL, scope_values
 from sync_server.snapshots import snapshot
 
 if TYPE_CHECKING:
+    from sync_server.metrics import Metrics
     from sync_server.services import Services
 
 __all__ = ["overview", "routes"]
@@ -92,56 +101,57 @@ async def overview(request: Request) -> Response:
     breakers = await store.list_breakers()
     monitor = tether.monitor
     alerts = [
-        {"kind": a.kind, "message": a.message, "at": a.at}
+        AlertItem(kind=a.kind, message=a.message, at=a.at)
         for a in reversed(getattr(tether.alerts, "recent", ()))
         if scope is None or a.details.get("tenant") == scope
     ][:20]
-    body: dict[str, Any] = {
-        "server_id": tether.config.server_id,
-        "head": await store.head(tenant=scope),
-        "counts": counts,
-        "total": sum(counts.values()),
-        "workflows": [snapshot(record) for record in shown.values()],
-        "dlq": [dataclasses.asdict(entry) for entry in dlq],
-        "slos": [
-            v.as_json()
-            for v in scope_values(
-                monitor.slos if monitor is not None else [],
-                monitor.slo_window if monitor is not None else SLO_WINDOW,
-                scope or ALL,
-            )
-        ],
-        "alerts": alerts,
-        "versions": [
-            {"workflow": name, "version": version, "status": status, "count": count}
+    slos = scope_values(
+        monitor.slos if monitor is not None else [],
+        monitor.slo_window if monitor is not None else SLO_WINDOW,
+        scope or ALL,
+    )
+    metrics: dict[str, float] = {"dlq_depth": len(dlq), "alerts": len(alerts)}
+    if scope is None:  # a global admin also sees the instance's counters and breakers'
+        metrics = _instance_metrics(tether.metrics, len(dlq))
+    body = Overview(
+        server_id=tether.config.server_id,
+        head=await store.head(tenant=scope),
+        counts=counts,
+        total=sum(counts.values()),
+        workflows=[snapshot(record) for record in shown.values()],
+        dlq=msgspec.convert(dlq, list[DeadLetter], from_attributes=True),
+        slos=[msgspec.convert(v.as_json(), SloItem) for v in slos],
+        alerts=alerts,
+        versions=[
+            VersionCount(workflow=name, version=version, status=status, count=count)
             for name, version, status, count in in_flight
         ],
-    }
-    if scope is not None:
-        body["breakers"] = [{"name": b.name, "state": b.state} for b in breakers]
-        body["metrics"] = {"dlq_depth": len(dlq), "alerts": len(alerts)}
-        return Response(encode_json(body), media_type="application/json")
-    metrics = tether.metrics
-    body.update(
         breakers=[
-            {"name": b.name, "state": b.state, "failures": b.failures, "opened_at": b.opened_at}
+            BreakerItem(name=b.name, state=b.state)
+            if scope is not None
+            else BreakerItem(name=b.name, state=b.state, failures=b.failures, opened_at=b.opened_at)
             for b in breakers
         ],
-        metrics={
-            "connected_clients": metrics.value("tether_connected_clients"),
-            "workflows_started": metrics.total("tether_workflows_started_total"),
-            "workflows_finished": metrics.total("tether_workflows_finished_total"),
-            "step_attempts": metrics.total("tether_step_attempts_total"),
-            "step_retries": metrics.total("tether_step_retries_total"),
-            "events_delivered": metrics.value("tether_events_delivered_total"),
-            "dlq_depth": len(dlq),
-            "outbox_pending": metrics.value("tether_outbox_pending"),
-            "outbox_lag_seconds": metrics.value("tether_outbox_lag_seconds"),
-            "saga_lag_seconds": metrics.value("tether_saga_lag_seconds"),
-            "alerts": metrics.total("tether_alerts_total"),
-        },
+        metrics=metrics,
     )
     return Response(encode_json(body), media_type="application/json")
+
+
+def _instance_metrics(metrics: Metrics, dlq_depth: int) -> dict[str, float]:
+    """The instance's counters in a global admin's overview."""
+    return {
+        "connected_clients": metrics.value("tether_connected_clients"),
+        "workflows_started": metrics.total("tether_workflows_started_total"),
+        "workflows_finished": metrics.total("tether_workflows_finished_total"),
+        "step_attempts": metrics.total("tether_step_attempts_total"),
+        "step_retries": metrics.total("tether_step_retries_total"),
+        "events_delivered": metrics.value("tether_events_delivered_total"),
+        "dlq_depth": dlq_depth,
+        "outbox_pending": metrics.value("tether_outbox_pending"),
+        "outbox_lag_seconds": metrics.value("tether_outbox_lag_seconds"),
+        "saga_lag_seconds": metrics.value("tether_saga_lag_seconds"),
+        "alerts": metrics.total("tether_alerts_total"),
+    }
 
 
 def _page(error: str | None = None) -> str:

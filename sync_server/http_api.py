@@ -7,11 +7,11 @@ another tenant's workflow answers 404, exactly like a missing one. Errors are JS
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from protocol import (
@@ -34,6 +34,7 @@ from protocol import (
     encode_json,
 )
 from protocol.codec import check_args, check_text
+from protocol.http import DeadLetter, DlqList, ErrorBody, ErrorDetail, Health, Ready, WorkflowList
 from protocol.messages import MAX_NAME_LENGTH
 from sync_server import listing
 from sync_server.auth import Principal, bearer_token, verify_token
@@ -51,7 +52,7 @@ __all__ = ["error_response", "routes"]
 
 def error_response(exc: TetherError) -> Response:
     """The JSON answer for an error."""
-    body = {"error": {"code": exc.code.value, "message": exc.message, "retryable": exc.retryable}}
+    body = ErrorBody(ErrorDetail(code=exc.code, message=exc.message, retryable=exc.retryable))
     headers = {}
     if isinstance(exc, RateLimited):
         headers["Retry-After"] = f"{max(1, round(exc.retry_after))}"
@@ -63,7 +64,7 @@ def error_response(exc: TetherError) -> Response:
     )
 
 
-def _json(value: Any, status: int = 200) -> Response:
+def _json(value: msgspec.Struct, status: int = 200) -> Response:
     return Response(encode_json(value), status_code=status, media_type="application/json")
 
 
@@ -225,7 +226,7 @@ async def list_workflows(request: Request) -> Response:
         [(record.created_at, record.id) for record in records],
         limit,
     )
-    return _json(page)
+    return _json(WorkflowList(workflows=page["workflows"], next_cursor=page["next_cursor"]))
 
 
 async def upgrade_workflow(request: Request) -> Response:
@@ -277,7 +278,7 @@ async def list_dlq(request: Request) -> Response:
         tenant=principal.scope,
         status=None if status == "all" else status,
     )
-    return _json({"entries": [dataclasses.asdict(entry) for entry in entries]})
+    return _json(DlqList(entries=msgspec.convert(entries, list[DeadLetter], from_attributes=True)))
 
 
 async def requeue_dlq(request: Request) -> Response:
@@ -290,7 +291,7 @@ async def requeue_dlq(request: Request) -> Response:
 
 async def healthz(request: Request) -> Response:
     """Liveness: the process answers."""
-    return JSONResponse({"status": "ok"})
+    return _json(Health(status="ok"))
 
 
 async def readyz(request: Request) -> Response:
@@ -303,7 +304,7 @@ async def readyz(request: Request) -> Response:
     except StorageError as exc:
         return error_response(Unavailable(f"storage unavailable: {exc.message}"))
     # No log position here: /readyz is unauthenticated and must not reveal activity.
-    return JSONResponse({"status": "ready", "server_id": tether.config.server_id})
+    return _json(Ready(status="ready", server_id=tether.config.server_id))
 
 
 routes = [

@@ -1,10 +1,11 @@
 """The OpenAPI 3.1 document of the HTTP API, served at ``GET /openapi.json``.
 
 Request and response bodies are generated from the protocol's msgspec Structs (the wire
-truth), so the document cannot drift from what the decoders accept; paths, parameters,
-statuses and security are written here by hand, one entry per route of
-``sync_server.http_api``. The WebSocket ``/v1/sync`` is described in the document's
-description only (OpenAPI has no vocabulary for it).
+truth: ``protocol.http`` holds the HTTP bodies), so the document cannot drift from what
+the decoders accept and the routes send; paths, parameters, statuses and security are
+written here by hand, one entry per route of ``sync_server.http_api``. The WebSocket
+``/v1/sync`` is described in the document's description only (OpenAPI has no
+vocabulary for it).
 
 Every error answer is ``{"error": {"code", "message", "retryable"}}`` with the status of
 ``protocol.ERROR_TABLE``; a ``429`` carries ``Retry-After``.
@@ -21,83 +22,30 @@ from starlette.responses import Response
 from protocol import (
     MAX_EVENTS_PAGE,
     PROTOCOL_VERSION,
-    ErrorCode,
-    PullResponse,
-    PushRequest,
-    PushResponse,
     ReportStateArgs,
-    UpgradeRequest,
     WorkflowSnapshot,
     WorkflowStatus,
 )
+from protocol.http import (
+    DlqList,
+    ErrorBody,
+    Health,
+    Overview,
+    PullResponse,
+    PushRequest,
+    PushResponse,
+    Ready,
+    SloList,
+    UpgradeRequest,
+    WorkflowList,
+)
 from sync_server.flags.http import openapi_paths as flag_paths
 from sync_server.flags.http import openapi_schemas as flag_schemas
-from sync_server.store.base import DlqEntry
 
 __all__ = ["build_document", "openapi_json"]
 
 _MAX_SEQ = 2**63 - 1
 _MAX_LIST = 10_000
-
-
-class ErrorDetail(msgspec.Struct, frozen=True):
-    """What went wrong: a machine code, a sentence, and whether retrying may help."""
-
-    code: ErrorCode
-    message: str
-    retryable: bool
-
-
-class ErrorBody(msgspec.Struct, frozen=True):
-    """The body of every error answer."""
-
-    error: ErrorDetail
-
-
-class WorkflowList(msgspec.Struct, frozen=True):
-    """Answer of ``GET /v1/workflows``: a page, newest first; ``next_cursor`` resumes
-    after its last row (null: no more)."""
-
-    workflows: list[WorkflowSnapshot]
-    next_cursor: str | None = None
-
-
-class DlqList(msgspec.Struct, frozen=True):
-    """Answer of ``GET /v1/dlq``."""
-
-    entries: list[DlqEntry]
-
-
-class SloItem(msgspec.Struct, frozen=True):
-    """One SLO over one scope (``sync_server.slo``); ``value`` is null without samples."""
-
-    name: str
-    objective: float
-    value: float | None
-    budget_left: float
-    window: str
-    tenant: str
-    workflow: str
-    samples: int
-
-
-class SloList(msgspec.Struct, frozen=True):
-    """Answer of ``GET /v1/slo``."""
-
-    slos: list[SloItem]
-
-
-class Health(msgspec.Struct, frozen=True):
-    """Answer of ``GET /healthz``."""
-
-    status: str
-
-
-class Ready(msgspec.Struct, frozen=True):
-    """Answer of ``GET /readyz`` when ready."""
-
-    status: str
-    server_id: str
 
 
 _DESCRIPTION = f"""\
@@ -391,7 +339,7 @@ def _paths() -> dict[str, Any]:
                 "responses": {
                     "200": {
                         "description": "The overview.",
-                        "content": {"application/json": {"schema": {"type": "object"}}},
+                        "content": _json_content("Overview"),
                     },
                     **{
                         str(status): {
@@ -490,6 +438,7 @@ def build_document() -> dict[str, Any]:
             UpgradeRequest,
             DlqList,
             SloList,
+            Overview,
             ErrorBody,
             Health,
             Ready,

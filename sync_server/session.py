@@ -63,11 +63,11 @@ __all__ = [
     "LoadClient",
     "ReadEvents",
     "ServerSession",
-    "SessionState",
+    "ServerSessionState",
 ]
 
 
-class SessionState(StrEnum):
+class ServerSessionState(StrEnum):
     """Where a server session stands."""
 
     AWAITING_HELLO = "awaiting_hello"
@@ -141,7 +141,7 @@ class ServerSession:
         self.max_frame_bytes = max_frame_bytes
         self.page_size = page_size
         self.window = window
-        self.state = SessionState.AWAITING_HELLO
+        self.state = ServerSessionState.AWAITING_HELLO
         self.client_id: str | None = None
         self.cursor = 0  # highest seq sent to the client
         self.acked = 0  # highest seq the client acknowledged
@@ -169,7 +169,7 @@ class ServerSession:
     @property
     def closed(self) -> bool:
         """True once the session failed or was closed."""
-        return self.state is SessionState.CLOSED
+        return self.state is ServerSessionState.CLOSED
 
     # ----------------------------------------------------------------- inputs
     def receive_message(self, message: ClientMessage) -> None:
@@ -178,7 +178,7 @@ class ServerSession:
             return
         if isinstance(message, Hello):
             self._receive_hello(message)
-        elif self.state is SessionState.AWAITING_HELLO:
+        elif self.state is ServerSessionState.AWAITING_HELLO:
             self.fail(BadMessage(f"expected Hello first, got {type(message).__name__}"))
         elif isinstance(message, Push):
             assert self.client_id is not None
@@ -187,7 +187,7 @@ class ServerSession:
             self._receive_ack(message)
 
     def _receive_hello(self, hello: Hello) -> None:
-        if self.state is not SessionState.AWAITING_HELLO:
+        if self.state is not ServerSessionState.AWAITING_HELLO:
             self.fail(BadMessage("Hello sent twice"))
             return
         if hello.protocol_version != PROTOCOL_VERSION:
@@ -204,7 +204,7 @@ class ServerSession:
         self.client_id = hello.client_id
         self.wants_flags = hello.flags
         self.cursor = self.acked = hello.cursor
-        self.state = SessionState.WELCOMING
+        self.state = ServerSessionState.WELCOMING
         self._commands.append(LoadClient(hello.client_id))
 
     def _receive_ack(self, ack: Ack) -> None:
@@ -222,7 +222,7 @@ class ServerSession:
         ``horizon`` (the tenant's highest pruned seq) goes into the Welcome: a client
         below it resets from snapshots and then pages what is retained, as usual.
         """
-        if self.state is not SessionState.WELCOMING:
+        if self.state is not ServerSessionState.WELCOMING:
             return
         if self.cursor > head:
             self.fail(Conflict(f"cursor {self.cursor} is ahead of the server's head {head}"))
@@ -237,7 +237,7 @@ class ServerSession:
                 max_frame_bytes=self.max_frame_bytes,
             )
         )
-        self.state = SessionState.CATCHING_UP
+        self.state = ServerSessionState.CATCHING_UP
         self._maybe_read()
 
     def receive_push_results(self, results: list[MutationResult]) -> None:
@@ -262,14 +262,14 @@ class ServerSession:
         if more:
             self._maybe_read()
         else:
-            self.state = SessionState.LIVE
+            self.state = ServerSessionState.LIVE
             self._page_ends.clear()
 
     def receive_live(self, events: list[Event]) -> None:
         """A gapless, ordered batch of the tenant's newly committed events."""
         if self.closed or not events:
             return
-        if self.state is not SessionState.LIVE:
+        if self.state is not ServerSessionState.LIVE:
             self._heard = max(self._heard, events[-1].seq)
             self._maybe_read()
             return
@@ -288,13 +288,13 @@ class ServerSession:
         that asked for flags, unless a newer revision was already sent."""
         if not self.wants_flags or flags.revision <= self._flags_revision:
             return
-        if self.state in (SessionState.CATCHING_UP, SessionState.LIVE):
+        if self.state in (ServerSessionState.CATCHING_UP, ServerSessionState.LIVE):
             self._flags_revision = flags.revision
             self._messages.append(flags)
 
     def receive_progress(self, progress: Progress) -> None:
         """Ephemeral progress: forwarded only while live (it is not part of the log)."""
-        if self.state is SessionState.LIVE:
+        if self.state is ServerSessionState.LIVE:
             self._messages.append(progress)
 
     def fail(self, error: TetherError) -> None:
@@ -310,14 +310,14 @@ class ServerSession:
         """Close without an Error frame (e.g. 1012 on shutdown)."""
         if self.closed:
             return
-        self.state = SessionState.CLOSED
+        self.state = ServerSessionState.CLOSED
         self.close_code = code
         self.close_reason = reason[:120]
         self._commands.clear()
 
     # ---------------------------------------------------------------- helpers
     def _maybe_read(self) -> None:
-        if self.state is not SessionState.CATCHING_UP or self._reading:
+        if self.state is not ServerSessionState.CATCHING_UP or self._reading:
             return
         if len(self._page_ends) >= self.window:
             return

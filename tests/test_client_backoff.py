@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from client_sdk.backoff import Backoff, BreakerState, CircuitBreaker
+from client_sdk.backoff import Backoff, CircuitBreaker, CircuitState
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -28,19 +28,19 @@ def test_backoff_validates() -> None:
 
 def test_breaker_opens_probes_and_closes() -> None:
     br = CircuitBreaker(failure_threshold=2, reset_timeout=10)
-    assert br.allow(0) and br.state(0) is BreakerState.CLOSED
+    assert br.allow(0) and br.state(0) is CircuitState.CLOSED
     br.record_failure(0)
     assert br.allow(1)
     br.record_failure(1)
-    assert br.state(2) is BreakerState.OPEN and not br.allow(2)
+    assert br.state(2) is CircuitState.OPEN and not br.allow(2)
     assert br.retry_in(2) == 9
     assert br.allow(11)  # half-open: one probe
     assert not br.allow(11)
     br.record_failure(11)  # failed probe re-opens
-    assert br.state(12) is BreakerState.OPEN
+    assert br.state(12) is CircuitState.OPEN
     assert br.allow(21)
     br.record_success()
-    assert br.state(22) is BreakerState.CLOSED and br.retry_in(22) == 0
+    assert br.state(22) is CircuitState.CLOSED and br.retry_in(22) == 0
 
 
 def test_breaker_validates() -> None:

@@ -20,7 +20,7 @@ from protocol import (
     Welcome,
 )
 from protocol.errors import StorageError
-from sync_server.session import ApplyPush, LoadClient, ReadEvents, ServerSession, SessionState
+from sync_server.session import ApplyPush, LoadClient, ReadEvents, ServerSession, ServerSessionState
 
 
 def ev(seq: int) -> Event:
@@ -45,7 +45,7 @@ def test_hello_then_welcome_then_first_page():
         Welcome(server_id="s1", protocol_version=PROTOCOL_VERSION, last_mutation_id=7, head=10)
     ]
     assert s.commands_to_run() == [ReadEvents(after=3, limit=50)]
-    assert s.state is SessionState.CATCHING_UP
+    assert s.state is ServerSessionState.CATCHING_UP
 
 
 def test_anything_before_hello_is_a_protocol_error():
@@ -101,7 +101,7 @@ def test_paging_waits_for_acks_beyond_the_window():
     s.receive_message(Ack(cursor=2))
     assert s.commands_to_run() == [ReadEvents(4, 2)]
     s.receive_page([ev(5)], has_more=False)
-    assert s.state is SessionState.LIVE
+    assert s.state is ServerSessionState.LIVE
     assert s.messages_to_send() == [Events(events=[ev(5)], cursor=5, has_more=False)]
 
 
@@ -118,9 +118,9 @@ def test_live_events_while_catching_up_trigger_one_more_read():
     assert s.commands_to_run() == []  # a read is already outstanding
     s.receive_page([ev(1), ev(2)], has_more=False)
     assert s.commands_to_run() == [ReadEvents(2, 10)]
-    assert s.state is SessionState.CATCHING_UP
+    assert s.state is ServerSessionState.CATCHING_UP
     s.receive_page([ev(3), ev(4)], has_more=False)
-    assert s.state is SessionState.LIVE
+    assert s.state is ServerSessionState.LIVE
     sent = [e.seq for m in s.messages_to_send() if isinstance(m, Events) for e in m.events]
     assert sent == [1, 2, 3, 4]
 
@@ -201,4 +201,4 @@ def test_catch_up_and_live_cover_every_event_once(commits, page, read_lags):
         s.receive_page(rows[: cmd.limit], has_more=len(rows) > cmd.limit)
         deliver()
     assert received == list(range(1, len(log) + 1))
-    assert s.state is SessionState.LIVE
+    assert s.state is ServerSessionState.LIVE
