@@ -5,9 +5,10 @@ It wires three parts: the durable ``LocalStore`` (group-committed SQLite), the p
 durable; views are read straight from the file (bounded memory whatever the number of
 workflows) with the pending mutations and live progress laid over them.
 
-Ordering rule: a mutation reaches the session from a done-callback of its commit
-future, never from the awaiting caller, so ids reach the session in commit order even
-if a caller is cancelled mid-await (a gap would make the server refuse the rest).
+The class is read in three files: this one (lifecycle, flags, reads, waiting),
+``client_sdk.mutating`` (the mutations it queues, and their ordering rule) and
+``client_sdk.applying`` (what the connection calls to apply pages and verdicts);
+``client_sdk.changes`` tells watchers, callbacks and waiters what changed.
 """
 
 from __future__ import annotations
@@ -16,44 +17,34 @@ import asyncio
 import logging
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 
-import msgspec
-
 from client_sdk import tracing
+from client_sdk.applying import AppliesSync
 from client_sdk.backoff import Backoff, CircuitBreaker
 from client_sdk.changes import ChangeCallback, ChangeFeed, ResetCallback
 from client_sdk.compaction import CompactionPolicy
 from client_sdk.connection import SyncConnection
 from client_sdk.errors import ClientClosed, SyncStopped
 from client_sdk.finder import WorkflowPage, find_workflows
-from client_sdk.flags import ClientFlags, DirectCall, DirectHandle
-from client_sdk.localstore import Durability, LocalStore, Settlement
+from client_sdk.flags import ClientFlags, DirectCall
+from client_sdk.localstore import Durability, LocalStore
+from client_sdk.mutating import QueuesMutations
 from client_sdk.session import SessionState, SyncSession
-from client_sdk.views import Overlay, WorkflowHandle, WorkflowView, build_view
+from client_sdk.views import Overlay, WorkflowView, build_view
 from protocol import (
-    MUTATION_ARGS,
-    Event,
-    Flags,
-    Mutation,
     Progress,
     TetherError,
-    ValidationError,
 )
-from protocol.codec import check_args, check_text
-from protocol.limits import MAX_MUTATION_BYTES
 
 __all__ = ["ChangeCallback", "ResetCallback", "SyncClient"]
 
 log = logging.getLogger("client_sdk")
 
-JSONInput = dict[str, Any]
 
-
-class SyncClient:
+class SyncClient(QueuesMutations, AppliesSync):
     """Durable offline queue + optimistic views + background sync with one server.
 
     Args:
@@ -229,74 +220,6 @@ class SyncClient:
         """The I/O shell, if connecting is enabled."""
         return self._conn
 
-    # ----------------------------------------------------------------- mutations
-    async def submit_workflow(
-        self,
-        name: str,
-        input: JSONInput | None = None,
-        *,
-        workflow_id: str | None = None,
-        key: str | None = None,
-        deadline: float | None = None,
-    ) -> WorkflowHandle:
-        """Queue a new workflow; durable when this returns; works offline.
-
-        If a direct path is registered for ``name`` (``register_direct``) and
-        ``tether.route.<name>`` puts ``key`` outside the rollout, the direct call is
-        made instead and its result comes back in a ``DirectHandle`` (terminal at once).
-
-        Args:
-            name: the workflow definition's name.
-            input: its JSON input.
-            workflow_id: a UUID string; the same id submitted again is not queued twice.
-                None picks a fresh one; anything else that is not a UUID (``""``
-                included) is refused, never silently replaced.
-            key: the targeting key of the route flag (default: the token's subject).
-            deadline: seconds the whole workflow may take from its acceptance by the
-                server; the definition's own deadline also applies (the shorter wins).
-
-        Returns:
-            A handle; ``get_workflow(handle.id)`` shows it at once as ``pending``.
-
-        Raises:
-            ValidationError: bad name or id, or an input the server could never accept
-                (over ``MAX_INPUT_BYTES``, a NaN/±inf, a NUL character); nothing is
-                queued.
-            LocalStoreError: the write failed (nothing is queued).
-            ClientClosed: the client is not started.
-            Exception: whatever the direct call raised (direct path only).
-        """
-        if workflow_id is None:
-            workflow_id = str(uuid.uuid4())
-        elif not isinstance(workflow_id, str) or not workflow_id:
-            raise ValidationError(f"workflow_id must be a UUID string, got {workflow_id!r}")
-        direct = self._flags.direct_path(name, key)
-        if direct is not None:
-            self._live_session()
-            self._flags.count(name, "direct")
-            started = time.perf_counter()
-            try:
-                result = await direct(dict(input or {}))
-            except Exception:
-                self._flags.direct_failed(name)
-                raise
-            finally:
-                self._flags.direct_seconds.labels(name).observe(time.perf_counter() - started)
-            return DirectHandle(self, workflow_id, name, result)
-        self._flags.count(name, "tether")
-        args: dict[str, Any] = {"workflow_id": workflow_id, "name": name, "input": input or {}}
-        if deadline is not None:
-            args["deadline"] = deadline
-        span, traceparent = tracing.start_submit(name, workflow_id)
-        try:
-            await self._enqueue(
-                "submit_workflow", workflow_id, args, workflow_name=name, traceparent=traceparent
-            )
-        finally:
-            if span is not None:
-                span.end()
-        return WorkflowHandle(self, workflow_id)
-
     # --------------------------------------------------------------------- flags
     def flag(self, name: str, default: Any, key: str | None = None) -> Any:
         """Evaluate a flag locally with the last known set (works offline).
@@ -325,97 +248,6 @@ class SyncClient:
         """The flag state (compiled set, path counts ``counts``, ``registry`` of
         ``tether_client_*`` metrics)."""
         return self._flags
-
-    async def cancel_workflow(self, workflow_id: str) -> WorkflowHandle:
-        """Queue a cancellation (durable when this returns).
-
-        Raises:
-            ValidationError: not a workflow id. LocalStoreError, ClientClosed as above.
-        """
-        await self._enqueue("cancel_workflow", workflow_id, {"workflow_id": workflow_id})
-        return WorkflowHandle(self, workflow_id)
-
-    async def retry_workflow(self, workflow_id: str) -> WorkflowHandle:
-        """Queue a retry of the failed or parked steps (durable when this returns).
-
-        Raises:
-            ValidationError: not a workflow id. LocalStoreError, ClientClosed as above.
-        """
-        await self._enqueue("retry_workflow", workflow_id, {"workflow_id": workflow_id})
-        return WorkflowHandle(self, workflow_id)
-
-    async def report_state(
-        self, workflow_id: str, *, detail: dict[str, Any] | None = None
-    ) -> WorkflowHandle:
-        """Report this client's confirmed view of a workflow to the server, as the
-        ``mini-app`` reconciliation source (queued like any mutation). If the view has
-        diverged from the canonical state, the server answers with a
-        ``workflow.reconciled`` event carrying the canonical snapshot, and the view
-        converges to it.
-
-        Raises:
-            ValidationError: no local view of the workflow, or it is still pending.
-            LocalStoreError, ClientClosed: as for ``submit_workflow``.
-        """
-        view = self.get_workflow(workflow_id)
-        if view is None or view.pending:
-            raise ValidationError(f"no confirmed local view of workflow {workflow_id} to report")
-        args = {
-            "workflow_id": workflow_id,
-            "source": "mini-app",
-            "status": view.status,
-            "at": time.time(),
-            "detail": detail or {},
-        }
-        await self._enqueue("report_state", workflow_id, args)
-        return WorkflowHandle(self, workflow_id)
-
-    async def _enqueue(
-        self,
-        name: str,
-        workflow_id: str,
-        args: dict[str, Any],
-        workflow_name: str | None = None,
-        traceparent: str = "",
-    ) -> Mutation | None:
-        self._live_session()
-        # Refuse here what the server would refuse: a mutation that can never be
-        # accepted must not enter the queue (promise 7: nothing waits behind it).
-        try:
-            parsed = msgspec.convert(args, MUTATION_ARGS[name])
-            encoded = msgspec.json.encode(args)
-        except (msgspec.ValidationError, TypeError, ValueError) as exc:
-            raise ValidationError(f"invalid {name}: {exc}") from exc
-        check_args(parsed)
-        check_text(args, f"args of {name}")
-        if len(encoded) > MAX_MUTATION_BYTES:
-            raise ValidationError(
-                f"{name} of {len(encoded)} bytes is over the limit of {MAX_MUTATION_BYTES}"
-            )
-        future = self._store.enqueue(
-            name,
-            workflow_id,
-            args,
-            created_at=time.time(),
-            workflow_name=workflow_name,
-            args_json=encoded,
-            traceparent=traceparent,
-        )
-        future.add_done_callback(self._enqueued)
-        # shield: a cancelled caller must not cancel the commit future (see module doc).
-        return await asyncio.shield(future)
-
-    def _enqueued(self, future: asyncio.Future[Mutation | None]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            return
-        mutation = future.result()
-        if mutation is None or self._session is None:
-            return
-        workflow_id = self._overlay.add(mutation)
-        self._session.send_mutation(mutation)
-        if self._conn is not None:
-            self._conn.kick()
-        self._feed.changed({workflow_id})
 
     # ---------------------------------------------------------------------- reads
     def get_workflow(self, workflow_id: str) -> WorkflowView | None:
@@ -524,85 +356,3 @@ class SyncClient:
         session = self._session
         if session is not None and session.state is SessionState.FAILED and session.error:
             raise SyncStopped(session.error)
-
-    # ------------------------------------------------------- SyncHandler (shell)
-    async def compact(self) -> tuple[int, int]:
-        """Compact the file now by ``self.compaction`` (also done at start and after
-        every ``compaction.every`` applied events).
-
-        Returns:
-            (events deleted, finished workflows deleted).
-        """
-        self._applied_since_compaction = 0
-        deleted = await self._store.compact(self.compaction, time.time())
-        if any(deleted):
-            log.info("compacted %s: %d events, %d finished workflows", self._store.path, *deleted)
-        return deleted
-
-    async def apply_events(self, events: list[Event], cursor: int) -> None:
-        """Durably apply a page (called by the connection's applier)."""
-        changed = await self._store.apply_events(events, cursor)
-        if self._feed.watching:
-            # A watched workflow's events name their trace: the line an operator needs
-            # to find the request in the tracing backend.
-            for event in events:
-                if self._feed.watched(event.workflow_id) and "trace_id" in event.data:
-                    log.info(
-                        "workflow %s: %s (trace_id %s)",
-                        event.workflow_id,
-                        event.type,
-                        event.data["trace_id"],
-                    )
-        self._applied_since_compaction += len(events)
-        if self._applied_since_compaction >= self.compaction.every:
-            await self.compact()
-        for workflow_id in changed:
-            live = self._live.get(workflow_id)
-            if live is not None:
-                view = self.get_workflow(workflow_id)
-                if view is not None and view.status != "running":
-                    self._live.pop(workflow_id, None)
-        self._feed.changed(changed)
-
-    async def settle(self, results: list[tuple[int, bool, str | None]]) -> None:
-        """Durably record the server's verdicts (called by the applier)."""
-        changed = await self._store.settle([Settlement(*r) for r in results])
-        changed |= self._overlay.remove(r[0] for r in results)
-        for mid, applied, error in results:
-            if not applied:
-                log.warning("mutation %d rejected by the server: %s", mid, error)
-        self._feed.changed(changed)
-
-    async def apply_snapshots(self, snapshots: list[dict[str, Any]]) -> None:
-        """Store current snapshots (progressive sync)."""
-        self._feed.changed(await self._store.apply_snapshots(snapshots))
-
-    async def reset(self, snapshots: list[dict[str, Any]], *, horizon: int, complete: bool) -> None:
-        """Rebuild the views from current snapshots (called by the applier on a reset)."""
-        self._feed.changed(await self._store.reset(snapshots, complete=complete))
-        self.resets += 1
-        self._feed.reset_done(horizon)
-
-    def show_progress(self, progress: Progress) -> None:
-        """Ephemeral live progress from the server."""
-        self._live.setdefault(progress.workflow_id, {})[progress.step] = progress
-        self._feed.changed({progress.workflow_id})
-
-    def apply_flags(self, flags: Flags) -> None:
-        """The tenant's flag set from the server: used at once, then stored."""
-        self._flags.receive(flags)
-        task = asyncio.create_task(self._save_flags(flags))
-        self._flag_writes.add(task)
-        task.add_done_callback(self._flag_writes.discard)
-
-    async def _save_flags(self, flags: Flags) -> None:
-        try:
-            await self._store.save_flags(flags)
-        except TetherError as exc:  # the in-memory set is current; the next one retries
-            log.warning("could not store the flag set: %s", exc.message)
-
-    def state_changed(self) -> None:
-        """Connection or session state changed."""
-        self._feed.notify_waiters()
-        if self._session is not None and self._session.state is SessionState.FAILED:
-            self._feed.end_watches()

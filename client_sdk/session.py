@@ -61,12 +61,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from enum import StrEnum
 from itertools import islice
 
-import msgspec
-
 from client_sdk.backoff import Disposition, classify_close
+from client_sdk.pushbudget import MIN_PUSH_BYTES, mutation_bytes, oversized
+from client_sdk.session_types import (
+    ApplyEvents,
+    ApplyFlags,
+    Close,
+    Command,
+    FetchSnapshots,
+    SessionState,
+    Settle,
+    ShowProgress,
+    Stop,
+)
 from protocol import (
     MAX_BATCH,
     MAX_EVENTS_PAGE,
@@ -107,91 +116,8 @@ __all__ = [
     "Stop",
     "SyncSession",
     "classify_close",
+    "mutation_bytes",
 ]
-
-MIN_PUSH_BYTES = 4 * 1024
-"""The push budget never shrinks below this after refusals (a stand-in always fits)."""
-
-_json = msgspec.json.Encoder()
-_msgpack = msgspec.msgpack.Encoder()
-
-
-def mutation_bytes(mutation: Mutation) -> int:
-    """What ``mutation`` costs in a Push, in the larger of the two wire encodings."""
-    return max(len(_json.encode(mutation)), len(_msgpack.encode(mutation)))
-
-
-class SessionState(StrEnum):
-    """Where the session stands."""
-
-    IDLE = "idle"
-    HANDSHAKE = "handshake"
-    CATCHING_UP = "catching_up"
-    LIVE = "live"
-    FAILED = "failed"
-
-
-# ------------------------------------------------------------------- commands
-
-
-@dataclass(frozen=True, slots=True)
-class ApplyEvents:
-    """Durably apply ``events`` and set the cursor to ``cursor``; then call
-    ``events_applied(cursor)``."""
-
-    events: list[Event]
-    cursor: int
-
-
-@dataclass(frozen=True, slots=True)
-class Settle:
-    """Durably record verdicts: ``(id, applied, error)`` per settled mutation."""
-
-    results: list[tuple[int, bool, str | None]]
-
-
-@dataclass(frozen=True, slots=True)
-class FetchSnapshots:
-    """Fetch the current snapshots of every workflow (progressive sync); with ``reset``,
-    the cursor fell behind the server's retention ``horizon``: the fetch must succeed
-    before any later page is applied (else the shell calls ``reset_failed``)."""
-
-    reset: bool = False
-    horizon: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class ShowProgress:
-    """Ephemeral live progress of a running step."""
-
-    progress: Progress
-
-
-@dataclass(frozen=True, slots=True)
-class ApplyFlags:
-    """The tenant's current flag set (issue 15): use it at once, keep it durably."""
-
-    flags: Flags
-
-
-@dataclass(frozen=True, slots=True)
-class Close:
-    """Close the connection (protocol violation or stall); reconnect with backoff."""
-
-    error: TetherError
-
-
-@dataclass(frozen=True, slots=True)
-class Stop:
-    """Stop syncing for good and surface ``error`` to the application."""
-
-    error: TetherError
-
-
-Command = ApplyEvents | Settle | FetchSnapshots | ShowProgress | Close | Stop | ApplyFlags
-
-
-# --------------------------------------------------------------------- session
 
 
 @dataclass(slots=True)
@@ -548,8 +474,7 @@ class SyncSession:
         self._push()
 
     def _size(self, mutation: Mutation) -> int:
-        size = self._sizes.get(mutation.id)
-        if size is None:
+        if (size := self._sizes.get(mutation.id)) is None:
             size = self._sizes[mutation.id] = mutation_bytes(mutation)
         return size
 
@@ -559,30 +484,17 @@ class SyncSession:
         # The dict is in id order: ids only grow, and settled ones are popped. Cut the
         # batch by count and by bytes; the first mutation always goes (alone if need be).
         batch: list[Mutation] = []
-        total = 0
+        total, budget = 0, self.max_batch_bytes
         for mutation in islice(self._pending.values(), self.max_batch):
             size = self._size(mutation)
-            if batch and total + size > self.max_batch_bytes:
+            if batch and total + size > budget:
                 break
             batch.append(mutation)
             total += size
         self._oversized.clear()
-        if len(batch) == 1 and total > self.max_batch_bytes:
-            batch = [self._stand_in(batch[0], total)]
+        if len(batch) == 1 and total > budget:
+            stand_in, self._oversized[batch[0].id] = oversized(batch[0], total, budget)
+            batch = [stand_in]
         self._in_flight = [m.id for m in batch]
         self.counters.pushes += 1
         self._outgoing.append(Push(mutations=batch))
-
-    def _stand_in(self, mutation: Mutation, size: int) -> Mutation:
-        """A mutation the server's frame limit can never carry: send it without its
-        args, so the server records its id as rejected and the queue moves on."""
-        self._oversized[mutation.id] = (
-            f"too large: {mutation.name} of {size} bytes does not fit the server's push "
-            f"budget of {self.max_batch_bytes} bytes; it was never applied"
-        )
-        return Mutation(
-            id=mutation.id,
-            name=mutation.name,
-            args={"oversized_bytes": size},
-            created_at=mutation.created_at,
-        )

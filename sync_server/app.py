@@ -24,9 +24,10 @@ from starlette.routing import Route, WebSocketRoute
 
 from protocol import Flags, RateLimited, ReportStateArgs, TetherError, UsageError
 from sync_server import tracing
+from sync_server.commands import WorkflowCommands
 from sync_server.config import ServerConfig
 from sync_server.dashboard import routes as dashboard_routes
-from sync_server.domain import MutationApplier, WorkflowCommands
+from sync_server.domain import MutationApplier
 from sync_server.flags.http import routes as flag_routes
 from sync_server.flags.service import FlagService
 from sync_server.http_api import error_response, routes

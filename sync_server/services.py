@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from protocol import Flags
+    from sync_server.commands import WorkflowCommands
     from sync_server.config import ServerConfig
-    from sync_server.domain import MutationApplier, WorkflowCommands
+    from sync_server.domain import MutationApplier
     from sync_server.flags.service import FlagService
     from sync_server.hub import Hub
     from sync_server.metrics import Metrics
