@@ -52,7 +52,7 @@ from protocol import (
     decode_server_message,
     encode,
 )
-from protocol.http import WorkflowList
+from protocol.http import WorkflowPage
 
 __all__ = ["SyncConnection", "SyncHandler"]
 
@@ -268,7 +268,7 @@ class SyncConnection:
                 "/v1/workflows", params={"limit": SNAPSHOT_LIMIT}
             )
             response.raise_for_status()
-            page = msgspec.json.decode(response.content, type=WorkflowList)
+            page = msgspec.json.decode(response.content, type=WorkflowPage)
         except (httpx.HTTPError, msgspec.DecodeError) as exc:
             if command.reset:
                 log.warning("reset fetch failed (%s); reconnecting to try again", exc)

@@ -14,21 +14,10 @@ from collections.abc import Sequence
 import httpx
 import msgspec
 
-from protocol import TetherError, Unavailable, ValidationError, WorkflowSnapshot
+from protocol import TetherError, Unavailable, ValidationError
+from protocol.http import WorkflowPage
 
 __all__ = ["WorkflowPage", "find_workflows"]
-
-
-class WorkflowPage(msgspec.Struct, frozen=True):
-    """One page of the server's listing, newest first.
-
-    Attributes:
-        workflows: canonical snapshots (``workflow_version`` included).
-        next_cursor: pass it as ``cursor`` for the next page; None when there is none.
-    """
-
-    workflows: list[WorkflowSnapshot]
-    next_cursor: str | None = None
 
 
 async def find_workflows(

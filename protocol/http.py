@@ -33,7 +33,7 @@ __all__ = [
     "SloList",
     "UpgradeRequest",
     "VersionCount",
-    "WorkflowList",
+    "WorkflowPage",
 ]
 
 
@@ -76,9 +76,14 @@ class UpgradeRequest(_Body, frozen=True):
     version: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
 
-class WorkflowList(_Body, frozen=True):
+class WorkflowPage(_Body, frozen=True):
     """Answer of ``GET /v1/workflows``: a page, newest first; ``next_cursor`` resumes
-    after its last row (null: no more)."""
+    after its last row (null: no more). The SDK's ``find_workflows`` returns it.
+
+    Attributes:
+        workflows: canonical snapshots (``workflow_version`` included).
+        next_cursor: pass it as ``cursor`` for the next page; None when there is none.
+    """
 
     workflows: list[WorkflowSnapshot]
     next_cursor: str | None = None

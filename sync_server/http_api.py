@@ -34,7 +34,7 @@ from protocol import (
     encode_json,
 )
 from protocol.codec import check_args, check_text
-from protocol.http import DeadLetter, DlqList, ErrorBody, ErrorDetail, Health, Ready, WorkflowList
+from protocol.http import DeadLetter, DlqList, ErrorBody, ErrorDetail, Health, Ready, WorkflowPage
 from protocol.messages import MAX_NAME_LENGTH
 from sync_server import listing
 from sync_server.auth import Principal, bearer_token, verify_token
@@ -226,7 +226,7 @@ async def list_workflows(request: Request) -> Response:
         [(record.created_at, record.id) for record in records],
         limit,
     )
-    return _json(WorkflowList(workflows=page["workflows"], next_cursor=page["next_cursor"]))
+    return _json(WorkflowPage(workflows=page["workflows"], next_cursor=page["next_cursor"]))
 
 
 async def upgrade_workflow(request: Request) -> Response:

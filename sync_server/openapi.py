@@ -37,7 +37,7 @@ from protocol.http import (
     Ready,
     SloList,
     UpgradeRequest,
-    WorkflowList,
+    WorkflowPage,
 )
 from sync_server.flags.http import openapi_paths as flag_paths
 from sync_server.flags.http import openapi_schemas as flag_schemas
@@ -196,7 +196,7 @@ def _paths() -> dict[str, Any]:
                     _text_query("cursor", "The next_cursor of the previous page."),
                     _int_query("limit", 1, _MAX_LIST, "Most workflows listed."),
                 ],
-                "responses": _responses(200, "WorkflowList", 400, *_AUTH, 503),
+                "responses": _responses(200, "WorkflowPage", 400, *_AUTH, 503),
             }
         },
         "/v1/workflows/{id}": {
@@ -433,7 +433,7 @@ def build_document() -> dict[str, Any]:
             PushResponse,
             PullResponse,
             WorkflowSnapshot,
-            WorkflowList,
+            WorkflowPage,
             ReportStateArgs,
             UpgradeRequest,
             DlqList,
