@@ -11,7 +11,9 @@ The shell (``sync_server.ws``) decodes frames and feeds them to ``receive_messag
 it feeds store answers back with ``receive_client_state``, ``receive_page`` and
 ``receive_push_results``, and live hub batches with ``receive_live``. It drains
 ``commands_to_run()`` (store work) and ``messages_to_send()`` (frames) after each input,
-and closes the socket when ``close_code`` is set.
+and closes the socket when ``close_code`` is set. The commands are carried out by
+``sync_server.sync_core.SessionCore``, which the HTTP fallback calls too (``POST
+/v1/push`` is one ``ApplyPush``, ``GET /v1/pull`` one ``ReadEvents``).
 
 Ordered, gapless delivery (SPEC promise 4): while CATCHING_UP the session pages the
 store from its cursor and ignores live batches except to remember the highest live
