@@ -56,8 +56,10 @@ from protocol import (
     PushResult,
     ServerMessage,
     TetherError,
+    ValidationError,
     Welcome,
 )
+from protocol.codec import check_text
 
 __all__ = [
     "ApplyPush",
@@ -200,8 +202,10 @@ class ServerSession:
                 )
             )
             return
-        if "\x00" in hello.client_id:  # PostgreSQL cannot store it (protocol.check_text)
-            self.fail(BadMessage("client_id contains a NUL character (U+0000)"))
+        try:  # the same rule as a push's client id (PostgreSQL cannot store a NUL) ...
+            check_text(hello.client_id, "client_id")
+        except ValidationError as exc:  # ... but in a Hello it breaks the protocol (4400)
+            self.fail(BadMessage(exc.message))
             return
         self.client_id = hello.client_id
         self.wants_flags = hello.flags

@@ -14,10 +14,10 @@ import httpx
 import msgspec
 import pytest
 
-from protocol import PROTOCOL_VERSION, Ack, Events, Hello, Mutation, encode
+from protocol import PROTOCOL_VERSION, Ack, Error, Events, Hello, Mutation, encode
 from sync_server import create_app
 from tests.servers import SECRET, running
-from tests.sync_helpers import NOOP, RawClient, token
+from tests.sync_helpers import NOOP, RawClient, close_code_of, token
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -74,6 +74,15 @@ class WsShell:
         await reader.close()
         return pages
 
+    async def refusal(self, tok: str, client_id: str) -> str:
+        """The message of the error that refuses ``client_id`` (the session closes)."""
+        client = await RawClient.open(self.url, tok=tok, client_id=client_id, hello=False)
+        await client.ws.send(encode(Hello(client_id=client_id, protocol_version=PROTOCOL_VERSION)))
+        error = await client.recv()
+        assert isinstance(error, Error), error
+        assert await close_code_of(client.ws) == 4400
+        return error.message
+
     async def close(self) -> None:
         for client in self.clients.values():
             await client.close()
@@ -105,6 +114,13 @@ class HttpShell:
             cursor = body["cursor"]
             if not body["has_more"]:
                 return pages
+
+    async def refusal(self, tok: str, client_id: str) -> str:
+        body = {"client_id": client_id, "mutations": [msgspec.to_builtins(submit(1, WF))]}
+        r = await self.http.post("/v1/push", json=body, headers={"Authorization": f"Bearer {tok}"})
+        assert r.status_code == 422, r.text
+        message: str = r.json()["error"]["message"]
+        return message
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -147,6 +163,12 @@ async def test_push_answers_alike_on_both_shells(shell: Any) -> None:
     cancel = Mutation(id=2, name="cancel_workflow", args={"workflow_id": WF})
     theirs = await shell.push(other, "c1", [submit(1, OTHER), cancel])
     assert theirs == [(1, "applied", None, None), (2, "rejected", f"no workflow {WF}", "not_found")]
+
+
+async def test_a_nul_in_the_client_id_is_refused_alike_on_both_shells(shell: Any) -> None:
+    """The same rule and text; the WebSocket closes 4400 (a bad Hello), HTTP answers 422."""
+    message = await shell.refusal(token("acme", "c1"), "a\x00b")
+    assert message == "client_id contains a NUL character (U+0000)"
 
 
 async def test_pages_cut_alike_on_both_shells(shell: Any) -> None:
