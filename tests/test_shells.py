@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -224,3 +226,18 @@ def test_the_app_satisfies_the_services_protocol() -> None:
         and node.value.id == "self"
     }
     assert missing <= assigned, missing - assigned
+
+
+def test_importing_the_shells_does_not_load_the_app() -> None:
+    """The same, as a fresh interpreter sees it (``sys.modules`` after the imports)."""
+    code = (
+        "import sys\n"
+        + "".join(f"import sync_server.{m[:-3].replace('/', '.')}\n" for m in SHELLS)
+        + "print('sync_server.app' in sys.modules)\n"
+    )
+    root = Path(__file__).parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
