@@ -1,8 +1,9 @@
 """Turn a workflow row into the ``WorkflowSnapshot`` that clients see.
 
-The saga state keeps ``state["steps"][name]`` with at least the keys ``status``,
-``attempts``, ``progress``, ``result`` and ``error``; anything else in the state is the
-engine's private bookkeeping and never leaves the server.
+The saga state (``sync_server.saga.sagastate``, its JSON in the row) keeps
+``steps[name]`` with at least the keys ``status``, ``attempts``, ``progress``, ``result``
+and ``error``; anything else in the state is the engine's private bookkeeping and never
+leaves the server. Snapshots read the row's JSON directly (no decode on this hot path).
 
 Events stay small (issue 11): an event's ``data["workflow"]`` is a *partial* snapshot
 (``WorkflowSnapshot.partial``) that carries results only where the event changed them
@@ -21,6 +22,7 @@ import msgspec
 
 from protocol import StepSnapshot, WorkflowSnapshot
 from protocol import events as event_types
+from sync_server.saga.sagastate import steps_wire, trace_of
 from sync_server.store.base import WorkflowRecord
 
 __all__ = ["append_event", "event_snapshot_data", "snapshot", "snapshot_data"]
@@ -36,7 +38,7 @@ def snapshot(record: WorkflowRecord) -> WorkflowSnapshot:
             result=step.get("result"),
             error=step.get("error"),
         )
-        for name, step in (record.state.get("steps") or {}).items()
+        for name, step in steps_wire(record.state).items()
     }
     return WorkflowSnapshot(
         id=record.id,
@@ -93,7 +95,7 @@ def append_event(tx: Any, record: WorkflowRecord, type: str, at: float, /, **fie
     ``step.status`` event's ``result`` travels in its snapshot's step only, not twice.
     """
     record.updated_at = max(record.updated_at, at)
-    trace = record.state.get("trace")
+    trace = trace_of(record.state)
     if trace:
         # Events name the workflow's trace, so a client (``watch``) can log it.
         fields["trace_id"] = trace[3:35]

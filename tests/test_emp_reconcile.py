@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import uuid
 
+from msgspec.structs import replace
+
 from sync_server.reconcile import ReconcileRules, decide
 from sync_server.saga import RetryPolicy, Step, Workflow
 from sync_server.saga.machine import SagaMachine
+from sync_server.saga.sagastate import FailRepair, Job, Requests
 from sync_server.store.base import WorkflowRecord
 
 RULES = ReconcileRules()
@@ -51,17 +54,19 @@ def test_the_fail_repair_counts_as_a_failed_attempt_and_retries():
     machine = SagaMachine(workflow, "w1", "pending", {})
     machine.receive_submit(0.0)
     machine.advance(0.0)
-    assert machine.steps["render"]["status"] == "running"
-    machine.state["requests"] = {"fail": [{"step": "render", "error": "SIGTERM"}]}
+    assert machine.steps["render"].status == "running"
+    machine.state = replace(
+        machine.state, requests=Requests(fail=(FailRepair("render", "SIGTERM"),))
+    )
     machine.receive_claim(1.0)
     step = machine.steps["render"]
-    assert step["status"] == "retrying" and "SIGTERM" in step["error"]
-    assert step["attempts"] == 1
+    assert step.status == "retrying" and "SIGTERM" in step.error
+    assert step.attempts == 1
     assert not machine.receive_job_failed("render", "again", 1.0)  # not running: no-op
     machine.advance(2.0)
-    assert machine.steps["render"]["status"] == "running"
+    assert machine.steps["render"].status == "running"
     assert machine.receive_job_failed("render", "x" * 1_000_000, 2.0)  # a source's text
-    assert len(machine.steps["render"]["error"]) < 2100  # bounded in the state
+    assert len(machine.steps["render"].error) < 2100  # bounded in the state
 
 
 def test_a_recorded_job_is_kept_only_for_the_current_attempt():
@@ -71,6 +76,6 @@ def test_a_recorded_job_is_kept_only_for_the_current_attempt():
     machine.advance(0.0)
     job = {"source": "job-queue", "adapter": "emp-job-queue"}
     assert not machine.receive_job("render", 2, job)  # not the current attempt
-    assert "job" not in machine.steps["render"]
+    assert machine.steps["render"].job is None
     assert machine.receive_job("render", 1, job)
-    assert machine.steps["render"]["job"] == job
+    assert machine.steps["render"].job == Job(**job)

@@ -8,6 +8,7 @@ import random
 import time
 
 import pytest
+from msgspec.structs import replace
 
 from protocol import WorkflowStatus, events
 from sync_server.saga import RetryPolicy, Step, Workflow, intake
@@ -49,11 +50,11 @@ def started(workflow, now=0.0, deadline=None):
 
 
 def test_the_shorter_of_definition_and_submit_deadline_wins():
-    assert started(pipeline(deadline=30), 100.0).state["deadline_at"] == 130.0
-    assert started(pipeline(deadline=30), 100.0, deadline=5).state["deadline_at"] == 105.0
-    assert started(pipeline(deadline=5), 100.0, deadline=30).state["deadline_at"] == 105.0
-    assert started(pipeline(), 100.0, deadline=7).state["deadline_at"] == 107.0
-    assert "deadline_at" not in started(pipeline(), 100.0).state
+    assert started(pipeline(deadline=30), 100.0).state.deadline_at == 130.0
+    assert started(pipeline(deadline=30), 100.0, deadline=5).state.deadline_at == 105.0
+    assert started(pipeline(deadline=5), 100.0, deadline=30).state.deadline_at == 105.0
+    assert started(pipeline(), 100.0, deadline=7).state.deadline_at == 107.0
+    assert started(pipeline(), 100.0).state.deadline_at is None
 
 
 def test_deadline_is_part_of_due_at_while_nothing_runs():
@@ -61,7 +62,7 @@ def test_deadline_is_part_of_due_at_while_nothing_runs():
     m.advance(0.0)
     [run] = [e for e in m.effects_to_apply() if isinstance(e, RunStep)]
     m.receive_step_failed("a", run.attempt, "boom", 1.0)  # retry due at 1.0 + backoff
-    m.steps["a"]["due_at"] = 50.0  # a long backoff: the deadline comes first
+    m.steps["a"] = replace(m.steps["a"], due_at=50.0)  # a long backoff: the deadline comes first
     m.advance(1.0)
     assert m.due_at == 10.0
 
@@ -78,8 +79,8 @@ def test_deadline_stops_the_running_step_and_compensates_with_a_dead_letter():
     m.advance(10.0)
     fx = m.effects_to_apply()
     assert m.status == WorkflowStatus.COMPENSATING
-    assert m.steps["b"]["status"] == "failed" and m.steps["b"]["error"] == "deadline exceeded"
-    assert m.steps["c"]["status"] == "skipped"
+    assert m.steps["b"].status == "failed" and m.steps["b"].error == "deadline exceeded"
+    assert m.steps["c"].status == "skipped"
     [letter] = [e for e in fx if isinstance(e, DeadLetter)]
     assert letter.reason == "deadline_exceeded" and letter.step == "b"
     assert any(isinstance(e, Alert) and e.kind == "deadline_exceeded" for e in fx)
@@ -97,7 +98,7 @@ def test_deadline_parks_by_on_failure_and_a_retry_runs_without_it():
     m.advance(6.0)
     m.effects_to_apply()
     assert m.status == WorkflowStatus.PARKED and m.due_at is None
-    assert m.steps["a"]["status"] == "failed" and m.steps["b"]["status"] == "skipped"
+    assert m.steps["a"].status == "failed" and m.steps["b"].status == "skipped"
     assert sorted(m.receive_retry(7.0)) == ["a", "b", "c"]
     m.advance(7.0)
     assert [e.step for e in m.effects_to_apply() if isinstance(e, RunStep)] == ["a"]

@@ -36,7 +36,7 @@ def _record() -> WorkflowRecord:
     machine = SagaMachine(WF, "w1", "pending", {}, tenant="t1")
     machine.receive_submit(0.0)
     return WorkflowRecord(
-        id="w1", tenant="t1", name="g", status=machine.status.value, state=machine.state
+        id="w1", tenant="t1", name="g", status=machine.status.value, state=machine.encoded_state()
     )
 
 
@@ -54,7 +54,7 @@ def test_a_ready_guarded_step_needs_its_breaker_and_an_open_one_defers_it():
     assert gate.changes == [] and gate.records == {} and gate.seen == {"svc": "open"}
     effects = draft.finish({}, 10.0)
     assert not any(isinstance(e, RunStep) for e in effects)
-    assert draft.machine.steps["call"]["deferred"] == "svc"
+    assert draft.machine.steps["call"].deferred == "svc"
     assert record.state["steps"]["call"].get("deferred") is None  # the row is untouched
 
 
@@ -64,7 +64,7 @@ def test_a_guarded_failure_opens_the_breaker_as_a_returned_change():
     [run] = [e for e in draft.finish({}, 10.0) if isinstance(e, RunStep)]
     started = WorkflowRecord(
         id="w1", tenant="t1", name="g", status=draft.machine.status.value,
-        state=draft.machine.state,
+        state=draft.machine.encoded_state(),
     )  # fmt: skip
     failed = Input("step", "w1", 1, "call", run.attempt, error="503", breaker="svc", tenant="t1")
     again = prepare(WF, started, [failed], 11.0, no_delay)
@@ -83,9 +83,9 @@ def test_limits_admit_or_defer_the_ready_steps_named():
     ok = Input("step", "w1", 1, "call", 1, ok=True, breaker="svc", tenant="t1")
     started = WorkflowRecord(
         id="w1", tenant="t1", name="g", status=draft.machine.status.value,
-        state=draft.machine.state,
+        state=draft.machine.encoded_state(),
     )  # fmt: skip
     after = prepare(WF, started, [ok], 11.0, no_delay)
     assert after.steps_to_admit({"slots": object()}, 11.0) == [("next", "slots")]
     after.finish({"next": ("slots", Admission(False, 20.0))}, 11.0)
-    assert after.machine.steps["next"]["deferred"] == "limit:slots"
+    assert after.machine.steps["next"].deferred == "limit:slots"

@@ -8,27 +8,40 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
 from protocol import InvalidTransition, StepStatus, WorkflowStatus, events
-from sync_server.saga import RetryPolicy, Step, Workflow
+from sync_server.saga import RetryPolicy, Step, Workflow, planner
+from sync_server.saga.inputs import (
+    CompensationFailed,
+    CompensationSucceeded,
+    StepFailed,
+    StepSucceeded,
+    apply_input,
+)
 from sync_server.saga.machine import (
     MAX_INTERRUPTS,
     SagaMachine,
     idempotency_key,
     initial_state,
 )
+from sync_server.saga.sagastate import Requests, WorkflowState
 from sync_server.saga.transitions import (
     STEP_TABLE,
     WORKFLOW_TABLE,
     Alert,
     DeadLetter,
     EmitEvent,
+    Fx,
+    ResolveDeadLetters,
     RunCompensation,
     RunStep,
     StepInput,
     WorkflowInput,
     next_step_status,
     next_workflow_status,
+    step_move,
+    workflow_move,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -91,11 +104,23 @@ def kinds(effects, kind):
 # ------------------------------------------------------------------ the table
 
 
+GIVING_UP = {StepInput.EXHAUST, StepInput.COMP_EXHAUST}
+DEADLINE = {WorkflowInput.DEADLINE_COMPENSATE, WorkflowInput.DEADLINE_PARK}
+
+
 @given(st.sampled_from(list(WorkflowStatus)), st.sampled_from(list(WorkflowInput)))
 def test_workflow_table_is_total_or_invalid(status, event):
     if (status, event) in WORKFLOW_TABLE:
-        assert next_workflow_status(status, event) == WORKFLOW_TABLE[(status, event)]
+        move = workflow_move(status, event)
+        assert move == WORKFLOW_TABLE[(status, event)]
+        assert next_workflow_status(status, event) == move.next
+        # the effects of the move: its event (not for a submit: that is intake's own
+        # ``workflow.submitted``), and a dead letter and an alert for a deadline
+        expected = (Fx.DEAD_LETTER, Fx.ALERT, Fx.EVENT) if event in DEADLINE else (Fx.EVENT,)
+        assert move.effects == (() if event == WorkflowInput.SUBMIT else expected)
     else:
+        with pytest.raises(InvalidTransition):
+            workflow_move(status, event)
         with pytest.raises(InvalidTransition):
             next_workflow_status(status, event)
 
@@ -103,10 +128,64 @@ def test_workflow_table_is_total_or_invalid(status, event):
 @given(st.sampled_from(list(StepStatus)), st.sampled_from(list(StepInput)))
 def test_step_table_is_total_or_invalid(status, event):
     if (status, event) in STEP_TABLE:
-        assert next_step_status(status, event) == STEP_TABLE[(status, event)]
+        move = step_move(status, event)
+        assert move == STEP_TABLE[(status, event)]
+        assert next_step_status(status, event) == move.next
+        expected = [Fx.EVENT]
+        if event == StepInput.START:
+            expected.append(Fx.RUN_STEP)
+        if event == StepInput.COMPENSATE:
+            expected.append(Fx.RUN_COMPENSATION)
+        if event in GIVING_UP:
+            expected += [Fx.DEAD_LETTER, Fx.ALERT]
+        # a deferral (breaker open, limit full) changes no status and says nothing
+        assert list(move.effects) == ([] if event == StepInput.DEFER else expected)
     else:
         with pytest.raises(InvalidTransition):
+            step_move(status, event)
+        with pytest.raises(InvalidTransition):
             next_step_status(status, event)
+
+
+def effect_kind(effect):
+    if isinstance(effect, EmitEvent):
+        assert effect.type in (events.STEP_CHANGED, events.WORKFLOW_CHANGED)
+        return Fx.EVENT
+    return {
+        RunStep: Fx.RUN_STEP,
+        RunCompensation: Fx.RUN_COMPENSATION,
+        DeadLetter: Fx.DEAD_LETTER,
+        Alert: Fx.ALERT,
+    }[type(effect)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    shape=st.sampled_from(["linear", "diamond", "linear_park", "diamond_park"]),
+    cancel_at=st.one_of(st.none(), st.integers(0, 12)),
+    claim_every=st.one_of(st.none(), st.integers(2, 7)),
+)
+def test_the_effects_are_exactly_those_of_the_moves_taken(seed, shape, cancel_at, claim_every):
+    """Every effect the machine emits comes from a move of the tables, in order, and
+    every move taken has all its effects (progress and breaker notices aside, which are
+    no moves and do not happen here)."""
+    moves = []
+
+    def recording(lookup):
+        def move(status, event):
+            found = lookup(status, event)
+            moves.append(found)
+            return found
+
+        return move
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(planner, "step_move", recording(step_move))
+        patch.setattr(planner, "workflow_move", recording(workflow_move))
+        m, log = simulate(SHAPES[shape](), seed, cancel_at=cancel_at, claim_every=claim_every)
+    assert m.status.terminal
+    assert [effect_kind(e) for e in log] == [fx for move in moves for fx in move.effects]
 
 
 def test_terminal_statuses_have_no_way_out():
@@ -121,7 +200,7 @@ def test_terminal_statuses_have_no_way_out():
 def test_submit_then_linear_success():
     m = new_machine(linear())
     assert m.status == WorkflowStatus.RUNNING and m.due_at == 0.0
-    assert all(s["status"] == "waiting" for s in m.steps.values())
+    assert all(s.status == "waiting" for s in m.steps.values())
     m.receive_claim(1.0)
     m.advance(1.0)
     fx = m.effects_to_apply()
@@ -166,7 +245,7 @@ def test_retry_with_backoff_then_success():
     assert m.receive_step_failed("a", 1, "boom", 10.0)
     m.advance(10.0)
     fx = m.effects_to_apply()
-    assert m.steps["a"]["status"] == "retrying" and runs(fx) == []
+    assert m.steps["a"].status == "retrying" and runs(fx) == []
     assert m.due_at == 11.0  # base 1.0 * attempt 1
     m.advance(10.5)
     assert runs(m.effects_to_apply()) == []
@@ -199,7 +278,7 @@ def test_exhaustion_dead_letters_and_compensates_in_reverse_order():
     m.receive_compensation_succeeded("a", 1, 5)
     m.advance(5)
     assert m.status == WorkflowStatus.COMPENSATED
-    assert [m.steps[s]["status"] for s in "abc"] == ["compensated", "compensated", "failed"]
+    assert [m.steps[s].status for s in "abc"] == ["compensated", "compensated", "failed"]
     assert m.error.startswith("step c failed after 1 attempt(s)")
 
 
@@ -211,7 +290,7 @@ def test_permanent_error_skips_retries_and_nothing_to_compensate():
     fx = m.effects_to_apply()
     assert kinds(fx, DeadLetter)[0].reason == "permanent_error"
     assert m.status == WorkflowStatus.COMPENSATED
-    assert [m.steps[s]["status"] for s in "abc"] == ["failed", "skipped", "skipped"]
+    assert [m.steps[s].status for s in "abc"] == ["failed", "skipped", "skipped"]
 
 
 def test_timeout_reason():
@@ -270,7 +349,7 @@ def test_park_then_retry_reruns_only_failed_steps():
     fx = m.effects_to_apply()
     assert m.status == WorkflowStatus.PARKED and m.due_at is None
     assert comps(fx) == [] and kinds(fx, DeadLetter)
-    assert [m.steps[s]["status"] for s in "abc"] == ["succeeded", "failed", "waiting"]
+    assert [m.steps[s].status for s in "abc"] == ["succeeded", "failed", "waiting"]
     assert m.receive_retry(3) == ["b"]
     m.advance(3)
     assert runs(m.effects_to_apply()) == [("b", 1)]  # a is not re-run
@@ -292,7 +371,7 @@ def test_cancel_mid_run_compensates_completed_steps_only():
     m.receive_cancel(2)  # b is running
     m.advance(2)
     fx = m.effects_to_apply()
-    assert [m.steps[s]["status"] for s in "abc"] == ["compensating", "failed", "skipped"]
+    assert [m.steps[s].status for s in "abc"] == ["compensating", "failed", "skipped"]
     assert comps(fx) == ["a"]
     assert not m.receive_step_succeeded("b", 1, "late", 3)  # the interrupted attempt
     m.receive_compensation_succeeded("a", 1, 3)
@@ -341,10 +420,10 @@ def test_claim_applies_cancel_request_and_resumes_compensation():
     m.advance(0)
     m.receive_step_succeeded("a", 1, None, 1)
     m.advance(1)
-    m.state["requests"] = {"cancel": True}
+    m.state = replace(m.state, requests=Requests(cancel=True))
     m.receive_claim(2)
     m.advance(2)
-    assert comps(m.effects_to_apply()) == ["a"] and "requests" not in m.state
+    assert comps(m.effects_to_apply()) == ["a"] and m.state.requests is None
     m.receive_claim(3)  # the compensating instance died
     m.advance(3)
     fx = kinds(m.effects_to_apply(), RunCompensation)
@@ -357,10 +436,27 @@ def test_claim_applies_retry_request():
     m.receive_step_failed("a", 1, "x", 1)
     m.advance(1)
     m.effects_to_apply()
-    m.state["requests"] = {"retry": True}
+    m.state = replace(m.state, requests=Requests(retry=True))
     m.receive_claim(2)
     m.advance(2)
     assert runs(m.effects_to_apply()) == [("a", 1)]
+
+
+def test_a_retry_request_closes_the_dead_letters_it_reruns_first():
+    m = new_machine(linear(on_failure="park", attempts=1))
+    m.advance(0)
+    m.receive_step_failed("a", 1, "x", 1)
+    m.advance(1)
+    m.effects_to_apply()
+    m.state = replace(m.state, dlq=(5, 8), requests=Requests(retry=True))
+    m.receive_claim(2)
+    m.advance(2)
+    fx = m.effects_to_apply()
+    assert fx[0] == ResolveDeadLetters((5, 8)) and m.state.dlq == ()
+    assert runs(fx) == [("a", 1)]
+    m.state = replace(m.state, requests=Requests(cancel=True))  # no retry: none closed
+    m.receive_claim(3)
+    assert not kinds(m.effects_to_apply(), ResolveDeadLetters)
 
 
 def test_breaker_defers_without_using_an_attempt():
@@ -372,10 +468,10 @@ def test_breaker_defers_without_using_an_attempt():
     m.advance(0)
     fx = m.effects_to_apply()
     assert [e.type for e in fx] == [events.BREAKER_CHANGED]
-    assert m.steps["a"]["attempts"] == 0 and m.due_at == 30.0
+    assert m.steps["a"].attempts == 0 and m.due_at == 30.0
     m.advance(30.0)
     assert runs(m.effects_to_apply()) == [("a", 1)]
-    assert "deferred" not in m.steps["a"]
+    assert m.steps["a"].deferred is None
 
 
 def test_diamond_runs_independent_steps_concurrently_and_compensates_in_order():
@@ -463,12 +559,19 @@ def test_helpers():
     assert mine != theirs and mine.endswith(".w:s") and len(mine) == len("t.w:s") + 16
     assert idempotency_key("w", "s", compensation=True, tenant="a").endswith(".w:s:compensate")
     state = initial_state(linear())
-    assert list(state["steps"]) == ["a", "b", "c"]
+    assert list(state.steps) == ["a", "b", "c"]
     m = SagaMachine(linear(), "w", "running", None)
-    assert m.state == {}
+    assert m.state == WorkflowState({})
 
 
 # ------------------------------------------------------------------ simulation
+
+SHAPES = {
+    "linear": lambda: linear(attempts=3),
+    "diamond": diamond,
+    "linear_park": lambda: linear(on_failure="park", attempts=2),
+    "diamond_park": lambda: diamond(on_failure="park"),
+}
 
 
 def simulate(workflow, seed, *, cancel_at=None, claim_every=None, retry_parked=True):
@@ -502,15 +605,17 @@ def simulate(workflow, seed, *, cancel_at=None, claim_every=None, retry_parked=T
         roll = rng.random()
         if compensation:
             if roll < 0.8:
-                m.receive_compensation_succeeded(step, attempt, now)
+                item = CompensationSucceeded(step, attempt)
             else:
-                m.receive_compensation_failed(step, attempt, "undo failed", now)
+                item = CompensationFailed(step, attempt, "undo failed")
         elif roll < 0.6:
-            m.receive_step_succeeded(step, attempt, {"step": step}, now)
+            item = StepSucceeded(step, attempt, {"step": step})
         elif roll < 0.65:
-            m.receive_step_failed(step, attempt, "permanent", now, permanent=True)
+            item = StepFailed(step, attempt, "permanent", permanent=True)
         else:
-            m.receive_step_failed(step, attempt, "flaky", now, timed_out=roll > 0.9)
+            item = StepFailed(step, attempt, "flaky", timed_out=roll > 0.9)
+        assert apply_input(m, item, now)
+        assert not apply_input(m, item, now)  # the same outcome twice: recorded once
         now += 0.25
     raise AssertionError("unreachable")
 
@@ -545,13 +650,13 @@ def check_invariants(workflow, m, log):
                 assert done_at[dependent] < i
     assert all(attempt >= 1 for _s, attempt in started)
     if m.status == WorkflowStatus.COMPLETED:
-        assert all(s["status"] == "succeeded" for s in m.steps.values())
+        assert all(s.status == "succeeded" for s in m.steps.values())
     if m.status == WorkflowStatus.COMPENSATED:
         for name, s in m.steps.items():
             if workflow.steps[name].compensate is not None:
-                assert s["status"] != "succeeded"
+                assert s.status != "succeeded"
     for s in m.steps.values():
-        assert s["status"] in set(StepStatus)
+        assert s.status in set(StepStatus)
 
 
 @settings(max_examples=150, deadline=None)
@@ -562,12 +667,7 @@ def check_invariants(workflow, m, log):
     claim_every=st.one_of(st.none(), st.integers(2, 7)),
 )
 def test_simulation_always_ends_with_invariants(seed, shape, cancel_at, claim_every):
-    workflow = {
-        "linear": linear(attempts=3),
-        "diamond": diamond(),
-        "linear_park": linear(on_failure="park", attempts=2),
-        "diamond_park": diamond(on_failure="park"),
-    }[shape]
+    workflow = SHAPES[shape]()
     m, log = simulate(workflow, seed, cancel_at=cancel_at, claim_every=claim_every)
     assert m.status.terminal
     check_invariants(workflow, m, log)

@@ -37,6 +37,7 @@ from typing import Any
 
 from protocol import ReportStateArgs, Source, StepStatus, WorkflowStatus, events
 from sync_server.saga import intake
+from sync_server.saga.sagastate import pending_repairs, step_wire
 from sync_server.snapshots import append_event
 from sync_server.store.base import Transaction, WorkflowRecord
 
@@ -116,11 +117,7 @@ def _job_step(
 
 def pending_repair(record: WorkflowRecord, step: str) -> bool:
     """True while a repair of ``step`` waits for the next claim to apply it."""
-    requests = record.state.get("requests") or {}
-    queued = [r["step"] for r in requests.get("reconcile", ())]
-    queued += list(requests.get("resubmit", ()))
-    queued += [r["step"] for r in requests.get("fail", ())]
-    return step in queued
+    return step in pending_repairs(record.state)
 
 
 def decide(record: WorkflowRecord, rules: ReconcileRules) -> Repair:
@@ -147,8 +144,7 @@ def decide(record: WorkflowRecord, rules: ReconcileRules) -> Repair:
     detail = report.get("detail") or {}
     if status == WorkflowStatus.COMPLETED.value:
         step = _job_step(record, rules, detail)
-        steps = record.state.get("steps") or {}
-        state = (steps.get(step) or {}).get("status") if step else None
+        state = step_wire(record.state, step).get("status") if step else None
         if step and (state == StepStatus.SUCCEEDED.value or pending_repair(record, step)):
             return NONE  # the job step has (or is getting) its result; the rest is the saga's
         if step and server == WorkflowStatus.RUNNING.value and state in _ACTIVE_STEP:
@@ -162,11 +158,10 @@ def decide(record: WorkflowRecord, rules: ReconcileRules) -> Repair:
     elif status == WorkflowStatus.FAILED.value and server == WorkflowStatus.RUNNING.value:
         # The job source outranks the saga record: its job failed, so the attempt did.
         step = _job_step(record, rules, detail)
-        steps = record.state.get("steps") or {}
-        state = (steps.get(step) or {}).get("status") if step else None
+        state = step_wire(record.state, step).get("status") if step else None
         if not step or state != StepStatus.RUNNING.value or pending_repair(record, step):
             return NONE  # the saga already knows (retrying, done) or is being repaired
-        attempts = (steps.get(step) or {}).get("attempts")
+        attempts = step_wire(record.state, step).get("attempts")
         if detail.get("attempt") is not None and detail.get("attempt") != attempts:
             return NONE  # a failure of an earlier attempt, already counted
         error = detail.get("error") if isinstance(detail.get("error"), str) else "failed"

@@ -48,6 +48,7 @@ from sync_server.reconcile.rules import (
 from sync_server.reconcile.sources import JobState, SourceAdapter
 from sync_server.saga.alerts import Alerts
 from sync_server.saga.machine import idempotency_key
+from sync_server.saga.sagastate import step_wire, steps_wire
 from sync_server.saga.storable import storable_json, storable_text
 from sync_server.service import PeriodicService
 from sync_server.store.base import Store, Transaction, WorkflowKey, WorkflowRecord
@@ -116,7 +117,7 @@ class Reconciler(PeriodicService):
         for the step named in ``rules.job_steps``."""
         fallback = self.rules.job_steps.get(record.name)
         out: list[tuple[str, list[SourceAdapter]]] = []
-        for name, state in (record.state.get("steps") or {}).items():
+        for name, state in steps_wire(record.state).items():
             if state.get("status") not in (StepStatus.RUNNING, StepStatus.RETRYING):
                 continue
             job = state.get("job")
@@ -144,7 +145,7 @@ class Reconciler(PeriodicService):
         )
         for record in records:
             for step, sources in self.job_steps(record):
-                state = record.state["steps"][step]
+                state = step_wire(record.state, step)
                 key = idempotency_key(record.id, step, tenant=record.tenant)
                 for source in sources:
                     try:
@@ -180,7 +181,7 @@ class Reconciler(PeriodicService):
         seen: set[tuple[str, str, str, int, str]],
     ) -> int:
         now = self.clock()
-        running = record.state["steps"][step].get("status") == StepStatus.RUNNING
+        running = step_wire(record.state, step).get("status") == StepStatus.RUNNING
         if job.status == "completed":
             try:  # the same cap as a step's own result (issue 11)
                 result = storable_json(job.result)
@@ -257,7 +258,7 @@ class Reconciler(PeriodicService):
             record = await tx.get_workflow(key.tenant, key.id, lock=True)
             if record is None:
                 return None
-            current = (record.state.get("steps") or {}).get(step) or {}
+            current = step_wire(record.state, step)
             if (
                 record.status != WorkflowStatus.RUNNING
                 or current.get("status") != StepStatus.RUNNING

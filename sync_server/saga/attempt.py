@@ -39,6 +39,7 @@ from sync_server.saga.definitions import (
     StepContext,
 )
 from sync_server.saga.machine import RunCompensation, RunStep
+from sync_server.saga.sagastate import attempt_alive, cancel_applied, deadline_of, steps_wire
 from sync_server.saga.state import Held, RunnerState
 from sync_server.saga.storable import storable_json, storable_text
 from sync_server.store.base import WorkflowRecord
@@ -55,12 +56,10 @@ class Attempts(RunnerState):
         self, held: Held, record: WorkflowRecord, commands: list[RunStep | RunCompensation]
     ) -> None:
         """Start the commanded attempts; cancel local attempts the state no longer runs."""
-        steps = record.state["steps"]
-        reason = STOP_CANCELLED if record.state.get("cancel") else STOP_INTERRUPTED
+        steps = steps_wire(record.state)
+        reason = STOP_CANCELLED if cancel_applied(record.state) else STOP_INTERRUPTED
         for (step, compensation), task in list(held.tasks.items()):
-            s = steps.get(step, {})
-            alive = s.get("comp_running") if compensation else s.get("status") == "running"
-            if not alive:
+            if not attempt_alive(steps.get(step, {}), compensation):
                 held.stop((step, compensation), task, reason)
                 del held.tasks[(step, compensation)]
         for command in commands:
@@ -70,7 +69,7 @@ class Attempts(RunnerState):
             held.tick = None
         due = record.due_at
         now = self.clock()
-        deadline = record.state.get("deadline_at") if record.status == "running" else None
+        deadline = deadline_of(record.state) if record.status == "running" else None
         if deadline is not None and (due is None or due <= now or deadline < due):
             due = deadline  # the workflow's deadline passes while its attempts run
         if due is not None and due > now:
@@ -90,7 +89,7 @@ class Attempts(RunnerState):
         definition = self.checkpointer.workflows[(record.name, record.workflow_version)]
         step = definition.steps[command.step]
         compensation = isinstance(command, RunCompensation)
-        steps = record.state["steps"]
+        steps = steps_wire(record.state)
         results = {dep: steps[dep].get("result") for dep in step.depends_on}
         if compensation:
             results[step.name] = steps[step.name].get("result")

@@ -50,6 +50,7 @@ from sync_server.saga.machine import (
     DeadLetter,
     Effect,
     EmitEvent,
+    ResolveDeadLetters,
     RunCompensation,
     RunStep,
 )
@@ -379,20 +380,20 @@ class Checkpointer:
             record.workflow_version = draft.definition.version
         batch.put(gate.records)
         record.status = machine.status.value
-        record.state = machine.state
+        record.state = machine.encoded_state()
         record.progress = machine.progress
         record.result = machine.result
         record.error = machine.error
         record.due_at = machine.due_at
         applied = Applied(record.key, record, breaker_changes=gate.changes, breakers_seen=gate.seen)
-        if draft.retry_requested:
-            await _resolve_dead_letters(tx, record, now)
         entry_id: int | None = None
         for effect in effects:
             if isinstance(effect, EmitEvent):
                 append_event(tx, record, effect.type, now, **effect.fields)
             elif isinstance(effect, RunStep | RunCompensation):
                 applied.commands.append(effect)
+            elif isinstance(effect, ResolveDeadLetters):
+                await _resolve_dead_letters(tx, effect.entries, now)
             elif isinstance(effect, DeadLetter):
                 entry_id = await _dead_letter(tx, record, effect, now)
             else:
@@ -414,8 +415,8 @@ class Checkpointer:
                 "type": "workflow.finished",
                 "workflow": snapshot_data(record),
             }
-            if record.state.get("trace"):
-                notice["traceparent"] = record.state["trace"]  # the relay's span joins it
+            if machine.state.trace:
+                notice["traceparent"] = machine.state.trace  # the relay's span joins it
             await tx.enqueue_outbox(
                 self.completion_webhook,
                 notice,
@@ -456,9 +457,9 @@ async def _dead_letter(
     return entry_id
 
 
-async def _resolve_dead_letters(tx: Transaction, record: WorkflowRecord, now: float) -> None:
-    """A retry re-runs what the open dead letters of this workflow describe: close them."""
-    for entry_id in record.state.pop("dlq", None) or []:
+async def _resolve_dead_letters(tx: Transaction, entries: tuple[int, ...], now: float) -> None:
+    """Close the dead letters ``entries`` that are still open (``ResolveDeadLetters``)."""
+    for entry_id in entries:
         entry = await tx.get_dlq(int(entry_id), lock=True)
         if entry is not None and entry.status == "open":
             entry.status = "resolved"

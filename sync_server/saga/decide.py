@@ -7,8 +7,9 @@ writes). This module is the middle: no awaits, no I/O, no clock — everything c
 as arguments (the prefetched row, its inputs, the breaker records read beforehand,
 ``now``) and comes out as values:
 
-1. ``prepare`` builds a ``SagaMachine`` on a copy of the row's state and feeds it the
-   claim, the inputs in order and the deadline. The result (``Draft``) names the breakers
+1. ``prepare`` builds a ``SagaMachine`` on the row's state (decoded into the machine's
+   own typed state, ``sagastate``) and feeds it the claim, the inputs in order and the
+   deadline. The result (``Draft``) names the breakers
    it needs (``Draft.breakers_needed``): those of guarded outcomes and those guarding the
    steps about to start. The shell reads them (locked, in name order).
 2. ``Draft.gate_breakers`` records the guarded outcomes on those records and defers each
@@ -21,7 +22,7 @@ as arguments (the prefetched row, its inputs, the breaker records read beforehan
 3. ``Draft.steps_to_admit`` lists the ready steps that name a limit; the shell admits
    them (a limit slot is taken under the limit row's lock, so that read is also its
    write) and ``Draft.finish`` applies the admissions, advances the machine and drains
-   its effects (events, commands, dead letters, alerts).
+   its effects (events, commands, dead letters, alerts, dead letters to close).
 
 ``settle_limits`` (pure too) says which limit slots and waiters a decision frees. A draft
 that raises anywhere is dropped whole: the shell writes nothing for that workflow.
@@ -33,7 +34,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from protocol import StepStatus, WorkflowStatus
 from protocol.jsontypes import JSON
 from sync_server.saga import breaker as breakers
 from sync_server.saga.backoff import DelayPolicy
@@ -47,7 +47,6 @@ __all__ = [
     "BreakerGate",
     "Draft",
     "Input",
-    "copy_state",
     "prepare",
     "settle_limits",
 ]
@@ -111,8 +110,6 @@ class Draft:
     definition: Workflow
     outcomes: list[tuple[str, bool]]
     """(breaker, succeeded) of each guarded outcome, in order."""
-    retry_requested: bool
-    """A client's retry was applied by this claim (its dead letters get resolved)."""
     guarded: bool
     """Some step of the definition names a breaker."""
     limited: bool
@@ -195,12 +192,12 @@ class Draft:
 
     def finish(self, admissions: Mapping[str, tuple[str, Admission]], now: float) -> list[Effect]:
         """Apply the limits' answers (step -> (limit, admission)): an admitted step holds a
-        slot (``state["steps"][step]["slot"]``), the others wait without using an
-        attempt; then advance the machine and return its effects."""
+        slot (``StepState.slot``), the others wait without using an attempt; then advance
+        the machine and return its effects."""
         machine = self.machine
         for step, (name, admission) in admissions.items():
             if admission.admitted:
-                machine.steps[step]["slot"] = name
+                machine.receive_limit_admitted(step, name)
             else:
                 machine.receive_limit_wait(step, admission.retry_at, name, now)
         machine.advance(now)
@@ -216,20 +213,18 @@ def prepare(
     *,
     claimed: bool = False,
 ) -> Draft:
-    """Build the machine of ``record`` (on a copy of its state) and feed it the claim,
-    ``inputs`` in order and the deadline.
+    """Build the machine of ``record`` (on its own typed copy of the state) and feed it
+    the claim, ``inputs`` in order and the deadline.
 
     Raises:
         Exception: whatever the machine raises on a bad state (the caller skips the
             workflow).
     """
-    state = copy_state(record.state)
-    retry_requested = claimed and bool((state.get("requests") or {}).get("retry"))
     machine = SagaMachine(
         definition,
         record.id,
         record.status,
-        state,
+        record.state,  # decoded by the machine (``sagastate``); the row is not changed
         progress=record.progress,
         result=record.result,
         error=record.error,
@@ -245,7 +240,6 @@ def prepare(
         machine,
         definition,
         outcomes,
-        retry_requested,
         guarded=any(step.breaker for step in steps),
         limited=any(step.limit for step in steps),
     )
@@ -285,36 +279,10 @@ def _feed(machine: SagaMachine, inputs: list[Input], now: float) -> list[tuple[s
 
 
 def settle_limits(machine: SagaMachine) -> tuple[list[str], list[str]]:
-    """Forget the slots of steps that stopped running (outcome, cancel, deadline,
-    takeover) and the waits of steps that no longer wait (skipped, cancelled, halted).
+    """Forget the slots of steps that stopped running and the waits of steps that no
+    longer wait (``SagaMachine.settle_limits``).
 
     Returns:
         (steps whose slot to free, steps whose waiter rows to drop).
     """
-    waiting = machine.status == WorkflowStatus.RUNNING and not machine.state.get("halt")
-    freed: list[str] = []
-    gone: list[str] = []
-    for name, s in machine.steps.items():
-        if s.get("slot") and s["status"] != StepStatus.RUNNING:
-            del s["slot"]
-            freed.append(name)
-        deferred = s.get("deferred")
-        still = waiting and s["status"] in (StepStatus.WAITING, StepStatus.RETRYING)
-        if isinstance(deferred, str) and deferred.startswith("limit:") and not still:
-            del s["deferred"]
-            gone.append(name)
-    return freed, gone
-
-
-def copy_state(state: JSON) -> dict[str, JSON]:
-    """A copy deep enough for the machine to mutate (steps are one level down)."""
-    if not isinstance(state, dict):
-        return {}
-    copy = dict(state)
-    steps = state.get("steps") or {}
-    copy["steps"] = {name: dict(s) for name, s in steps.items()}
-    if "requests" in state:
-        copy["requests"] = dict(state["requests"])
-    if "dlq" in state:
-        copy["dlq"] = list(state["dlq"])
-    return copy
+    return machine.settle_limits()

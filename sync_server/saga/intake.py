@@ -11,22 +11,35 @@ together (SPEC promise 1). They are synchronous and free of I/O.
 * ``start_workflow`` runs the machine's ``submit``: every step waiting, due at once; the
   definition's version is recorded with the workflow (rolling deploys).
 * ``request_upgrade`` moves a workflow to another version of its definition (admin).
-* ``request_cancel`` and ``request_retry`` (and ``requeue_dlq``) only *record* the
-  request in ``state["requests"]`` and make the workflow due now; the instance that
+* ``request_cancel`` and ``request_retry`` (and ``requeue_dlq``, and the
+  reconciliation's ``request_reconcile``) only *record* the request as typed
+  ``sagastate.Requests`` in the state and make the workflow due now; the instance that
   claims it next applies the request through the machine (``receive_claim``), where the
-  definition and the running attempts are known. A cancel also *revokes the lease*
-  (owner cleared, fence + 1): the instance running the workflow can then no longer write
-  an outcome (fencing), and any instance — usually at once, woken by the ``work``
-  notification — claims it and compensates.
+  definition and the running attempts are known. Which steps a retry re-runs is the
+  machine's ``retry_targets`` (the same answer the claim then carries out). A cancel
+  also *revokes the lease* (owner cleared, fence + 1): the instance running the
+  workflow can then no longer write an outcome (fencing), and any instance — usually
+  at once, woken by the ``work`` notification — claims it and compensates.
 """
 
 from __future__ import annotations
 
 import msgspec
+from msgspec.structs import replace
 
 from protocol import Conflict, StepStatus, WorkflowStatus, events
 from sync_server.saga.definitions import Workflow
-from sync_server.saga.machine import MAX_JOB_ERROR, SagaMachine
+from sync_server.saga.machine import MAX_JOB_ERROR, SagaMachine, initial_state, retry_targets
+from sync_server.saga.sagastate import (
+    FailRepair,
+    ReconcileRepair,
+    decode_state,
+    encode_requests,
+    encode_state,
+    requested,
+    step_wire,
+    steps_wire,
+)
 from sync_server.snapshots import append_event
 from sync_server.store.base import DlqEntry, Transaction, WorkflowKey, WorkflowRecord
 
@@ -98,9 +111,9 @@ def start_workflow(
     machine.receive_submit(now, deadline=deadline)
     record.workflow_version = definition.version
     record.status = machine.status.value
-    record.state = machine.state
+    record.state = encode_state(machine.state)
     if trace:
-        record.state["trace"] = trace
+        record.state["trace"] = trace  # as ``WorkflowState.trace`` encodes it
     record.progress = 0.0
     record.due_at = machine.due_at
     append_event(
@@ -118,7 +131,7 @@ def request_cancel(tx: Transaction, record: WorkflowRecord, now: float, client_i
     """
     if WorkflowStatus(record.status).terminal:
         raise Conflict(f"workflow {record.id} is already {record.status}")
-    record.state.setdefault("requests", {})["cancel"] = True
+    _record_request(record, cancel=True)
     _revoke_lease(tx, record, now, cancel=True)
     append_event(tx, record, events.WORKFLOW_CANCEL_REQUESTED, now, client_id=client_id)
 
@@ -130,7 +143,7 @@ def request_retry(tx: Transaction, record: WorkflowRecord, now: float, client_id
         Conflict: nothing to retry (the workflow is neither parked nor failed).
     """
     steps = _retry_steps(record)
-    record.state.setdefault("requests", {})["retry"] = True
+    _record_request(record, retry=True)
     record.due_at = now
     tx.notify(WORK_CHANNEL, "")
     append_event(tx, record, events.WORKFLOW_RETRY_REQUESTED, now, client_id=client_id, steps=steps)
@@ -149,7 +162,7 @@ def requeue_dlq(tx: Transaction, entry: DlqEntry, record: WorkflowRecord, now: f
     steps = _retry_steps(record)
     entry.status = "requeued"
     entry.resolved_at = now
-    record.state.setdefault("requests", {})["retry"] = True
+    _record_request(record, retry=True)
     record.due_at = now
     tx.notify(WORK_CHANNEL, "")
     append_event(tx, record, events.DLQ_REQUEUED, now, entry_id=entry.id, steps=steps)
@@ -179,8 +192,7 @@ def request_reconcile(
     Raises:
         Conflict: the workflow is not running, or the step is not running or retrying.
     """
-    steps = record.state.get("steps") or {}
-    current = (steps.get(step) or {}).get("status")
+    current = step_wire(record.state, step).get("status")
     if record.status != WorkflowStatus.RUNNING or current not in (
         StepStatus.RUNNING,
         StepStatus.RETRYING,
@@ -189,20 +201,21 @@ def request_reconcile(
             f"cannot {repair} step {step!r} of workflow {record.id}: workflow is "
             f"{record.status}, step is {current}"
         )
-    requests = record.state.setdefault("requests", {})
+    requests = requested(record.state)
     if repair == "complete":
-        requests.setdefault("reconcile", []).append({"step": step, "result": result})
+        reconcile = (*requests.reconcile, ReconcileRepair(step, result))
+        requests = replace(requests, reconcile=reconcile)
         after = StepStatus.SUCCEEDED.value
     elif repair == "resubmit":
-        requests.setdefault("resubmit", []).append(step)
+        requests = replace(requests, resubmit=(*requests.resubmit, step))
         after = StepStatus.RUNNING.value
     elif repair == "fail":
-        requests.setdefault("fail", []).append(
-            {"step": step, "error": str(result or "failed")[:MAX_JOB_ERROR]}
-        )
+        failure = FailRepair(step, str(result or "failed")[:MAX_JOB_ERROR])
+        requests = replace(requests, fail=(*requests.fail, failure))
         after = StepStatus.RETRYING.value
     else:
         raise ValueError(f"unknown repair {repair!r}")
+    record.state["requests"] = encode_requests(requests)
     _revoke_lease(tx, record, now)
     append_event(
         tx,
@@ -238,7 +251,7 @@ def request_upgrade(
     before = record.workflow_version
     if before == definition.version:
         raise Conflict(f"workflow {record.id} already has version {before!r}")
-    steps = record.state.get("steps") or {}
+    steps = steps_wire(record.state)
     started = [
         name
         for name, s in steps.items()
@@ -249,11 +262,8 @@ def request_upgrade(
             f"version {definition.version!r} of {definition.name!r} lacks step(s) "
             f"{', '.join(sorted(started))} that workflow {record.id} has already run"
         )
-    fresh = SagaMachine(definition, record.id, WorkflowStatus.PENDING, {})
-    fresh.receive_submit(now)
-    record.state["steps"] = {
-        name: steps.get(name, blank) for name, blank in fresh.state["steps"].items()
-    }
+    blank = encode_state(initial_state(definition))["steps"]
+    record.state["steps"] = {name: steps.get(name, new) for name, new in blank.items()}
     record.workflow_version = definition.version
     _revoke_lease(tx, record, now)
     append_event(
@@ -274,16 +284,19 @@ def _retry_steps(record: WorkflowRecord) -> list[str]:
     Raises:
         Conflict: the workflow is neither parked nor failed.
     """
-    status = WorkflowStatus(record.status)
-    steps = record.state.get("steps") or {}
-    if status is WorkflowStatus.PARKED:
-        again = {StepStatus.FAILED, StepStatus.SKIPPED}
-        return [name for name, s in steps.items() if s.get("status") in again]
-    if status is WorkflowStatus.FAILED:
-        return [name for name, s in steps.items() if s.get("comp_failed")]
-    raise Conflict(
-        f"workflow {record.id} is {record.status}; only a parked or failed workflow retries"
-    )
+    steps = retry_targets(WorkflowStatus(record.status), decode_state(record.state).steps)
+    if steps is None:
+        raise Conflict(
+            f"workflow {record.id} is {record.status}; only a parked or failed workflow retries"
+        )
+    return steps
+
+
+def _record_request(record: WorkflowRecord, *, cancel: bool = False, retry: bool = False) -> None:
+    """Record a cancel or retry in ``state["requests"]`` for the next claim to apply."""
+    requests = requested(record.state)
+    requests = replace(requests, cancel=requests.cancel or cancel, retry=requests.retry or retry)
+    record.state["requests"] = encode_requests(requests)
 
 
 def _revoke_lease(

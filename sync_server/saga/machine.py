@@ -2,31 +2,26 @@
 
 Theory of operation
 -------------------
-A ``SagaMachine`` wraps one workflow's status and JSON ``state``. The shell (the runner,
-or intake inside the push transaction) feeds it inputs — a step succeeded, failed or
-timed out at ``now``, a cancel, a retry, an open breaker, a takeover of an expired
+A ``SagaMachine`` wraps one workflow's status and its typed, frozen ``WorkflowState``
+(``sagastate.py``; the row's JSON is decoded by the caller or by the constructor). The
+shell (the runner's checkpointer, or intake inside the push transaction) feeds it
+inputs — a step succeeded, failed or timed out at ``now``, a cancel, a retry, a
+reconciliation repair, an open breaker or a full limit, a takeover of an expired
 lease — then calls ``advance(now)`` and drains ``effects_to_apply()``: events to append,
-steps and compensations to run, dead letters and alerts. It never does I/O, reads no
-clock and draws no random number; the backoff delay is an injected policy.
+steps and compensations to run, dead letters and alerts. The shell only carries the
+effects out and writes ``encode_state(machine.state)`` back. The machine never does
+I/O, reads no clock and draws no random number; the backoff delay is an injected policy.
 
+Every change replaces Structs (``msgspec.structs.replace``): a ``StepState`` is never
+changed in place, and the ``steps`` dict of ``machine.state`` is the machine's own.
 Every status change of the workflow and of its steps goes through ``WORKFLOW_TABLE`` or
 ``STEP_TABLE`` (``transitions.py``) (``(status, input) -> next``); any other pair raises
-``InvalidTransition`` (STYLE: transitions are a table).
-
-State shape (``state["steps"][name]`` keeps the keys clients see, see snapshots.py)::
-
-    {"steps": {name: {"status", "attempts", "progress", "result", "error",
-                      # private, present only when set:
-                      "due_at", "retry_delay", "resume", "interrupts", "deferred",
-                      "comp_attempts", "comp_running", "comp_due_at", "comp_resume",
-                      "comp_failed", "job"}},
-     "halt": "compensate" | "park",      # a step used its last attempt, or the deadline
-     "deadline_at": unix time,            # the whole workflow's deadline (absent: none)
-     "cancel": true,                      # a cancel was applied
-     "requests": {"cancel": true, "retry": true,    # written by intake, applied at claim
-                  "reconcile": [...], "resubmit": [...], "fail": [...]},
-     "dlq": [entry ids],
-     "trace": traceparent}                # written by intake (sync_server.tracing)
+``InvalidTransition`` (STYLE: transitions are a table). Client and operator requests
+(cancel, retry, DLQ requeue, reconciliation repairs) are recorded by intake as typed
+``Requests`` and applied here at the next claim (``receive_claim``), so they take the
+same paths as the runner's own inputs; which steps a retry re-runs is decided once
+(``retry_targets``), for intake's answer and for the machine alike. Compensation
+planning (reverse dependency order) lives in ``compensation.py``.
 
 Invariants:
 
@@ -39,10 +34,11 @@ Invariants:
 * Compensation runs for exactly the succeeded steps that have a compensation, a step
   only after every step that (transitively) depends on it has finished compensating:
   reverse dependency order (SPEC promise 3). Nothing is compensated while a forward step
-  still runs.
+  still runs. A compensation that used its last attempt is explicit
+  (``CompPhase.EXHAUSTED``) and fails the workflow; a retry re-runs exactly those.
 * Every accepted workflow ends or parks (SPEC promise 2): a failure either retries with a
   persisted ``due_at``, or exhausts into a dead letter and then compensation or park.
-* A deadline (``state["deadline_at"]``) is part of ``due_at`` while the workflow runs, so
+* A deadline (``state.deadline_at``) is part of ``due_at`` while the workflow runs, so
   a workflow nobody holds is claimed when it passes; ``receive_deadline`` then stops the
   running steps, skips the rest and compensates or parks by ``on_failure``, with a dead
   letter naming the reason (``deadline_exceeded``). A retry of a workflow the deadline
@@ -51,37 +47,48 @@ Invariants:
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable
+from collections.abc import Mapping
+from typing import Any
+
+from msgspec.structs import replace
 
 from protocol import StepStatus, WorkflowStatus, events
 from protocol.jsontypes import JSON
-from sync_server.saga.backoff import DelayPolicy, no_delay
-from sync_server.saga.definitions import Workflow
+from sync_server.saga.planner import (
+    ACTIVE,
+    CLEAR_SCHEDULE,
+    MAX_INTERRUPTS,
+    MAX_JOB_ERROR,
+    MachineBase,
+    idempotency_key,
+    initial_state,
+    retry_targets,
+)
+from sync_server.saga.sagastate import Compensation, CompPhase, Job, Requests
 from sync_server.saga.transitions import (
-    COMPENSATION_INPUTS,
     STEP_TABLE,
     WORKFLOW_TABLE,
     Alert,
     DeadLetter,
     Effect,
     EmitEvent,
+    ResolveDeadLetters,
     RunCompensation,
     RunStep,
     StepInput,
     WorkflowInput,
-    next_step_status,
-    next_workflow_status,
 )
 
 __all__ = [
     "MAX_INTERRUPTS",
+    "MAX_JOB_ERROR",
     "STEP_TABLE",
     "WORKFLOW_TABLE",
     "Alert",
     "DeadLetter",
     "Effect",
     "EmitEvent",
+    "ResolveDeadLetters",
     "RunCompensation",
     "RunStep",
     "SagaMachine",
@@ -89,120 +96,39 @@ __all__ = [
     "WorkflowInput",
     "idempotency_key",
     "initial_state",
+    "retry_targets",
 ]
 
 W = WorkflowStatus
 S = StepStatus
 WI = WorkflowInput
 SI = StepInput
-
-MAX_INTERRUPTS = 3
-"""Lease takeovers of one attempt tolerated before the attempt counts as failed."""
-MAX_JOB_ERROR = 2000
-"""Longest error a job source's failure report writes into a step (bounded state)."""
-
-
-# Enum lookups by value through a dict: ``Enum(value)`` is slow on the hot path.
-_WORKFLOW_STATUSES = {status.value: status for status in WorkflowStatus}
-_STEP_STATUSES = {status.value: status for status in StepStatus}
-
-
-def idempotency_key(
-    workflow_id: str, step: str, *, compensation: bool = False, tenant: str = ""
-) -> str:
-    """The key every attempt of a step (or of its compensation) carries.
-
-    Workflow ids are the tenant's own (SPEC promise 6), so two tenants may run a
-    workflow with the same id; the key then starts with a fixed-length tag of the tenant
-    (``t<16 hex>.``) so that a downstream never mistakes one tenant's job for another's.
-    """
-    base = f"{workflow_id}:{step}:compensate" if compensation else f"{workflow_id}:{step}"
-    if not tenant:
-        return base
-    tag = hashlib.blake2b(tenant.encode(), digest_size=8, person=b"tether-tenant").hexdigest()
-    return f"t{tag}.{base}"
+# Enum members as constants: ``StepStatus.RUNNING`` is a descriptor call on every use.
+_S_RETRYING = StepStatus.RETRYING
+_S_RUNNING = StepStatus.RUNNING
+_W_FAILED = WorkflowStatus.FAILED
+_W_PARKED = WorkflowStatus.PARKED
+_W_RUNNING = WorkflowStatus.RUNNING
+_C_EXHAUSTED = CompPhase.EXHAUSTED
+_C_IDLE = CompPhase.IDLE
+_C_RUNNING = CompPhase.RUNNING
 
 
-def initial_state(workflow: Workflow) -> dict[str, JSON]:
-    """The state of a just-submitted workflow: every step waiting."""
-    state: dict[str, JSON] = {
-        "steps": {
-            name: {
-                "status": "waiting",
-                "attempts": 0,
-                "progress": 0.0,
-                "result": None,
-                "error": None,
-            }
-            for name in workflow.step_names
-        }
-    }
-    return state
-
-
-# ------------------------------------------------------------------ machine
-
-
-class SagaMachine:
-    """Decide what happens next for one workflow.
+class SagaMachine(MachineBase):
+    """Decide what happens next for one workflow: feed it inputs (``receive_*``), then
+    ``advance(now)``, then drain ``effects_to_apply()``.
 
     Args:
         workflow: the definition (names, dependencies, attempt budgets, compensations).
         workflow_id: used for idempotency keys.
         status: the current workflow status.
-        state: the JSON state; mutated in place (pass a copy to keep the original).
+        state: the typed state, or a row's JSON state (decoded here); never changed —
+            the machine works on its own copy (``self.state``).
         progress: the workflow-level progress (0..1).
         result: the workflow-level result.
         error: the workflow-level error.
         delay: backoff policy ``delay(policy, failed_attempt) -> seconds``.
     """
-
-    def __init__(
-        self,
-        workflow: Workflow,
-        workflow_id: str,
-        status: str,
-        state: dict[str, JSON] | None,
-        *,
-        progress: float = 0.0,
-        result: JSON = None,
-        error: str | None = None,
-        delay: DelayPolicy = no_delay,
-        tenant: str = "",
-    ) -> None:
-        self.workflow = workflow
-        self.workflow_id = workflow_id
-        self.tenant = tenant
-        self.status = _WORKFLOW_STATUSES.get(status) or WorkflowStatus(status)
-        self.state: dict[str, JSON] = state if state is not None else {}
-        self.progress = progress
-        self.result = result
-        self.error = error
-        self.due_at: float | None = None
-        self._delay = delay
-        self._effects: list[Effect] = []
-
-    # -------------------------------------------------------------- drains
-    def effects_to_apply(self) -> list[Effect]:
-        """Everything decided since the last call, in order; clears the list."""
-        effects, self._effects = self._effects, []
-        return effects
-
-    @property
-    def steps(self) -> dict[str, dict[str, JSON]]:
-        """``state["steps"]``."""
-        steps: dict[str, dict[str, JSON]] = self.state["steps"]
-        return steps
-
-    def running(self) -> list[tuple[str, int, bool]]:
-        """(step, attempt, is_compensation) of every attempt the state says is running."""
-        out: list[tuple[str, int, bool]] = []
-        for name, s in self.steps.items():
-            if s["status"] == S.RUNNING:
-                out.append((name, s["attempts"], False))
-            elif s.get("comp_running"):
-                out.append((name, s.get("comp_attempts", 0), True))
-        return out
 
     # -------------------------------------------------------------- inputs
     def receive_submit(self, now: float, *, deadline: float | None = None) -> None:
@@ -216,12 +142,12 @@ class SagaMachine:
         Raises:
             InvalidTransition: the workflow is not new (``pending``).
         """
-        self._workflow_to(WI.SUBMIT, "submitted", emit=False)
-        self.state.clear()
-        self.state.update(initial_state(self.workflow))
+        self._workflow_to(WI.SUBMIT, "submitted")
+        state = initial_state(self.workflow)
         limits = [d for d in (self.workflow.deadline, deadline) if d is not None]
         if limits:
-            self.state["deadline_at"] = now + min(limits)
+            state = replace(state, deadline_at=now + min(limits))
+        self.state = state
         self.due_at = now
 
     def receive_deadline(self, now: float) -> bool:
@@ -232,74 +158,90 @@ class SagaMachine:
         Returns:
             True if the deadline applied now.
         """
-        deadline = self.state.get("deadline_at")
-        if deadline is None or now < deadline or self.status != W.RUNNING:
+        deadline = self.state.deadline_at
+        if deadline is None or now < deadline or self.status != _W_RUNNING:
             return False
-        del self.state["deadline_at"]
-        running = [n for n in self.workflow.step_names if self.steps[n]["status"] == S.RUNNING]
-        error = "deadline exceeded"
-        for name in self.workflow.step_names:
-            s = self.steps[name]
-            if s["status"] not in (S.RUNNING, S.WAITING, S.RETRYING):
-                continue
-            for key in ("due_at", "resume", "interrupts", "deferred"):
-                s.pop(key, None)
-            if s["status"] == S.RUNNING:
-                s["error"] = error
-                self._step_to(name, SI.DEADLINE, error=error)
-            else:
-                self._step_to(name, SI.DEADLINE)
         halt = self.workflow.on_failure
-        self.state["halt"] = halt
+        self.state = replace(self.state, deadline_at=None, halt=halt)
+        steps = self.state.steps
+        names = self.workflow.step_names
+        running = [n for n in names if steps[n].status is _S_RUNNING]
+        error = "deadline exceeded"
+        for name in names:
+            s = steps[name]
+            if s.status is _S_RUNNING:
+                self._step_to(name, SI.DEADLINE, say_error=error, error=error, **CLEAR_SCHEDULE)
+            elif s.status in ACTIVE:
+                self._step_to(name, SI.DEADLINE, **CLEAR_SCHEDULE)
         message = f"workflow deadline exceeded at {deadline:.3f}"
         self.error = message
         step = running[0] if running else None
-        attempts = self.steps[step]["attempts"] if step else 0
-        self._effects.append(DeadLetter(step, "deadline_exceeded", attempts, message))
-        self._effects.append(
-            Alert("deadline_exceeded", message, {**self._details(step or ""), "running": running})
-        )
+        attempts = steps[step].attempts if step else 0
+        letter = DeadLetter(step, "deadline_exceeded", attempts, message)
+        details = {**self._details(step or ""), "running": running}
+        alert = Alert("deadline_exceeded", message, details)
         if halt == "park":
-            self._workflow_to(WI.DEADLINE_PARK, "deadline exceeded; parked for retry")
+            event, reason = WI.DEADLINE_PARK, "deadline exceeded; parked for retry"
         else:
-            self._workflow_to(WI.DEADLINE_COMPENSATE, "deadline exceeded; compensating")
+            event, reason = WI.DEADLINE_COMPENSATE, "deadline exceeded; compensating"
+        self._workflow_to(event, reason, letter=letter, alert=alert)
         return True
 
     def receive_claim(self, now: float) -> None:
-        """This instance just took the lease: apply client requests, recover orphans.
+        """This instance just took the lease: apply recorded requests, recover orphans.
 
-        A step still ``running`` was interrupted with its previous lease holder; its same
-        attempt runs again, and counts as failed after ``MAX_INTERRUPTS`` interruptions.
+        The requests (``state.requests``, recorded by intake) are applied in a fixed
+        order: reconciliation repairs, cancel, retry. A step still ``running`` was
+        interrupted with its previous lease holder; its same attempt runs again, and
+        counts as failed after ``MAX_INTERRUPTS`` interruptions.
         """
-        requests = self.state.pop("requests", None) or {}
-        for repair in requests.get("reconcile", ()):
-            self.receive_reconciled(repair["step"], repair.get("result"), now)
-        for name in requests.get("resubmit", ()):
-            self._make_due(name)
-        for repair in requests.get("fail", ()):
-            self.receive_job_failed(repair["step"], str(repair.get("error") or "failed"), now)
-        if requests.get("cancel") and not self.status.terminal:
-            self.receive_cancel(now)
-        if requests.get("retry") and self.status in (W.PARKED, W.FAILED):
-            self.receive_retry(now)
-        for name, s in self.steps.items():
-            deferred = s.get("deferred")
-            if isinstance(deferred, str) and deferred.startswith("limit:"):
-                s.pop("due_at", None)  # waiting for a limit: ask it again now
-            if s["status"] == S.RUNNING:
-                interrupts = s.get("interrupts", 0) + 1
-                s["interrupts"] = interrupts
+        requests = self.state.requests
+        if requests is not None:
+            self.state = replace(self.state, requests=None)
+            if requests.retry and self.state.dlq:  # it re-runs what the dead letters say
+                self._effects.append(ResolveDeadLetters(self.state.dlq))
+                self.state = replace(self.state, dlq=())
+            self.receive_requests(requests, now)
+        steps = self.state.steps
+        for name in list(steps):
+            s = steps[name]
+            deferred = s.deferred
+            if deferred is not None and deferred.startswith("limit:"):
+                s = self._put(name, due_at=None)  # waiting for a limit: ask it again now
+            if s.status is _S_RUNNING:
+                interrupts = s.interrupts + 1
                 if interrupts > MAX_INTERRUPTS:
+                    self._put(name, interrupts=interrupts)
                     self._attempt_failed(name, f"interrupted {interrupts - 1} times", now)
                 else:
-                    s["resume"] = True
-                    s.pop("due_at", None)
-                    self._step_to(name, SI.INTERRUPT, error="interrupted: lease taken over")
-            elif s.get("comp_running"):
-                s["comp_running"] = False
-                s["comp_resume"] = True
-                s.pop("comp_due_at", None)
-                self._step_to(name, SI.COMP_INTERRUPT, error="interrupted: lease taken over")
+                    self._step_to(
+                        name,
+                        SI.INTERRUPT,
+                        say_error="interrupted: lease taken over",
+                        interrupts=interrupts,
+                        resume=True,
+                        due_at=None,
+                    )
+            elif s.comp is not None and s.comp.phase is _C_RUNNING:
+                self._step_to(
+                    name,
+                    SI.COMP_INTERRUPT,
+                    say_error="interrupted: lease taken over",
+                    comp=replace(s.comp, phase=_C_IDLE, resume=True, due_at=None),
+                )
+
+    def receive_requests(self, requests: Requests, now: float) -> None:
+        """Apply recorded client and operator requests (see ``receive_claim``)."""
+        for repair in requests.reconcile:
+            self.receive_reconciled(repair.step, repair.result, now)
+        for name in requests.resubmit:
+            self.receive_resubmit(name)
+        for failure in requests.fail:
+            self.receive_job_failed(failure.step, str(failure.error or "failed"), now)
+        if requests.cancel and not self.status.terminal:
+            self.receive_cancel(now)
+        if requests.retry and self.status in (_W_PARKED, _W_FAILED):
+            self.receive_retry(now)
 
     def receive_step_succeeded(self, step: str, attempt: int, result: JSON, now: float) -> bool:
         """Attempt ``attempt`` of ``step`` returned ``result``.
@@ -307,15 +249,9 @@ class SagaMachine:
         Returns:
             False (and nothing changes) if that attempt is no longer the current one.
         """
-        s = self._current(step, attempt)
-        if s is None:
+        if self._current(step, attempt) is None:
             return False
-        s["result"] = result
-        s["progress"] = 1.0
-        s["error"] = None
-        s.pop("interrupts", None)
-        self._step_to(step, SI.SUCCEED, result=result)
-        self._update_progress()
+        self._record_result(step, SI.SUCCEED, result)
         return True
 
     def receive_reconciled(self, step: str, result: JSON, now: float) -> bool:
@@ -326,17 +262,25 @@ class SagaMachine:
         Returns:
             False (and nothing changes) when the step is not in such a state.
         """
-        s = self.steps.get(step)
-        if s is None or self.status != W.RUNNING or s["status"] not in (S.RUNNING, S.RETRYING):
+        s = self.state.steps.get(step)
+        if s is None or self.status != _W_RUNNING or s.status not in (_S_RUNNING, _S_RETRYING):
             return False
-        s["result"] = result
-        s["progress"] = 1.0
-        s["error"] = None
-        for key in ("interrupts", "due_at", "resume", "deferred"):
-            s.pop(key, None)
-        self._step_to(step, SI.RECONCILE, result=result)
-        self._update_progress()
+        self._record_result(step, SI.RECONCILE, result, due_at=None, resume=False, deferred=None)
         return True
+
+    def _record_result(self, step: str, event: StepInput, result: JSON, **more: Any) -> None:
+        """``step`` succeeded with ``result`` (its attempt's, or the job source's)."""
+        self._step_to(
+            step,
+            event,
+            say_result=result,
+            result=result,
+            progress=1.0,
+            error=None,
+            interrupts=0,
+            **more,
+        )
+        self._update_progress()
 
     def receive_job_failed(self, step: str, error: str, now: float) -> bool:
         """Reconciliation: the job source says the job of ``step``'s running attempt
@@ -346,18 +290,24 @@ class SagaMachine:
         Returns:
             False (and nothing changes) unless the step is running in a running workflow.
         """
-        s = self.steps.get(step)
-        if s is None or self.status != W.RUNNING or s["status"] != S.RUNNING:
+        s = self.state.steps.get(step)
+        if s is None or self.status != _W_RUNNING or s.status is not _S_RUNNING:
             return False
         self._attempt_failed(step, f"job failed at its source: {error[:MAX_JOB_ERROR]}", now)
         return True
 
-    def _make_due(self, step: str) -> None:
+    def receive_resubmit(self, step: str) -> bool:
         """Reconciliation: the job source never heard of ``step``'s job — run it again now
-        (a running attempt is re-run by the claim as an interrupted one)."""
-        s = self.steps.get(step)
-        if s is not None and s["status"] == S.RETRYING:
-            s.pop("due_at", None)
+        (a running attempt is re-run by the claim as an interrupted one).
+
+        Returns:
+            True if a retrying step was made due now.
+        """
+        s = self.state.steps.get(step)
+        if s is None or s.status is not _S_RETRYING:
+            return False
+        self._put(step, due_at=None)
+        return True
 
     def receive_step_failed(
         self,
@@ -386,12 +336,10 @@ class SagaMachine:
         Returns:
             False if that attempt is no longer the current one.
         """
-        s = self._current_compensation(step, attempt)
-        if s is None:
+        comp = self._current_compensation(step, attempt)
+        if comp is None:
             return False
-        s["comp_running"] = False
-        s["error"] = None
-        self._step_to(step, SI.COMPENSATED)
+        self._step_to(step, SI.COMPENSATED, error=None, comp=replace(comp, phase=_C_IDLE))
         return True
 
     def receive_compensation_failed(self, step: str, attempt: int, error: str, now: float) -> bool:
@@ -400,22 +348,31 @@ class SagaMachine:
         Returns:
             False if that attempt is no longer the current one.
         """
-        s = self._current_compensation(step, attempt)
-        if s is None:
+        comp = self._current_compensation(step, attempt)
+        if comp is None:
             return False
-        s["comp_running"] = False
-        s["error"] = error
         policy = self.workflow.steps[step].compensate_retry
         if attempt < policy.max_attempts:
-            s["comp_due_at"] = now + self._delay(policy, attempt)
-            self._step_to(step, SI.COMP_FAIL, error=error)
+            due = now + self._delay(policy, attempt)
+            self._step_to(
+                step,
+                SI.COMP_FAIL,
+                say_error=error,
+                error=error,
+                comp=replace(comp, phase=_C_IDLE, due_at=due),
+            )
             return True
-        s["comp_failed"] = True
-        self._step_to(step, SI.COMP_EXHAUST, error=error)
         message = f"compensation of step {step} failed after {attempt} attempt(s): {error}"
+        self._step_to(
+            step,
+            SI.COMP_EXHAUST,
+            say_error=error,
+            letter=DeadLetter(step, "compensation_failed", attempt, error),
+            alert=Alert("compensation_failed", message, self._details(step)),
+            error=error,
+            comp=replace(comp, phase=_C_EXHAUSTED),
+        )
         self.error = message
-        self._effects.append(DeadLetter(step, "compensation_failed", attempt, error))
-        self._effects.append(Alert("compensation_failed", message, self._details(step)))
         return True
 
     def receive_cancel(self, now: float) -> None:
@@ -425,18 +382,19 @@ class SagaMachine:
             InvalidTransition: the workflow already ended.
         """
         self._workflow_to(WI.CANCEL, "cancelled by client")
-        self.state["cancel"] = True
-        self.state["halt"] = "compensate"
+        self.state = replace(self.state, cancel=True, halt="compensate")
         self.error = "cancelled"
-        for name, s in self.steps.items():
-            if s["status"] == S.RUNNING:
-                s["error"] = "cancelled"
-                self._step_to(name, SI.CANCEL, error="cancelled")
-            elif s["status"] in (S.WAITING, S.RETRYING):
+        steps = self.state.steps
+        for name in list(steps):
+            status = steps[name].status
+            if status is _S_RUNNING:
+                self._step_to(name, SI.CANCEL, say_error="cancelled", error="cancelled")
+            elif status in ACTIVE:
                 self._step_to(name, SI.CANCEL)
 
     def receive_retry(self, now: float) -> list[str]:
-        """Re-run only what failed: parked steps, or the compensations that failed.
+        """Re-run only what failed: parked steps, or the compensations that failed
+        (``retry_targets``).
 
         Returns:
             The steps that will run again.
@@ -444,40 +402,25 @@ class SagaMachine:
         Raises:
             InvalidTransition: the workflow is neither parked nor failed.
         """
-        compensation = self.status == W.FAILED
+        before = self.status
         self._workflow_to(WI.RETRY, "retry requested")
         self.error = None
-        again: list[str] = []
-        if compensation:
-            for name, s in self.steps.items():
-                if s.get("comp_failed"):
-                    for key in ("comp_failed", "comp_due_at", "comp_resume"):
-                        s.pop(key, None)
-                    s["comp_attempts"] = 0
-                    s["error"] = None
-                    self._step_to(name, SI.COMP_RETRY)
-                    again.append(name)
+        again = retry_targets(before, self.state.steps) or []
+        if before is _W_FAILED:
+            for name in again:
+                self._step_to(name, SI.COMP_RETRY, error=None, comp=Compensation())
             return again
-        self.state.pop("halt", None)
-        for name, s in self.steps.items():
-            if s["status"] in (S.FAILED, S.SKIPPED):
-                s["attempts"] = 0
-                s["error"] = None
-                s["progress"] = 0.0
-                for key in ("due_at", "resume", "interrupts", "deferred"):
-                    s.pop(key, None)
-                self._step_to(name, SI.RETRY)
-                again.append(name)
+        self.state = replace(self.state, halt=None)
+        for name in again:
+            self._step_to(name, SI.RETRY, attempts=0, error=None, progress=0.0, **CLEAR_SCHEDULE)
         self._update_progress()
         return again
 
     def receive_breaker_open(self, step: str, until: float, breaker: str, now: float) -> None:
         """Step ``step`` is ready but its breaker is open: defer it, using no attempt."""
-        s = self.steps[step]
-        s["due_at"] = until
-        self._step_to(step, SI.DEFER, emit=False)
-        if s.get("deferred") != breaker:  # announce a deferral once, not on every recheck
-            s["deferred"] = breaker
+        s = self._step_to(step, SI.DEFER, due_at=until)
+        if s.deferred != breaker:  # announce a deferral once, not on every recheck
+            self._put(step, deferred=breaker)
             self._effects.append(
                 EmitEvent(events.BREAKER_CHANGED, {"name": breaker, "state": "open", "step": step})
             )
@@ -485,13 +428,38 @@ class SagaMachine:
     def receive_limit_wait(self, step: str, until: float, limit: str, now: float) -> None:
         """Step ``step`` is ready but its limit is full (or not its turn): defer it to
         ``until`` without using an attempt (it is woken earlier when a slot frees)."""
-        s = self.steps[step]
         # A claim clears this ``due_at`` (``receive_claim``): whenever the workflow is
         # claimed — at ``until``, or earlier when a freed slot wakes it — the limit is
         # asked again.
-        s["due_at"] = until
-        s["deferred"] = f"limit:{limit}"
-        self._step_to(step, SI.DEFER, emit=False)
+        self._step_to(step, SI.DEFER, due_at=until, deferred=f"limit:{limit}")
+
+    def receive_limit_admitted(self, step: str, limit: str) -> None:
+        """Step ``step`` took a slot of ``limit``: it holds the slot while it runs."""
+        self._put(step, slot=limit)
+
+    def settle_limits(self) -> tuple[list[str], list[str]]:
+        """Forget the slots of steps that stopped running (outcome, cancel, deadline,
+        takeover) and the limit waits of steps that no longer wait (skipped, cancelled,
+        halted).
+
+        Returns:
+            (steps whose slot to free, steps whose waiter entries to drop).
+        """
+        waiting = self.status == _W_RUNNING and not self.state.halt
+        freed: list[str] = []
+        gone: list[str] = []
+        steps = self.state.steps
+        for name in list(steps):
+            s = steps[name]
+            if s.slot and s.status is not _S_RUNNING:
+                s = self._put(name, slot=None)
+                freed.append(name)
+            deferred = s.deferred
+            still = waiting and s.status in ACTIVE
+            if deferred is not None and deferred.startswith("limit:") and not still:
+                self._put(name, deferred=None)
+                gone.append(name)
+        return freed, gone
 
     def receive_progress(
         self, step: str, attempt: int, fraction: float, message: str | None, now: float
@@ -501,10 +469,9 @@ class SagaMachine:
         Returns:
             False if that attempt is no longer the current one.
         """
-        s = self._current(step, attempt)
-        if s is None:
+        if self._current(step, attempt) is None:
             return False
-        s["progress"] = fraction
+        self._put(step, progress=fraction)
         self._update_progress()
         self._effects.append(
             EmitEvent(
@@ -513,263 +480,15 @@ class SagaMachine:
         )
         return True
 
-    def receive_job(self, step: str, attempt: int, job: dict[str, str]) -> bool:
+    def receive_job(self, step: str, attempt: int, job: Mapping[str, str]) -> bool:
         """The running attempt runs a job at a downstream source (``{"source",
         "adapter"}``): kept on the step so the reconciliation sweep asks that source.
 
         Returns:
             False if that attempt is no longer the current one.
         """
-        s = self._current(step, attempt)
-        if s is None:
+        if self._current(step, attempt) is None:
             return False
-        s["job"] = {"source": str(job.get("source", "")), "adapter": str(job.get("adapter", ""))}
+        source, adapter = str(job.get("source", "")), str(job.get("adapter", ""))
+        self._put(step, job=Job(source, adapter))
         return True
-
-    # -------------------------------------------------------------- planning
-    def ready_steps(self, now: float) -> list[str]:
-        """Forward steps that ``advance(now)`` would start (for breaker checks)."""
-        if self.status != W.RUNNING or self.state.get("halt"):
-            return []
-        steps = self.steps
-        ready = []
-        for name in self.workflow.step_names:
-            s = steps[name]
-            if s["status"] not in (S.WAITING, S.RETRYING):
-                continue
-            due = s.get("due_at")
-            if due is not None and due > now:
-                continue
-            deps = self.workflow.steps[name].depends_on
-            if all(steps[d]["status"] == S.SUCCEEDED for d in deps):
-                ready.append(name)
-        return ready
-
-    def advance(self, now: float) -> None:
-        """Start what is ready, settle the workflow's status, compute ``due_at``."""
-        if self.status == W.RUNNING:
-            self._advance_running(now)
-        if self.status == W.COMPENSATING:
-            self._advance_compensating(now)
-        self.due_at = self._next_due(now)
-
-    def _advance_running(self, now: float) -> None:
-        halt = self.state.get("halt")
-        if halt:
-            if any(s["status"] == S.RUNNING for s in self.steps.values()):
-                return  # let in-flight siblings settle first
-            if halt == "park":
-                self._workflow_to(WI.HALT_PARK, "a step failed; parked for retry")
-                return
-            self._workflow_to(WI.HALT_COMPENSATE, "a step failed; compensating")
-            for name, s in self.steps.items():
-                if s["status"] in (S.WAITING, S.RETRYING):
-                    self._step_to(name, SI.SKIP)
-            return
-        if all(s["status"] == S.SUCCEEDED for s in self.steps.values()):
-            leaves = self.workflow.leaves
-            steps = self.steps
-            self.result = (
-                steps[leaves[0]]["result"]
-                if len(leaves) == 1
-                else {leaf: steps[leaf]["result"] for leaf in leaves}
-            )
-            self.progress = 1.0
-            self.error = None
-            self._workflow_to(WI.COMPLETE, "all steps succeeded")
-            return
-        for name in self.ready_steps(now):
-            s = self.steps[name]
-            attempt = s["attempts"] if s.pop("resume", False) else s["attempts"] + 1
-            s["attempts"] = attempt
-            s.pop("due_at", None)
-            s.pop("deferred", None)
-            self._step_to(name, SI.START)
-            self._effects.append(
-                RunStep(name, attempt, idempotency_key(self.workflow_id, name, tenant=self.tenant))
-            )
-
-    def _advance_compensating(self, now: float) -> None:
-        steps = self.steps
-        if any(s["status"] == S.RUNNING for s in steps.values()):
-            return  # nothing is undone while a forward step may still succeed
-        failed = any(s.get("comp_failed") for s in steps.values())
-        pending = [n for n in self.workflow.step_names if self._needs_compensation(n)]
-        if not failed:
-            for name in reversed(pending):
-                s = steps[name]
-                if s.get("comp_running"):
-                    continue
-                due = s.get("comp_due_at")
-                if due is not None and due > now:
-                    continue
-                if any(self._needs_compensation(d) for d in self._descendants(name)):
-                    continue
-                attempt = (
-                    s.get("comp_attempts", 0)
-                    if s.pop("comp_resume", False)
-                    else s.get("comp_attempts", 0) + 1
-                )
-                s["comp_attempts"] = attempt
-                s["comp_running"] = True
-                s.pop("comp_due_at", None)
-                self._step_to(name, SI.COMPENSATE)
-                self._effects.append(
-                    RunCompensation(
-                        name,
-                        attempt,
-                        idempotency_key(
-                            self.workflow_id, name, compensation=True, tenant=self.tenant
-                        ),
-                    )
-                )
-        if any(s.get("comp_running") for s in steps.values()):
-            return
-        if failed:
-            self._workflow_to(WI.COMPENSATION_FAILED, self.error or "compensation failed")
-        elif not pending:
-            if self.state.get("cancel"):
-                self._workflow_to(WI.CANCEL_DONE, "cancelled and compensated")
-            else:
-                self._workflow_to(WI.COMPENSATION_DONE, "compensated")
-
-    def _needs_compensation(self, name: str) -> bool:
-        """Succeeded with a compensation not yet done, or compensating now."""
-        s = self.steps[name]
-        if s["status"] == S.COMPENSATING:
-            return True
-        return s["status"] == S.SUCCEEDED and self.workflow.steps[name].compensate is not None
-
-    def _descendants(self, name: str) -> set[str]:
-        seen: set[str] = set()
-        stack = list(self.workflow.dependents[name])
-        while stack:
-            nxt = stack.pop()
-            if nxt not in seen:
-                seen.add(nxt)
-                stack.extend(self.workflow.dependents[nxt])
-        return seen
-
-    def _next_due(self, now: float) -> float | None:
-        """When someone should next look at this workflow (None: only on request)."""
-        if self.status.terminal or self.status == W.PARKED:
-            return None
-        if self.running():
-            return now  # claimable as soon as the holder's lease expires
-        times: list[float] = []
-        if self.status == W.RUNNING:
-            deadline = self.state.get("deadline_at")
-            if deadline is not None:
-                times.append(deadline)
-            for name in self.workflow.step_names:
-                s = self.steps[name]
-                if s["status"] in (S.WAITING, S.RETRYING) and all(
-                    self.steps[d]["status"] == S.SUCCEEDED
-                    for d in self.workflow.steps[name].depends_on
-                ):
-                    times.append(s.get("due_at") or now)
-        else:
-            for s in self.steps.values():
-                if s["status"] == S.COMPENSATING:
-                    times.append(s.get("comp_due_at") or now)
-        return min(times) if times else now
-
-    # -------------------------------------------------------------- helpers
-    def _current(self, step: str, attempt: int) -> dict[str, JSON] | None:
-        s = self.steps.get(step)
-        if s is None or s["status"] != S.RUNNING or s["attempts"] != attempt:
-            return None
-        return s
-
-    def _current_compensation(self, step: str, attempt: int) -> dict[str, JSON] | None:
-        s = self.steps.get(step)
-        if (
-            s is None
-            or s["status"] != S.COMPENSATING
-            or not s.get("comp_running")
-            or s.get("comp_attempts", 0) != attempt
-        ):
-            return None
-        return s
-
-    def _attempt_failed(
-        self,
-        step: str,
-        error: str,
-        now: float,
-        *,
-        permanent: bool = False,
-        reason: str = "failed",
-    ) -> None:
-        s = self.steps[step]
-        s["error"] = error
-        attempt = s["attempts"]
-        policy = self.workflow.steps[step].retry
-        if self.state.get("halt"):
-            self._step_to(step, SI.ABANDON, error=error)
-        elif not permanent and attempt < policy.max_attempts:
-            delay = self._delay(policy, attempt)
-            s["due_at"] = now + delay
-            s["retry_delay"] = delay
-            s.pop("interrupts", None)
-            self._step_to(step, SI.FAIL, error=error)
-        else:
-            self._step_to(step, SI.EXHAUST, error=error)
-            self.state["halt"] = self.workflow.on_failure
-            if reason == "failed":
-                reason = "attempts_exhausted"
-            message = f"step {step} failed after {attempt} attempt(s): {error}"
-            self.error = message
-            self._effects.append(DeadLetter(step, reason, attempt, error))
-            self._effects.append(Alert("step_failed", message, self._details(step)))
-
-    def _details(self, step: str) -> dict[str, JSON]:
-        # The tenant rides with every alert so a tenant admin sees only its own (issue 11).
-        return {
-            "tenant": self.tenant,
-            "workflow_id": self.workflow_id,
-            "workflow": self.workflow.name,
-            "step": step,
-        }
-
-    def _workflow_to(self, event: WorkflowInput, reason: str, *, emit: bool = True) -> None:
-        self.status = next_workflow_status(self.status, event)
-        if emit:
-            self._effects.append(
-                EmitEvent(events.WORKFLOW_CHANGED, {"status": str(self.status), "reason": reason})
-            )
-
-    def _step_to(
-        self,
-        name: str,
-        event: StepInput,
-        *,
-        error: str | None = None,
-        result: JSON = None,
-        emit: bool = True,
-    ) -> None:
-        s = self.steps[name]
-        status = next_step_status(_STEP_STATUSES.get(s["status"]) or StepStatus(s["status"]), event)
-        s["status"] = str(status)
-        if emit:
-            compensation = event in COMPENSATION_INPUTS
-            attempt = s.get("comp_attempts", 0) if compensation else s["attempts"]
-            self._effects.append(
-                EmitEvent(
-                    events.STEP_CHANGED,
-                    {
-                        "step": name,
-                        "status": str(status),
-                        "attempt": attempt,
-                        "error": error,
-                        "result": result,
-                    },
-                )
-            )
-
-    def _update_progress(self) -> None:
-        steps: Iterable[dict[str, JSON]] = self.steps.values()
-        values = [
-            1.0 if s["status"] == S.SUCCEEDED else float(s.get("progress") or 0.0) for s in steps
-        ]
-        self.progress = sum(values) / len(values) if values else 0.0

@@ -1,7 +1,7 @@
 """The saga runner's spans (``sync_server.tracing``): one per attempt, and the spans of
 what a checkpoint decided — a dead letter, the end of the workflow.
 
-Every span's parent is the traceparent kept with the workflow (``state["trace"]``, the
+Every span's parent is the traceparent kept with the workflow (``WorkflowState.trace``, the
 push span), so the spans of an instance that took the workflow over after a crash join
 the same trace. Called only while tracing is on.
 """
@@ -12,6 +12,7 @@ from typing import Any
 
 from sync_server import tracing
 from sync_server.saga.definitions import Step
+from sync_server.saga.sagastate import step_wire, trace_of
 from sync_server.store.base import WorkflowRecord
 
 __all__ = ["record_outcome", "start_attempt"]
@@ -28,13 +29,13 @@ def start_attempt(
     """Start the span of one attempt of ``step`` (or of its compensation).
 
     Attributes: the attempt number, the retry delay that preceded it (the backoff the
-    machine chose, ``state["steps"][step]["retry_delay"]``), and the step's breaker with
+    machine chose, ``StepState.retry_delay``), and the step's breaker with
     its state as the last checkpoint read it, and the instance that runs it.
     """
-    state = (record.state.get("steps") or {}).get(step.name) or {}
+    state = step_wire(record.state, step.name)
     return tracing.start_span(
         f"tether.{'compensate' if compensation else 'step'} {step.name}",
-        record.state.get("trace"),
+        trace_of(record.state) or None,
         {
             "tether.workflow.id": record.id,
             "tether.workflow.name": record.name,
@@ -51,7 +52,7 @@ def start_attempt(
 def record_outcome(record: WorkflowRecord, alerts: list[Any], now: float, ended: bool) -> None:
     """After COMMIT: a span per dead letter added, and the workflow's span if it ended
     (or parked) — from its creation to ``now``."""
-    trace = record.state.get("trace")
+    trace = trace_of(record.state) or None
     for alert in alerts:
         entry = alert.details.get("dlq_entry")
         if entry is not None:
