@@ -10,6 +10,7 @@ from sync_server.saga import RetryPolicy, Step, Workflow, decide
 from sync_server.saga.backoff import no_delay
 from sync_server.saga.breaker import BreakerPolicy
 from sync_server.saga.decide import BreakerChange, Input, prepare
+from sync_server.saga.inputs import StepFailed, StepSucceeded
 from sync_server.saga.limits import Admission
 from sync_server.saga.machine import RunStep, SagaMachine
 from sync_server.store.base import BreakerRecord, WorkflowRecord
@@ -66,7 +67,7 @@ def test_a_guarded_failure_opens_the_breaker_as_a_returned_change():
         id="w1", tenant="t1", name="g", status=draft.machine.status.value,
         state=draft.machine.encoded_state(),
     )  # fmt: skip
-    failed = Input("step", "w1", 1, "call", run.attempt, error="503", breaker="svc", tenant="t1")
+    failed = Input(StepFailed("call", run.attempt, "503"), "w1", 1, breaker="svc", tenant="t1")
     again = prepare(WF, started, [failed], 11.0, no_delay)
     closed = {"svc": BreakerRecord(name="svc")}
     gate = again.gate_breakers(closed, lambda name: POLICY, "me", 11.0)
@@ -80,7 +81,7 @@ def test_limits_admit_or_defer_the_ready_steps_named():
     assert draft.steps_to_admit({"slots": object()}, 10.0) == []  # "next" is not ready
     draft.gate_breakers({}, lambda name: POLICY, "me", 10.0)
     draft.finish({}, 10.0)
-    ok = Input("step", "w1", 1, "call", 1, ok=True, breaker="svc", tenant="t1")
+    ok = Input(StepSucceeded("call", 1), "w1", 1, breaker="svc", tenant="t1")
     started = WorkflowRecord(
         id="w1", tenant="t1", name="g", status=draft.machine.status.value,
         state=draft.machine.encoded_state(),

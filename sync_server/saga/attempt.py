@@ -38,8 +38,17 @@ from sync_server.saga.definitions import (
     PermanentError,
     StepContext,
 )
+from sync_server.saga.inputs import (
+    CompensationFailed,
+    CompensationSucceeded,
+    JobStarted,
+    MachineInput,
+    StepFailed,
+    StepSucceeded,
+    Tick,
+)
 from sync_server.saga.machine import RunCompensation, RunStep
-from sync_server.saga.sagastate import attempt_alive, cancel_applied, deadline_of, steps_wire
+from sync_server.saga.sagastate import Job, attempt_alive, cancel_applied, deadline_of, steps_wire
 from sync_server.saga.state import Held, RunnerState
 from sync_server.saga.storable import storable_json, storable_text
 from sync_server.store.base import WorkflowRecord
@@ -76,7 +85,7 @@ class Attempts(RunnerState):
             # A sibling's retry falls due while other attempts still run: tick then.
             fence = held.fence
             held.tick = asyncio.get_running_loop().call_later(
-                due - now, lambda: self._enqueue(Input("tick", held.id, fence, tenant=held.tenant))
+                due - now, lambda: self._enqueue(Input(Tick(), held.id, fence, tenant=held.tenant))
             )
 
     def _launch(
@@ -142,10 +151,8 @@ class Attempts(RunnerState):
 
         def record(source: str, adapter: str) -> None:
             if self._held.get(held.key) is held:
-                job = {"source": source, "adapter": adapter}
-                self._enqueue(
-                    Input("job", held.id, held.fence, step, attempt, job=job, tenant=held.tenant)
-                )
+                event = JobStarted(step, attempt, Job(source, adapter))
+                self._enqueue(Input(event, held.id, held.fence, tenant=held.tenant))
 
         return record
 
@@ -160,53 +167,52 @@ class Attempts(RunnerState):
         span: Any = None,
     ) -> None:
         """Run one attempt and queue its outcome (never raises but CancelledError)."""
-        kind = "comp" if ctx.compensating else "step"
-        item = Input(
-            kind,
-            ctx.workflow_id,
-            held.fence,
-            ctx.step,
-            ctx.attempt,
-            breaker=breaker,
-            tenant=held.tenant,
-        )
+        step, attempt = ctx.step, ctx.attempt
+        error: str | None = None
+        permanent = timed_out = False
+        result: JSON = None
         try:
             async with asyncio.timeout(timeout) as scope:
-                result = await action(ctx)
-            item.result = json_result(result)
-            item.ok = True
+                result = json_result(await action(ctx))
         except TimeoutError as exc:
-            if scope.expired():
-                item.timed_out = True
-                item.error = f"timed out after {timeout} s"
-            else:
-                item.error = describe(exc)
+            timed_out = scope.expired()
+            error = f"timed out after {timeout} s" if timed_out else describe(exc)
         except PermanentError as exc:
-            item.permanent = True
-            item.error = describe(exc)
+            permanent = True
+            error = describe(exc)
         except asyncio.CancelledError:
             tracing.end_span(span, error="attempt interrupted (lease lost, cancel or stop)")
             raise
         except Exception as exc:
-            item.error = describe(exc)
+            error = describe(exc)
             log.debug(
                 "attempt %s of %s/%s failed: %s",
-                ctx.attempt,
+                attempt,
                 ctx.workflow_id,
-                ctx.step,
-                item.error,
-                extra={"workflow_id": ctx.workflow_id, "step": ctx.step, "attempt": ctx.attempt},
+                step,
+                error,
+                extra={"workflow_id": ctx.workflow_id, "step": step, "attempt": attempt},
             )
         finally:
             if held.tasks.get(key) is asyncio.current_task():
                 del held.tasks[key]
                 held.contexts.pop(key, None)
-        tracing.end_span(
-            span, error=item.error, attributes={"tether.permanent": item.permanent or None}
-        )
-        self.progress.finish(held.tenant, ctx.workflow_id, ctx.step)
+        tracing.end_span(span, error=error, attributes={"tether.permanent": permanent or None})
+        self.progress.finish(held.tenant, ctx.workflow_id, step)
+        event: MachineInput
+        if ctx.compensating:
+            if error is None:
+                event = CompensationSucceeded(step, attempt)
+            else:
+                event = CompensationFailed(step, attempt, error)
+        elif error is None:
+            event = StepSucceeded(step, attempt, result)
+        else:
+            event = StepFailed(step, attempt, error, permanent=permanent, timed_out=timed_out)
         if self._held.get(held.key) is held:
-            self._enqueue(item)
+            self._enqueue(
+                Input(event, ctx.workflow_id, held.fence, tenant=held.tenant, breaker=breaker)
+            )
 
 
 def json_result(result: JSON) -> JSON:

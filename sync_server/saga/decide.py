@@ -38,6 +38,7 @@ from protocol.jsontypes import JSON
 from sync_server.saga import breaker as breakers
 from sync_server.saga.backoff import DelayPolicy
 from sync_server.saga.definitions import Limit, Workflow
+from sync_server.saga.inputs import MachineInput, StepFailed, StepSucceeded, apply_input
 from sync_server.saga.limits import Admission
 from sync_server.saga.machine import Effect, SagaMachine
 from sync_server.store.base import BreakerRecord, WorkflowKey, WorkflowRecord
@@ -52,30 +53,18 @@ __all__ = [
 ]
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Input:
-    """One thing that happened to a workflow, waiting for its checkpoint.
+    """One thing that happened to a workflow, waiting for its checkpoint: the typed,
+    frozen machine input (``inputs.MachineInput``), the workflow it is for (ids are per
+    tenant), the fence of the lease it was produced under, and the circuit breaker an
+    attempt's outcome counts for."""
 
-    ``kind`` is ``step`` / ``comp`` (an attempt's outcome), ``progress``, ``job`` (the
-    attempt runs a job at a downstream source) or ``tick``; ``tenant`` and
-    ``workflow_id`` name the workflow (ids are per tenant).
-    """
-
-    kind: str
+    event: MachineInput
     workflow_id: str
     fence: int
-    step: str = ""
-    attempt: int = 0
-    ok: bool = False
-    result: JSON = None
-    error: str | None = None
-    permanent: bool = False
-    timed_out: bool = False
-    fraction: float = 0.0
-    message: str | None = None
-    breaker: str | None = None
-    job: dict[str, str] | None = None
     tenant: str = field(kw_only=True)
+    breaker: str | None = field(default=None, kw_only=True)
 
     @property
     def key(self) -> WorkflowKey:
@@ -249,32 +238,14 @@ def _feed(machine: SagaMachine, inputs: list[Input], now: float) -> list[tuple[s
     """Feed inputs in order; returns (breaker, succeeded) for guarded outcomes."""
     outcomes: list[tuple[str, bool]] = []
     for item in inputs:
-        if item.kind == "step":
-            if item.ok:
-                accepted = machine.receive_step_succeeded(item.step, item.attempt, item.result, now)
-            else:
-                accepted = machine.receive_step_failed(
-                    item.step,
-                    item.attempt,
-                    item.error or "failed",
-                    now,
-                    permanent=item.permanent,
-                    timed_out=item.timed_out,
-                )
-            # A permanent error is the step's verdict, not the downstream's health.
-            if accepted and item.breaker and not item.permanent:
-                outcomes.append((item.breaker, item.ok))
-        elif item.kind == "comp":
-            if item.ok:
-                machine.receive_compensation_succeeded(item.step, item.attempt, now)
-            else:
-                machine.receive_compensation_failed(
-                    item.step, item.attempt, item.error or "failed", now
-                )
-        elif item.kind == "progress":
-            machine.receive_progress(item.step, item.attempt, item.fraction, item.message, now)
-        elif item.kind == "job" and item.job is not None:
-            machine.receive_job(item.step, item.attempt, item.job)
+        event = item.event
+        accepted = apply_input(machine, event, now)
+        # A permanent error is the step's verdict, not the downstream's health.
+        if accepted and item.breaker:
+            if isinstance(event, StepSucceeded):
+                outcomes.append((item.breaker, True))
+            elif isinstance(event, StepFailed) and not event.permanent:
+                outcomes.append((item.breaker, False))
     return outcomes
 
 

@@ -8,7 +8,7 @@ running step this publisher keeps the latest value and
 * delivers it live through ``on_progress(tenant, Progress)`` at most once per
   ``live_interval``; a value reported inside the window is delivered when the window
   ends, so the latest value always arrives (SPEC: always deliver the latest);
-* queues a durable checkpoint (an ``Input`` of kind ``progress``) at most once per
+* queues a durable checkpoint (an ``Input`` of a ``ProgressReported``) at most once per
   ``durable_interval``, the trailing value again included, so the log grows by at most
   two events a second per step (SPEC: coalesce durable progress).
 
@@ -28,6 +28,7 @@ from typing import Any
 from protocol import Progress
 from sync_server.saga.checkpoint import Input
 from sync_server.saga.definitions import ProgressReporter
+from sync_server.saga.inputs import ProgressReported
 from sync_server.saga.storable import storable_text
 
 __all__ = ["ProgressPublisher"]
@@ -136,18 +137,8 @@ class ProgressPublisher:
             return
         slot.last_durable = asyncio.get_running_loop().time()
         fraction, message = pending
-        self.queue_durable(
-            Input(
-                "progress",
-                key[1],
-                slot.fence,
-                key[2],
-                slot.attempt,
-                fraction=fraction,
-                message=message,
-                tenant=key[0],
-            )
-        )
+        event = ProgressReported(key[2], slot.attempt, fraction, message)
+        self.queue_durable(Input(event, key[1], slot.fence, tenant=key[0]))
 
     def finish(self, tenant: str, workflow_id: str, step: str) -> None:
         """The attempt ended: deliver its last live value, forget the durable one."""

@@ -27,6 +27,14 @@ import time
 from protocol import StorageError
 from sync_server.saga.attempt import describe
 from sync_server.saga.checkpoint import Applied, Input
+from sync_server.saga.inputs import (
+    CompensationFailed,
+    CompensationSucceeded,
+    MachineInput,
+    StepFailed,
+    StepSucceeded,
+    Tick,
+)
 from sync_server.saga.state import RunnerState
 from sync_server.saga.storable import refused_by_database, storable_text
 from sync_server.store.base import Transaction, WorkflowKey
@@ -167,21 +175,17 @@ class Writer(RunnerState):
         reason = storable_text(f"checkpoint refused by the store: {describe(exc)}")[:500]
         safe: list[Input] = []
         for item in inputs:
-            if item.kind == "step":
-                failed = Input(
-                    "step", item.workflow_id, fence, item.step, item.attempt, tenant=key.tenant
-                )
-                failed.error, failed.permanent = reason, True
-                safe.append(failed)
-            elif item.kind == "comp":
-                failed = Input(
-                    "comp", item.workflow_id, fence, item.step, item.attempt, tenant=key.tenant
-                )
-                failed.error = reason
-                safe.append(failed)
-            elif item.kind == "tick":
-                safe.append(item)
-            # progress: dropped (ephemeral; its message may be what was refused)
+            event = item.event
+            instead: MachineInput
+            if isinstance(event, StepSucceeded | StepFailed):
+                instead = StepFailed(event.step, event.attempt, reason, permanent=True)
+            elif isinstance(event, CompensationSucceeded | CompensationFailed):
+                instead = CompensationFailed(event.step, event.attempt, reason)
+            elif isinstance(event, Tick):
+                instead = event
+            else:
+                continue  # progress, a job: dropped (their text may be what was refused)
+            safe.append(Input(instead, item.workflow_id, fence, tenant=key.tenant))
         self.stats["quarantined"] += 1
         try:
             await self._commit_chunk({key: (fence, safe)})
