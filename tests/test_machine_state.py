@@ -171,6 +171,7 @@ def test_a_client_visible_step_is_written_with_all_five_keys():
         }
     }
     assert decode_state(None) == WorkflowState({}) == decode_state({})
+    assert decode_state({"trace": "t"}) == WorkflowState({}, trace="t")  # no steps yet
 
 
 # ------------------------------------------------------------------ round trips

@@ -307,7 +307,7 @@ def decode_state(data: JSON) -> WorkflowState:
         return WorkflowState({})
     get = data.get
     steps = get("steps") or {}
-    if len(data) == 1:  # only steps: the common case of a running workflow
+    if len(data) == 1 and "steps" in data:  # the common case of a running workflow
         return WorkflowState({name: _decode_step(s) for name, s in steps.items()})
     requests = get("requests")
     dlq = get("dlq")
