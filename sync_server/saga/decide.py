@@ -34,7 +34,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from protocol.jsontypes import JSON
 from sync_server.saga import breaker as breakers
 from sync_server.saga.backoff import DelayPolicy
 from sync_server.saga.definitions import Limit, Workflow
