@@ -2,13 +2,17 @@
 
 Theory of operation
 -------------------
-SQL runs synchronously on the event-loop thread: a statement here takes microseconds,
-far less than a hop to a worker thread would, and it keeps the backend simple.
+Statements run synchronously on the event-loop thread: one takes microseconds, far
+less than a hop to a worker thread would. COMMIT is the exception: with
+``synchronous=FULL`` it waits for an fsync (milliseconds, far more on a busy disk), so it
+runs on a dedicated one-thread executor while the loop goes on serving everyone else.
 
 * **Writes** go through one writer connection, guarded by an ``asyncio.Lock`` held for a
   whole unit of work: ``run(fn)`` takes the lock, issues ``BEGIN IMMEDIATE`` (the
   database write lock, so two *processes* on one file are also serialised), awaits
-  ``fn(tx)``, writes the buffered events and commits. ``BEGIN IMMEDIATE`` is retried
+  ``fn(tx)``, writes the buffered events and commits (in the commit thread; the lock is
+  held until the COMMIT has returned, so the single writer stays single, and a
+  cancellation that arrives meanwhile waits for it). ``BEGIN IMMEDIATE`` is retried
   asynchronously while another process holds the file, so the loop never blocks on it.
 * **Reads** use a second connection in autocommit mode. WAL lets them proceed while a
   write transaction is open, and they see committed data only.
@@ -30,6 +34,7 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from protocol import StorageError, UsageError
@@ -101,6 +106,7 @@ class SqliteStore(SqliteSql, Store):
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._lock = asyncio.Lock()
+        self._committer: ThreadPoolExecutor | None = None
 
     def _connect(self, busy_ms: int) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -131,6 +137,7 @@ class SqliteStore(SqliteSql, Store):
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
         self._writer, self._reader = writer, reader
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="tether-sqlite-commit")
 
     async def close(self) -> None:
         """Wait for the running unit of work, then close both connections; idempotent."""
@@ -139,6 +146,9 @@ class SqliteStore(SqliteSql, Store):
                 if conn is not None:
                     conn.close()
             self._writer = self._reader = None
+            committer, self._committer = self._committer, None
+            if committer is not None:
+                committer.shutdown(wait=False)
 
     def _sql_conn(self) -> sqlite3.Connection:
         if self._reader is None:
@@ -188,6 +198,7 @@ class SqliteStore(SqliteSql, Store):
         Raises:
             StorageError: SQLite failed; nothing was written.
         """
+        cancelled = False
         async with self._lock:
             conn = self._require_writer()
             await self._begin(conn)
@@ -196,7 +207,7 @@ class SqliteStore(SqliteSql, Store):
             try:
                 result = await fn(tx)
                 head, stored = tx._write_events() if tx.pending_events else (0, [])
-                conn.execute("COMMIT")
+                cancelled = await self._commit(conn)
             except BaseException as exc:
                 self._rollback(conn)
                 if isinstance(exc, sqlite3.Error):
@@ -209,7 +220,32 @@ class SqliteStore(SqliteSql, Store):
             self._dispatch(channel, payload)
         if stored:
             self._dispatch("events", str(head))
+        if cancelled:  # committed all the same: listeners heard of it, now the caller
+            raise asyncio.CancelledError
         return result
+
+    async def _commit(self, conn: sqlite3.Connection) -> bool:
+        """COMMIT in the commit thread (its fsync never stalls the loop); returns whether
+        the caller was cancelled meanwhile (the COMMIT itself cannot be stopped halfway,
+        so it is waited for, with the write lock held, and then the cancellation goes on).
+        """
+        assert self._committer is not None
+        done = asyncio.get_running_loop().run_in_executor(self._committer, self._commit_sync, conn)
+        cancelled = False
+        while not done.done():
+            try:
+                await asyncio.wait([done])  # never cancels ``done`` itself
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled and done.exception() is not None:
+            raise asyncio.CancelledError from done.exception()
+        done.result()
+        return cancelled
+
+    @staticmethod
+    def _commit_sync(conn: sqlite3.Connection) -> None:
+        """The COMMIT with its fsync; runs in the commit thread."""
+        conn.execute("COMMIT")
 
     async def _write(self, work: Callable[[SqliteTransaction], T]) -> T:
         """A one-shot write (claims, lease upkeep) in its own short transaction."""
