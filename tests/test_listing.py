@@ -270,13 +270,13 @@ async def test_listing_statements_use_the_tenant_led_indexes_on_postgres(pg_url)
                 "WHEN random() < 0.5 THEN 'parked' ELSE 'running' END"
             )
         captured = []
-        fetch = store._fetch
+        fetch = store._fetch_all
 
         async def spy(sql, *args):
             captured.append((sql, args))
             return await fetch(sql, *args)
 
-        store._fetch = spy
+        store._fetch_all = spy
         cursor = (time.time(), "ffffffff")
         cases = {
             "workflows_tenant_created": {},

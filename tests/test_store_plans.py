@@ -89,7 +89,7 @@ def sqlite_samples() -> dict[str, tuple[Any, ...]]:
         "events.tenant_horizon": (T,),
         "workflows.get": (IDS[0], T),
         "workflows.get_many": (json.dumps([[i, T] for i in IDS]),),
-        "workflows.claim_due": ("owner", NOW + 10, NOW, NOW, 100),
+        "workflows.claim_due": ("owner", NOW + 10, NOW, 100),
         "workflows.list": (50,),
         "workflows.list_tenant": (T, 50),
         "workflows.list_status": ("running", 50, 50),

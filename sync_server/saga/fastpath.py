@@ -24,6 +24,7 @@ from sync_server.store.base import (
     Transaction,
     WorkflowRecord,
 )
+from sync_server.store.dialect import POSTGRES
 
 __all__ = ["MemoryTransaction", "NeedsLock", "copy_record"]
 
@@ -69,8 +70,22 @@ class MemoryTransaction(_NoLimits, Transaction):
         """The write this checkpoint makes: the new row and its events."""
         return FencedWrite(record, fence, expected_version, list(self.pending_events))
 
+    dialect = POSTGRES  # any: every query primitive below refuses before SQL is sent
+
     def _refuse(self, *_args: Any, **_kwargs: Any) -> NoReturn:
         raise NeedsLock("this checkpoint needs the locked path")
+
+    async def _fetch_all(self, sql: str, *args: Any) -> NoReturn:
+        self._refuse()
+
+    async def _fetch_one(self, sql: str, *args: Any) -> NoReturn:
+        self._refuse()
+
+    async def _exec(self, sql: str, *args: Any) -> NoReturn:
+        self._refuse()
+
+    async def _exec_many(self, sql: str, args: Sequence[Sequence[Any]]) -> NoReturn:
+        self._refuse()
 
     async def get_workflow(
         self, tenant: str, workflow_id: str, *, lock: bool = True

@@ -1,14 +1,20 @@
 """The SQL of named limits (``sync_server.saga.limits``), for both backends.
 
-Written once with ``$n`` placeholders; ``sqlite_style`` turns them into ``?n`` for
-SQLite (which numbers its parameters the same way). The statements run inside a
+Written once with ``$n`` placeholders; the backend's ``Dialect`` renders them (SQLite:
+``?n``, lists as JSON arrays, no row locks). PostgreSQL combines a few steps into one
+statement each (``PG_*``: one round trip). The statements run inside a
 transaction that has locked the limit's row (PostgreSQL) or holds the database write
 lock (SQLite), so counting and taking a slot cannot race another instance.
 """
 
 from __future__ import annotations
 
-import re
+from typing import TYPE_CHECKING
+
+from sync_server.store.rows import WORKFLOW_COLUMNS
+
+if TYPE_CHECKING:
+    from sync_server.store.dialect import Dialect
 
 __all__ = [
     "DROP_WAITERS",
@@ -34,7 +40,7 @@ __all__ = [
     "WAITER_RANK",
     "WAKE_WAITERS",
     "fair_position",
-    "sqlite_style",
+    "handoff",
 ]
 
 RATE_WINDOW = 1.1
@@ -154,24 +160,30 @@ WAKE_WAITERS = (
     "WHERE workflows.id = pick.id AND workflows.tenant = pick.tenant"
 )
 
+
 # Hand-off: the transaction that freed slots claims the next waiters itself (of the
 # versions it runs), so a freed slot is refilled in the same commit instead of a wake,
-# a notification and another claim later. $3 waiters at most; $6/$7 the (name, version)
-# pairs; the lease as in the claim ($8 owner, $9 lease end, fence + 1).
-HANDOFF = (
-    f"WITH f AS ({_FAIR.replace('$SERVED', '$5')}), top AS (SELECT tenant, workflow_id, rn, "
-    "created_at, step FROM f ORDER BY rn, tenant, created_at, workflow_id, step "
-    "LIMIT 2 * $3 + 8), "
-    "pick AS (SELECT w.id, w.tenant FROM workflows AS w JOIN top "
-    "ON w.id = top.workflow_id AND w.tenant = top.tenant "
-    "WHERE (w.lease_owner IS NULL OR w.lease_until IS NULL OR w.lease_until < $4) "
-    "AND w.due_at IS NOT NULL "
-    "AND (w.name, w.workflow_version) IN (SELECT * FROM unnest($6::text[], $7::text[])) "
-    "ORDER BY top.rn, top.tenant, top.created_at, top.workflow_id, top.step "
-    "LIMIT $3 FOR UPDATE OF w SKIP LOCKED) "
-    "UPDATE workflows AS w SET lease_owner = $8, lease_until = $9, fence = w.fence + 1 "
-    "FROM pick WHERE w.id = pick.id AND w.tenant = pick.tenant RETURNING "
-)
+# a notification and another claim later. $3 waiters at most; $6/$7 the names and
+# versions of the (name, version) pairs (``pairs``: the dialect's zip of two lists);
+# the lease as in the claim ($8 owner, $9 lease end, fence + 1).
+def _handoff(pairs: str) -> str:
+    return (
+        f"WITH f AS ({_FAIR.replace('$SERVED', '$5')}), top AS (SELECT tenant, workflow_id, "
+        "rn, created_at, step FROM f ORDER BY rn, tenant, created_at, workflow_id, step "
+        "LIMIT 2 * $3 + 8), "
+        "pick AS (SELECT w.id, w.tenant FROM workflows AS w JOIN top "
+        "ON w.id = top.workflow_id AND w.tenant = top.tenant "
+        "WHERE (w.lease_owner IS NULL OR w.lease_until IS NULL OR w.lease_until < $4) "
+        "AND w.due_at IS NOT NULL "
+        f"AND (w.name, w.workflow_version) IN ({pairs}) "
+        "ORDER BY top.rn, top.tenant, top.created_at, top.workflow_id, top.step "
+        "LIMIT $3 FOR UPDATE OF w SKIP LOCKED) "
+        "UPDATE workflows AS w SET lease_owner = $8, lease_until = $9, fence = w.fence + 1 "
+        "FROM pick WHERE w.id = pick.id AND w.tenant = pick.tenant RETURNING "
+    )
+
+
+HANDOFF = _handoff("SELECT * FROM unnest($6::text[], $7::text[])")
 
 # PostgreSQL: the first waiters in fair order without ranking every waiter — the
 # tenants by a loose index scan (a recursive min), then each tenant's first few in
@@ -233,13 +245,15 @@ PG_TAKE = (
     "INSERT INTO limit_starts (name, tenant, at) VALUES ($1, $2, $7)"
 )
 
-_ANY = re.compile(r"= ANY\(\$(\d+)\)")
-_PARAM = re.compile(r"\$(\d+)")
+_HANDOFFS: dict[str, str] = {}
 
 
-def sqlite_style(sql: str) -> str:
-    """The statement for SQLite: ``?n`` parameters, ``= ANY($n)`` over a JSON array, no
-    row locks (the write lock is held)."""
-    sql = _ANY.sub(r"IN (SELECT value FROM json_each($\1))", sql)
-    sql = sql.replace(" FOR UPDATE OF w SKIP LOCKED", "")
-    return _PARAM.sub(r"?\1", sql)
+def handoff(dialect: Dialect) -> str:
+    """The hand-off statement in ``dialect`` (PostgreSQL: ``PG_HANDOFF``), returning the
+    claimed workflows' columns."""
+    statement = _HANDOFFS.get(dialect.name)
+    if statement is None:
+        own = PG_HANDOFF if dialect.one_round_trip else None
+        body = own or dialect.sql(_handoff(dialect.pairs(6, 7)))
+        statement = _HANDOFFS[dialect.name] = body + dialect.returning(WORKFLOW_COLUMNS, "w")
+    return statement

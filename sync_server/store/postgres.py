@@ -36,25 +36,22 @@ import contextlib
 import logging
 import random
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
 from protocol import StorageError, UsageError
-from sync_server.store import pg_retention, rows, statements
+from sync_server.store import pruning, rows, statements
 from sync_server.store.base import (
-    BreakerRecord,
-    DlqEntry,
     FencedWrite,
-    OutboxItem,
     Store,
     StoredEvent,
     Transaction,
     WorkflowKey,
-    WorkflowRecord,
 )
+from sync_server.store.dialect import Sql
 from sync_server.store.migrations import migrate_postgres
 from sync_server.store.pg_fenced import (
     WRITE_FENCED,
@@ -67,7 +64,6 @@ from sync_server.store.pg_transaction import (
     PgConnection,
     PgSql,
     PostgresTransaction,
-    claim_due,
 )
 
 __all__ = ["PostgresStore", "PostgresTransaction", "parse_postgres_url"]
@@ -79,23 +75,6 @@ _SCHEMA_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,50}")
 _CONFLICTS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _PG_ERRORS = PG_ERRORS
 _OUR_PARAMS = ("schema", "min_size", "max_size", "connect_timeout")
-
-_BR = rows.BREAKER_COLUMNS
-
-
-_WF = rows.WORKFLOW_COLUMNS
-_ENDED = "'completed', 'compensated', 'failed', 'cancelled'"
-
-
-def _filters(*conditions: tuple[str, object]) -> tuple[str, list[object]]:
-    """A ``WHERE`` clause of the conditions whose value is not None, and their values."""
-    parts: list[str] = []
-    args: list[object] = []
-    for template, value in conditions:
-        if value is not None:
-            args.append(value)
-            parts.append(template % len(args))
-    return (" WHERE " + " AND ".join(parts) if parts else ""), args
 
 
 async def _no_reset(conn: asyncpg.Connection) -> None:
@@ -356,6 +335,11 @@ class PostgresStore(PgSql, Store):
         """One ``pg_notify`` outside any transaction (every instance hears it)."""
         await self._fetchval("SELECT pg_notify($1, $2)", self._channel, f"{channel}:{payload}")
 
+    async def _one_shot(self, work: Callable[[Sql], Awaitable[T]]) -> T:
+        """A single-statement write on a pool connection: its own implicit transaction,
+        one round trip (no BEGIN/COMMIT)."""
+        return await work(self)
+
     # -- reads ------------------------------------------------------------------
     def _executor(self) -> asyncpg.Pool:
         return self._require_pool()
@@ -365,14 +349,9 @@ class PostgresStore(PgSql, Store):
     ) -> list[StoredEvent]:
         """Events with ``seq > after`` in seq order (of one tenant, or all)."""
         if tenant is None:
-            found = await self._fetch(statements.PG_READ_EVENTS, after, limit)
+            found = await self._fetch(statements.READ_EVENTS, after, limit)
         else:
-            found = await self._fetch(statements.PG_READ_TENANT_EVENTS, tenant, after, limit)
-        return [rows.event_from_row(row) for row in found]
-
-    async def read_workflow_events(self, tenant: str, workflow_id: str) -> list[StoredEvent]:
-        """Every event of one of the tenant's workflows, in order."""
-        found = await self._fetch(statements.PG_WORKFLOW_EVENTS, workflow_id, tenant)
+            found = await self._fetch(statements.READ_TENANT_EVENTS, tenant, after, limit)
         return [rows.event_from_row(row) for row in found]
 
     async def head(self, tenant: str | None = None) -> int:
@@ -381,164 +360,7 @@ class PostgresStore(PgSql, Store):
             return int(await self._fetchval(statements.PG_TENANT_HEAD, tenant))
         return int(await self._fetchval("SELECT seq FROM event_head WHERE id = 1"))
 
-    async def get_workflow(self, tenant: str, workflow_id: str) -> WorkflowRecord | None:
-        """Read one of the tenant's workflows without locking."""
-        row = await self._fetchrow(statements.PG_GET_WORKFLOW, workflow_id, tenant)
-        return None if row is None else rows.workflow_from_row(row)
-
-    async def workflow_tenants(self, workflow_id: str, limit: int = 10) -> list[str]:
-        """The tenants (at most ``limit``, sorted) holding a workflow with this id."""
-        found = await self._fetch(
-            "SELECT tenant FROM workflows WHERE id = $1 ORDER BY tenant LIMIT $2",
-            workflow_id,
-            limit,
-        )
-        return [row[0] for row in found]
-
-    async def list_workflows(
-        self,
-        *,
-        tenant: str | None = None,
-        statuses: list[str] | None = None,
-        limit: int = 1000,
-        name: str | None = None,
-        version: str | None = None,
-        created_after: float | None = None,
-        created_before: float | None = None,
-        before: tuple[float, str] | None = None,
-        ended_after: float | None = None,
-        ended_before: float | None = None,
-    ) -> list[WorkflowRecord]:
-        """Workflows, newest first, filtered (see ``Store.list_workflows``)."""
-        if statuses is not None and not statuses:
-            return []
-        if any(
-            f is not None
-            for f in (
-                name,
-                version,
-                created_after,
-                created_before,
-                before,
-                ended_after,
-                ended_before,
-            )
-        ):
-            return await self._find_workflows(
-                tenant,
-                statuses,
-                limit,
-                name,
-                version,
-                created_after,
-                created_before,
-                before,
-                ended_after,
-                ended_before,
-            )
-        # One statement per filter combination (not "$1 IS NULL OR …"), so each
-        # prepared statement gets a plan that walks an index newest first.
-        sql = statements.pg_list_workflows(tenant=tenant is not None, statuses=bool(statuses))
-        args = [a for a in (tenant, statuses) if a is not None]
-        found = await self._fetch(sql, *args, limit)
-        return [rows.workflow_from_row(row) for row in found]
-
-    async def _find_workflows(
-        self,
-        tenant: str | None,
-        statuses: list[str] | None,
-        limit: int,
-        name: str | None,
-        version: str | None,
-        created_after: float | None,
-        created_before: float | None,
-        before: tuple[float, str] | None,
-        ended_after: float | None,
-        ended_before: float | None,
-    ) -> list[WorkflowRecord]:
-        """The listing's filters (issue 18): one statement per combination (each gets a
-        plan that walks the matching tenant-led index), keyset page."""
-        # One status is an equality, so (tenant, status, created_at, id) serves the page
-        # in order; several fall back to the tenant's (created_at, id) index.
-        one = statuses[0] if statuses is not None and len(statuses) == 1 else None
-        where, args = _filters(
-            ("tenant = $%d", tenant),
-            ("status = $%d", one),
-            ("status = ANY($%d::text[])", None if one is not None else statuses),
-            ("name = $%d", name),
-            ("workflow_version = $%d", version),
-            ("created_at >= $%d", created_after),
-            ("created_at < $%d", created_before),
-            ("updated_at >= $%d", ended_after),
-            ("updated_at < $%d", ended_before),
-        )
-        if ended_after is not None or ended_before is not None:
-            where += f"{' AND' if where else ' WHERE'} status IN ({_ENDED})"
-        if before is not None:
-            args.extend(before)
-            n = len(args)
-            where += f"{' AND' if where else ' WHERE'} (created_at, id) < (${n - 1}, ${n})"
-        found = await self._fetch(
-            f"SELECT {_WF} FROM workflows{where} ORDER BY created_at DESC, id DESC "
-            f"LIMIT ${len(args) + 1}",
-            *args,
-            limit,
-        )
-        return [rows.workflow_from_row(row) for row in found]
-
-    async def status_counts(self, *, tenant: str | None = None, limit: int) -> dict[str, int]:
-        """Workflows by status among the newest ``limit`` (no JSON read or decoded)."""
-        sql = statements.status_counts(tenant=tenant is not None, mark="$")
-        args = [tenant] if tenant is not None else []
-        return {row[0]: int(row[1]) for row in await self._fetch(sql, *args, limit)}
-
-    async def version_counts(self, *, tenant: str | None = None) -> list[tuple[str, str, str, int]]:
-        """(name, version, status, count) of workflows in flight (partial index)."""
-        only = "AND tenant = $1 " if tenant is not None else ""
-        args = [tenant] if tenant is not None else []
-        found = await self._fetch(
-            "SELECT name, workflow_version, status, count(*) FROM workflows "
-            f"WHERE status IN ('running', 'compensating', 'parked') {only}"
-            "GROUP BY name, workflow_version, status ORDER BY name, workflow_version, status",
-            *args,
-        )
-        return [(row[0], row[1], row[2], int(row[3])) for row in found]
-
-    async def get_client(self, tenant: str, client_id: str) -> tuple[str | None, int] | None:
-        """(subject, last applied mutation id) of the tenant's client, or None."""
-        row = await self._fetchrow(statements.PG_GET_CLIENT, client_id, tenant)
-        return None if row is None else (row[0], row[1])
-
-    async def list_dlq(
-        self, *, tenant: str | None = None, status: str | None = "open", limit: int = 1000
-    ) -> list[DlqEntry]:
-        """Dead letters, oldest first."""
-        sql = statements.pg_list_dlq(tenant=tenant is not None, status=status is not None)
-        args = [a for a in (tenant, status) if a is not None]
-        found = await self._fetch(sql, *args, limit)
-        return [rows.dlq_from_row(row) for row in found]
-
-    async def list_breakers(self) -> list[BreakerRecord]:
-        """Every circuit breaker's shared state."""
-        found = await self._fetch(f"SELECT {_BR} FROM breakers ORDER BY name")
-        return [rows.breaker_from_row(row) for row in found]
-
     # -- leases -----------------------------------------------------------------
-    async def claim_due_workflows(
-        self,
-        owner: str,
-        now: float,
-        lease_seconds: float,
-        limit: int,
-        versions: Sequence[tuple[str, str]] | None = None,
-    ) -> list[WorkflowRecord]:
-        """Lease up to ``limit`` due workflows no live owner holds (fence + 1).
-
-        One statement: the due rows are locked with SKIP LOCKED (a row another
-        claimer or a saga transaction holds is skipped, not waited for) and updated.
-        """
-        return await claim_due(self, owner, now, lease_seconds, limit, versions)
-
     async def renew_leases(
         self, owner: str, leases: dict[WorkflowKey, int], until: float
     ) -> set[WorkflowKey]:
@@ -567,77 +389,8 @@ class PostgresStore(PgSql, Store):
             list(leases.values()),
         )
 
-    # -- outbox -----------------------------------------------------------------
-    async def claim_outbox(self, now: float, limit: int, lease_seconds: float) -> list[OutboxItem]:
-        """Pending items due now, each pushed ``lease_seconds`` into the future."""
-        found = await self._fetch(statements.PG_CLAIM_OUTBOX, now, limit, now + lease_seconds)
-        return sorted((rows.outbox_from_row(row) for row in found), key=lambda i: i.id)
-
-    async def finish_outbox(self, item: OutboxItem) -> None:
-        """Write an item's status, retry_count, next_retry_at, published_at and error."""
-        await self._execute(
-            "UPDATE outbox SET status = $2, retry_count = $3, next_retry_at = $4, "
-            "published_at = $5, last_error = $6 WHERE id = $1",
-            item.id,
-            item.status,
-            item.retry_count,
-            item.next_retry_at,
-            item.published_at,
-            item.last_error,
-        )
-
-    async def backlog_stats(self, now: float) -> tuple[int, float]:
-        """(open dead letters, lag of the most overdue unleased workflow)."""
-        row = await self._fetchrow(statements.PG_BACKLOG, now)
-        assert row is not None
-        due = row[1]
-        return int(row[0]), 0.0 if due is None else max(0.0, now - due)
-
-    async def outbox_stats(self, now: float) -> tuple[int, float]:
-        """(pending items, age in seconds of the oldest pending item)."""
-        row = await self._fetchrow(statements.PG_OUTBOX_STATS)
-        assert row is not None
-        oldest = row[1]
-        return int(row[0]), 0.0 if oldest is None else max(0.0, now - oldest)
-
-    # -- retention ----------------------------------------------------------------
-    async def horizon(self, tenant: str) -> int:
-        """The highest pruned ``seq`` of the tenant's events (0 if none was pruned)."""
-        return int(await self._fetchval(statements.PG_TENANT_HORIZON, tenant))
-
-    async def prune_events(self, cutoff: float, limit: int) -> tuple[int, int]:
-        """Delete the events of the next ``limit`` workflows ended before ``cutoff``."""
-
-        async def unit(tx: Transaction) -> tuple[int, int]:
-            assert isinstance(tx, PostgresTransaction)
-            return await pg_retention.prune_events(tx, cutoff, limit)
-
-        return await self.run(unit)
-
-    async def prune_workflows(
-        self, cutoff: float, limit: int, *, with_events: bool
-    ) -> tuple[int, int]:
-        """Delete up to ``limit`` workflow rows that ended before ``cutoff``."""
-
-        async def unit(tx: Transaction) -> tuple[int, int]:
-            assert isinstance(tx, PostgresTransaction)
-            return await pg_retention.prune_workflows(tx, cutoff, limit, with_events)
-
-        return await self.run(unit)
-
-    async def prune_rows(self, kind: str, cutoff: float, limit: int) -> int:
-        """Delete up to ``limit`` rows of ``kind`` older than ``cutoff``."""
-        if kind not in pg_retention.PRUNE_KINDS:
-            raise UsageError(f"unknown prune kind {kind!r}")
-
-        async def unit(tx: Transaction) -> int:
-            assert isinstance(tx, PostgresTransaction)
-            return await pg_retention.prune_rows(tx, kind, cutoff, limit)
-
-        return await self.run(unit)
-
     async def reclaim(self) -> None:
         """VACUUM the pruned tables (not FULL: writers never wait for it), so their
         freed space is reused before autovacuum's thresholds and naptime come round."""
-        for table in pg_retention.PRUNED_TABLES:
+        for table in pruning.PRUNED_TABLES:
             await self._execute(f"VACUUM (SKIP_LOCKED) {table}")

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from sync_server.store.base import (
+from sync_server.store.records import (
     BreakerRecord,
     DlqEntry,
     OutboxItem,

@@ -33,22 +33,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from protocol import StorageError, UsageError
-from sync_server.store import rows, sqlite_retention, statements
+from sync_server.store import rows, statements
 from sync_server.store.base import (
-    BreakerRecord,
-    DlqEntry,
-    OutboxItem,
     Store,
     StoredEvent,
     Transaction,
     WorkflowKey,
-    WorkflowRecord,
 )
+from sync_server.store.dialect import SQLITE, Sql
 from sync_server.store.migrations import migrate_sqlite
 from sync_server.store.sqlite_transaction import SqliteSql, SqliteTransaction
 
@@ -56,12 +53,6 @@ __all__ = ["SqliteStore", "SqliteTransaction", "sqlite_path"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-_WF = rows.WORKFLOW_COLUMNS
-_EV = rows.EVENT_COLUMNS
-_OB = rows.OUTBOX_COLUMNS
-_DLQ = rows.DLQ_COLUMNS
-_BR = rows.BREAKER_COLUMNS
 
 
 def sqlite_path(url: str) -> str:
@@ -247,8 +238,14 @@ class SqliteStore(SqliteSql, Store):
         """The COMMIT with its fsync; runs in the commit thread."""
         conn.execute("COMMIT")
 
+    async def _one_shot(self, work: Callable[[Sql], Awaitable[T]]) -> T:
+        """A single-statement write (claims, outbox upkeep): a unit of work of its own
+        on the single writer."""
+        return await self.run(work)
+
     async def _write(self, work: Callable[[SqliteTransaction], T]) -> T:
-        """A one-shot write (claims, lease upkeep) in its own short transaction."""
+        """A one-shot write of synchronous statements (lease upkeep) in its own short
+        transaction."""
 
         async def unit(tx: Transaction) -> T:
             assert isinstance(tx, SqliteTransaction)
@@ -262,14 +259,9 @@ class SqliteStore(SqliteSql, Store):
     ) -> list[StoredEvent]:
         """Events with ``seq > after`` in seq order (of one tenant, or all)."""
         if tenant is None:
-            found = self._all(statements.SQLITE_READ_EVENTS, (after, limit))
+            found = self._all(SQLITE.sql(statements.READ_EVENTS), (after, limit))
         else:
-            found = self._all(statements.SQLITE_READ_TENANT_EVENTS, (tenant, after, limit))
-        return [rows.event_from_row(row) for row in found]
-
-    async def read_workflow_events(self, tenant: str, workflow_id: str) -> list[StoredEvent]:
-        """Every event of one of the tenant's workflows, in order."""
-        found = self._all(statements.SQLITE_WORKFLOW_EVENTS, (workflow_id, tenant))
+            found = self._all(SQLITE.sql(statements.READ_TENANT_EVENTS), (tenant, after, limit))
         return [rows.event_from_row(row) for row in found]
 
     async def head(self, tenant: str | None = None) -> int:
@@ -278,174 +270,7 @@ class SqliteStore(SqliteSql, Store):
             return int(self._one(statements.SQLITE_TENANT_HEAD, (tenant,))[0])
         return int(self._one("SELECT COALESCE(MAX(seq), 0) FROM events")[0])
 
-    async def get_workflow(self, tenant: str, workflow_id: str) -> WorkflowRecord | None:
-        """Read one of the tenant's workflows."""
-        row = self._one(statements.SQLITE_GET_WORKFLOW, (workflow_id, tenant))
-        return None if row is None else rows.workflow_from_row(row)
-
-    async def workflow_tenants(self, workflow_id: str, limit: int = 10) -> list[str]:
-        """The tenants (at most ``limit``, sorted) holding a workflow with this id."""
-        found = self._all(
-            "SELECT tenant FROM workflows WHERE id = ? ORDER BY tenant LIMIT ?",
-            (workflow_id, limit),
-        )
-        return [row[0] for row in found]
-
-    async def list_workflows(
-        self,
-        *,
-        tenant: str | None = None,
-        statuses: list[str] | None = None,
-        limit: int = 1000,
-        name: str | None = None,
-        version: str | None = None,
-        created_after: float | None = None,
-        created_before: float | None = None,
-        before: tuple[float, str] | None = None,
-        ended_after: float | None = None,
-        ended_before: float | None = None,
-    ) -> list[WorkflowRecord]:
-        """Workflows, newest first, filtered (see ``Store.list_workflows``)."""
-        if statuses is not None and not statuses:
-            return []
-        if any(
-            f is not None
-            for f in (
-                name,
-                version,
-                created_after,
-                created_before,
-                before,
-                ended_after,
-                ended_before,
-            )
-        ):
-            return self._find_workflows(
-                tenant,
-                statuses,
-                limit,
-                name,
-                version,
-                created_after,
-                created_before,
-                before,
-                ended_after,
-                ended_before,
-            )
-        # Each status's index range is read newest first, at most ``limit`` rows each.
-        unique = list(dict.fromkeys(statuses or ()))
-        params: list[Any] = []
-        for status in unique:
-            params.extend([status, limit] if tenant is None else [tenant, status, limit])
-        if not unique and tenant is not None:
-            params.append(tenant)
-        sql = statements.sqlite_list_workflows(tenant=tenant is not None, statuses=len(unique))
-        found = self._all(sql, (*params, limit))
-        return [rows.workflow_from_row(row) for row in found]
-
-    def _find_workflows(
-        self,
-        tenant: str | None,
-        statuses: list[str] | None,
-        limit: int,
-        name: str | None,
-        version: str | None,
-        created_after: float | None,
-        created_before: float | None,
-        before: tuple[float, str] | None,
-        ended_after: float | None,
-        ended_before: float | None,
-    ) -> list[WorkflowRecord]:
-        """The listing's filters (issue 18): one statement per combination, keyset page."""
-        where: list[str] = []
-        params: list[Any] = []
-        if tenant is not None:
-            where.append("tenant = ?")
-            params.append(tenant)
-        if statuses is not None and len(statuses) == 1:
-            where.append("status = ?")
-            params.append(statuses[0])
-        elif statuses is not None:
-            where.append("status IN (SELECT value FROM json_each(?))")
-            params.append(rows.dumps(statuses))
-        for clause, value in (
-            ("name = ?", name),
-            ("workflow_version = ?", version),
-            ("created_at >= ?", created_after),
-            ("created_at < ?", created_before),
-            ("updated_at >= ?", ended_after),
-            ("updated_at < ?", ended_before),
-        ):
-            if value is not None:
-                where.append(clause)
-                params.append(value)
-        if ended_after is not None or ended_before is not None:
-            where.append("status IN ('completed', 'compensated', 'failed', 'cancelled')")
-        if before is not None:
-            where.append("(created_at, id) < (?, ?)")
-            params.extend(before)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
-        found = self._all(
-            f"SELECT {_WF} FROM workflows {clause} ORDER BY created_at DESC, id DESC LIMIT ?",
-            (*params, limit),
-        )
-        return [rows.workflow_from_row(row) for row in found]
-
-    async def status_counts(self, *, tenant: str | None = None, limit: int) -> dict[str, int]:
-        """Workflows by status among the newest ``limit`` (no JSON read or decoded)."""
-        sql = statements.status_counts(tenant=tenant is not None, mark="?")
-        params = (tenant, limit) if tenant is not None else (limit,)
-        return {row[0]: int(row[1]) for row in self._all(sql, params)}
-
-    async def version_counts(self, *, tenant: str | None = None) -> list[tuple[str, str, str, int]]:
-        """(name, version, status, count) of workflows in flight (partial index)."""
-        only = "AND tenant = ? " if tenant is not None else ""
-        args = [tenant] if tenant is not None else []
-        found = self._all(
-            "SELECT name, workflow_version, status, count(*) FROM workflows "
-            f"WHERE status IN ('running', 'compensating', 'parked') {only}"
-            "GROUP BY name, workflow_version, status ORDER BY name, workflow_version, status",
-            tuple(args),
-        )
-        return [(row[0], row[1], row[2], int(row[3])) for row in found]
-
-    async def get_client(self, tenant: str, client_id: str) -> tuple[str | None, int] | None:
-        """(subject, last applied mutation id) of the tenant's client, or None."""
-        row = self._one(
-            "SELECT subject, last_mutation_id FROM clients WHERE client_id = ? AND tenant = ?",
-            (client_id, tenant),
-        )
-        return None if row is None else (row[0], row[1])
-
-    async def list_dlq(
-        self, *, tenant: str | None = None, status: str | None = "open", limit: int = 1000
-    ) -> list[DlqEntry]:
-        """Dead letters, oldest first."""
-        sql = statements.sqlite_list_dlq(tenant=tenant is not None, status=status is not None)
-        params = [a for a in (tenant, status) if a is not None]
-        found = self._all(sql, (*params, limit))
-        return [rows.dlq_from_row(row) for row in found]
-
-    async def list_breakers(self) -> list[BreakerRecord]:
-        """Every circuit breaker's shared state."""
-        return [rows.breaker_from_row(r) for r in self._all(f"SELECT {_BR} FROM breakers")]
-
     # -- leases -------------------------------------------------------------------
-    async def claim_due_workflows(
-        self,
-        owner: str,
-        now: float,
-        lease_seconds: float,
-        limit: int,
-        versions: Sequence[tuple[str, str]] | None = None,
-    ) -> list[WorkflowRecord]:
-        """Lease up to ``limit`` due workflows that no live owner holds (fence + 1)."""
-
-        async def work(tx: Transaction) -> list[WorkflowRecord]:
-            return await tx.claim_due_workflows(owner, now, lease_seconds, limit, versions)
-
-        return await self.run(work)
-
     async def renew_leases(
         self, owner: str, leases: dict[WorkflowKey, int], until: float
     ) -> set[WorkflowKey]:
@@ -480,73 +305,3 @@ class SqliteStore(SqliteSql, Store):
             )
 
         await self._write(work)
-
-    # -- outbox -------------------------------------------------------------------
-    async def claim_outbox(self, now: float, limit: int, lease_seconds: float) -> list[OutboxItem]:
-        """Pending items due now, each pushed ``lease_seconds`` into the future."""
-
-        def work(tx: SqliteTransaction) -> list[OutboxItem]:
-            found = tx._all(
-                "UPDATE outbox SET next_retry_at = ? WHERE id IN (SELECT id FROM outbox "
-                "WHERE status = 'pending' AND next_retry_at <= ? ORDER BY next_retry_at, id "
-                f"LIMIT ?) RETURNING {_OB}",
-                (now + lease_seconds, now, limit),
-            )
-            return sorted((rows.outbox_from_row(row) for row in found), key=lambda i: i.id)
-
-        return await self._write(work)
-
-    async def finish_outbox(self, item: OutboxItem) -> None:
-        """Write an item's status, retry_count, next_retry_at, published_at and error."""
-
-        def work(tx: SqliteTransaction) -> None:
-            tx._execute(
-                "UPDATE outbox SET status = ?, retry_count = ?, next_retry_at = ?, "
-                "published_at = ?, last_error = ? WHERE id = ?",
-                (
-                    item.status,
-                    item.retry_count,
-                    item.next_retry_at,
-                    item.published_at,
-                    item.last_error,
-                    item.id,
-                ),
-            )
-
-        await self._write(work)
-
-    async def backlog_stats(self, now: float) -> tuple[int, float]:
-        """(open dead letters, lag of the most overdue unleased workflow)."""
-        (depth,) = self._one("SELECT COUNT(*) FROM dlq WHERE status = 'open'")
-        (due,) = self._one(statements.SQLITE_BACKLOG_DUE, (now,))
-        return int(depth), 0.0 if due is None else max(0.0, now - due)
-
-    async def outbox_stats(self, now: float) -> tuple[int, float]:
-        """(pending items, age in seconds of the oldest pending item)."""
-        count, oldest = self._one(
-            "SELECT COUNT(*), MIN(created_at) FROM outbox WHERE status = 'pending'"
-        )
-        return int(count), 0.0 if oldest is None else max(0.0, now - oldest)
-
-    # -- retention ----------------------------------------------------------------
-    async def horizon(self, tenant: str) -> int:
-        """The highest pruned ``seq`` of the tenant's events (0 if none was pruned)."""
-        return int(self._one(statements.SQLITE_TENANT_HORIZON, (tenant,))[0])
-
-    async def prune_events(self, cutoff: float, limit: int) -> tuple[int, int]:
-        """Delete the events of the next ``limit`` workflows ended before ``cutoff``."""
-        return await self._write(lambda tx: sqlite_retention.prune_events(tx, cutoff, limit))
-
-    async def prune_workflows(
-        self, cutoff: float, limit: int, *, with_events: bool
-    ) -> tuple[int, int]:
-        """Delete up to ``limit`` workflow rows that ended before ``cutoff``."""
-        return await self._write(
-            lambda tx: sqlite_retention.prune_workflows(tx, cutoff, limit, with_events)
-        )
-
-    async def prune_rows(self, kind: str, cutoff: float, limit: int) -> int:
-        """Delete up to ``limit`` rows of ``kind`` older than ``cutoff``."""
-        if kind not in sqlite_retention.PRUNE_KINDS:
-            raise UsageError(f"unknown prune kind {kind!r}")
-        return await self._write(lambda tx: sqlite_retention.prune_rows(tx, kind, cutoff, limit))

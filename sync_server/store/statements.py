@@ -21,8 +21,12 @@ values (LESSONS "prepared statements and generic plans"). So:
   across the whole table for a rare value. Real stores hold several statuses and
   tenants; ``bench.fill`` loads a realistic mix.
 
-The backends take their SQL from here, and ``POSTGRES_HOT`` / ``SQLITE_HOT`` name every
-one of them, so ``tests/test_store_plans.py`` checks exactly what the code runs: it
+Most statements are written once, in PostgreSQL's spelling; ``sqlite_text`` renders
+them for SQLite (``Dialect.sql`` at run time). Those a backend writes its own way (a
+different plan, not just a different spelling: ``unnest`` joins, ``SKIP LOCKED``,
+``ctid``/``rowid`` batches) are ``PG_*`` / ``SQLITE_*``, and ``POSTGRES_OWN`` /
+``SQLITE_OWN`` hand them to the dialect by name. ``POSTGRES_HOT`` / ``SQLITE_HOT`` name
+every hot statement, so ``tests/test_store_plans.py`` checks exactly what the code runs: it
 bulk-loads both backends and asserts with ``EXPLAIN`` (PostgreSQL: ``EXPLAIN EXECUTE``
 of the statement asyncpg prepared, under ``plan_cache_mode = force_generic_plan``) that
 none of them scans ``workflows`` or ``events`` sequentially.
@@ -30,22 +34,25 @@ none of them scans ``workflows`` or ``events`` sequentially.
 
 from __future__ import annotations
 
-from sync_server.store import rows
+import re
 
-__all__ = [
-    "ENDED_STATUSES",
-    "POSTGRES_HOT",
-    "SQLITE_HOT",
-    "pg_list_dlq",
-    "pg_list_workflows",
-    "sqlite_list_dlq",
-    "sqlite_list_workflows",
-    "status_counts",
-]
+from sync_server.store import rows
 
 _WF = rows.WORKFLOW_COLUMNS
 _EV = rows.EVENT_COLUMNS
 _DLQ = rows.DLQ_COLUMNS
+
+_ANY = re.compile(r"= ANY\(\$(\d+)(?:::\w+\[\])?\)")
+_LOCKS = re.compile(r" FOR UPDATE(?: OF \w+)?(?: SKIP LOCKED)?")
+_PARAM = re.compile(r"\$(\d+)")
+
+
+def sqlite_text(sql: str) -> str:
+    """A shared statement in SQLite's spelling: ``?n`` parameters, a list parameter
+    (``= ANY($n)``) as a JSON array read with ``json_each``, no row locks (a SQLite
+    writer holds the whole database's write lock)."""
+    sql = _ANY.sub(r"IN (SELECT value FROM json_each($\1))", sql)
+    return _PARAM.sub(r"?\1", _LOCKS.sub("", sql))
 
 
 def _qualified(columns: str, alias: str) -> str:
@@ -56,21 +63,19 @@ ENDED_STATUSES = ("completed", "compensated", "failed", "cancelled")
 _ENDED = "status IN ('completed', 'compensated', 'failed', 'cancelled')"
 """Matches the predicate of the partial index ``workflows_ended`` (migration 7)."""
 
-# ---------------------------------------------------------------- PostgreSQL
-PG_READ_EVENTS = f"SELECT {_EV} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2"
-PG_READ_TENANT_EVENTS = (
+# ------------------------------------------- shared, and PostgreSQL's own (PG_*)
+READ_EVENTS = f"SELECT {_EV} FROM events WHERE seq > $1 ORDER BY seq LIMIT $2"
+READ_TENANT_EVENTS = (
     f"SELECT {_EV} FROM events WHERE tenant = $1 AND seq > $2 ORDER BY seq LIMIT $3"
 )
-PG_WORKFLOW_EVENTS = (
-    f"SELECT {_EV} FROM events WHERE workflow_id = $1 AND tenant = $2 ORDER BY wf_seq"
-)
+WORKFLOW_EVENTS = f"SELECT {_EV} FROM events WHERE workflow_id = $1 AND tenant = $2 ORDER BY wf_seq"
 # A tenant's head never goes back when its newest events are pruned (tenant_horizons).
 PG_TENANT_HEAD = (
     "SELECT greatest((SELECT coalesce(max(seq), 0) FROM events WHERE tenant = $1), "
     "(SELECT coalesce(max(seq), 0) FROM tenant_horizons WHERE tenant = $1))"
 )
-PG_TENANT_HORIZON = "SELECT coalesce(max(seq), 0) FROM tenant_horizons WHERE tenant = $1"
-PG_GET_WORKFLOW = f"SELECT {_WF} FROM workflows WHERE id = $1 AND tenant = $2"
+TENANT_HORIZON = "SELECT coalesce(max(seq), 0) FROM tenant_horizons WHERE tenant = $1"
+GET_WORKFLOW = f"SELECT {_WF} FROM workflows WHERE id = $1 AND tenant = $2"
 PG_GET_WORKFLOWS = (
     f"SELECT {_qualified(_WF, 'w')} FROM unnest($1::text[], $2::text[]) AS k(id, tenant) "
     "JOIN workflows AS w ON w.id = k.id AND w.tenant = k.tenant"
@@ -81,7 +86,7 @@ PG_MUTATION_RESULTS = (
     "JOIN mutation_results AS m ON m.client_id = $1 AND m.tenant = $2 "
     "AND m.mutation_id = u.id"
 )
-PG_GET_CLIENT = "SELECT subject, last_mutation_id FROM clients WHERE client_id = $1 AND tenant = $2"
+GET_CLIENT = "SELECT subject, last_mutation_id FROM clients WHERE client_id = $1 AND tenant = $2"
 # A batch picked by a subquery is matched with "= ANY(ARRAY(subquery))" — by ctid where
 # the key has two columns: one TID lookup per picked row. Joining the subquery instead
 # lets a generic plan (which guesses that "LIMIT $n" keeps 10 % of the table) hash-join
@@ -93,6 +98,24 @@ PG_CLAIM_DUE_WORKFLOWS = (
     "AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until < $3) "
     "ORDER BY due_at LIMIT $4 FOR UPDATE SKIP LOCKED)) "
     f"RETURNING {_qualified(_WF, 'w')}"
+)
+# The same claim limited to the (name, version) pairs this instance has (rolling
+# deploys): one index range scan of ``workflows_claim_version`` per pair ($5, $6 arrays),
+# so the due rows of versions this instance lacks are never even read.
+PG_CLAIM_DUE_VERSIONED = (
+    "WITH due AS MATERIALIZED (SELECT c.id, c.tenant FROM unnest($5::text[], $6::text[]) "
+    "AS k(name, version) CROSS JOIN LATERAL (SELECT w.id, w.tenant, w.due_at "
+    "FROM workflows AS w "
+    "WHERE w.name = k.name AND w.workflow_version = k.version AND w.due_at IS NOT NULL "
+    # "due" as one row comparison: only the (name, workflow_version, due_at) index can
+    # serve it as a range, so even a generic plan never walks workflows_due through the
+    # due rows of versions nobody asked for.
+    "AND (w.name, w.workflow_version, w.due_at) <= (k.name, k.version, $3) "
+    "AND (w.lease_owner IS NULL OR w.lease_until IS NULL OR w.lease_until < $3) "
+    "ORDER BY w.name, w.workflow_version, w.due_at LIMIT $4 FOR UPDATE SKIP LOCKED) AS c "
+    "ORDER BY c.due_at LIMIT $4) "
+    "UPDATE workflows AS w SET lease_owner = $1, lease_until = $2, fence = w.fence + 1 "
+    "FROM due WHERE w.id = due.id AND w.tenant = due.tenant RETURNING " + _qualified(_WF, "w")
 )
 PG_RENEW_LEASES = (
     "UPDATE workflows AS w SET lease_until = $5 "
@@ -106,7 +129,7 @@ PG_RELEASE_LEASES = (
     "WHERE w.id = l.id AND w.tenant = l.tenant AND w.fence = l.fence "
     "AND w.lease_owner = $1"
 )
-PG_BACKLOG = (
+BACKLOG = (
     "SELECT (SELECT count(*) FROM dlq WHERE status = 'open'), "
     "(SELECT min(due_at) FROM workflows WHERE status IN ('running', 'compensating') "
     "AND due_at IS NOT NULL AND (lease_owner IS NULL OR lease_until IS NULL "
@@ -117,11 +140,11 @@ PG_CLAIM_OUTBOX = (
     "WHERE status = 'pending' AND next_retry_at <= $1 ORDER BY next_retry_at, id LIMIT $2 "
     f"FOR UPDATE SKIP LOCKED)) RETURNING {rows.OUTBOX_COLUMNS}"
 )
-PG_OUTBOX_STATS = "SELECT count(*), min(created_at) FROM outbox WHERE status = 'pending'"
+OUTBOX_STATS = "SELECT count(*), min(created_at) FROM outbox WHERE status = 'pending'"
 
 # Retention (``sync_server.retention``): small batches, each found by an index.
-PG_PRUNE_MARK = "SELECT at, id FROM retention_marks WHERE name = $1 FOR UPDATE SKIP LOCKED"
-PG_ENDED_AFTER = (
+PRUNE_MARK = "SELECT at, id FROM retention_marks WHERE name = $1 FOR UPDATE SKIP LOCKED"
+ENDED_AFTER = (
     f"SELECT id, updated_at, tenant FROM workflows WHERE {_ENDED} AND updated_at < $1 "
     "AND (updated_at, id) > ($2, $3) ORDER BY updated_at, id LIMIT $4"
 )
@@ -153,10 +176,11 @@ PG_RAISE_HORIZONS = (
     "INSERT INTO tenant_horizons (tenant, seq) SELECT * FROM unnest($1::text[], $2::bigint[]) "
     "ON CONFLICT (tenant) DO UPDATE SET seq = greatest(tenant_horizons.seq, excluded.seq)"
 )
-PG_SET_MARK = (
+SET_MARK = (
     "INSERT INTO retention_marks (name, at, id) VALUES ($1, $2, $3) "
     "ON CONFLICT (name) DO UPDATE SET at = excluded.at, id = excluded.id"
 )
+
 
 _ORDER = "ORDER BY created_at DESC, id DESC"
 
@@ -186,19 +210,18 @@ def pg_list_workflows(*, tenant: bool, statuses: bool) -> str:
     )
 
 
-def status_counts(*, tenant: bool, mark: str) -> str:
+def status_counts(*, tenant: bool) -> str:
     """Counts by status over the newest ``limit`` workflows (of a tenant, or all):
-    parameters tenant (if filtered) and limit; ``mark`` is ``$`` or ``?``."""
-    numbered = mark == "$"
-    where = f" WHERE tenant = {'$1' if numbered else '?'}" if tenant else ""
-    limit = f"${2 if tenant else 1}" if numbered else "?"
+    parameters tenant (if filtered) and limit."""
+    where = " WHERE tenant = $1" if tenant else ""
+    limit = f"${2 if tenant else 1}"
     return (
         f"SELECT status, count(*) FROM (SELECT status FROM workflows{where} {_ORDER} "
         f"LIMIT {limit}) AS recent GROUP BY status"
     )
 
 
-def pg_list_dlq(*, tenant: bool, status: bool) -> str:
+def list_dlq(*, tenant: bool, status: bool) -> str:
     """The DLQ listing for one filter combination (tenant, status, limit — as given)."""
     where: list[str] = []
     if tenant:
@@ -210,12 +233,12 @@ def pg_list_dlq(*, tenant: bool, status: bool) -> str:
 
 
 POSTGRES_HOT: dict[str, str] = {
-    "events.read": PG_READ_EVENTS,
-    "events.read_tenant": PG_READ_TENANT_EVENTS,
-    "events.of_workflow": PG_WORKFLOW_EVENTS,
+    "events.read": READ_EVENTS,
+    "events.read_tenant": READ_TENANT_EVENTS,
+    "events.of_workflow": WORKFLOW_EVENTS,
     "events.tenant_head": PG_TENANT_HEAD,
-    "events.tenant_horizon": PG_TENANT_HORIZON,
-    "workflows.get": PG_GET_WORKFLOW,
+    "events.tenant_horizon": TENANT_HORIZON,
+    "workflows.get": GET_WORKFLOW,
     "workflows.get_many": PG_GET_WORKFLOWS,
     "workflows.get_many_for_update": PG_GET_WORKFLOWS_FOR_UPDATE,
     "workflows.claim_due": PG_CLAIM_DUE_WORKFLOWS,
@@ -225,16 +248,16 @@ POSTGRES_HOT: dict[str, str] = {
     "workflows.list_tenant": pg_list_workflows(tenant=True, statuses=False),
     "workflows.list_status": pg_list_workflows(tenant=False, statuses=True),
     "workflows.list_tenant_status": pg_list_workflows(tenant=True, statuses=True),
-    "workflows.status_counts": status_counts(tenant=False, mark="$"),
-    "workflows.status_counts_tenant": status_counts(tenant=True, mark="$"),
+    "workflows.status_counts": status_counts(tenant=False),
+    "workflows.status_counts_tenant": status_counts(tenant=True),
     "mutations.results": PG_MUTATION_RESULTS,
-    "clients.get": PG_GET_CLIENT,
-    "monitor.backlog": PG_BACKLOG,
-    "monitor.outbox": PG_OUTBOX_STATS,
+    "clients.get": GET_CLIENT,
+    "monitor.backlog": BACKLOG,
+    "monitor.outbox": OUTBOX_STATS,
     "outbox.claim": PG_CLAIM_OUTBOX,
-    "dlq.list_status": pg_list_dlq(tenant=False, status=True),
-    "dlq.list_tenant_status": pg_list_dlq(tenant=True, status=True),
-    "prune.ended_after": PG_ENDED_AFTER,
+    "dlq.list_status": list_dlq(tenant=False, status=True),
+    "dlq.list_tenant_status": list_dlq(tenant=True, status=True),
+    "prune.ended_after": ENDED_AFTER,
     "prune.events_of": PG_DELETE_EVENTS_OF,
     "prune.workflows": PG_DELETE_ENDED_WORKFLOWS,
     "prune.results": PG_DELETE_RESULTS,
@@ -244,42 +267,35 @@ POSTGRES_HOT: dict[str, str] = {
 """Every hot PostgreSQL statement that reads ``workflows``, ``events`` or a table that
 grows with them, by name (the plan test covers exactly these)."""
 
-# -------------------------------------------------------------------- SQLite
-SQLITE_READ_EVENTS = f"SELECT {_EV} FROM events WHERE seq > ? ORDER BY seq LIMIT ?"
-SQLITE_READ_TENANT_EVENTS = (
-    f"SELECT {_EV} FROM events WHERE tenant = ? AND seq > ? ORDER BY seq LIMIT ?"
-)
-SQLITE_WORKFLOW_EVENTS = (
-    f"SELECT {_EV} FROM events WHERE workflow_id = ? AND tenant = ? ORDER BY wf_seq"
-)
+# ------------------------------------------------------------ SQLite's own
 SQLITE_TENANT_HEAD = (
     "SELECT max((SELECT COALESCE(MAX(seq), 0) FROM events WHERE tenant = ?1), "
     "(SELECT COALESCE(MAX(seq), 0) FROM tenant_horizons WHERE tenant = ?1))"
 )
-SQLITE_TENANT_HORIZON = "SELECT COALESCE(MAX(seq), 0) FROM tenant_horizons WHERE tenant = ?"
-SQLITE_GET_WORKFLOW = f"SELECT {_WF} FROM workflows WHERE id = ? AND tenant = ?"
 SQLITE_GET_WORKFLOWS = (
-    f"SELECT {_qualified(_WF, 'w')} FROM json_each(?) AS k CROSS JOIN workflows AS w "
+    f"SELECT {_qualified(_WF, 'w')} FROM json_each(?1) AS k CROSS JOIN workflows AS w "
     "ON w.id = k.value ->> 0 AND w.tenant = k.value ->> 1"
 )
-SQLITE_CLAIM_DUE_WORKFLOWS = (
-    "UPDATE workflows SET lease_owner = ?, lease_until = ?, fence = fence + 1 "
-    "WHERE rowid IN (SELECT rowid FROM workflows WHERE due_at <= ? AND "
-    "(lease_owner IS NULL OR lease_until IS NULL OR lease_until < ?) "
-    f"ORDER BY due_at LIMIT ?) RETURNING {_WF}"
+# Parameters as in PG_CLAIM_DUE_WORKFLOWS / PG_CLAIM_DUE_VERSIONED (lists as JSON).
+_SQLITE_CLAIM = (
+    "UPDATE workflows SET lease_owner = ?1, lease_until = ?2, fence = fence + 1 "
+    "WHERE rowid IN (SELECT rowid FROM workflows WHERE due_at <= ?3 AND "
+    "(lease_owner IS NULL OR lease_until IS NULL OR lease_until < ?3) {}"
+    f"ORDER BY due_at LIMIT ?4) RETURNING {_WF}"
+)
+SQLITE_CLAIM_DUE_WORKFLOWS = _SQLITE_CLAIM.format("")
+SQLITE_CLAIM_DUE_VERSIONED = _SQLITE_CLAIM.format(
+    "AND (name, workflow_version) IN (SELECT a.value, b.value FROM json_each(?5) AS a "
+    "JOIN json_each(?6) AS b ON b.key = a.key) "
 )
 SQLITE_MUTATION_RESULTS = (
-    "SELECT mutation_id, status, error FROM mutation_results WHERE client_id = ? "
-    "AND tenant = ? AND mutation_id IN (SELECT value FROM json_each(?))"
+    "SELECT mutation_id, status, error FROM mutation_results WHERE client_id = ?1 "
+    "AND tenant = ?2 AND mutation_id IN (SELECT value FROM json_each(?3))"
 )
-SQLITE_BACKLOG_DUE = (
-    "SELECT MIN(due_at) FROM workflows WHERE status IN ('running', 'compensating') "
-    "AND due_at IS NOT NULL AND (lease_owner IS NULL OR lease_until IS NULL "
-    "OR lease_until < ?)"
-)
-SQLITE_ENDED_AFTER = (
-    f"SELECT id, updated_at, tenant FROM workflows WHERE {_ENDED} AND updated_at < ? "
-    "AND (updated_at, id) > (?, ?) ORDER BY updated_at, id LIMIT ?"
+SQLITE_CLAIM_OUTBOX = (
+    "UPDATE outbox SET next_retry_at = ?3 WHERE id IN (SELECT id FROM outbox "
+    "WHERE status = 'pending' AND next_retry_at <= ?1 ORDER BY next_retry_at, id "
+    f"LIMIT ?2) RETURNING {rows.OUTBOX_COLUMNS}"
 )
 # The newest event is never pruned: SQLite positions continue from MAX(seq).
 SQLITE_DELETE_EVENTS_OF = (
@@ -306,10 +322,6 @@ SQLITE_RAISE_HORIZON = (
     "INSERT INTO tenant_horizons (tenant, seq) VALUES (?, ?) "
     "ON CONFLICT (tenant) DO UPDATE SET seq = max(seq, excluded.seq)"
 )
-SQLITE_SET_MARK = (
-    "INSERT INTO retention_marks (name, at, id) VALUES (?, ?, ?) "
-    "ON CONFLICT (name) DO UPDATE SET at = excluded.at, id = excluded.id"
-)
 
 
 def sqlite_list_workflows(*, tenant: bool, statuses: int) -> str:
@@ -327,38 +339,72 @@ def sqlite_list_workflows(*, tenant: bool, statuses: int) -> str:
     return f"SELECT * FROM ({' UNION ALL '.join([branch] * statuses)}) {_ORDER} LIMIT ?"
 
 
-def sqlite_list_dlq(*, tenant: bool, status: bool) -> str:
-    """The DLQ listing for one filter combination (tenant, status, limit — as given)."""
-    where = [w for w, on in (("tenant = ?", tenant), ("status = ?", status)) if on]
-    clause = f" WHERE {' AND '.join(where)}" if where else ""
-    return f"SELECT {_DLQ} FROM dlq{clause} ORDER BY id LIMIT ?"
+def _sqlite_hot() -> dict[str, str]:
+    shared = {name: sqlite_text(sql) for name, sql in POSTGRES_HOT.items()}
+    return {
+        **{name: shared[name] for name in _SQLITE_SHARED},
+        "events.tenant_head": SQLITE_TENANT_HEAD,
+        "workflows.get_many": SQLITE_GET_WORKFLOWS,
+        "workflows.claim_due": SQLITE_CLAIM_DUE_WORKFLOWS,
+        "workflows.list": sqlite_list_workflows(tenant=False, statuses=0),
+        "workflows.list_tenant": sqlite_list_workflows(tenant=True, statuses=0),
+        "workflows.list_status": sqlite_list_workflows(tenant=False, statuses=1),
+        "workflows.list_tenant_status": sqlite_list_workflows(tenant=True, statuses=3),
+        "mutations.results": SQLITE_MUTATION_RESULTS,
+        "prune.events_of": SQLITE_DELETE_EVENTS_OF,
+        "prune.workflows": SQLITE_DELETE_ENDED_WORKFLOWS,
+        "prune.results": SQLITE_DELETE_RESULTS,
+        "prune.outbox": SQLITE_DELETE_OUTBOX,
+        "prune.dead_letters": SQLITE_DELETE_DEAD_LETTERS,
+    }
 
 
-SQLITE_HOT: dict[str, str] = {
-    "events.read": SQLITE_READ_EVENTS,
-    "events.read_tenant": SQLITE_READ_TENANT_EVENTS,
-    "events.of_workflow": SQLITE_WORKFLOW_EVENTS,
-    "events.tenant_head": SQLITE_TENANT_HEAD,
-    "events.tenant_horizon": SQLITE_TENANT_HORIZON,
-    "workflows.get": SQLITE_GET_WORKFLOW,
-    "workflows.get_many": SQLITE_GET_WORKFLOWS,
+_SQLITE_SHARED = (
+    "events.read",
+    "events.read_tenant",
+    "events.of_workflow",
+    "events.tenant_horizon",
+    "workflows.get",
+    "workflows.status_counts",
+    "workflows.status_counts_tenant",
+    "monitor.backlog",
+    "dlq.list_status",
+    "dlq.list_tenant_status",
+    "prune.ended_after",
+)
+SQLITE_HOT: dict[str, str] = _sqlite_hot()
+"""Every hot SQLite statement that reads ``workflows``, ``events`` or a table that grows
+with them, by name: the shared ones in SQLite's spelling, and SQLite's own."""
+
+POSTGRES_OWN: dict[str, str] = {
+    "workflows.claim_due": PG_CLAIM_DUE_WORKFLOWS,
+    "workflows.claim_due_versioned": PG_CLAIM_DUE_VERSIONED,
+    "workflows.get_many": PG_GET_WORKFLOWS,
+    "workflows.get_many_for_update": PG_GET_WORKFLOWS_FOR_UPDATE,
+    "mutations.results": PG_MUTATION_RESULTS,
+    "outbox.claim": PG_CLAIM_OUTBOX,
+    "events.tenant_head": PG_TENANT_HEAD,
+    "prune.events_of": PG_DELETE_EVENTS_OF,
+    "prune.workflows": PG_DELETE_ENDED_WORKFLOWS,
+    "prune.results": PG_DELETE_RESULTS,
+    "prune.outbox": PG_DELETE_OUTBOX,
+    "prune.dead_letters": PG_DELETE_DEAD_LETTERS,
+    "prune.raise_horizons": PG_RAISE_HORIZONS,
+}
+"""PostgreSQL's own statements, by name (``Dialect.own``)."""
+SQLITE_OWN: dict[str, str] = {
     "workflows.claim_due": SQLITE_CLAIM_DUE_WORKFLOWS,
-    "workflows.list": sqlite_list_workflows(tenant=False, statuses=0),
-    "workflows.list_tenant": sqlite_list_workflows(tenant=True, statuses=0),
-    "workflows.list_status": sqlite_list_workflows(tenant=False, statuses=1),
-    "workflows.list_tenant_status": sqlite_list_workflows(tenant=True, statuses=3),
-    "workflows.status_counts": status_counts(tenant=False, mark="?"),
-    "workflows.status_counts_tenant": status_counts(tenant=True, mark="?"),
+    "workflows.claim_due_versioned": SQLITE_CLAIM_DUE_VERSIONED,
+    "workflows.get_many": SQLITE_GET_WORKFLOWS,
+    "workflows.get_many_for_update": SQLITE_GET_WORKFLOWS,
     "mutations.results": SQLITE_MUTATION_RESULTS,
-    "monitor.backlog": SQLITE_BACKLOG_DUE,
-    "dlq.list_status": sqlite_list_dlq(tenant=False, status=True),
-    "dlq.list_tenant_status": sqlite_list_dlq(tenant=True, status=True),
-    "prune.ended_after": SQLITE_ENDED_AFTER,
+    "outbox.claim": SQLITE_CLAIM_OUTBOX,
+    "events.tenant_head": SQLITE_TENANT_HEAD,
     "prune.events_of": SQLITE_DELETE_EVENTS_OF,
     "prune.workflows": SQLITE_DELETE_ENDED_WORKFLOWS,
     "prune.results": SQLITE_DELETE_RESULTS,
     "prune.outbox": SQLITE_DELETE_OUTBOX,
     "prune.dead_letters": SQLITE_DELETE_DEAD_LETTERS,
+    "prune.raise_horizons": SQLITE_RAISE_HORIZON,
 }
-"""Every hot SQLite statement that reads ``workflows``, ``events`` or a table that grows
-with them, by name."""
+"""SQLite's own statements, by name (``Dialect.own``)."""
