@@ -85,17 +85,6 @@ FROM head
 """
 _NOTIFY = "SELECT count(pg_notify($1, n)) FROM unnest($2::text[]) AS n"
 
-_RECORD_MUTATIONS = """
-WITH r AS (
-    INSERT INTO mutation_results (client_id, tenant, mutation_id, status, error, at)
-    SELECT $1, $7, u.id, u.status, u.error, $6
-    FROM unnest($2::bigint[], $3::text[], $4::text[]) AS u(id, status, error)
-    ON CONFLICT (client_id, tenant, mutation_id)
-    DO UPDATE SET status = excluded.status, error = excluded.error, at = excluded.at
-)
-UPDATE clients SET last_mutation_id = $5, updated_at = $6 WHERE client_id = $1 AND tenant = $7
-"""
-
 
 class PgSql(Sql):
     """The ``Sql`` primitives on asyncpg (and the helpers they are made of), converting
@@ -191,26 +180,6 @@ class PostgresTransaction(PgSql, Transaction):
         columns = [list(c) for c in zip(*(rows.workflow_params(w) for w in workflows), strict=True)]
         found = await self._fetch(_INSERT_WORKFLOWS, *columns)
         return {WorkflowKey(row[1], row[0]) for row in found}
-
-    async def record_mutations(
-        self,
-        tenant: str,
-        client_id: str,
-        results: list[tuple[int, str, str | None]],
-        last_id: int,
-        at: float,
-    ) -> None:
-        """Record outcomes (id, status, error) and set the client's last applied id."""
-        await self._execute(
-            _RECORD_MUTATIONS,
-            client_id,
-            [r[0] for r in results],
-            [r[1] for r in results],
-            [r[2] for r in results],
-            last_id,
-            at,
-            tenant,
-        )
 
     async def _write_events_and_notify(self, channel: str) -> list[StoredEvent]:
         """Position the buffered events and queue notifications: the last statement.

@@ -129,28 +129,6 @@ class SqliteTransaction(SqliteSql, Transaction):
         )
         return {w.key for w in fresh}
 
-    async def record_mutations(
-        self,
-        tenant: str,
-        client_id: str,
-        results: list[tuple[int, str, str | None]],
-        last_id: int,
-        at: float,
-    ) -> None:
-        """Record outcomes (id, status, error) and set the client's last applied id."""
-        if results:
-            self._executemany(
-                "INSERT INTO mutation_results (client_id, tenant, mutation_id, status, error, "
-                "at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (client_id, tenant, mutation_id) "
-                "DO UPDATE SET status = excluded.status, error = excluded.error, at = excluded.at",
-                [(client_id, tenant, mid, status, error, at) for mid, status, error in results],
-            )
-        self._execute(
-            "UPDATE clients SET last_mutation_id = ?, updated_at = ? "
-            "WHERE client_id = ? AND tenant = ?",
-            (last_id, at, client_id, tenant),
-        )
-
     def _write_events(self) -> tuple[int, list[StoredEvent]]:
         """Position and insert the buffered events; the last writes before COMMIT."""
         (head,) = self._one("SELECT COALESCE(MAX(seq), 0) FROM events")

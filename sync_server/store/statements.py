@@ -86,6 +86,17 @@ PG_MUTATION_RESULTS = (
     "JOIN mutation_results AS m ON m.client_id = $1 AND m.tenant = $2 "
     "AND m.mutation_id = u.id"
 )
+# A push's outcomes travel as arrays, with the client's last applied id: one statement.
+PG_RECORD_MUTATIONS = """
+WITH r AS (
+    INSERT INTO mutation_results (client_id, tenant, mutation_id, status, error, at)
+    SELECT $1, $7, u.id, u.status, u.error, $6
+    FROM unnest($2::bigint[], $3::text[], $4::text[]) AS u(id, status, error)
+    ON CONFLICT (client_id, tenant, mutation_id)
+    DO UPDATE SET status = excluded.status, error = excluded.error, at = excluded.at
+)
+UPDATE clients SET last_mutation_id = $5, updated_at = $6 WHERE client_id = $1 AND tenant = $7
+"""
 GET_CLIENT = "SELECT subject, last_mutation_id FROM clients WHERE client_id = $1 AND tenant = $2"
 # A batch picked by a subquery is matched with "= ANY(ARRAY(subquery))" — by ctid where
 # the key has two columns: one TID lookup per picked row. Joining the subquery instead
@@ -292,6 +303,12 @@ SQLITE_MUTATION_RESULTS = (
     "SELECT mutation_id, status, error FROM mutation_results WHERE client_id = ?1 "
     "AND tenant = ?2 AND mutation_id IN (SELECT value FROM json_each(?3))"
 )
+# A push's outcomes (executemany), then the client's last applied id (SET_LAST_MUTATION).
+SQLITE_RECORD_MUTATIONS = (
+    "INSERT INTO mutation_results (client_id, tenant, mutation_id, status, error, at) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (client_id, tenant, mutation_id) "
+    "DO UPDATE SET status = excluded.status, error = excluded.error, at = excluded.at"
+)
 SQLITE_CLAIM_OUTBOX = (
     "UPDATE outbox SET next_retry_at = ?3 WHERE id IN (SELECT id FROM outbox "
     "WHERE status = 'pending' AND next_retry_at <= ?1 ORDER BY next_retry_at, id "
@@ -382,6 +399,7 @@ POSTGRES_OWN: dict[str, str] = {
     "workflows.get_many": PG_GET_WORKFLOWS,
     "workflows.get_many_for_update": PG_GET_WORKFLOWS_FOR_UPDATE,
     "mutations.results": PG_MUTATION_RESULTS,
+    "mutations.record": PG_RECORD_MUTATIONS,
     "outbox.claim": PG_CLAIM_OUTBOX,
     "events.tenant_head": PG_TENANT_HEAD,
     "prune.events_of": PG_DELETE_EVENTS_OF,
@@ -398,6 +416,7 @@ SQLITE_OWN: dict[str, str] = {
     "workflows.get_many": SQLITE_GET_WORKFLOWS,
     "workflows.get_many_for_update": SQLITE_GET_WORKFLOWS,
     "mutations.results": SQLITE_MUTATION_RESULTS,
+    "mutations.record": SQLITE_RECORD_MUTATIONS,
     "outbox.claim": SQLITE_CLAIM_OUTBOX,
     "events.tenant_head": SQLITE_TENANT_HEAD,
     "prune.events_of": SQLITE_DELETE_EVENTS_OF,

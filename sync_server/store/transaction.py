@@ -23,7 +23,6 @@ events get their positions at commit (``run``).
 
 from __future__ import annotations
 
-import abc
 import time
 from collections.abc import Sequence
 
@@ -72,6 +71,9 @@ LOCK_CLIENT = (
     "INSERT INTO clients (client_id, tenant, subject, last_mutation_id, updated_at) "
     "VALUES ($1, $2, $3, 0, $4) ON CONFLICT (client_id, tenant) "
     "DO UPDATE SET updated_at = clients.updated_at RETURNING subject, last_mutation_id"
+)
+SET_LAST_MUTATION = (
+    "UPDATE clients SET last_mutation_id = $1, updated_at = $2 WHERE client_id = $3 AND tenant = $4"
 )
 BIND_CLIENT = "UPDATE clients SET subject = $3 WHERE client_id = $1 AND tenant = $2"
 ENQUEUE_OUTBOX = (
@@ -134,8 +136,8 @@ class Transaction(LimitOps, Sql):
 
     Events added with ``append`` are positioned at commit; after a successful commit
     ``committed_events`` holds them with their ``seq``. A backend provides the ``Sql``
-    primitives on its open transaction, and the three batch operations
-    (``get_workflows``, ``insert_workflows``, ``record_mutations``) in its own technique.
+    primitives on its open transaction, and the two batch operations ``get_workflows``
+    and ``insert_workflows`` in its own technique.
     """
 
     def __init__(self) -> None:
@@ -261,7 +263,6 @@ class Transaction(LimitOps, Sql):
         )
         return {row[0]: (row[1], row[2]) for row in found}
 
-    @abc.abstractmethod
     async def record_mutations(
         self,
         tenant: str,
@@ -270,8 +271,21 @@ class Transaction(LimitOps, Sql):
         last_id: int,
         at: float,
     ) -> None:
-        """Record outcomes (id, status, error) and set the client's last applied id
-        (each backend in its batch technique: one statement on PostgreSQL)."""
+        """Record outcomes (id, status, error) and set the client's last applied id.
+
+        PostgreSQL: one statement (the outcomes as arrays); SQLite: an ``executemany``
+        of the outcomes, then the client's row."""
+        record = self.dialect.own["mutations.record"]
+        if self.dialect.one_round_trip:
+            ids, statuses, errors = ([r[i] for r in results] for i in range(3))
+            await self._exec(record, client_id, ids, statuses, errors, last_id, at, tenant)
+            return
+        if results:
+            await self._exec_many(
+                record,
+                [(client_id, tenant, mid, status, error, at) for mid, status, error in results],
+            )
+        await self._exec(self.dialect.sql(SET_LAST_MUTATION), last_id, at, client_id, tenant)
 
     # -- outbox, dlq, breakers -------------------------------------------
     async def enqueue_outbox(
