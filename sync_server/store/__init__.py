@@ -1,4 +1,12 @@
-"""The server's storage: one ABC (``Store``/``Transaction``), SQLite and PostgreSQL backends.
+"""The server's storage: one narrow interface (``Store``/``Transaction``), SQLite and
+PostgreSQL backends.
+
+Layers, top down: the domain operations (``transaction``, ``limit_store``, ``store_ops``,
+``pruning``) are written once on four query primitives (``dialect.Sql``) over shared SQL
+(``statements``, ``limit_sql``) that the backend's ``Dialect`` renders; a backend
+(``postgres``/``pg_transaction``, ``sqlite``/``sqlite_transaction``) supplies the
+primitives, its units of work (``run``: locking, event positions, COMMIT), ``read_events``
+and ``head``, and the batches it moves its own way. Row types: ``records``.
 
 ``open_store(url)`` picks the backend by URL scheme and returns it *unopened*; open it
 with ``await store.open()`` or ``async with open_store(url) as store:``.
