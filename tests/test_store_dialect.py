@@ -75,9 +75,7 @@ def test_sqlite_renders_parameters_lists_and_row_locks():
         "SELECT x FROM t WHERE a = ?1 AND b IN (SELECT value FROM json_each(?2)) "
         "AND c IN (SELECT value FROM json_each(?3)) AND d < ?12"
     )
-    assert SQLITE.sql("SELECT 1 FROM t WHERE k = $1 FOR UPDATE") == (
-        "SELECT 1 FROM t WHERE k = ?1"
-    )
+    assert SQLITE.sql("SELECT 1 FROM t WHERE k = $1 FOR UPDATE") == ("SELECT 1 FROM t WHERE k = ?1")
     assert SQLITE.sql("SELECT 1 FROM m WHERE k = $1 FOR UPDATE SKIP LOCKED") == (
         "SELECT 1 FROM m WHERE k = ?1"
     )
