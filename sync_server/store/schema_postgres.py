@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sync_server.store.schema_sqlite import Migration, migration_8
+from sync_server.store.schema_sqlite import MIGRATION_7_INDEXES, Migration, migration_8
 
 __all__ = ["POSTGRES_MIGRATIONS"]
 
@@ -135,20 +135,9 @@ POSTGRES_MIGRATIONS: list[Migration] = [
     (
         7,
         (
-            # See the SQLite migration 7. Plain CREATE INDEX (not CONCURRENTLY): migrations
-            # run in one transaction; on a large live table build them ahead by hand.
-            "CREATE INDEX workflows_tenant_created ON workflows (tenant, created_at, id)",
-            "CREATE INDEX workflows_tenant_status_created "
-            "ON workflows (tenant, status, created_at, id)",
-            "DROP INDEX workflows_tenant_status",
-            "CREATE INDEX workflows_created ON workflows (created_at, id)",
-            "CREATE INDEX workflows_status_created ON workflows (status, created_at, id)",
-            "CREATE INDEX workflows_ended ON workflows (updated_at, id) "
-            "WHERE status IN ('completed', 'compensated', 'failed', 'cancelled')",
-            "CREATE INDEX mutation_results_at ON mutation_results (at)",
-            "CREATE INDEX outbox_published ON outbox (published_at) WHERE status = 'published'",
-            "CREATE INDEX dlq_resolved ON dlq (resolved_at) WHERE status <> 'open'",
-            "CREATE INDEX dlq_tenant_status ON dlq (tenant, status, id)",
+            # Plain CREATE INDEX (not CONCURRENTLY): migrations run in one transaction;
+            # on a large live table build them ahead by hand.
+            *MIGRATION_7_INDEXES,
             """CREATE TABLE retention_marks (
                 name text PRIMARY KEY,
                 at double precision NOT NULL,

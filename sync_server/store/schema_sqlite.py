@@ -10,7 +10,13 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 
-__all__ = ["SQLITE_MIGRATIONS", "Migration", "SqliteMigration", "migration_8"]
+__all__ = [
+    "MIGRATION_7_INDEXES",
+    "SQLITE_MIGRATIONS",
+    "Migration",
+    "SqliteMigration",
+    "migration_8",
+]
 
 Migration = tuple[int, tuple[str, ...]]
 SqliteStep = str | Callable[[sqlite3.Connection], None]
@@ -61,6 +67,24 @@ def _rebuild(
             conn.execute(sql)
 
     return step
+
+
+# Migration 7, flat cost with age (SPEC promise 8): every hot statement finds its rows by
+# an index whatever the table size. Tenant leads every composite index. Retention walks
+# finished workflows in the order they ended (workflows_ended). The same on both backends.
+MIGRATION_7_INDEXES = (
+    "CREATE INDEX workflows_tenant_created ON workflows (tenant, created_at, id)",
+    "CREATE INDEX workflows_tenant_status_created ON workflows (tenant, status, created_at, id)",
+    "DROP INDEX workflows_tenant_status",
+    "CREATE INDEX workflows_created ON workflows (created_at, id)",
+    "CREATE INDEX workflows_status_created ON workflows (status, created_at, id)",
+    "CREATE INDEX workflows_ended ON workflows (updated_at, id) "
+    "WHERE status IN ('completed', 'compensated', 'failed', 'cancelled')",
+    "CREATE INDEX mutation_results_at ON mutation_results (at)",
+    "CREATE INDEX outbox_published ON outbox (published_at) WHERE status = 'published'",
+    "CREATE INDEX dlq_resolved ON dlq (resolved_at) WHERE status <> 'open'",
+    "CREATE INDEX dlq_tenant_status ON dlq (tenant, status, id)",
+)
 
 
 SQLITE_MIGRATIONS: list[SqliteMigration] = [
@@ -188,21 +212,7 @@ SQLITE_MIGRATIONS: list[SqliteMigration] = [
     (
         7,
         (
-            # Flat cost with age (SPEC promise 8): every hot statement finds its rows by
-            # an index whatever the table size. Tenant leads every composite index.
-            "CREATE INDEX workflows_tenant_created ON workflows (tenant, created_at, id)",
-            "CREATE INDEX workflows_tenant_status_created "
-            "ON workflows (tenant, status, created_at, id)",
-            "DROP INDEX workflows_tenant_status",
-            "CREATE INDEX workflows_created ON workflows (created_at, id)",
-            "CREATE INDEX workflows_status_created ON workflows (status, created_at, id)",
-            # Retention: finished workflows in the order they ended.
-            "CREATE INDEX workflows_ended ON workflows (updated_at, id) "
-            "WHERE status IN ('completed', 'compensated', 'failed', 'cancelled')",
-            "CREATE INDEX mutation_results_at ON mutation_results (at)",
-            "CREATE INDEX outbox_published ON outbox (published_at) WHERE status = 'published'",
-            "CREATE INDEX dlq_resolved ON dlq (resolved_at) WHERE status <> 'open'",
-            "CREATE INDEX dlq_tenant_status ON dlq (tenant, status, id)",
+            *MIGRATION_7_INDEXES,
             # How far the event pruner got through the ended workflows (updated_at, id).
             """CREATE TABLE retention_marks (
                 name TEXT PRIMARY KEY,
