@@ -59,6 +59,7 @@ class RawClient:
         self.events: list[Any] = []
         self.welcome: Welcome | None = None
         self.cursor = 0
+        self._acks: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(
@@ -97,7 +98,18 @@ class RawClient:
         if isinstance(message, Events):
             self.events.extend(message.events)
             self.cursor = message.cursor
-            asyncio.get_running_loop().create_task(self.ws.send(encode(Ack(cursor=message.cursor))))
+            ack = asyncio.get_running_loop().create_task(
+                self.ws.send(encode(Ack(cursor=message.cursor)))
+            )
+            self._acks.add(ack)
+            ack.add_done_callback(self._ack_sent)
+
+    def _ack_sent(self, task: asyncio.Task[None]) -> None:
+        # An Ack that meets a closed socket is moot (the test then asserts the close):
+        # retrieve its error so it is not reported as "never retrieved".
+        self._acks.discard(task)
+        if not task.cancelled():
+            task.exception()
 
     async def collect_until(self, count: int, timeout: float = 10.0) -> list[Any]:
         async with asyncio.timeout(timeout):
