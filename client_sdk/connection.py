@@ -42,6 +42,7 @@ from client_sdk.session import (
     Stop,
     SyncSession,
 )
+from client_sdk.tasks import cancel_and_wait
 from protocol import (
     MAX_FRAME_BYTES,
     Event,
@@ -406,9 +407,7 @@ class SyncConnection:
             self.pump()
             return await self._read(ws)
         finally:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-                await sender
+            await cancel_and_wait(sender, expected=(ConnectionClosed,))
             with contextlib.suppress(Exception):
                 await ws.close()
 

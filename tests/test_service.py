@@ -5,6 +5,7 @@ Every wait here is on an event the test controls (no sleep stands in for orderin
 * ``stop()`` while a tick is running cancels the tick and returns;
 * the *caller's* own cancellation during ``stop()`` propagates (it is not swallowed as
   if it were the service's), here and in the hub (``Hub.stop``);
+* the same for ``client_sdk.tasks.cancel_and_wait`` and ``PostgresStore.close``;
 * a tick that raises is logged and the loop goes on; a ``wake()`` runs the next tick now.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -137,3 +139,73 @@ async def test_hub_stop_lets_the_callers_cancellation_propagate() -> None:
     with pytest.raises(asyncio.CancelledError):
         await stopping
     assert stopping.cancelled()
+
+
+async def _slow_to_end(
+    started: asyncio.Event, cleanup: asyncio.Event, release: asyncio.Event
+) -> None:
+    try:
+        started.set()
+        await asyncio.Event().wait()
+    finally:  # a task that takes its time to end once cancelled
+        cleanup.set()
+        await release.wait()
+
+
+async def _cancel_the_caller_while_it_waits(
+    stop: Callable[[asyncio.Task[None]], Awaitable[None]],
+) -> None:
+    started, cleanup, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(_slow_to_end(started, cleanup, release))
+    await asyncio.wait_for(started.wait(), 10)
+    stopping = asyncio.create_task(stop(task))
+    await asyncio.wait_for(cleanup.wait(), 10)
+    stopping.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    assert stopping.cancelled()
+    assert task.cancelled()
+
+
+async def test_client_cancel_and_wait_absorbs_only_the_tasks_cancellation() -> None:
+    from client_sdk.tasks import cancel_and_wait as client_cancel_and_wait
+
+    task = asyncio.create_task(asyncio.Event().wait())
+    await client_cancel_and_wait(task)
+    assert task.cancelled()
+    await client_cancel_and_wait(None)
+    await _cancel_the_caller_while_it_waits(client_cancel_and_wait)
+
+
+async def test_client_cancel_and_wait_absorbs_expected_errors_only() -> None:
+    from client_sdk.tasks import cancel_and_wait as client_cancel_and_wait
+
+    async def failing(started: asyncio.Event) -> None:
+        try:
+            started.set()
+            await asyncio.Event().wait()
+        finally:
+            raise KeyError("gone")
+
+    for expected in (True, False):
+        started = asyncio.Event()
+        task = asyncio.create_task(failing(started))
+        await asyncio.wait_for(started.wait(), 10)
+        if expected:
+            await client_cancel_and_wait(task, expected=(KeyError,))
+        else:
+            with pytest.raises(KeyError):
+                await client_cancel_and_wait(task)
+
+
+async def test_postgres_close_lets_the_callers_cancellation_propagate() -> None:
+    from sync_server.store.postgres import PostgresStore
+
+    store = PostgresStore("postgresql://127.0.0.1:1/test")  # never opened
+
+    async def close_with(task: asyncio.Task[None]) -> None:
+        store._listener_task = task
+        await store.close()
+
+    await _cancel_the_caller_while_it_waits(close_with)

@@ -43,6 +43,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from protocol import StorageError, UsageError
+from sync_server.service import cancel_and_wait
 from sync_server.store import pruning, rows, statements
 from sync_server.store.base import (
     FencedWrite,
@@ -202,10 +203,7 @@ class PostgresStore(PgSql, Store):
         """Stop listening and close the pool; idempotent."""
         self._closing = True
         task, self._listener_task = self._listener_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.terminate()
