@@ -17,7 +17,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from protocol import BadMessage, Role, encode_json
+from protocol.http import SloItem, SloList
 from sync_server.slo import (
     ALL,
     SloRow,
@@ -82,7 +85,7 @@ async def current_slos(
 
 
 async def slo_endpoint(request: Request) -> Response:
-    """``GET /v1/slo?window=24h[&tenant=T][&workflow=W]`` (admin) → ``{"slos": [...]}``.
+    """``GET /v1/slo?window=24h[&tenant=T][&workflow=W]`` (admin) → ``SloList``.
 
     A tenant admin sees its own tenant only (``tenant`` is then ignored); a global admin
     sees the aggregate over all tenants unless it names one.
@@ -108,8 +111,9 @@ async def slo_endpoint(request: Request) -> Response:
         if len(text) > 128 or "\x00" in text:
             raise BadMessage("tenant and workflow must be at most 128 characters, without NUL")
     values = await current_slos(tether.store, time.time(), window, tenant=tenant)
-    chosen = [v.as_json() for v in scope_values(values, window, tenant or ALL, workflow)]
-    return Response(encode_json({"slos": chosen}), media_type="application/json")
+    chosen = scope_values(values, window, tenant or ALL, workflow)
+    body = SloList(slos=[msgspec.convert(v.as_json(), SloItem) for v in chosen])
+    return Response(encode_json(body), media_type="application/json")
 
 
 def _routes() -> list[Any]:
