@@ -14,8 +14,9 @@ everything else already queued (up to ``max_batch``), runs them inside one
   commit together (B1g), and a lone caller still commits immediately (B1 latency);
 * a failing op fails alone: the batch is rolled back and run again with one
   SAVEPOINT per op (the common, error-free path pays for no savepoints);
-* if COMMIT itself fails, every op of the batch fails and ``on_rollback`` lets the
-  owner reload any in-memory counters the ops advanced.
+* whenever ops are undone (a failed COMMIT, or one op rolled back to its SAVEPOINT),
+  ``on_rollback`` lets the owner reload the in-memory state the ops changed
+  (counters, ``client_sdk.rows.RowMirror``).
 
 Ops run in queue order, so FIFO callers (pages of events) commit in order.
 """
@@ -66,7 +67,8 @@ class CommitQueue:
     Args:
         connect: opens the writer's connection (called on the writer thread).
         path: the file, for error messages.
-        on_rollback: called on the writer thread after a failed COMMIT.
+        on_rollback: called on the writer thread after ops were undone (a failed
+            COMMIT, or an op rolled back to its SAVEPOINT).
         max_batch: most ops in one transaction.
     """
 
@@ -221,6 +223,10 @@ class CommitQueue:
                     outcomes.append((True, op(conn)))
                 except Exception as exc:
                     conn.execute("ROLLBACK TO op")
+                    if self._on_rollback is not None:
+                        # The op may have changed in-memory state (counters, the row
+                        # mirror) before failing: re-read it as the transaction now is.
+                        self._on_rollback(conn)
                     outcomes.append((False, exc))
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")

@@ -11,8 +11,9 @@ blocked. They read ``RowMirror`` instead: the raw rows of the ``workflows`` tabl
 * Only the store's writer thread changes the mirror, inside the op that changes the
   table, with the same rule the SQL applies (a snapshot replaces the stored one only
   if its version is higher), so the mirror equals the table as of the last op run.
-* A failed COMMIT rolls the table back; the store's ``on_rollback`` then reloads the
-  mirror from the file (``reload``), as it reloads its other counters.
+* A failed COMMIT rolls the table back, and a failed op in a batch is rolled back to
+  its SAVEPOINT; the store's ``on_rollback`` then reloads the mirror from the file
+  (``reload``), as it reloads its other counters.
 * Readers (any thread) take a copy under a lock; a snapshot is decoded on read, as
   before.
 """

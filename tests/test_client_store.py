@@ -317,3 +317,37 @@ async def test_view_reads_never_wait_on_the_file(store: LocalStore) -> None:
     rows = {row.id: row for row in expected_all}
     assert set(rows) == {wid(1), wid(2), wid(3)}
     assert rows[wid(3)].rejected == "submit_workflow" and rows[wid(3)].rejection == "nope"
+
+
+async def test_the_row_mirror_forgets_an_op_that_failed_in_a_batch(store: LocalStore) -> None:
+    """An op that changed the in-memory rows and then failed is undone in both: in its
+    batch it is rolled back to its SAVEPOINT, and the mirror must follow the file (a
+    view must not show a workflow the file does not have)."""
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    def long_op(conn: sqlite3.Connection) -> None:  # holds the writer: the next ops batch
+        entered.set()
+        release.wait(10)
+
+    def half_done(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO workflows(id, name, created_at) VALUES (?, 'ghost', 1.0)", (wid(7),)
+        )
+        store._rows.placeholder(wid(7), "ghost", 1.0)
+        raise RuntimeError("the op fails after changing the rows")
+
+    busy = asyncio.ensure_future(store.commit_queue.run(long_op))
+    assert await asyncio.to_thread(entered.wait, 10)
+    failing = store.commit_queue.submit(half_done)
+    good = store.commit_queue.submit(lambda conn: conn.execute("SELECT 1").fetchone()[0])
+    release.set()  # both ops were queued meanwhile: they run as one batch
+    await busy
+    results = await asyncio.gather(failing, good, return_exceptions=True)
+    assert isinstance(results[0], RuntimeError)
+    assert results[1] == 1
+    assert store.get_row(wid(7)) is None
+    assert [row.id for row in store.list_rows()] == [
+        r[0] for r in store._read().execute("SELECT id FROM workflows")
+    ]
