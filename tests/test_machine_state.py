@@ -334,3 +334,19 @@ def test_a_checkpoint_reencodes_only_the_steps_it_changed():
     assert out["steps"]["b"] is wire["steps"]["b"]  # unchanged: its JSON reused
     assert out["steps"]["a"] is not wire["steps"]["a"]
     assert wire["steps"]["a"]["status"] == "running"  # the source JSON is never changed
+
+
+def test_intake_keeps_request_keys_it_does_not_know() -> None:
+    """A newer version's recorded request (rolling upgrade) survives this version's
+    intake recording a cancel or a repair next to it (the dict engine kept it too)."""
+    from types import SimpleNamespace
+
+    from sync_server.saga import intake
+
+    record = SimpleNamespace(
+        state={"steps": {}, "requests": {"pause": {"until": 5}, "retry": True}, "x": 1}
+    )
+    intake._record_request(record, cancel=True)  # type: ignore[arg-type]
+    assert record.state["requests"] == {"pause": {"until": 5}, "retry": True, "cancel": True}
+    assert record.state["x"] == 1
+    assert decode_state(record.state).requests == Requests(cancel=True, retry=True)

@@ -34,11 +34,11 @@ from sync_server.saga.sagastate import (
     FailRepair,
     ReconcileRepair,
     decode_state,
-    encode_requests,
     encode_state,
     requested,
     step_wire,
     steps_wire,
+    store_requests,
 )
 from sync_server.snapshots import append_event
 from sync_server.store.base import DlqEntry, Transaction, WorkflowKey, WorkflowRecord
@@ -215,7 +215,7 @@ def request_reconcile(
         after = StepStatus.RETRYING.value
     else:
         raise ValueError(f"unknown repair {repair!r}")
-    record.state["requests"] = encode_requests(requests)
+    store_requests(record.state, requests)
     _revoke_lease(tx, record, now)
     append_event(
         tx,
@@ -296,7 +296,7 @@ def _record_request(record: WorkflowRecord, *, cancel: bool = False, retry: bool
     """Record a cancel or retry in ``state["requests"]`` for the next claim to apply."""
     requests = requested(record.state)
     requests = replace(requests, cancel=requests.cancel or cancel, retry=requests.retry or retry)
-    record.state["requests"] = encode_requests(requests)
+    store_requests(record.state, requests)
 
 
 def _revoke_lease(

@@ -63,6 +63,7 @@ __all__ = [
     "requested",
     "step_wire",
     "steps_wire",
+    "store_requests",
     "trace_of",
 ]
 
@@ -295,6 +296,17 @@ def encode_requests(requests: Requests) -> dict[str, JSON]:
     if requests.fail:
         d["fail"] = [{"step": r.step, "error": r.error} for r in requests.fail]
     return d
+
+
+_REQUEST_KEYS = frozenset(Requests.__struct_fields__)
+
+
+def store_requests(data: dict[str, JSON], requests: Requests) -> None:
+    """Write ``requests`` into a row's JSON state (intake), keeping the request keys this
+    version does not know (a newer version's, for its next claim) as they were."""
+    raw = data.get("requests")
+    kept = {k: v for k, v in raw.items() if k not in _REQUEST_KEYS} if isinstance(raw, dict) else {}
+    data["requests"] = {**kept, **encode_requests(requests)}
 
 
 def _decode_requests(d: JSON) -> Requests:
